@@ -1,0 +1,147 @@
+//! Encoding of every record the project puts on or takes off a topic.
+//!
+//! Values are Avro datums (schemas in `schemas/`, embedded at build time) or JSON; the
+//! `content-type` header says which. A value without the header is sniffed: `{` starts JSON, anything
+//! else is tried as Avro. Decoding never panics on outside bytes; it returns a [`DecodeError`] whose
+//! class names the dead-letter reason.
+
+pub mod avro;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+pub const CONTENT_TYPE_AVRO: &str = "application/avro";
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// Wire format of a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WireFormat {
+    Avro,
+    Json,
+}
+
+impl WireFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            WireFormat::Avro => CONTENT_TYPE_AVRO,
+            WireFormat::Json => CONTENT_TYPE_JSON,
+        }
+    }
+}
+
+/// A record type with an Avro schema in `schemas/`.
+pub trait Record: Serialize + DeserializeOwned + 'static {
+    /// Full Avro name, written to the `schema` header.
+    const SCHEMA_NAME: &'static str;
+    /// The `.avsc` text.
+    const SCHEMA_TEXT: &'static str;
+}
+
+impl Record for crate::document::PayslipDocument {
+    const SCHEMA_NAME: &'static str = "payslip.v1.PayslipDocument";
+    const SCHEMA_TEXT: &'static str = include_str!("../../schemas/payslip_document.avsc");
+}
+impl Record for crate::document::InferenceResult {
+    const SCHEMA_NAME: &'static str = "payslip.v1.InferenceResult";
+    const SCHEMA_TEXT: &'static str = include_str!("../../schemas/inference_result.avsc");
+}
+impl Record for crate::document::DocumentFeedback {
+    const SCHEMA_NAME: &'static str = "payslip.v1.DocumentFeedback";
+    const SCHEMA_TEXT: &'static str = include_str!("../../schemas/document_feedback.avsc");
+}
+
+/// Why bytes could not become a record. `class()` goes into the dead-letter headers.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes are not a value of the declared format at all.
+    #[error("undecodable {format}: {message}")]
+    Undecodable { format: &'static str, message: String },
+    /// Well-formed, but not the shape of the record (wrong types, unknown writer schema).
+    #[error("schema mismatch: {0}")]
+    SchemaMismatch(String),
+    /// Well-formed, but a required field is absent.
+    #[error("missing field: {0}")]
+    MissingField(String),
+    /// A `content-type` this project does not read.
+    #[error("unsupported content-type {0:?} (expected application/avro or application/json)")]
+    UnsupportedContentType(String),
+}
+
+impl DecodeError {
+    pub fn class(&self) -> &'static str {
+        match self {
+            DecodeError::Undecodable { .. } => "undecodable",
+            DecodeError::SchemaMismatch(_) => "schema_mismatch",
+            DecodeError::MissingField(_) => "missing_field",
+            DecodeError::UnsupportedContentType(_) => "unsupported_content_type",
+        }
+    }
+}
+
+/// Failure to encode one of our own records: a bug, never outside input.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode {record} as {format:?}: {message}")]
+pub struct EncodeError {
+    pub record: &'static str,
+    pub format: WireFormat,
+    pub message: String,
+}
+
+pub fn encode<T: Record>(value: &T, format: WireFormat) -> Result<Vec<u8>, EncodeError> {
+    let err = |message: String| EncodeError { record: T::SCHEMA_NAME, format, message };
+    match format {
+        WireFormat::Json => serde_json::to_vec(value).map_err(|e| err(e.to_string())),
+        WireFormat::Avro => avro::encode(value).map_err(err),
+    }
+}
+
+/// Decodes a value whose `content-type` header is `content_type` (None: sniff).
+pub fn decode<T: Record>(bytes: &[u8], content_type: Option<&str>) -> Result<T, DecodeError> {
+    let format = match content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
+        Some(c) if c == CONTENT_TYPE_AVRO || c == "avro/binary" => WireFormat::Avro,
+        Some(c) if c == CONTENT_TYPE_JSON || c == "json" => WireFormat::Json,
+        Some(c) => return Err(DecodeError::UnsupportedContentType(c)),
+        None => sniff(bytes),
+    };
+    match format {
+        WireFormat::Json => decode_json(bytes),
+        WireFormat::Avro => avro::decode(bytes),
+    }
+}
+
+fn sniff(bytes: &[u8]) -> WireFormat {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => WireFormat::Json,
+        _ => WireFormat::Avro,
+    }
+}
+
+fn decode_json<T: Record>(bytes: &[u8]) -> Result<T, DecodeError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        let message = e.to_string();
+        match e.classify() {
+            Category::Data if message.starts_with("missing field") => DecodeError::MissingField(message),
+            Category::Data => DecodeError::SchemaMismatch(message),
+            Category::Syntax | Category::Eof | Category::Io => DecodeError::Undecodable { format: "json", message },
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::PayslipDocument;
+
+    #[test]
+    fn json_error_classes() {
+        let e = decode::<PayslipDocument>(b"{not json", Some("application/json")).unwrap_err();
+        assert_eq!(e.class(), "undecodable");
+        let e = decode::<PayslipDocument>(br#"{"document_id": 7}"#, None).unwrap_err();
+        assert_eq!(e.class(), "schema_mismatch");
+        let e = decode::<PayslipDocument>(br#"{"document_id": "a"}"#, None).unwrap_err();
+        assert_eq!(e.class(), "missing_field");
+        let e = decode::<PayslipDocument>(b"{}", Some("text/plain")).unwrap_err();
+        assert_eq!(e.class(), "unsupported_content_type");
+    }
+}

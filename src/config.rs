@@ -1,0 +1,346 @@
+//! Pipeline configuration (`pipelines/payslip.yaml`): parsed once at start-up, validated, then
+//! handed to the stages as typed values. Unknown keys are errors, so a typo cannot silently fall
+//! back to a default. Every error message names the key and says what to change.
+
+use std::{collections::BTreeMap, path::{Path, PathBuf}};
+
+use serde::Deserialize;
+
+use crate::document::DocumentLimits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+}
+
+/// The whole pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Kafka connection and client options.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// Topic names and how they are created.
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    /// Which model versions are served and where their files are.
+    pub models: ModelsConfig,
+    /// ONNX Runtime library and execution providers.
+    #[serde(default)]
+    pub inference: InferenceConfig,
+    /// Dynamic batching across documents.
+    #[serde(default)]
+    pub batching: BatchingConfig,
+    /// Limits on incoming documents; anything beyond goes to the dead-letter topic.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, e.g. `broker1:9092,broker2:9092`. Empty: start the embedded in-process
+    /// broker (for trying the program only). Overridden by `--brokers` / `PAYSLIP_BROKERS`.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// Consumer group of the infer stage.
+    #[serde(default = "default_group")]
+    pub infer_group: String,
+    /// Extra librdkafka properties for every client (security, timeouts, ...), passed through as is.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+fn default_group() -> String {
+    "payslip-infer".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    #[serde(default = "t_documents")]
+    pub documents: String,
+    #[serde(default = "t_inference")]
+    pub inference: String,
+    #[serde(default = "t_dlq")]
+    pub documents_dlq: String,
+    #[serde(default = "t_feedback")]
+    pub feedback: String,
+    #[serde(default = "t_metrics")]
+    pub metrics: String,
+    #[serde(default = "t_alerts")]
+    pub alerts: String,
+    #[serde(default = "t_decisions")]
+    pub decisions: String,
+    #[serde(default = "t_commands")]
+    pub commands: String,
+    /// Partitions for topics this program creates (existing topics are left as they are).
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor for topics this program creates.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Retention of the data topics in hours (decisions are compacted, not deleted).
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u32,
+    /// Wire format of results written to `inference`: `avro` or `json` (for kcat readers).
+    #[serde(default = "default_output_format")]
+    pub inference_format: crate::codec::WireFormat,
+}
+
+fn t_documents() -> String { "payslip.documents.v1".into() }
+fn t_inference() -> String { "payslip.inference.v1".into() }
+fn t_dlq() -> String { "payslip.documents.dlq.v1".into() }
+fn t_feedback() -> String { "payslip.feedback.v1".into() }
+fn t_metrics() -> String { "litert.metrics.v1".into() }
+fn t_alerts() -> String { "litert.alerts.v1".into() }
+fn t_decisions() -> String { "litert.rollout.decisions.v1".into() }
+fn t_commands() -> String { "litert.rollout.commands.v1".into() }
+fn default_partitions() -> i32 { 6 }
+fn default_replication() -> i32 { 1 }
+fn default_retention_hours() -> u32 { 168 }
+fn default_output_format() -> crate::codec::WireFormat { crate::codec::WireFormat::Avro }
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("all topic fields have defaults")
+    }
+}
+
+impl TopicsConfig {
+    /// Prefixes every topic name (tests use random prefixes).
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        for t in [&mut self.documents, &mut self.inference, &mut self.documents_dlq, &mut self.feedback, &mut self.metrics, &mut self.alerts, &mut self.decisions, &mut self.commands] {
+            *t = format!("{prefix}{t}");
+        }
+        self
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// `model_metadata.json` (name, version, file, sha256, shapes, labels, accuracy). Model files are
+    /// resolved relative to its directory.
+    pub metadata: PathBuf,
+    /// Version served for each model: `document_classifier`, `table_detection`, `text_recognition`.
+    pub serve: BTreeMap<String, String>,
+}
+
+/// Execution providers, in the order they are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Tensorrt,
+    Cuda,
+    Cpu,
+}
+
+/// What to do when a configured GPU provider cannot be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderFailure {
+    /// Try the next provider in the list (and say so in the log and in each result).
+    #[default]
+    Fallback,
+    /// Refuse to load the model.
+    Fail,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceConfig {
+    /// Path of `libonnxruntime.so`. Empty: the `ORT_DYLIB_PATH` environment variable.
+    #[serde(default)]
+    pub ort_dylib_path: Option<PathBuf>,
+    /// Providers in the order they are tried; `cpu` should be last.
+    #[serde(default = "default_providers")]
+    pub providers: Vec<Provider>,
+    /// `fallback` (default) or `fail` when a GPU provider cannot be registered.
+    #[serde(default)]
+    pub on_provider_failure: ProviderFailure,
+    /// Threads ONNX Runtime uses inside one model run (0 = its default).
+    #[serde(default = "default_intra_threads")]
+    pub intra_threads: usize,
+}
+
+fn default_providers() -> Vec<Provider> {
+    vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu]
+}
+fn default_intra_threads() -> usize { 1 }
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self { ort_dylib_path: None, providers: default_providers(), on_provider_failure: ProviderFailure::Fallback, intra_threads: default_intra_threads() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Largest number of documents in one model run.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Longest a document waits for its batch to fill, in milliseconds.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+fn default_max_batch() -> usize { 32 }
+fn default_max_wait_ms() -> u64 { 20 }
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self { max_batch: default_max_batch(), max_wait_ms: default_max_wait_ms() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest accepted message value in bytes.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    #[serde(default = "default_max_pages")]
+    pub max_pages: usize,
+    #[serde(default = "default_max_lines")]
+    pub max_lines_per_page: usize,
+    /// Largest raster, in pixels.
+    #[serde(default = "default_max_raster")]
+    pub max_raster_pixels: usize,
+}
+
+fn default_max_payload() -> usize { 2 * 1024 * 1024 }
+fn default_max_pages() -> usize { 16 }
+fn default_max_lines() -> usize { 400 }
+fn default_max_raster() -> usize { 4_000_000 }
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_payload_bytes: default_max_payload(), max_pages: default_max_pages(), max_lines_per_page: default_max_lines(), max_raster_pixels: default_max_raster() }
+    }
+}
+
+impl LimitsConfig {
+    pub fn document_limits(&self) -> DocumentLimits {
+        DocumentLimits { max_pages: self.max_pages, max_lines_per_page: self.max_lines_per_page, max_raster_pixels: self.max_raster_pixels }
+    }
+}
+
+/// Models the infer stage knows how to run.
+pub const MODEL_NAMES: [&str; 3] = ["document_classifier", "table_detection", "text_recognition"];
+
+impl PipelineConfig {
+    /// Reads, parses and validates a config file; relative paths inside it are resolved against
+    /// the file's directory's parent when they do not exist relative to the working directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut cfg: PipelineConfig = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        if cfg.models.metadata.is_relative() && !cfg.models.metadata.exists() {
+            if let Some(root) = path.parent().and_then(Path::parent) {
+                let alt = root.join(&cfg.models.metadata);
+                if alt.exists() {
+                    cfg.models.metadata = alt;
+                }
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: PipelineConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse { path: "<inline>".into(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.batching.max_batch == 0 || self.batching.max_batch > 4096 {
+            return Err(invalid("batching.max_batch", format!("is {}; use a value from 1 to 4096", self.batching.max_batch)));
+        }
+        if self.batching.max_wait_ms > 60_000 {
+            return Err(invalid("batching.max_wait_ms", format!("is {} ms; use at most 60000", self.batching.max_wait_ms)));
+        }
+        if self.inference.providers.is_empty() {
+            return Err(invalid("inference.providers", "is empty; list at least `cpu`"));
+        }
+        let mut seen = Vec::new();
+        for p in &self.inference.providers {
+            if seen.contains(p) {
+                return Err(invalid("inference.providers", format!("lists {p:?} twice")));
+            }
+            seen.push(*p);
+        }
+        if self.topics.partitions < 1 {
+            return Err(invalid("topics.partitions", "must be at least 1"));
+        }
+        if self.topics.replication_factor < 1 {
+            return Err(invalid("topics.replication_factor", "must be at least 1"));
+        }
+        let names = [&self.topics.documents, &self.topics.inference, &self.topics.documents_dlq, &self.topics.feedback];
+        for (i, a) in names.iter().enumerate() {
+            if a.is_empty() || a.len() > 249 || !a.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                return Err(invalid("topics", format!("topic name {a:?} is not a valid Kafka topic name (letters, digits, '.', '_', '-', at most 249)")));
+            }
+            if names[i + 1..].contains(a) {
+                return Err(invalid("topics", format!("topic {a:?} is used for two purposes")));
+            }
+        }
+        if self.limits.max_payload_bytes < 1024 {
+            return Err(invalid("limits.max_payload_bytes", "must be at least 1024"));
+        }
+        if self.models.serve.is_empty() {
+            return Err(invalid("models.serve", format!("is empty; name a version for each of {MODEL_NAMES:?}")));
+        }
+        for name in self.models.serve.keys() {
+            if !MODEL_NAMES.contains(&name.as_str()) {
+                return Err(invalid(&format!("models.serve.{name}"), format!("unknown model; known models are {MODEL_NAMES:?}")));
+            }
+        }
+        if !self.models.metadata.exists() {
+            return Err(invalid("models.metadata", format!("{} does not exist; point it at models/model_metadata.json", self.models.metadata.display())));
+        }
+        if let Some(p) = &self.inference.ort_dylib_path {
+            if !p.exists() {
+                return Err(invalid("inference.ort_dylib_path", format!("{} does not exist; install onnxruntime (pip install onnxruntime==1.32.*) and point this at its capi/libonnxruntime.so.*", p.display())));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "models:\n  metadata: Cargo.toml\n  serve: {document_classifier: '1.0.0'}\n";
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = PipelineConfig::from_yaml(BASE).unwrap();
+        assert_eq!(c.topics.documents, "payslip.documents.v1");
+        assert_eq!(c.batching.max_batch, 32);
+        assert_eq!(c.inference.providers, vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = PipelineConfig::from_yaml(&format!("{BASE}batching: {{max_batch: 0}}\n")).unwrap_err().to_string();
+        assert!(e.contains("batching.max_batch"), "{e}");
+        let e = PipelineConfig::from_yaml(&format!("{BASE}batching: {{max_batchh: 3}}\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `max_batchh`"), "{e}");
+        let e = PipelineConfig::from_yaml("models:\n  metadata: Cargo.toml\n  serve: {ocr: '1'}\n").unwrap_err().to_string();
+        assert!(e.contains("models.serve.ocr"), "{e}");
+        let e = PipelineConfig::from_yaml(&format!("{BASE}inference: {{providers: [cuda, cuda]}}\n")).unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
+    }
+}

@@ -1,0 +1,307 @@
+//! Records that cross topic boundaries: `PayslipDocument` in, `InferenceResult` out,
+//! `DocumentFeedback` from users.
+//!
+//! The serde shapes here are the Avro schemas in `schemas/` field for field (a unit test in
+//! `codec::avro` round-trips each one), and also the JSON that kcat users produce.
+//! `PayslipDocument::validate` is the only place that decides whether a decoded document is usable;
+//! everything it rejects goes to the dead-letter topic with the returned class.
+
+use serde::{Deserialize, Serialize};
+
+/// Row-major grayscale image. `GRAY8`: one byte per pixel, 255 = ink. `GRAYF32LE`: little-endian f32
+/// per pixel in `[0, 1]`, 1 = ink.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Raster {
+    pub width: i32,
+    pub height: i32,
+    pub encoding: RasterEncoding,
+    #[serde(with = "serde_bytes")]
+    pub pixels: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum RasterEncoding {
+    GRAY8,
+    GRAYF32LE,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct BoundingBox {
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextLine {
+    pub text: String,
+    pub bbox: BoundingBox,
+    #[serde(default)]
+    pub raster: Option<Raster>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Page {
+    pub number: i32,
+    pub width: f32,
+    pub height: f32,
+    pub lines: Vec<TextLine>,
+    #[serde(default)]
+    pub raster: Option<Raster>,
+}
+
+/// Labels carried by golden traffic (documents whose truth is known).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroundTruth {
+    pub format: String,
+    #[serde(default)]
+    pub tables: Vec<BoundingBox>,
+    #[serde(default)]
+    pub net_pay: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PayslipDocument {
+    pub document_id: String,
+    pub user_id: String,
+    pub tenant: String,
+    /// Milliseconds since the Unix epoch (Avro `timestamp-millis`).
+    pub submitted_at: i64,
+    #[serde(default)]
+    pub format_hint: Option<String>,
+    pub pages: Vec<Page>,
+    #[serde(default)]
+    pub labels: Option<GroundTruth>,
+}
+
+/// Limits a document must respect; from the `limits` section of the pipeline config.
+#[derive(Debug, Clone, Copy)]
+pub struct DocumentLimits {
+    pub max_pages: usize,
+    pub max_lines_per_page: usize,
+    pub max_raster_pixels: usize,
+}
+
+impl Default for DocumentLimits {
+    fn default() -> Self {
+        Self { max_pages: 16, max_lines_per_page: 400, max_raster_pixels: 4_000_000 }
+    }
+}
+
+/// Why a decoded document cannot be processed. The `class()` is written into the dead-letter
+/// header `error.class`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidDocument {
+    #[error("missing field: {0}")]
+    MissingField(&'static str),
+    #[error("too large: {0}")]
+    Oversized(String),
+    #[error("invalid raster at {location}: {reason}")]
+    InvalidRaster { location: String, reason: String },
+}
+
+impl InvalidDocument {
+    pub fn class(&self) -> &'static str {
+        match self {
+            InvalidDocument::MissingField(_) => "missing_field",
+            InvalidDocument::Oversized(_) => "oversized",
+            InvalidDocument::InvalidRaster { .. } => "invalid_raster",
+        }
+    }
+}
+
+impl Raster {
+    /// Pixel intensities in `[0, 1]` (1 = ink), checked: sizes agree, values finite and in range.
+    pub fn intensities(&self) -> Result<Vec<f32>, String> {
+        if self.width <= 0 || self.height <= 0 {
+            return Err(format!("non-positive size {}x{}", self.width, self.height));
+        }
+        let n = self.width as usize * self.height as usize;
+        match self.encoding {
+            RasterEncoding::GRAY8 => {
+                if self.pixels.len() != n {
+                    return Err(format!("{} bytes for {}x{} GRAY8 (expected {n})", self.pixels.len(), self.width, self.height));
+                }
+                Ok(self.pixels.iter().map(|&p| p as f32 / 255.0).collect())
+            }
+            RasterEncoding::GRAYF32LE => {
+                if self.pixels.len() != n * 4 {
+                    return Err(format!("{} bytes for {}x{} GRAYF32LE (expected {})", self.pixels.len(), self.width, self.height, n * 4));
+                }
+                let mut out = Vec::with_capacity(n);
+                for (i, c) in self.pixels.chunks_exact(4).enumerate() {
+                    let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    if !v.is_finite() {
+                        return Err(format!("pixel {i} is not finite ({v})"));
+                    }
+                    if !(0.0..=1.0).contains(&v) {
+                        return Err(format!("pixel {i} is {v}, outside [0, 1]"));
+                    }
+                    out.push(v);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+impl PayslipDocument {
+    /// Checks everything inference relies on. Rasters are fully checked here (NaN, sizes), so the
+    /// inference stage never sees a malformed tensor.
+    pub fn validate(&self, limits: &DocumentLimits) -> Result<(), InvalidDocument> {
+        if self.document_id.trim().is_empty() {
+            return Err(InvalidDocument::MissingField("document_id"));
+        }
+        if self.user_id.trim().is_empty() {
+            return Err(InvalidDocument::MissingField("user_id"));
+        }
+        if self.pages.is_empty() {
+            return Err(InvalidDocument::MissingField("pages"));
+        }
+        if self.pages.len() > limits.max_pages {
+            return Err(InvalidDocument::Oversized(format!("{} pages (limit {})", self.pages.len(), limits.max_pages)));
+        }
+        for page in &self.pages {
+            if page.lines.len() > limits.max_lines_per_page {
+                return Err(InvalidDocument::Oversized(format!(
+                    "page {} has {} lines (limit {})",
+                    page.number,
+                    page.lines.len(),
+                    limits.max_lines_per_page
+                )));
+            }
+            let rasters = page
+                .raster
+                .iter()
+                .map(|r| (format!("page {}", page.number), r))
+                .chain(page.lines.iter().enumerate().filter_map(|(i, l)| {
+                    l.raster.as_ref().map(|r| (format!("page {} line {i}", page.number), r))
+                }));
+            for (location, raster) in rasters {
+                let pixels = raster.width.max(0) as usize * raster.height.max(0) as usize;
+                if pixels > limits.max_raster_pixels {
+                    return Err(InvalidDocument::Oversized(format!(
+                        "{location} raster has {pixels} pixels (limit {})",
+                        limits.max_raster_pixels
+                    )));
+                }
+                raster.intensities().map_err(|reason| InvalidDocument::InvalidRaster { location, reason })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// All text of the document, in reading order; the classifier's input.
+    pub fn full_text(&self) -> String {
+        let mut s = String::new();
+        for page in &self.pages {
+            for line in &page.lines {
+                s.push_str(&line.text);
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+/// One model's answer for one document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelOutput {
+    pub model: String,
+    pub version: String,
+    pub provider: String,
+    pub latency_ms: f64,
+    pub batch_size: i32,
+    #[serde(default)]
+    pub error_code: Option<String>,
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default)]
+    pub confidence: Option<f32>,
+    #[serde(default)]
+    pub regions: Vec<Region>,
+    #[serde(default)]
+    pub lines: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Region {
+    pub page: i32,
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceResult {
+    pub result_id: String,
+    pub document_id: String,
+    pub user_id: String,
+    pub tenant: String,
+    pub cohort: String,
+    pub submitted_at: i64,
+    pub processed_at: i64,
+    pub provider: String,
+    pub model_versions: std::collections::HashMap<String, String>,
+    pub outputs: Vec<ModelOutput>,
+    pub inference_ms: f64,
+    pub end_to_end_ms: f64,
+    #[serde(default)]
+    pub error_code: Option<String>,
+    #[serde(default)]
+    pub true_format: Option<String>,
+    pub source: String,
+}
+
+impl InferenceResult {
+    /// The result id for a document: stable across redeliveries, so a duplicate is recognisable.
+    pub fn id_for(document_id: &str) -> String {
+        format!("{document_id}/inference")
+    }
+
+    pub fn output(&self, model: &str) -> Option<&ModelOutput> {
+        self.outputs.iter().find(|o| o.model == model)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentFeedback {
+    pub document_id: String,
+    pub user_id: String,
+    pub given_at: i64,
+    #[serde(default)]
+    pub corrected_format: Option<String>,
+    #[serde(default)]
+    pub corrected_net_pay: Option<f64>,
+    #[serde(default)]
+    pub rating: Option<i32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raster(enc: RasterEncoding, pixels: Vec<u8>) -> Raster {
+        Raster { width: 2, height: 1, encoding: enc, pixels }
+    }
+
+    #[test]
+    fn gray8_size_must_match() {
+        assert!(raster(RasterEncoding::GRAY8, vec![0, 255]).intensities().is_ok());
+        assert!(raster(RasterEncoding::GRAY8, vec![0]).intensities().is_err());
+    }
+
+    #[test]
+    fn f32_rejects_nan_and_out_of_range() {
+        let ok: Vec<u8> = [0.0f32, 1.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(raster(RasterEncoding::GRAYF32LE, ok).intensities().unwrap(), vec![0.0, 1.0]);
+        let nan: Vec<u8> = [0.0f32, f32::NAN].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(raster(RasterEncoding::GRAYF32LE, nan).intensities().unwrap_err().contains("not finite"));
+        let big: Vec<u8> = [0.0f32, 7.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(raster(RasterEncoding::GRAYF32LE, big).intensities().unwrap_err().contains("outside"));
+    }
+}

@@ -1,0 +1,303 @@
+//! Model registry and batched execution.
+//!
+//! At start the registry reads `model_metadata.json`, verifies each served file's sha256, checks the
+//! file's declared inputs against what [`preprocess`] produces, and creates one ONNX Runtime session
+//! per (model, version) on the first execution provider that works ([`runtime`]). A version that
+//! fails any of these is refused, reported in [`ModelRegistry::status`], and never run; the other
+//! models keep serving, and documents get an `error_code` for the refused one.
+//!
+//! [`ModelRegistry::infer`] runs a batch of documents through every served model with one
+//! ONNX Runtime call per model (documents' pages and lines stacked along the batch axis). It blocks:
+//! callers run it on a blocking thread.
+
+pub mod metadata;
+pub mod preprocess;
+pub mod runtime;
+
+use std::{
+    collections::BTreeMap,
+    sync::Mutex,
+    time::Instant,
+};
+
+use ort::{session::Session, value::Tensor};
+
+use crate::{
+    config::{InferenceConfig, ModelsConfig},
+    document::{ModelOutput, PayslipDocument},
+};
+use metadata::{ModelEntry, ModelMetadata};
+use preprocess::*;
+
+pub const CLASSIFIER: &str = "document_classifier";
+pub const TABLES: &str = "table_detection";
+pub const TEXT: &str = "text_recognition";
+
+/// Error codes written into results.
+pub mod codes {
+    /// The model version is not loaded (refused at load: integrity, shape or provider failure).
+    pub const MODEL_UNAVAILABLE: &str = "MODEL_UNAVAILABLE";
+    /// ONNX Runtime returned an error for the batch.
+    pub const INFERENCE_FAILED: &str = "INFERENCE_FAILED";
+    /// The model produced output of an unexpected shape.
+    pub const BAD_OUTPUT: &str = "BAD_OUTPUT";
+}
+
+/// Load state of one served model version, as reported by `models verify`, logs and results.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelStatus {
+    pub model: String,
+    pub version: String,
+    /// `loaded` or `refused`.
+    pub state: &'static str,
+    pub provider: Option<String>,
+    pub load_ms: f64,
+    pub reason: Option<String>,
+    pub skipped_providers: Vec<String>,
+}
+
+struct LoadedModel {
+    entry: ModelEntry,
+    session: Mutex<Session>,
+    provider: &'static str,
+}
+
+/// Sessions of every served model version.
+pub struct ModelRegistry {
+    loaded: BTreeMap<(String, String), LoadedModel>,
+    serve: BTreeMap<String, String>,
+    status: Vec<ModelStatus>,
+}
+
+fn expected_input(name: &str) -> Option<Vec<i64>> {
+    match name {
+        CLASSIFIER => Some(vec![-1, CLASSIFIER_DIM as i64]),
+        TABLES => Some(vec![-1, (PAGE_RASTER_H * PAGE_RASTER_W) as i64]),
+        TEXT => Some(vec![-1, MAX_LINE_CHARS as i64, (GLYPH_H * GLYPH_W) as i64]),
+        _ => None,
+    }
+}
+
+impl ModelRegistry {
+    /// Loads every version named in `models.serve` plus `extra` (name, version) pairs.
+    /// Never fails as a whole: refusals are in `status()`. Fails only when the metadata file itself
+    /// cannot be read, since then nothing can be verified.
+    pub fn load(models: &ModelsConfig, inference: &InferenceConfig, extra: &[(String, String)]) -> Result<Self, String> {
+        let meta = ModelMetadata::load(&models.metadata)?;
+        let mut wanted: Vec<(String, String)> = models.serve.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        wanted.extend(extra.iter().cloned());
+        wanted.sort();
+        wanted.dedup();
+        let mut loaded = BTreeMap::new();
+        let mut status = Vec::new();
+        for (name, version) in wanted {
+            let started = Instant::now();
+            let result = Self::load_one(&meta, inference, &name, &version);
+            let load_ms = started.elapsed().as_secs_f64() * 1e3;
+            match result {
+                Ok((model, skipped)) => {
+                    tracing::info!(model = %name, %version, provider = model.provider, load_ms, "model loaded");
+                    status.push(ModelStatus { model: name.clone(), version: version.clone(), state: "loaded", provider: Some(model.provider.to_string()), load_ms, reason: None, skipped_providers: skipped });
+                    loaded.insert((name, version), model);
+                }
+                Err(reason) => {
+                    tracing::error!(model = %name, %version, %reason, "model version refused");
+                    status.push(ModelStatus { model: name, version, state: "refused", provider: None, load_ms, reason: Some(reason), skipped_providers: vec![] });
+                }
+            }
+        }
+        Ok(Self { loaded, serve: models.serve.clone(), status })
+    }
+
+    fn load_one(meta: &ModelMetadata, inference: &InferenceConfig, name: &str, version: &str) -> Result<(LoadedModel, Vec<String>), String> {
+        let entry = meta.entry(name, version).ok_or_else(|| format!("{name} {version} is not listed in {}", meta.dir.join("model_metadata.json").display()))?;
+        let expected = expected_input(name).ok_or_else(|| format!("no preprocessing for model {name}"))?;
+        let declared = entry.inputs.first().map(|i| i.shape.clone()).unwrap_or_default();
+        if declared != expected {
+            return Err(format!("{name} {version} declares input shape {declared:?}, this build feeds {expected:?}"));
+        }
+        let bytes = metadata::read_verified(meta, entry)?;
+        let ps = runtime::session_for(inference, name, &bytes).map_err(|e| e.to_string())?;
+        let actual: Vec<String> = ps.session.inputs().iter().map(|i| i.name().to_string()).collect();
+        if actual.first().map(String::as_str) != entry.inputs.first().map(|i| i.name.as_str()) {
+            return Err(format!("{name} {version}: graph inputs {actual:?} do not match metadata {:?}", entry.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()));
+        }
+        Ok((LoadedModel { entry: entry.clone(), session: Mutex::new(ps.session), provider: ps.provider }, ps.skipped))
+    }
+
+    pub fn status(&self) -> &[ModelStatus] {
+        &self.status
+    }
+
+    /// Versions served by default (the baseline), by model name.
+    pub fn served_versions(&self) -> &BTreeMap<String, String> {
+        &self.serve
+    }
+
+    /// The provider the served models run on (the first loaded one's; all share the list).
+    pub fn provider(&self) -> String {
+        self.loaded.values().next().map(|m| m.provider.to_string()).unwrap_or_else(|| "none".into())
+    }
+
+    /// Runs `docs` through each model at the version given in `versions`. Returns, per document, one
+    /// output per model, in `versions` order. Documents must have passed `validate`.
+    pub fn infer(&self, docs: &[&PayslipDocument], versions: &BTreeMap<String, String>) -> Vec<Vec<ModelOutput>> {
+        let mut out: Vec<Vec<ModelOutput>> = vec![Vec::with_capacity(versions.len()); docs.len()];
+        for (name, version) in versions {
+            let Some(model) = self.loaded.get(&(name.clone(), version.clone())) else {
+                for o in out.iter_mut() {
+                    o.push(unavailable(name, version));
+                }
+                continue;
+            };
+            let started = Instant::now();
+            let per_doc = match name.as_str() {
+                CLASSIFIER => run_classifier(model, docs),
+                TABLES => run_tables(model, docs),
+                TEXT => run_text(model, docs),
+                _ => Err((codes::MODEL_UNAVAILABLE, format!("no runner for {name}"))),
+            };
+            let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+            let base = ModelOutput {
+                model: name.clone(),
+                version: version.clone(),
+                provider: model.provider.to_string(),
+                latency_ms,
+                batch_size: docs.len() as i32,
+                error_code: None,
+                label: None,
+                confidence: None,
+                regions: vec![],
+                lines: vec![],
+            };
+            match per_doc {
+                Ok(results) => {
+                    for (o, r) in out.iter_mut().zip(results) {
+                        let mut m = base.clone();
+                        r(&mut m);
+                        o.push(m);
+                    }
+                }
+                Err((code, message)) => {
+                    tracing::warn!(model = %name, %version, code, %message, "batch inference failed");
+                    for o in out.iter_mut() {
+                        o.push(ModelOutput { error_code: Some(code.to_string()), ..base.clone() });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn unavailable(name: &str, version: &str) -> ModelOutput {
+    ModelOutput {
+        model: name.to_string(),
+        version: version.to_string(),
+        provider: "none".into(),
+        latency_ms: 0.0,
+        batch_size: 0,
+        error_code: Some(codes::MODEL_UNAVAILABLE.into()),
+        label: None,
+        confidence: None,
+        regions: vec![],
+        lines: vec![],
+    }
+}
+
+type Fill = Box<dyn FnOnce(&mut ModelOutput) + Send>;
+type RunResult = Result<Vec<Fill>, (&'static str, String)>;
+
+/// Runs one model on a stacked input; returns the flat f32 output and its shape.
+fn run_model(model: &LoadedModel, shape: Vec<i64>, data: Vec<f32>) -> Result<(Vec<i64>, Vec<f32>), (&'static str, String)> {
+    let input = Tensor::from_array((shape, data)).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
+    let mut session = model.session.lock().unwrap_or_else(|p| p.into_inner());
+    let outputs = session.run(ort::inputs![input]).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
+    let (shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(|e| (codes::BAD_OUTPUT, e.to_string()))?;
+    Ok((shape.to_vec(), values.to_vec()))
+}
+
+fn run_classifier(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
+    let n = docs.len();
+    let mut data = Vec::with_capacity(n * CLASSIFIER_DIM);
+    for d in docs {
+        data.extend(classifier_features(&d.full_text()));
+    }
+    let (shape, probs) = run_model(model, vec![n as i64, CLASSIFIER_DIM as i64], data)?;
+    let k = model.entry.labels.len();
+    if shape != [n as i64, k as i64] {
+        return Err((codes::BAD_OUTPUT, format!("classifier output shape {shape:?}, expected [{n}, {k}]")));
+    }
+    Ok(probs
+        .chunks_exact(k)
+        .map(|row| {
+            let (best, p) = row.iter().enumerate().fold((0, f32::MIN), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc });
+            let label = model.entry.labels[best].clone();
+            Box::new(move |o: &mut ModelOutput| {
+                o.label = Some(label);
+                o.confidence = Some(p);
+            }) as Fill
+        })
+        .collect())
+}
+
+fn run_tables(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
+    // (document index, page number, page size) for each stacked page raster
+    let mut index = Vec::new();
+    let mut data = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        for p in &d.pages {
+            if let Some(r) = &p.raster {
+                data.extend(page_tensor(r).map_err(|e| (codes::INFERENCE_FAILED, e))?);
+                index.push((i, p.number, p.width, p.height));
+            }
+        }
+    }
+    let mut regions: Vec<Vec<crate::document::Region>> = vec![vec![]; docs.len()];
+    if !index.is_empty() {
+        let cells = TABLE_GRID_W * TABLE_GRID_H;
+        let (shape, probs) = run_model(model, vec![index.len() as i64, (PAGE_RASTER_H * PAGE_RASTER_W) as i64], data)?;
+        if shape != [index.len() as i64, cells as i64] {
+            return Err((codes::BAD_OUTPUT, format!("table output shape {shape:?}, expected [{}, {cells}]", index.len())));
+        }
+        for ((doc, page, w, h), row) in index.into_iter().zip(probs.chunks_exact(cells)) {
+            regions[doc].extend(regions_from_cells(row, page, w, h, 0.5));
+        }
+    }
+    Ok(regions.into_iter().map(|r| Box::new(move |o: &mut ModelOutput| o.regions = r) as Fill).collect())
+}
+
+fn run_text(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
+    let cell = GLYPH_H * GLYPH_W;
+    let mut owner = Vec::new();
+    let mut data = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        for p in &d.pages {
+            for l in &p.lines {
+                if let Some(r) = &l.raster {
+                    data.extend(line_cells(r).map_err(|e| (codes::INFERENCE_FAILED, e))?);
+                    owner.push(i);
+                }
+            }
+        }
+    }
+    let mut lines: Vec<Vec<String>> = vec![vec![]; docs.len()];
+    if !owner.is_empty() {
+        let k = model.entry.labels.len();
+        let (shape, probs) = run_model(model, vec![owner.len() as i64, MAX_LINE_CHARS as i64, cell as i64], data)?;
+        if shape != [owner.len() as i64, MAX_LINE_CHARS as i64, k as i64] {
+            return Err((codes::BAD_OUTPUT, format!("text output shape {shape:?}, expected [{}, {MAX_LINE_CHARS}, {k}]", owner.len())));
+        }
+        for (doc, line) in owner.into_iter().zip(probs.chunks_exact(MAX_LINE_CHARS * k)) {
+            let text: String = line
+                .chunks_exact(k)
+                .map(|p| {
+                    let best = p.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0;
+                    model.entry.labels[best].chars().next().unwrap_or(' ')
+                })
+                .collect();
+            lines[doc].push(text.trim_end().to_string());
+        }
+    }
+    Ok(lines.into_iter().map(|l| Box::new(move |o: &mut ModelOutput| o.lines = l) as Fill).collect())
+}

@@ -1,0 +1,203 @@
+//! Turning documents into model inputs. Pure functions, shared by the infer stage and by the
+//! training data dump, so training and serving cannot disagree on features.
+//!
+//! - `document_classifier`: hashed unigram+bigram counts of the document text, `log1p`, L2-normalised,
+//!   `[CLASSIFIER_DIM]`.
+//! - `table_detection`: the page raster resampled to `PAGE_RASTER_H x PAGE_RASTER_W`, intensities in
+//!   `[0, 1]`; the model scores each `TABLE_CELL` x `TABLE_CELL` cell of it.
+//! - `text_recognition`: a line raster resampled to `GLYPH_H` rows and cut into `MAX_LINE_CHARS` cells of
+//!   `GLYPH_W` columns (zero padded), `[MAX_LINE_CHARS, GLYPH_H * GLYPH_W]`.
+
+use crate::document::{BoundingBox, Raster, Region};
+
+pub const CLASSIFIER_DIM: usize = 512;
+pub const PAGE_RASTER_W: usize = 48;
+pub const PAGE_RASTER_H: usize = 64;
+pub const TABLE_CELL: usize = 8;
+pub const TABLE_GRID_W: usize = PAGE_RASTER_W / TABLE_CELL;
+pub const TABLE_GRID_H: usize = PAGE_RASTER_H / TABLE_CELL;
+pub const GLYPH_W: usize = 8;
+pub const GLYPH_H: usize = 8;
+pub const MAX_LINE_CHARS: usize = 48;
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn tokens(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|t| !t.is_empty())
+        .map(|t| if t.chars().all(|c| c.is_ascii_digit()) { "#".to_string() } else { t.to_ascii_uppercase() })
+        .collect()
+}
+
+/// Classifier features of a document's text.
+pub fn classifier_features(text: &str) -> Vec<f32> {
+    let mut v = vec![0f32; CLASSIFIER_DIM];
+    let toks = tokens(text);
+    for (i, t) in toks.iter().enumerate() {
+        v[(fnv1a(t.as_bytes()) % CLASSIFIER_DIM as u64) as usize] += 1.0;
+        if let Some(next) = toks.get(i + 1) {
+            let bigram = format!("{t}_{next}");
+            v[(fnv1a(bigram.as_bytes()) % CLASSIFIER_DIM as u64) as usize] += 1.0;
+        }
+    }
+    for x in v.iter_mut() {
+        *x = x.ln_1p();
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+/// Nearest-neighbour resample of validated intensities to `out_w x out_h`.
+fn resample(src: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
+    if w == out_w && h == out_h {
+        return src.to_vec();
+    }
+    let mut out = vec![0f32; out_w * out_h];
+    for y in 0..out_h {
+        let sy = (y * h / out_h).min(h - 1);
+        for x in 0..out_w {
+            let sx = (x * w / out_w).min(w - 1);
+            out[y * out_w + x] = src[sy * w + sx];
+        }
+    }
+    out
+}
+
+/// Table detection input for a page raster.
+pub fn page_tensor(raster: &Raster) -> Result<Vec<f32>, String> {
+    let px = raster.intensities()?;
+    Ok(resample(&px, raster.width as usize, raster.height as usize, PAGE_RASTER_W, PAGE_RASTER_H))
+}
+
+/// Text recognition input for a line raster.
+pub fn line_cells(raster: &Raster) -> Result<Vec<f32>, String> {
+    let px = raster.intensities()?;
+    let (w, h) = (raster.width as usize, raster.height as usize);
+    let out_w = if h == GLYPH_H { w } else { ((w * GLYPH_H) as f64 / h as f64).round().max(1.0) as usize };
+    let img = resample(&px, w, h, out_w, GLYPH_H);
+    let mut cells = vec![0f32; MAX_LINE_CHARS * GLYPH_H * GLYPH_W];
+    let n = (out_w / GLYPH_W).min(MAX_LINE_CHARS);
+    for c in 0..n {
+        for r in 0..GLYPH_H {
+            for k in 0..GLYPH_W {
+                cells[c * GLYPH_H * GLYPH_W + r * GLYPH_W + k] = img[r * out_w + c * GLYPH_W + k];
+            }
+        }
+    }
+    Ok(cells)
+}
+
+/// Target of the table model: 1 for each grid cell whose centre lies in a table.
+pub fn table_cell_targets(tables: &[BoundingBox], page_w: f32, page_h: f32) -> Vec<f32> {
+    let mut t = vec![0f32; TABLE_GRID_W * TABLE_GRID_H];
+    for gy in 0..TABLE_GRID_H {
+        for gx in 0..TABLE_GRID_W {
+            let cx = (gx as f32 + 0.5) / TABLE_GRID_W as f32 * page_w;
+            let cy = (gy as f32 + 0.5) / TABLE_GRID_H as f32 * page_h;
+            if tables.iter().any(|b| cx >= b.x && cx <= b.x + b.w && cy >= b.y && cy <= b.y + b.h) {
+                t[gy * TABLE_GRID_W + gx] = 1.0;
+            }
+        }
+    }
+    t
+}
+
+/// Regions from per-cell table probabilities: 4-connected cells above `threshold`, as boxes in page
+/// points with the mean probability as score.
+pub fn regions_from_cells(probs: &[f32], page: i32, page_w: f32, page_h: f32, threshold: f32) -> Vec<Region> {
+    let (gw, gh) = (TABLE_GRID_W, TABLE_GRID_H);
+    let mut seen = vec![false; gw * gh];
+    let mut out = Vec::new();
+    for start in 0..gw * gh {
+        if seen[start] || probs.get(start).copied().unwrap_or(0.0) < threshold {
+            continue;
+        }
+        let (mut x0, mut y0, mut x1, mut y1) = (gw, gh, 0, 0);
+        let (mut sum, mut n) = (0f32, 0usize);
+        let mut stack = vec![start];
+        seen[start] = true;
+        while let Some(i) = stack.pop() {
+            let (x, y) = (i % gw, i / gw);
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+            sum += probs[i];
+            n += 1;
+            let mut push = |j: usize| {
+                if !seen[j] && probs[j] >= threshold {
+                    seen[j] = true;
+                    stack.push(j);
+                }
+            };
+            if x > 0 { push(i - 1); }
+            if x + 1 < gw { push(i + 1); }
+            if y > 0 { push(i - gw); }
+            if y + 1 < gh { push(i + gw); }
+        }
+        let cw = page_w / gw as f32;
+        let ch = page_h / gh as f32;
+        out.push(Region {
+            page,
+            x: x0 as f32 * cw,
+            y: y0 as f32 * ch,
+            w: (x1 - x0 + 1) as f32 * cw,
+            h: (y1 - y0 + 1) as f32 * ch,
+            score: sum / n as f32,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::RasterEncoding;
+
+    #[test]
+    fn features_are_unit_length_and_ignore_amounts() {
+        let a = classifier_features("BASIC PAY 56100.00 DSOP 9000");
+        let b = classifier_features("BASIC PAY 12.50 DSOP 1");
+        assert_eq!(a, b);
+        let norm: f32 = a.iter().map(|x| x * x).sum();
+        assert!((norm - 1.0).abs() < 1e-5);
+        assert!(classifier_features("").iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn line_cells_pad_and_rescale() {
+        let r = Raster { width: 16, height: 8, encoding: RasterEncoding::GRAY8, pixels: vec![255; 128] };
+        let c = line_cells(&r).unwrap();
+        assert_eq!(c.len(), MAX_LINE_CHARS * 64);
+        assert!(c[..128].iter().all(|&x| x == 1.0));
+        assert!(c[128..].iter().all(|&x| x == 0.0));
+        // a 16-pixel-high raster of the same line is scaled down to the same cells
+        let r2 = Raster { width: 32, height: 16, encoding: RasterEncoding::GRAY8, pixels: vec![255; 512] };
+        assert_eq!(line_cells(&r2).unwrap(), c);
+    }
+
+    #[test]
+    fn connected_cells_become_one_region() {
+        let mut p = vec![0f32; TABLE_GRID_W * TABLE_GRID_H];
+        p[0] = 0.9;
+        p[1] = 0.7;
+        p[TABLE_GRID_W * 5 + 3] = 0.6;
+        let r = regions_from_cells(&p, 1, 600.0, 800.0, 0.5);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].x, r[0].w), (0.0, 200.0));
+        assert!((r[0].score - 0.8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn targets_cover_table_cells() {
+        let t = table_cell_targets(&[BoundingBox { x: 0.0, y: 0.0, w: 600.0, h: 100.0 }], 600.0, 800.0);
+        assert_eq!(t.iter().sum::<f32>(), TABLE_GRID_W as f32);
+    }
+}

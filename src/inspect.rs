@@ -1,0 +1,160 @@
+//! `inspect`: reads any project topic and prints one JSON object per message (position, timestamp,
+//! key, headers, decoded value), which kcat cannot do for Avro values. It assigns partitions
+//! directly (no consumer group, nothing committed) and, unless `follow` is set, stops at the end
+//! offsets captured when it started.
+
+use std::{collections::BTreeMap, io::Write, time::Duration};
+
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::{Headers, Message},
+    Offset, TopicPartitionList,
+};
+
+use crate::{
+    codec::{self, Record},
+    document::{DocumentFeedback, InferenceResult, PayslipDocument},
+    kafka::headers as h,
+};
+
+/// Where reading starts in each partition.
+#[derive(Debug, Clone, Copy)]
+pub enum StartAt {
+    Beginning,
+    End,
+    /// Absolute offset in every partition.
+    Offset(i64),
+    /// First message at or after this timestamp (ms), via offsets-for-times.
+    Timestamp(i64),
+}
+
+pub struct InspectOptions {
+    pub brokers: String,
+    pub topic: String,
+    pub start: StartAt,
+    pub count: Option<u64>,
+    pub follow: bool,
+    /// Print raster pixels in full instead of their size.
+    pub full: bool,
+    pub passthrough: BTreeMap<String, String>,
+}
+
+/// Decodes one value to JSON by its `schema` header, else by what the bytes turn out to be.
+pub fn decode_value(schema: Option<&str>, content_type: Option<&str>, bytes: &[u8]) -> Result<serde_json::Value, String> {
+    fn as_json<T: Record + 'static>(b: &[u8], ct: Option<&str>) -> Result<serde_json::Value, String> {
+        let v: T = codec::decode(b, ct).map_err(|e| e.to_string())?;
+        serde_json::to_value(v).map_err(|e| e.to_string())
+    }
+    match schema {
+        Some(PayslipDocument::SCHEMA_NAME) => as_json::<PayslipDocument>(bytes, content_type),
+        Some(InferenceResult::SCHEMA_NAME) => as_json::<InferenceResult>(bytes, content_type),
+        Some(DocumentFeedback::SCHEMA_NAME) => as_json::<DocumentFeedback>(bytes, content_type),
+        _ => serde_json::from_slice(bytes)
+            .or_else(|_| as_json::<PayslipDocument>(bytes, content_type))
+            .or_else(|_| as_json::<InferenceResult>(bytes, content_type))
+            .map_err(|_| "value is neither JSON nor a known Avro record".to_string()),
+    }
+}
+
+fn shorten_rasters(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Array(px)) = map.get("pixels") {
+                let n = px.len();
+                map.insert("pixels".into(), serde_json::Value::String(format!("<{n} bytes>")));
+            }
+            map.values_mut().for_each(shorten_rasters);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(shorten_rasters),
+        _ => {}
+    }
+}
+
+/// Reads the topic and writes JSON lines to `out`. Returns the number of messages printed.
+pub fn inspect(opts: &InspectOptions, out: &mut dyn Write) -> Result<u64, String> {
+    let mut cfg = crate::kafka::client_config(&opts.brokers, &opts.passthrough);
+    cfg.set("group.id", "payslip-inspect").set("enable.auto.commit", "false").set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = cfg.create().map_err(|e| format!("cannot create consumer: {e}"))?;
+    let md = consumer.fetch_metadata(Some(&opts.topic), Duration::from_secs(10)).map_err(|e| format!("cannot read metadata of {}: {e}", opts.topic))?;
+    let topic_md = md.topics().first().ok_or_else(|| format!("topic {} not found", opts.topic))?;
+    if topic_md.error().is_some() || topic_md.partitions().is_empty() {
+        return Err(format!("topic {} not found on {}", opts.topic, opts.brokers));
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in topic_md.partitions() {
+        let (lo, hi) = consumer.fetch_watermarks(&opts.topic, p.id(), Duration::from_secs(10)).map_err(|e| format!("watermarks: {e}"))?;
+        ends.insert(p.id(), hi);
+        let offset = match opts.start {
+            StartAt::Beginning => Offset::Offset(lo),
+            StartAt::End => Offset::Offset(hi),
+            StartAt::Offset(o) => Offset::Offset(o.clamp(lo, hi)),
+            StartAt::Timestamp(_) => Offset::Offset(lo),
+        };
+        tpl.add_partition_offset(&opts.topic, p.id(), offset).map_err(|e| e.to_string())?;
+    }
+    if let StartAt::Timestamp(ts) = opts.start {
+        let mut q = TopicPartitionList::new();
+        for p in ends.keys() {
+            q.add_partition_offset(&opts.topic, *p, Offset::Offset(ts)).map_err(|e| e.to_string())?;
+        }
+        let found = consumer.offsets_for_times(q, Duration::from_secs(10)).map_err(|e| format!("offsets-for-times: {e}"))?;
+        for e in found.elements() {
+            let o = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => ends[&e.partition()], // no message at or after ts: start at the end
+            };
+            tpl.set_partition_offset(&opts.topic, e.partition(), Offset::Offset(o)).map_err(|e| e.to_string())?;
+        }
+    }
+    let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
+    for e in tpl.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            if !opts.follow && o < ends[&e.partition()] {
+                remaining.insert(e.partition(), ends[&e.partition()]);
+            }
+        }
+    }
+    consumer.assign(&tpl).map_err(|e| format!("assign: {e}"))?;
+    let mut printed = 0u64;
+    while opts.follow || !remaining.is_empty() {
+        if opts.count.is_some_and(|c| printed >= c) {
+            break;
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
+        let m = msg.map_err(|e| format!("consume: {e}"))?;
+        if let Some(end) = remaining.get(&m.partition()) {
+            if m.offset() + 1 >= *end {
+                remaining.remove(&m.partition());
+            }
+        }
+        let headers: BTreeMap<String, String> = m
+            .headers()
+            .map(|hs| hs.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
+            .unwrap_or_default();
+        let value = match m.payload() {
+            None => serde_json::Value::Null,
+            Some(b) => match decode_value(headers.get(h::SCHEMA).map(String::as_str), headers.get(h::CONTENT_TYPE).map(String::as_str), b) {
+                Ok(mut v) => {
+                    if !opts.full {
+                        shorten_rasters(&mut v);
+                    }
+                    v
+                }
+                Err(e) => serde_json::json!({ "undecodable": e, "bytes": b.len() }),
+            },
+        };
+        let line = serde_json::json!({
+            "topic": m.topic(),
+            "partition": m.partition(),
+            "offset": m.offset(),
+            "timestamp": m.timestamp().to_millis(),
+            "key": m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            "headers": headers,
+            "value": value,
+        });
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+        printed += 1;
+    }
+    Ok(printed)
+}

@@ -1,0 +1,59 @@
+//! Kafka plumbing: client configuration, topic creation, headers, and the embedded broker.
+//!
+//! Every client gets the `kafka.librdkafka` passthrough options from the pipeline config last, so a
+//! user can override anything (security settings, timeouts) without code changes.
+
+pub mod admin;
+pub mod embedded;
+pub mod headers;
+
+use std::collections::BTreeMap;
+
+use rdkafka::ClientConfig;
+
+/// Base client configuration for `brokers` with the user's passthrough options applied.
+pub fn client_config(brokers: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    c.set("client.id", "payslip-stream");
+    for (k, v) in passthrough {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Configuration for a consumer that stores offsets only when told to (at-least-once).
+pub fn consumer_config(brokers: &str, group: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", "payslip-stream")
+        .set("group.id", group)
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "300000")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    for (k, v) in passthrough {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Configuration for a producer of results: idempotent, acks from all in-sync replicas.
+pub fn producer_config(brokers: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", "payslip-stream")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "60000");
+    for (k, v) in passthrough {
+        c.set(k, v);
+    }
+    c
+}

@@ -1,0 +1,161 @@
+//! `produce`: documents onto the documents topic, from files (JSON, JSON lines, Avro container files)
+//! or from the synthetic generator at a given rate. Each message carries `content-type`, `schema`
+//! and `trace-id` headers and is keyed by document id. Returns after every delivery report, so
+//! "sent" means acknowledged by the broker.
+
+use std::{path::PathBuf, time::{Duration, Instant}};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::{
+    codec::{self, Record, WireFormat},
+    document::PayslipDocument,
+    kafka::{self, headers as h, headers::HeaderSet},
+    synth::{Generator, GeneratorConfig},
+};
+
+/// Where documents come from.
+pub enum Source {
+    /// Generator documents `start..start + count` of `seed`.
+    Synthetic { seed: u64, start: u64, count: u64, golden_fraction: f64 },
+    /// Files: `.json` (one document or JSON lines), `.avro` (Avro object container file).
+    Files(Vec<PathBuf>),
+    /// Documents already in memory.
+    Documents(Vec<PayslipDocument>),
+}
+
+pub struct ProduceOptions {
+    pub brokers: String,
+    pub topic: String,
+    pub format: WireFormat,
+    /// Documents per second; `None` = as fast as the broker takes them.
+    pub rate: Option<f64>,
+    pub progress: bool,
+    pub passthrough: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ProduceSummary {
+    pub sent: u64,
+    pub failed: u64,
+    pub seconds: f64,
+}
+
+/// Reads documents from files.
+pub fn read_files(paths: &[PathBuf]) -> Result<Vec<PayslipDocument>, String> {
+    let mut out = Vec::new();
+    for p in paths {
+        let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        if p.extension().is_some_and(|e| e == "avro") {
+            let reader = apache_avro::Reader::new(&bytes[..]).map_err(|e| format!("{}: not an Avro container file: {e}", p.display()))?;
+            for v in reader {
+                let v = v.map_err(|e| format!("{}: {e}", p.display()))?;
+                out.push(apache_avro::from_value::<PayslipDocument>(&v).map_err(|e| format!("{}: {e}", p.display()))?);
+            }
+        } else {
+            let text = String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 JSON", p.display()))?;
+            match serde_json::from_str::<PayslipDocument>(&text) {
+                Ok(d) => out.push(d),
+                Err(_) => {
+                    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                        out.push(serde_json::from_str(line).map_err(|e| format!("{} line {}: {e}", p.display(), i + 1))?);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSummary, String> {
+    let producer: FutureProducer = kafka::producer_config(&opts.brokers, &opts.passthrough).create().map_err(|e| format!("cannot create producer: {e}"))?;
+    let (total, mut next): (u64, Box<dyn FnMut(u64) -> PayslipDocument + Send>) = match source {
+        Source::Synthetic { seed, start, count, golden_fraction } => {
+            let gen = Generator::new(GeneratorConfig { seed, golden_fraction, ..Default::default() });
+            (count, Box::new(move |i| gen.document(start + i).document))
+        }
+        Source::Files(paths) => {
+            let docs = read_files(&paths)?;
+            (docs.len() as u64, Box::new(move |i| docs[i as usize].clone()))
+        }
+        Source::Documents(docs) => (docs.len() as u64, Box::new(move |i| docs[i as usize].clone())),
+    };
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} documents [{elapsed_precise}] {per_sec} eta {eta} {wide_bar}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    let mut summary = ProduceSummary::default();
+    use futures::StreamExt;
+    for i in 0..total {
+        if let Some(rate) = opts.rate.filter(|r| *r > 0.0) {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let mut doc = next(i);
+        if doc.submitted_at <= 0 {
+            doc.submitted_at = chrono::Utc::now().timestamp_millis();
+        }
+        let payload = codec::encode(&doc, opts.format).map_err(|e| e.to_string())?;
+        let headers = HeaderSet::new()
+            .with(h::CONTENT_TYPE, opts.format.content_type())
+            .with(h::SCHEMA, PayslipDocument::SCHEMA_NAME)
+            .with(h::TRACE_ID, format!("produce-{}", doc.document_id))
+            .build();
+        let key = doc.document_id.clone();
+        let mut record = FutureRecord::to(&opts.topic).key(&key).payload(&payload).headers(headers);
+        let fut = loop {
+            match producer.send_result(record) {
+                Ok(f) => break f,
+                Err((e, r)) => {
+                    // local queue full: let deliveries drain
+                    tracing::debug!(error = %e, "producer queue full");
+                    record = r;
+                    if let Some(done) = inflight.next().await {
+                        tally(&mut summary, done, &bar);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        };
+        inflight.push(fut);
+        while inflight.len() >= 10_000 {
+            if let Some(r) = inflight.next().await {
+                tally(&mut summary, r, &bar);
+            }
+        }
+        // collect finished deliveries without waiting
+        while let Some(Some(r)) = futures::FutureExt::now_or_never(inflight.next()) {
+            tally(&mut summary, r, &bar);
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        tally(&mut summary, r, &bar);
+    }
+    bar.finish_and_clear();
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn tally(s: &mut ProduceSummary, r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>, bar: &indicatif::ProgressBar) {
+    match r {
+        Ok(Ok(_)) => s.sent += 1,
+        Ok(Err((e, _))) => {
+            s.failed += 1;
+            tracing::warn!(error = %e, "document not delivered");
+        }
+        Err(e) => {
+            s.failed += 1;
+            tracing::warn!(error = %e, "document not delivered");
+        }
+    }
+    bar.inc(1);
+}
