@@ -216,8 +216,9 @@ impl Generator {
         if self.cfg.rasters {
             let ink_noise = rng.random_range(0.0..0.06);
             page.raster = Some(render::page_raster(&page, &tables, rng.random_bool(0.3), ink_noise, rng));
+            let glyph_noise = rng.random_range(0.02..0.16);
             for line in &mut page.lines {
-                let (raster, shown) = render::line_raster(&line.text, ink_noise, rng);
+                let (raster, shown) = render::line_raster(&line.text, glyph_noise, rng);
                 line.raster = Some(raster);
                 rendered_text.push(shown);
             }
