@@ -1,0 +1,91 @@
+//! Every kind of bad input goes to the dead-letter topic with the right error class, its original
+//! bytes and headers, and its source position; the valid documents around it still get results.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use payslip_stream::{
+    codec::{encode, WireFormat},
+    document::{Raster, RasterEncoding},
+    kafka::headers as h,
+    synth::{Generator, GeneratorConfig},
+};
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_dead_lettered_and_valid_neighbours_get_results() {
+    let mut cfg = isolated_config("dlq").await;
+    cfg.limits.max_payload_bytes = 200_000;
+    let gen = Generator::new(GeneratorConfig { seed: 77, ..Default::default() });
+    let avro = ("content-type", "application/avro");
+    let json = ("content-type", "application/json");
+
+    let valid = |i: u64| gen.document(i).document;
+    let mut bad: Vec<(String, Vec<u8>, Vec<(&str, &str)>, &str)> = Vec::new();
+    bad.push(("bad-avro".into(), vec![0xff; 24], vec![avro], "undecodable"));
+    bad.push(("bad-json".into(), br#"{"document_id": "x", "pages": ["#.to_vec(), vec![json], "undecodable"));
+    bad.push(("bad-type".into(), br#"{"document_id": 5, "user_id": "u", "tenant": "t", "submitted_at": 1, "pages": []}"#.to_vec(), vec![json], "schema_mismatch"));
+    let mut no_pages = serde_json::to_value(valid(900)).unwrap();
+    no_pages.as_object_mut().unwrap().remove("pages");
+    bad.push(("bad-missing".into(), serde_json::to_vec(&no_pages).unwrap(), vec![json], "missing_field"));
+    let mut empty_pages = valid(901);
+    empty_pages.pages.clear();
+    bad.push(("bad-empty-pages".into(), encode(&empty_pages, WireFormat::Avro).unwrap(), vec![avro], "missing_field"));
+    let mut big = serde_json::to_vec(&valid(902)).unwrap();
+    big.extend(std::iter::repeat_n(b' ', 250_000));
+    bad.push(("bad-oversized".into(), big, vec![json], "oversized"));
+    let mut nan = valid(903);
+    let px: Vec<u8> = [0.5f32, f32::NAN, 0.1, 0.2].iter().flat_map(|v| v.to_le_bytes()).collect();
+    nan.pages[0].raster = Some(Raster { width: 2, height: 2, encoding: RasterEncoding::GRAYF32LE, pixels: px });
+    bad.push(("bad-nan-raster".into(), encode(&nan, WireFormat::Avro).unwrap(), vec![avro], "invalid_raster"));
+    let mut garbage = valid(904);
+    garbage.pages[0].lines[0].raster = Some(Raster { width: 64, height: 8, encoding: RasterEncoding::GRAY8, pixels: vec![7; 100] });
+    bad.push(("bad-garbage-raster".into(), encode(&garbage, WireFormat::Avro).unwrap(), vec![avro], "invalid_raster"));
+    bad.push(("bad-content-type".into(), b"hello".to_vec(), vec![("content-type", "text/plain")], "unsupported_content_type"));
+
+    // valid, bad, valid, bad, ... valid
+    let mut messages = Vec::new();
+    let mut valid_ids = Vec::new();
+    for (i, (key, payload, headers, _)) in bad.iter().enumerate() {
+        let d = valid(i as u64);
+        valid_ids.push(d.document_id.clone());
+        messages.push((d.document_id.clone(), encode(&d, WireFormat::Avro).unwrap(), vec![avro]));
+        messages.push((key.clone(), payload.clone(), headers.clone()));
+    }
+    let last = valid(100);
+    valid_ids.push(last.document_id.clone());
+    messages.push((last.document_id.clone(), encode(&last, WireFormat::Json).unwrap(), vec![json]));
+
+    // one partition's worth of order is enough here: produce before starting the stage
+    produce_raw(&cfg.topics.documents, messages).await;
+    let stage = RunningStage::start(&cfg, load_registry(&cfg));
+    let (dlq_topic, res_topic) = (cfg.topics.documents_dlq.clone(), cfg.topics.inference.clone());
+    let n_bad = bad.len();
+    let n_valid = valid_ids.len();
+    let (dead, results) = tokio::task::spawn_blocking(move || {
+        (read_topic(&dlq_topic, n_bad, Duration::from_secs(120), Duration::from_secs(2)), read_topic(&res_topic, n_valid, Duration::from_secs(120), Duration::from_secs(2)))
+    })
+    .await
+    .unwrap();
+    let summary = stage.stop().await;
+
+    assert_eq!(dead.len(), bad.len(), "exactly one dead letter per bad message");
+    let by_key: BTreeMap<String, &Read> = dead.iter().map(|r| (r.key.clone().unwrap(), r)).collect();
+    for (key, payload, headers, class) in &bad {
+        let r = by_key.get(key).unwrap_or_else(|| panic!("no dead letter for {key}"));
+        assert_eq!(r.header(h::ERROR_CLASS), Some(*class), "{key}: {:?}", r.header(h::ERROR_MESSAGE));
+        assert!(!r.header(h::ERROR_MESSAGE).unwrap_or("").is_empty(), "{key} has a reason");
+        assert_eq!(r.header(h::SOURCE_TOPIC), Some(cfg.topics.documents.as_str()));
+        assert!(r.header(h::SOURCE_PARTITION).unwrap().parse::<i32>().is_ok());
+        assert!(r.header(h::SOURCE_OFFSET).unwrap().parse::<i64>().is_ok());
+        assert_eq!(&r.payload, payload, "{key}: original bytes kept");
+        assert_eq!(r.header("content-type"), Some(headers[0].1), "{key}: original headers kept");
+    }
+    assert_eq!(results.len(), valid_ids.len(), "every valid document has exactly one result");
+    let mut got: Vec<String> = results.iter().map(|r| r.result().document_id).collect();
+    got.sort();
+    valid_ids.sort();
+    assert_eq!(got, valid_ids);
+    assert_eq!(summary.dead_letters, bad.len() as u64);
+    assert_eq!(summary.results, valid_ids.len() as u64);
+}

@@ -1,0 +1,57 @@
+//! 1,000 valid documents in, exactly 1,000 results out, ids matching one to one.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use payslip_stream::{
+    codec::WireFormat,
+    document::InferenceResult,
+    kafka::headers as h,
+    produce::{self, ProduceOptions, Source},
+    synth::{Generator, GeneratorConfig},
+};
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_documents_give_exactly_thousand_results() {
+    let cfg = isolated_config("counts").await;
+    let stage = RunningStage::start(&cfg, load_registry(&cfg));
+
+    // half Avro, half JSON, as producers of both kinds share the topic
+    let gen = Generator::new(GeneratorConfig { seed: 31, ..Default::default() });
+    let docs: Vec<_> = (0..1000).map(|i| gen.document(i).document).collect();
+    let ids: BTreeSet<String> = docs.iter().map(|d| d.document_id.clone()).collect();
+    assert_eq!(ids.len(), 1000);
+    for (half, format) in [(&docs[..500], WireFormat::Avro), (&docs[500..], WireFormat::Json)] {
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format, rate: None, progress: false, passthrough: Default::default() };
+        let s = produce::produce(&opts, Source::Documents(half.to_vec())).await.expect("produce");
+        assert_eq!((s.sent, s.failed), (500, 0));
+    }
+
+    let reads = tokio::task::spawn_blocking({
+        let t = cfg.topics.inference.clone();
+        move || read_topic(&t, 1000, Duration::from_secs(180), Duration::from_secs(3))
+    })
+    .await
+    .unwrap();
+    let summary = stage.stop().await;
+
+    assert_eq!(reads.len(), 1000, "exactly one result per document");
+    let mut seen = BTreeSet::new();
+    for r in &reads {
+        let res: InferenceResult = r.result();
+        assert_eq!(r.key.as_deref(), Some(res.document_id.as_str()), "results are keyed by document id");
+        assert_eq!(res.result_id, InferenceResult::id_for(&res.document_id));
+        assert_eq!(r.header(h::RESULT_ID), Some(res.result_id.as_str()));
+        assert_eq!(res.error_code, None, "{res:?}");
+        assert_eq!(res.outputs.len(), 3);
+        assert!(res.outputs.iter().all(|o| o.provider == res.provider && o.error_code.is_none()));
+        assert!(r.header(h::MODEL_VERSIONS).unwrap().contains("document_classifier=1.0.0"));
+        assert!(seen.insert(res.document_id.clone()), "duplicate result for {}", res.document_id);
+    }
+    assert_eq!(seen, ids, "result ids match document ids one to one");
+    assert_eq!(summary.consumed, 1000);
+    assert_eq!(summary.results, 1000);
+    assert_eq!(summary.dead_letters, 0);
+    assert!(summary.batches < 1000, "documents were batched ({} batches)", summary.batches);
+}

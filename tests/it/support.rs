@@ -1,0 +1,202 @@
+//! Test harness: broker address, isolated topics, the infer stage in-process or as a child process,
+//! and readers that collect what landed on a topic.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{atomic::{AtomicU64, Ordering}, Arc},
+    time::{Duration, Instant},
+};
+
+use payslip_stream::{
+    codec,
+    config::PipelineConfig,
+    document::InferenceResult,
+    inference::ModelRegistry,
+    kafka::{self, headers as h},
+    pipeline::InferStage,
+    telemetry::InferSummary,
+};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::{Headers, Message},
+    Offset, TopicPartitionList,
+};
+use tokio::{sync::watch, task::JoinHandle};
+
+pub fn brokers() -> String {
+    std::env::var("PAYSLIP_TEST_BROKERS").expect(
+        "PAYSLIP_TEST_BROKERS is not set: run the tests with scripts/test, which starts a real Kafka broker, \
+         or start one with scripts/kafka start and export PAYSLIP_TEST_BROKERS=127.0.0.1:19092",
+    )
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("{prefix}-{}-{t}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The repository's pipeline config as it is.
+pub fn repo_config() -> PipelineConfig {
+    PipelineConfig::load(&repo().join("pipelines/payslip.yaml")).expect("pipelines/payslip.yaml is valid")
+}
+
+/// The repository's pipeline config with isolated topics (3 partitions) and group, topics created.
+pub async fn isolated_config(name: &str) -> PipelineConfig {
+    isolated_config_with_prefix(name).await.0
+}
+
+/// As [`isolated_config`], also returning the topic prefix (for child processes).
+pub async fn isolated_config_with_prefix(name: &str) -> (PipelineConfig, String) {
+    let mut cfg = repo_config();
+    let prefix = format!("{}.", unique(name));
+    cfg.topics = cfg.topics.clone().with_prefix(&prefix);
+    cfg.topics.partitions = 3;
+    cfg.kafka.infer_group = format!("{prefix}infer");
+    cfg.kafka.brokers = Some(brokers());
+    kafka::admin::ensure_topics(&brokers(), &cfg.kafka, &cfg.topics).await.expect("topics created");
+    (cfg, prefix)
+}
+
+pub fn load_registry(cfg: &PipelineConfig) -> Arc<ModelRegistry> {
+    Arc::new(ModelRegistry::load(&cfg.models, &cfg.inference, &[]).expect("model metadata readable"))
+}
+
+/// The infer stage running in this process.
+pub struct RunningStage {
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<Result<InferSummary, payslip_stream::pipeline::StageError>>,
+}
+
+impl RunningStage {
+    pub fn start(cfg: &PipelineConfig, registry: Arc<ModelRegistry>) -> Self {
+        let (stop, rx) = watch::channel(false);
+        let stage = InferStage::new(cfg.clone(), brokers(), registry);
+        Self { stop, handle: tokio::spawn(stage.run(rx)) }
+    }
+
+    /// Asks for a graceful stop and returns the stage's summary.
+    pub async fn stop(self) -> InferSummary {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(60), self.handle).await.expect("stage stops within 60 s").expect("stage task").expect("stage ok")
+    }
+}
+
+/// One message as read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub key: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+impl Read {
+    pub fn header(&self, k: &str) -> Option<&str> {
+        self.headers.get(k).map(String::as_str)
+    }
+
+    pub fn result(&self) -> InferenceResult {
+        codec::decode(&self.payload, self.header(h::CONTENT_TYPE)).expect("result decodes")
+    }
+}
+
+/// Reads `topic` from the beginning until `expected` messages arrived, then keeps reading for
+/// `settle` more so that extra (duplicate) messages would be seen too. Panics after `timeout`.
+pub fn read_topic(topic: &str, expected: usize, timeout: Duration, settle: Duration) -> Vec<Read> {
+    let consumer: BaseConsumer = kafka::client_config(&brokers(), &Default::default())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut done_at: Option<Instant> = None;
+    loop {
+        if out.len() >= expected && done_at.is_none() {
+            done_at = Some(Instant::now());
+        }
+        if done_at.is_some_and(|d| d.elapsed() >= settle) {
+            return out;
+        }
+        assert!(start.elapsed() < timeout, "only {} of {expected} messages on {topic} after {timeout:?}", out.len());
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.expect("consume");
+            out.push(Read {
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                headers: m
+                    .headers()
+                    .map(|hs| hs.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
+                    .unwrap_or_default(),
+                payload: m.payload().unwrap_or_default().to_vec(),
+            });
+        }
+    }
+}
+
+/// Produces raw messages (for bad input) and waits for their delivery.
+pub async fn produce_raw(topic: &str, messages: Vec<(String, Vec<u8>, Vec<(&str, &str)>)>) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = kafka::producer_config(&brokers(), &Default::default()).create().expect("producer");
+    for (key, payload, headers) in messages {
+        let mut hs = kafka::headers::HeaderSet::new();
+        for (k, v) in headers {
+            hs = hs.with(k, v);
+        }
+        let hs = hs.build();
+        p.send(FutureRecord::to(topic).key(&key).payload(&payload).headers(hs), Duration::from_secs(30)).await.expect("delivered");
+    }
+}
+
+/// Reads everything on `topic` up to the end offsets at the time of the call.
+pub fn read_all(topic: &str) -> Vec<Read> {
+    let consumer: BaseConsumer = kafka::client_config(&brokers(), &Default::default())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in md.topics()[0].partitions() {
+        let (lo, hi) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks");
+        if hi > lo {
+            ends.insert(p.id(), hi);
+            tpl.add_partition_offset(topic, p.id(), Offset::Offset(lo)).expect("tpl");
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return out;
+    }
+    consumer.assign(&tpl).expect("assign");
+    let start = Instant::now();
+    while !ends.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60), "reading {topic} to its end took over 60 s");
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let m = m.expect("consume");
+        if ends.get(&m.partition()).is_some_and(|&end| m.offset() + 1 >= end) {
+            ends.remove(&m.partition());
+        }
+        out.push(Read {
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers: m
+                .headers()
+                .map(|hs| hs.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
+                .unwrap_or_default(),
+            payload: m.payload().unwrap_or_default().to_vec(),
+        });
+    }
+    out
+}
