@@ -43,6 +43,102 @@ pub struct PipelineConfig {
     /// Limits on incoming documents; anything beyond goes to the dead-letter topic.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Windows, state and alert rules of the monitor stage.
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+    /// Fault injection for demos and chaos tests (off by default).
+    #[serde(default)]
+    pub faults: FaultsConfig,
+}
+
+/// Header-driven fault injection, like Envoy's fault filter: when enabled, a document carrying
+/// `fault-delay-ms: N` delays its batch's model runs by N ms (a real sleep, so every document in that
+/// batch is slower), and `fault-error: MODEL` makes that model's output for the document fail with
+/// `INFERENCE_FAILED`. Never enable it where producers are not trusted.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultsConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Upper bound of an injected delay, ms.
+    #[serde(default = "default_max_fault_delay")]
+    pub max_delay_ms: u64,
+}
+
+fn default_max_fault_delay() -> u64 { 5_000 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// RocksDB directory of the monitor's state (one process at a time).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Tumbling window size in event time, milliseconds.
+    #[serde(default = "default_window_ms")]
+    pub window_size_ms: i64,
+    /// How far behind the highest event time an event may be and still be counted, milliseconds.
+    #[serde(default = "default_lateness_ms")]
+    pub allowed_lateness_ms: i64,
+    /// A partition without input for this long (processing time, ms) stops holding windows open.
+    #[serde(default = "default_idle_ms")]
+    pub idle_timeout_ms: i64,
+    /// How long predictions are kept to join feedback, milliseconds (event time).
+    #[serde(default = "default_retention_ms")]
+    pub prediction_retention_ms: i64,
+    /// Largest number of input messages applied in one state batch.
+    #[serde(default = "default_monitor_batch")]
+    pub max_batch: usize,
+    /// Wire format of `litert.metrics.v1`: avro or json.
+    #[serde(default = "default_output_format")]
+    pub metrics_format: crate::codec::WireFormat,
+    /// Wire format of `litert.alerts.v1`: avro or json.
+    #[serde(default = "default_output_format")]
+    pub alerts_format: crate::codec::WireFormat,
+    /// Alert rules (default: the runbook's thresholds; see src/alert/mod.rs `default_rules`).
+    #[serde(default = "crate::alert::default_rules")]
+    pub alerts: Vec<crate::alert::AlertRule>,
+}
+
+fn default_state_dir() -> PathBuf { ".state/monitor".into() }
+fn default_window_ms() -> i64 { 60_000 }
+fn default_lateness_ms() -> i64 { 5_000 }
+fn default_idle_ms() -> i64 { 10_000 }
+fn default_retention_ms() -> i64 { 7 * 24 * 3_600_000 }
+fn default_monitor_batch() -> usize { 1000 }
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("all monitor fields have defaults")
+    }
+}
+
+impl MonitorConfig {
+    pub fn window(&self) -> crate::window::WindowConfig {
+        crate::window::WindowConfig { size_ms: self.window_size_ms, allowed_lateness_ms: self.allowed_lateness_ms, idle_timeout_ms: self.idle_timeout_ms }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.window_size_ms < 1 {
+            return Err(invalid("monitor.window_size_ms", "must be at least 1"));
+        }
+        if self.allowed_lateness_ms < 0 {
+            return Err(invalid("monitor.allowed_lateness_ms", "must not be negative"));
+        }
+        if self.idle_timeout_ms < 1 {
+            return Err(invalid("monitor.idle_timeout_ms", "must be at least 1"));
+        }
+        if self.max_batch == 0 {
+            return Err(invalid("monitor.max_batch", "must be at least 1"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for r in &self.alerts {
+            r.validate().map_err(|m| invalid("monitor.alerts", m))?;
+            if !names.insert(r.name.clone()) {
+                return Err(invalid("monitor.alerts", format!("rule name {} is used twice", r.name)));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -309,6 +405,7 @@ impl PipelineConfig {
         if !self.models.metadata.exists() {
             return Err(invalid("models.metadata", format!("{} does not exist; point it at models/model_metadata.json", self.models.metadata.display())));
         }
+        self.monitor.validate()?;
         if let Some(p) = &self.inference.ort_dylib_path {
             if !p.exists() {
                 return Err(invalid("inference.ort_dylib_path", format!("{} does not exist; install onnxruntime (pip install onnxruntime==1.32.*) and point this at its capi/libonnxruntime.so.*", p.display())));

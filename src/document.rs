@@ -224,6 +224,8 @@ pub struct ModelOutput {
     pub regions: Vec<Region>,
     #[serde(default)]
     pub lines: Vec<String>,
+    #[serde(default)]
+    pub load_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -255,6 +257,10 @@ pub struct InferenceResult {
     #[serde(default)]
     pub true_format: Option<String>,
     pub source: String,
+    #[serde(default)]
+    pub process_rss_bytes: Option<i64>,
+    #[serde(default)]
+    pub process_cpu_percent: Option<f64>,
 }
 
 impl InferenceResult {

@@ -1,20 +1,18 @@
 //! Command line of payslip-stream. Parses arguments, loads and validates configuration, wires the
 //! library together; `anyhow` lives only here.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use rdkafka::{consumer::{Consumer, StreamConsumer}, message::Message};
 use tokio::sync::watch;
 
 use payslip_stream::{
-    codec::{self, WireFormat},
+    codec::WireFormat,
     config::PipelineConfig,
-    document::InferenceResult,
     inference::ModelRegistry,
     inspect::{self, InspectOptions, StartAt},
-    kafka::{self, embedded::EmbeddedBroker, headers as h},
+    kafka::{self, embedded::EmbeddedBroker},
     pipeline::InferStage,
     produce::{self, ProduceOptions, Source},
 };
@@ -45,8 +43,8 @@ enum Command {
     Run {
         #[command(flatten)]
         common: Common,
-        /// Which stage to run (the monitor stage is not built yet).
-        #[arg(long, value_enum, default_value = "infer")]
+        /// Which stage to run: infer, monitor, or all (both in this process).
+        #[arg(long, value_enum, default_value = "all")]
         stage: Stage,
         /// Consumer group of the infer stage; overrides `kafka.infer_group`.
         #[arg(long)]
@@ -55,10 +53,10 @@ enum Command {
         #[arg(long)]
         demo: bool,
         /// Demo: number of documents to produce before stopping.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 1500)]
         demo_count: u64,
         /// Demo: documents per second.
-        #[arg(long, default_value_t = 50.0)]
+        #[arg(long, default_value_t = 100.0)]
         demo_rate: f64,
     },
     /// Produce documents from files or from the synthetic generator.
@@ -125,6 +123,11 @@ enum Command {
         #[command(subcommand)]
         command: DatasetCommand,
     },
+    /// Back up, verify and restore the monitor's RocksDB state.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Create the project's topics (partitions, retention, compaction) on a cluster.
     Topics {
         #[command(flatten)]
@@ -146,6 +149,18 @@ enum ModelsCommand {
 
 #[derive(Subcommand)]
 enum DatasetCommand {
+    /// Print synthetic documents as JSON lines (e.g. to produce with kcat).
+    Sample {
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        #[arg(long, short = 'n', default_value_t = 1)]
+        count: u64,
+        /// Leave out rasters (text only: small enough to read).
+        #[arg(long)]
+        no_rasters: bool,
+    },
     /// Write generated documents as training arrays.
     Dump {
         #[arg(long)]
@@ -162,6 +177,28 @@ enum DatasetCommand {
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Stage {
     Infer,
+    Monitor,
+    All,
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Write a consistent RocksDB checkpoint of the monitor state (stop the monitor first: one
+    /// process owns the state directory).
+    Checkpoint {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Check that a checkpoint (or a stopped state directory) opens and every value decodes.
+    Verify { dir: PathBuf },
+    /// Replace the monitor's state directory with a verified checkpoint.
+    Restore {
+        #[command(flatten)]
+        common: Common,
+        dir: PathBuf,
+    },
 }
 
 fn load_config(common: &Common) -> Result<PipelineConfig> {
@@ -206,7 +243,30 @@ async fn main() {
 
 async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { common, stage: Stage::Infer, group, demo, demo_count, demo_rate } => run(common, group, demo, demo_count, demo_rate).await,
+        Command::Run { common, stage, group, demo, demo_count, demo_rate } => run(common, stage, group, demo, demo_count, demo_rate).await,
+        Command::State { command } => match command {
+            StateCommand::Checkpoint { common, to } => {
+                let cfg = load_config(&common)?;
+                let store = payslip_stream::state::RocksStateStore::open(&cfg.monitor.state_dir)
+                    .map_err(|e| anyhow!("{e} (is the monitor still running? stop it first)"))?;
+                store.checkpoint(&to).map_err(|e| anyhow!(e))?;
+                drop(store);
+                let s = payslip_stream::state::verify(&to).map_err(|e| anyhow!(e))?;
+                println!("{}", serde_json::to_string(&s)?);
+                Ok(())
+            }
+            StateCommand::Verify { dir } => {
+                let s = payslip_stream::state::verify(&dir).map_err(|e| anyhow!(e))?;
+                println!("{}", serde_json::to_string(&s)?);
+                Ok(())
+            }
+            StateCommand::Restore { common, dir } => {
+                let cfg = load_config(&common)?;
+                let s = payslip_stream::state::restore(&dir, &cfg.monitor.state_dir).map_err(|e| anyhow!(e))?;
+                println!("{}", serde_json::to_string(&s)?);
+                Ok(())
+            }
+        },
         Command::Produce { common, files, count, seed, start, golden_fraction, rate, format, topic } => {
             let cfg = load_config(&common)?;
             let brokers = brokers_of(&common, &cfg).context("no brokers: pass --brokers, set PAYSLIP_BROKERS or kafka.brokers")?;
@@ -268,6 +328,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Dataset { command: DatasetCommand::Sample { seed, start, count, no_rasters } } => {
+            let gen = payslip_stream::synth::Generator::new(payslip_stream::synth::GeneratorConfig { seed, rasters: !no_rasters, ..Default::default() });
+            for i in start..start + count {
+                println!("{}", serde_json::to_string(&gen.document(i).document)?);
+            }
+            Ok(())
+        }
         Command::Dataset { command: DatasetCommand::Dump { out, seed, count, lines_per_doc } } => {
             let meta = payslip_stream::dataset::dump(&out, seed, count, lines_per_doc)?;
             println!("{meta}");
@@ -283,7 +350,21 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-async fn run(common: Common, group: Option<String>, demo: bool, demo_count: u64, demo_rate: f64) -> Result<()> {
+/// Runs the monitor stage on a blocking thread until `shutdown`.
+fn spawn_monitor(cfg: PipelineConfig, brokers: String, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<Result<payslip_stream::monitor::MonitorSummary>> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let _ = shutdown.changed().await;
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    tokio::task::spawn_blocking(move || {
+        let stage = payslip_stream::monitor::MonitorStage::open(cfg, brokers)?;
+        Ok(stage.run(stop)?)
+    })
+}
+
+async fn run(common: Common, stage_sel: Stage, group: Option<String>, demo: bool, demo_count: u64, demo_rate: f64) -> Result<()> {
     let mut cfg = load_config(&common)?;
     if let Some(g) = group {
         cfg.kafka.infer_group = g;
@@ -295,6 +376,8 @@ async fn run(common: Common, group: Option<String>, demo: bool, demo_count: u64,
         }
         None => {
             let e = EmbeddedBroker::start(&cfg.topics).map_err(|e| anyhow!(e))?;
+            // the embedded broker forgets everything at exit, so the monitor's offsets must too
+            cfg.monitor.state_dir = std::env::temp_dir().join(format!("payslip-embedded-state-{}", std::process::id()));
             let b = e.bootstrap_servers();
             eprintln!("no brokers configured: started an embedded in-process Kafka-protocol broker at {b}");
             eprintln!("  try: kcat -b {b} -L        (in-memory, for trying the program only; NOT for production)");
@@ -302,6 +385,11 @@ async fn run(common: Common, group: Option<String>, demo: bool, demo_count: u64,
             (b, Some(e))
         }
     };
+    if stage_sel == Stage::Monitor {
+        let summary = spawn_monitor(cfg.clone(), brokers.clone(), shutdown_signal()).await??;
+        eprintln!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
     let registry = {
         let (m, i) = (cfg.models.clone(), cfg.inference.clone());
         Arc::new(tokio::task::spawn_blocking(move || ModelRegistry::load(&m, &i, &[])).await?.map_err(|e| anyhow!(e))?)
@@ -314,93 +402,22 @@ async fn run(common: Common, group: Option<String>, demo: bool, demo_count: u64,
         });
     }
     let shutdown = shutdown_signal();
-    let stage = InferStage::new(cfg.clone(), brokers.clone(), registry.clone());
-    if !demo {
-        let summary = stage.run(shutdown).await?;
-        eprintln!("{}", serde_json::to_string(&summary)?);
+    if demo {
+        let opts = payslip_stream::demo::DemoOptions::for_count(demo_count, demo_rate);
+        let state = std::env::temp_dir().join(format!("payslip-demo-state-{}", std::process::id()));
+        let cfg = payslip_stream::demo::demo_config(cfg, state.clone());
+        let summary = payslip_stream::demo::run(cfg, brokers, registry, opts, shutdown).await.map_err(|e| anyhow!(e));
+        let _ = std::fs::remove_dir_all(&state);
+        eprintln!("demo done: {}", serde_json::to_string(&summary?)?);
         return Ok(());
     }
-    // Demo: the stage, a producer of synthetic documents with a few broken ones, and a result printer.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut outer = shutdown.clone();
-    let stop_forward = stop_tx.clone();
-    tokio::spawn(async move {
-        if outer.changed().await.is_ok() {
-            let _ = stop_forward.send(true);
-        }
-    });
-    let stage_task = tokio::spawn(stage.run(stop_rx));
-    let popts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(demo_rate), progress: false, passthrough: cfg.kafka.librdkafka.clone() };
-    let bad_every = 50u64;
-    let producer_task = tokio::spawn(async move {
-        let s = produce::produce(&popts, Source::Synthetic { seed: 2026, start: 0, count: demo_count, golden_fraction: 1.0 }).await;
-        // a few broken documents so the dead-letter path shows up
-        let p: rdkafka::producer::FutureProducer = kafka::producer_config(&popts.brokers, &popts.passthrough).create().expect("producer");
-        for i in 0..(demo_count / bad_every).max(1) {
-            let hs = kafka::headers::HeaderSet::new().with(h::CONTENT_TYPE, "application/json").build();
-            let body = format!("{{\"document_id\": \"broken-{i}\", \"pages\": \"not a list\"}}");
-            let _ = p.send(rdkafka::producer::FutureRecord::to(&popts.topic).key("broken").payload(&body).headers(hs), Duration::from_secs(10)).await;
-        }
-        s
-    });
-    let mut printer_cfg = kafka::consumer_config(&brokers, &format!("payslip-demo-printer-{}", std::process::id()), &cfg.kafka.librdkafka);
-    printer_cfg.set("enable.auto.offset.store", "true");
-    let printer: StreamConsumer = printer_cfg.create()?;
-    printer.subscribe(&[&cfg.topics.inference, &cfg.topics.documents_dlq])?;
-    let (mut seen, mut correct, mut labelled, mut dead) = (0u64, 0u64, 0u64, 0u64);
-    let expected_dead = (demo_count / bad_every).max(1);
-    let mut shutdown_wait = shutdown.clone();
-    while seen < demo_count || dead < expected_dead {
-        let m = tokio::select! {
-            _ = shutdown_wait.changed() => break,
-            _ = tokio::time::sleep(Duration::from_secs(60)) => { eprintln!("demo: no output for 60 s, stopping"); break; }
-            m = printer.recv() => m?,
-        };
-        let ct = h::get(m.headers(), h::CONTENT_TYPE);
-        if m.topic() == cfg.topics.documents_dlq {
-            dead += 1;
-            println!("DLQ    key={} class={} reason={}", String::from_utf8_lossy(m.key().unwrap_or_default()), h::get(m.headers(), h::ERROR_CLASS).unwrap_or_default(), h::get(m.headers(), h::ERROR_MESSAGE).unwrap_or_default());
-            continue;
-        }
-        let r: InferenceResult = match codec::decode(m.payload().unwrap_or_default(), ct.as_deref()) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("demo: undecodable result: {e}");
-                continue;
-            }
-        };
-        seen += 1;
-        let cls = r.output("document_classifier");
-        let label = cls.and_then(|o| o.label.clone()).unwrap_or_else(|| "-".into());
-        if let Some(t) = &r.true_format {
-            labelled += 1;
-            correct += (t == &label) as u64;
-        }
-        let tables = r.output("table_detection").map(|o| o.regions.len()).unwrap_or(0);
-        let first_line = r.output("text_recognition").and_then(|o| o.lines.first().cloned()).unwrap_or_default();
-        println!(
-            "RESULT {} format={label:<9} conf={:.2} truth={:<9} tables={tables} text={first_line:?} provider={} infer={:.1}ms e2e={:.0}ms{}",
-            r.document_id,
-            cls.and_then(|o| o.confidence).unwrap_or(0.0),
-            r.true_format.clone().unwrap_or_default(),
-            r.provider,
-            r.inference_ms,
-            r.end_to_end_ms,
-            r.error_code.map(|c| format!(" error={c}")).unwrap_or_default()
-        );
+    let monitor = (stage_sel == Stage::All).then(|| spawn_monitor(cfg.clone(), brokers.clone(), shutdown.clone()));
+    let stage = InferStage::new(cfg.clone(), brokers.clone(), registry.clone());
+    let summary = stage.run(shutdown).await?;
+    eprintln!("{}", serde_json::to_string(&summary)?);
+    if let Some(m) = monitor {
+        let s = m.await??;
+        eprintln!("{}", serde_json::to_string(&s)?);
     }
-    let _ = stop_tx.send(true);
-    let produced = producer_task.await?.map_err(|e| anyhow!(e))?;
-    let summary = stage_task.await??;
-    eprintln!(
-        "demo done: produced {} documents (+{} broken), {} results, {} dead letters; classifier accuracy {:.1}% on {} labelled documents",
-        produced.sent,
-        expected_dead,
-        seen,
-        dead,
-        if labelled > 0 { 100.0 * correct as f64 / labelled as f64 } else { 0.0 },
-        labelled
-    );
-    eprintln!("stage summary: {}", serde_json::to_string(&summary)?);
     Ok(())
 }

@@ -37,7 +37,7 @@ use crate::{
     document::{InferenceResult, PayslipDocument},
     inference::ModelRegistry,
     kafka::{self, headers as h, headers::HeaderSet},
-    telemetry::{InferCounters, InferSummary},
+    telemetry::{InferCounters, InferSummary, ProcessSample},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -251,10 +251,20 @@ async fn ack_loop(mut rx: mpsc::Receiver<Pending>, consumer: Arc<StreamConsumer>
 fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, counters: &InferCounters, batch: Vec<OwnedMessage>) -> Vec<Processed> {
     let limits = cfg.limits.document_limits();
     let mut docs: Vec<(usize, PayslipDocument)> = Vec::new();
+    let mut delay_ms = 0u64;
+    let mut forced_errors: BTreeMap<usize, String> = BTreeMap::new();
     let mut slots: Vec<Option<Processed>> = Vec::with_capacity(batch.len());
     for (i, m) in batch.iter().enumerate() {
         match decode_document(m, cfg.limits.max_payload_bytes, &limits) {
             Ok(d) => {
+                if cfg.faults.enabled {
+                    if let Some(ms) = h::get(m.headers(), "fault-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+                        delay_ms = delay_ms.max(ms.min(cfg.faults.max_delay_ms));
+                    }
+                    if let Some(model) = h::get(m.headers(), "fault-error") {
+                        forced_errors.insert(i, model);
+                    }
+                }
                 docs.push((i, d));
                 slots.push(None);
             }
@@ -268,11 +278,29 @@ fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, counters: &Infe
     if !docs.is_empty() {
         let versions = registry.served_versions().clone();
         let refs: Vec<&PayslipDocument> = docs.iter().map(|(_, d)| d).collect();
-        let outputs = registry.infer(&refs, &versions);
+        if delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        }
+        let mut outputs = registry.infer(&refs, &versions);
+        if delay_ms > 0 {
+            for outs in outputs.iter_mut() {
+                for o in outs.iter_mut() {
+                    o.latency_ms += delay_ms as f64;
+                }
+            }
+        }
+        for ((i, _), outs) in docs.iter().zip(outputs.iter_mut()) {
+            if let Some(model) = forced_errors.get(i) {
+                for o in outs.iter_mut().filter(|o| &o.model == model) {
+                    o.error_code = Some(crate::inference::codes::INFERENCE_FAILED.into());
+                }
+            }
+        }
         let provider = registry.provider();
+        let sample = counters.process.sample();
         for ((i, doc), outs) in docs.into_iter().zip(outputs) {
             let m = &batch[i];
-            let out = result_message(cfg, m, doc, outs, &versions, &provider);
+            let out = result_message(cfg, m, doc, outs, &versions, &provider, &sample);
             slots[i] = Some(Processed { out, topic: m.topic().into(), partition: m.partition(), offset: m.offset() });
         }
     }
@@ -320,6 +348,7 @@ fn result_message(
     outputs: Vec<crate::document::ModelOutput>,
     versions: &BTreeMap<String, String>,
     provider: &str,
+    sample: &ProcessSample,
 ) -> Outgoing {
     let now = chrono::Utc::now().timestamp_millis();
     let produced_at = m.timestamp().to_millis().unwrap_or(doc.submitted_at);
@@ -340,6 +369,8 @@ fn result_message(
         error_code: error_code.clone(),
         true_format: doc.labels.map(|l| l.format),
         source: source_of(m),
+        process_rss_bytes: sample.rss_bytes.map(|b| b as i64),
+        process_cpu_percent: sample.cpu_percent,
     };
     let format = cfg.topics.inference_format;
     let has_error = error_code.is_some();

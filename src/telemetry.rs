@@ -35,6 +35,56 @@ pub struct InferCounters {
     pub batches: AtomicU64,
     /// payslip_infer_offsets_stored_total
     pub offsets_stored: AtomicU64,
+    /// Memory and CPU of this process, sampled once per batch.
+    pub process: ProcessSampler,
+}
+
+/// Resident memory and CPU use of this process, from `/proc/self` (None elsewhere).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessSample {
+    pub rss_bytes: Option<u64>,
+    pub cpu_percent: Option<f64>,
+}
+
+/// Samples `/proc/self`; CPU is the share of one core used since the previous sample.
+#[derive(Debug, Default)]
+pub struct ProcessSampler {
+    last: Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+fn clock_ticks_of_self() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // fields after the parenthesised command name; utime and stime are fields 14 and 15
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn rss_bytes_of_self() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+impl ProcessSampler {
+    pub fn sample(&self) -> ProcessSample {
+        let now = std::time::Instant::now();
+        let ticks = clock_ticks_of_self();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let cpu_percent = match (*last, ticks) {
+            (Some((t0, k0)), Some(k1)) if now.duration_since(t0).as_secs_f64() > 0.05 => {
+                // Linux reports 100 ticks per second (USER_HZ) on every architecture we run on
+                Some((k1.saturating_sub(k0)) as f64 / 100.0 / now.duration_since(t0).as_secs_f64() * 100.0)
+            }
+            _ => None,
+        };
+        if let Some(k) = ticks {
+            if last.is_none() || cpu_percent.is_some() {
+                *last = Some((now, k));
+            }
+        }
+        ProcessSample { rss_bytes: rss_bytes_of_self(), cpu_percent }
+    }
 }
 
 impl InferCounters {

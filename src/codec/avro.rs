@@ -82,12 +82,15 @@ mod tests {
                 confidence: Some(0.9),
                 regions: vec![Region { page: 1, x: 1.0, y: 2.0, w: 3.0, h: 4.0, score: 0.7 }],
                 lines: vec!["BASIC PAY".into()],
+                load_ms: Some(12.5),
             }],
             inference_ms: 1.5,
             end_to_end_ms: 100.0,
             error_code: Some("X".into()),
             true_format: None,
             source: "t/0/1".into(),
+            process_rss_bytes: Some(50_000_000),
+            process_cpu_percent: None,
         }
     }
 

@@ -60,6 +60,7 @@ struct LoadedModel {
     entry: ModelEntry,
     session: Mutex<Session>,
     provider: &'static str,
+    load_ms: f64,
 }
 
 /// Sessions of every served model version.
@@ -95,7 +96,8 @@ impl ModelRegistry {
             let result = Self::load_one(&meta, inference, &name, &version);
             let load_ms = started.elapsed().as_secs_f64() * 1e3;
             match result {
-                Ok((model, skipped)) => {
+                Ok((mut model, skipped)) => {
+                    model.load_ms = load_ms;
                     tracing::info!(model = %name, %version, provider = model.provider, load_ms, "model loaded");
                     status.push(ModelStatus { model: name.clone(), version: version.clone(), state: "loaded", provider: Some(model.provider.to_string()), load_ms, reason: None, skipped_providers: skipped });
                     loaded.insert((name, version), model);
@@ -122,7 +124,7 @@ impl ModelRegistry {
         if actual.first().map(String::as_str) != entry.inputs.first().map(|i| i.name.as_str()) {
             return Err(format!("{name} {version}: graph inputs {actual:?} do not match metadata {:?}", entry.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()));
         }
-        Ok((LoadedModel { entry: entry.clone(), session: Mutex::new(ps.session), provider: ps.provider }, ps.skipped))
+        Ok((LoadedModel { entry: entry.clone(), session: Mutex::new(ps.session), provider: ps.provider, load_ms: 0.0 }, ps.skipped))
     }
 
     pub fn status(&self) -> &[ModelStatus] {
@@ -169,6 +171,7 @@ impl ModelRegistry {
                 confidence: None,
                 regions: vec![],
                 lines: vec![],
+                load_ms: Some(model.load_ms),
             };
             match per_doc {
                 Ok(results) => {
@@ -202,6 +205,7 @@ fn unavailable(name: &str, version: &str) -> ModelOutput {
         confidence: None,
         regions: vec![],
         lines: vec![],
+        load_ms: None,
     }
 }
 

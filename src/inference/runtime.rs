@@ -116,14 +116,16 @@ pub fn session_for(cfg: &InferenceConfig, model: &str, bytes: &[u8]) -> Result<P
         })();
         match built {
             Ok(session) => {
-                for s in &skipped {
-                    tracing::warn!(model, skipped = %s, "execution provider skipped");
+                if !skipped.is_empty() {
+                    tracing::info!(model, provider = name, skipped = %skipped.join("; "), "model session created after skipping providers");
+                } else {
+                    tracing::info!(model, provider = name, "model session created");
                 }
-                tracing::info!(model, provider = name, "model session created");
                 return Ok(ProvidedSession { session, provider: name, skipped });
             }
             Err(e) => {
                 let why = format!("{name}: {e}");
+                tracing::warn!(model, provider = name, error = %e, "execution provider failed to register");
                 if cfg.on_provider_failure == ProviderFailure::Fail {
                     return Err(RuntimeError::NoProvider { model: model.into(), attempts: why });
                 }

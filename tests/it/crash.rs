@@ -22,7 +22,7 @@ fn spawn_stage(prefix: &str, group: &str, log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
         .current_dir(repo())
-        .args(["run", "--config", "pipelines/payslip.yaml", "--brokers", &brokers(), "--topic-prefix", prefix, "--group", group])
+        .args(["run", "--stage", "infer", "--config", "pipelines/payslip.yaml", "--brokers", &brokers(), "--topic-prefix", prefix, "--group", group])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)

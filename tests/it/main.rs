@@ -9,4 +9,5 @@ mod bad_input;
 mod crash;
 mod kcat;
 mod models;
+mod monitor;
 mod counts;

@@ -200,3 +200,40 @@ pub fn read_all(topic: &str) -> Vec<Read> {
     }
     out
 }
+
+/// The monitor stage running in this process (on a blocking thread).
+pub struct RunningMonitor {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: JoinHandle<Result<payslip_stream::monitor::MonitorSummary, payslip_stream::monitor::MonitorError>>,
+}
+
+impl RunningMonitor {
+    pub fn start(cfg: &PipelineConfig) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cfg, flag) = (cfg.clone(), stop.clone());
+        let handle = tokio::task::spawn_blocking(move || payslip_stream::monitor::MonitorStage::open(cfg, brokers())?.run(flag));
+        Self { stop, handle }
+    }
+
+    pub async fn stop(self) -> payslip_stream::monitor::MonitorSummary {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(60), self.handle).await.expect("monitor stops within 60 s").expect("monitor task").expect("monitor ok")
+    }
+}
+
+/// An isolated config for monitor tests: short windows, a fresh state directory.
+pub async fn monitor_config(name: &str, state_dir: &std::path::Path) -> (PipelineConfig, String) {
+    let (mut cfg, prefix) = isolated_config_with_prefix(name).await;
+    cfg.monitor.state_dir = state_dir.to_path_buf();
+    cfg.monitor.window_size_ms = 10_000;
+    cfg.monitor.allowed_lateness_ms = 0;
+    cfg.monitor.idle_timeout_ms = 3_000;
+    (cfg, prefix)
+}
+
+/// Produces records of one type (Avro) with a fixed key, so they share one partition and keep order.
+pub async fn produce_records<T: payslip_stream::codec::Record>(topic: &str, key: &str, records: &[T]) {
+    let ct = [("content-type", "application/avro")];
+    let msgs = records.iter().map(|r| (key.to_string(), payslip_stream::codec::encode(r, payslip_stream::codec::WireFormat::Avro).unwrap(), ct.to_vec())).collect();
+    produce_raw(topic, msgs).await;
+}

@@ -1,0 +1,93 @@
+//! End-to-end throughput harness (not a test): documents/s through the real Kafka broker versus raw
+//! ONNX Runtime documents/s on the same models, documents and machine, measured in one run.
+//!
+//!   scripts/kafka start
+//!   eval "$(scripts/env)"; PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 cargo bench --bench throughput
+//!
+//! Environment: `BENCH_DOCS` (default 5000), `BENCH_BATCH` (default from pipelines/payslip.yaml).
+//! Prints one JSON object; BENCHMARKS.md records the figures.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use payslip_stream::{
+    codec::{self, WireFormat},
+    config::PipelineConfig,
+    document::PayslipDocument,
+    inference::ModelRegistry,
+    kafka,
+    pipeline::InferStage,
+    produce::{self, ProduceOptions, Source},
+    synth::{Generator, GeneratorConfig},
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+fn results_on(brokers: &str, topic: &str) -> i64 {
+    let c: BaseConsumer = kafka::client_config(brokers, &Default::default()).create().expect("consumer");
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("metadata");
+    md.topics()[0].partitions().iter().map(|p| c.fetch_watermarks(topic, p.id(), Duration::from_secs(5)).map(|(lo, hi)| hi - lo).unwrap_or(0)).sum()
+}
+
+fn main() {
+    let brokers = std::env::var("PAYSLIP_BENCH_BROKERS").expect("set PAYSLIP_BENCH_BROKERS to a running broker (scripts/kafka start)");
+    let n: usize = std::env::var("BENCH_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let mut cfg = PipelineConfig::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/payslip.yaml"))).expect("config");
+    if let Some(b) = std::env::var("BENCH_BATCH").ok().and_then(|v| v.parse().ok()) {
+        cfg.batching.max_batch = b;
+    }
+    let gen = Generator::new(GeneratorConfig { seed: 606, ..Default::default() });
+    let docs: Vec<PayslipDocument> = (0..n as u64).map(|i| gen.document(i).document).collect();
+    let avg_bytes = docs.iter().map(|d| codec::encode(d, WireFormat::Avro).map(|b| b.len()).unwrap_or(0)).sum::<usize>() / n.max(1);
+    let registry = Arc::new(ModelRegistry::load(&cfg.models, &cfg.inference, &[]).expect("models"));
+    let provider = registry.provider();
+
+    // 1. raw ONNX Runtime: the same batching, no Kafka, no decode/encode
+    let versions = registry.served_versions().clone();
+    let t = Instant::now();
+    for chunk in docs.chunks(cfg.batching.max_batch) {
+        let refs: Vec<&PayslipDocument> = chunk.iter().collect();
+        let out = registry.infer(&refs, &versions);
+        assert_eq!(out.len(), chunk.len());
+    }
+    let raw_s = t.elapsed().as_secs_f64();
+
+    // 2. end to end: documents already on the topic, stage consumes, infers, produces, stores offsets
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let e2e_s = rt.block_on(async {
+        let prefix = format!("bench-{}-{}.", std::process::id(), chrono::Utc::now().timestamp_millis());
+        cfg.topics = cfg.topics.clone().with_prefix(&prefix);
+        cfg.kafka.infer_group = format!("{prefix}infer");
+        kafka::admin::ensure_topics(&brokers, &cfg.kafka, &cfg.topics).await.expect("topics");
+        let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: false, passthrough: Default::default() };
+        produce::produce(&opts, Source::Documents(docs.clone())).await.expect("produce");
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let stage = InferStage::new(cfg.clone(), brokers.clone(), registry.clone());
+        let counters = stage.counters();
+        let handle = tokio::spawn(stage.run(rx));
+        // clock starts at the first consumed document (excludes group join), ends when all results are on the topic
+        while counters.consumed.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let t = Instant::now();
+        while results_on(&brokers, &cfg.topics.inference) < n as i64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let s = t.elapsed().as_secs_f64();
+        let _ = tx.send(true);
+        handle.await.expect("join").expect("stage");
+        s
+    });
+    let report = serde_json::json!({
+        "documents": n,
+        "avg_document_bytes_avro": avg_bytes,
+        "max_batch": cfg.batching.max_batch,
+        "provider": provider,
+        "raw_onnxruntime_docs_per_s": (n as f64 / raw_s).round(),
+        "end_to_end_docs_per_s": (n as f64 / e2e_s).round(),
+        "end_to_end_over_raw": ((raw_s / e2e_s) * 1000.0).round() / 1000.0,
+        "cpus": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
+    });
+    println!("{report}");
+}

@@ -1,0 +1,422 @@
+//! The monitor stage: inference results and user feedback → event-time windows per
+//! (model, version, cohort) and for the pipeline → `WindowMetrics` snapshots and runbook alerts.
+//!
+//! ```text
+//! payslip.inference.v1 ─┐                                       ┌─► litert.metrics.v1
+//!                       ├─► apply (windows, predictions) ─► close windows ─► alert rules ─┤
+//! payslip.feedback.v1 ──┘        one RocksDB WriteBatch: state + offsets + outbox         └─► litert.alerts.v1
+//! ```
+//!
+//! Delivery semantics: effectively once for state. Input partitions are assigned directly (no
+//! consumer-group commits) at the offsets stored in RocksDB; each poll batch is applied in memory and
+//! written with its offsets and the messages it caused (the outbox) in one `WriteBatch`. Only then are
+//! outbox messages published; confirmed ones are deleted. After a crash the stage reloads the state,
+//! reads back the output topics past the last confirmed positions to recognise messages that were
+//! published but not yet confirmed, publishes the rest, and resumes at the stored offsets. So window
+//! totals equal the input exactly and no alert or metrics message is published twice.
+//!
+//! One process owns the state directory (RocksDB's lock enforces it). Scaling out by partition is
+//! not built yet: see README "Status".
+
+pub mod records;
+pub mod state;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::Message,
+    producer::{FutureProducer, FutureRecord},
+    Offset, TopicPartitionList,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    codec::{self, Record, WireFormat},
+    config::PipelineConfig,
+    document::{DocumentFeedback, InferenceResult},
+    kafka::{self, headers as h, headers::HeaderSet},
+    state::{RocksStateStore, StateBatch, StateError, CF_ALERTS, CF_META, CF_OFFSETS, CF_OUTBOX, CF_PREDICTIONS, CF_WINDOWS},
+    window::WindowConfig,
+};
+use records::WindowMetrics;
+use state::{window_key, Emitted, MonitorCounters, MonitorState, Prediction, StoredWindow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// An output could not be delivered; it stays in the outbox and is published after restart.
+    #[error("delivery failed, stopping (the message stays in the outbox): {0}")]
+    Delivery(String),
+}
+
+/// A message waiting for its delivery report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutboxMessage {
+    event_id: String,
+    topic: String,
+    key: String,
+    payload_hex: String,
+    headers: Vec<(String, String)>,
+}
+
+const META_WATERMARK: &[u8] = b"watermark";
+const META_COUNTERS: &[u8] = b"counters";
+const META_PENDING_FEEDBACK: &[u8] = b"pending_feedback";
+const META_PUBLISHED_PREFIX: &str = "published:";
+const EVENT_ID: &str = "event-id";
+
+/// What the monitor did (also written to its log at shutdown).
+pub type MonitorSummary = MonitorCounters;
+
+pub struct MonitorStage {
+    cfg: PipelineConfig,
+    brokers: String,
+    store: RocksStateStore,
+    state: MonitorState,
+    producer: FutureProducer,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl MonitorStage {
+    /// Opens the state directory and loads the state.
+    pub fn open(cfg: PipelineConfig, brokers: String) -> Result<Self, MonitorError> {
+        std::fs::create_dir_all(&cfg.monitor.state_dir).map_err(|e| StateError::Rocks { path: cfg.monitor.state_dir.display().to_string(), message: e.to_string() })?;
+        let store = RocksStateStore::open(&cfg.monitor.state_dir)?;
+        let mut state = MonitorState::default();
+        for (_, w) in store.scan_json::<StoredWindow>(CF_WINDOWS)? {
+            state.windows.insert((w.range.start_ms, w.subject.clone()), w);
+        }
+        for (k, v) in store.scan_json(CF_ALERTS)? {
+            state.alerts.insert(String::from_utf8_lossy(&k).into_owned(), v);
+        }
+        state.watermark = store.get_json(CF_META, META_WATERMARK)?.unwrap_or_default();
+        state.counters = store.get_json(CF_META, META_COUNTERS)?.unwrap_or_default();
+        state.pending_feedback = store.get_json(CF_META, META_PENDING_FEEDBACK)?.unwrap_or_default();
+        // after a restart no partition counts as idle until it has had time to deliver
+        state.watermark.touch_all(now_ms());
+        let producer: FutureProducer = kafka::producer_config(&brokers, &cfg.kafka.librdkafka).create().map_err(|e| MonitorError::Kafka(format!("cannot create producer: {e}")))?;
+        Ok(Self { cfg, brokers, store, state, producer })
+    }
+
+    pub fn counters(&self) -> &MonitorCounters {
+        &self.state.counters
+    }
+
+    fn window_config(&self) -> WindowConfig {
+        self.cfg.monitor.window()
+    }
+
+    fn stored_offsets(&self) -> Result<BTreeMap<String, i64>, MonitorError> {
+        Ok(self
+            .store
+            .scan_raw(CF_OFFSETS)?
+            .into_iter()
+            .filter_map(|(k, v)| Some((String::from_utf8_lossy(&k).into_owned(), i64::from_be_bytes(v.as_slice().try_into().ok()?))))
+            .collect())
+    }
+
+    /// Runs until `stop` is set. Blocking: call from a blocking thread.
+    pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<MonitorSummary, MonitorError> {
+        self.recover_outbox()?;
+        let topics = [self.cfg.topics.inference.clone(), self.cfg.topics.feedback.clone()];
+        let consumer: BaseConsumer = kafka::client_config(&self.brokers, &self.cfg.kafka.librdkafka)
+            .set("group.id", format!("{}-monitor-assign", self.cfg.kafka.infer_group))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()
+            .map_err(|e| MonitorError::Kafka(format!("cannot create consumer: {e}")))?;
+        let stored = self.stored_offsets()?;
+        let mut tpl = TopicPartitionList::new();
+        for t in &topics {
+            let md = consumer.fetch_metadata(Some(t), Duration::from_secs(30)).map_err(|e| MonitorError::Kafka(format!("metadata of {t}: {e}")))?;
+            let parts: Vec<i32> = md.topics().first().map(|m| m.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+            if parts.is_empty() {
+                return Err(MonitorError::Kafka(format!("topic {t} does not exist (create it with `payslip-stream topics`)")));
+            }
+            for p in parts {
+                let key = format!("{t}/{p}");
+                let off = stored.get(&key).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning);
+                tpl.add_partition_offset(t, p, off).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+            }
+        }
+        consumer.assign(&tpl).map_err(|e| MonitorError::Kafka(format!("assign: {e}")))?;
+        let wall = now_ms();
+        for e in tpl.elements() {
+            self.state.watermark.register(&format!("{}/{}", e.topic(), e.partition()), wall);
+        }
+        tracing::info!(state_dir = %self.store.path(), open_windows = self.state.windows.len(), resumed_partitions = stored.len(), "monitor stage started");
+
+        let wcfg = self.window_config();
+        let max_batch = self.cfg.monitor.max_batch;
+        while !stop.load(Ordering::Relaxed) {
+            let mut consumed: BTreeMap<String, i64> = BTreeMap::new();
+            let mut n = 0;
+            let mut timeout = Duration::from_millis(200);
+            while n < max_batch {
+                let Some(m) = consumer.poll(timeout) else { break };
+                timeout = Duration::ZERO;
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consume error");
+                        break;
+                    }
+                };
+                n += 1;
+                let part = format!("{}/{}", m.topic(), m.partition());
+                consumed.insert(part.clone(), m.offset() + 1);
+                let ct = h::get(m.headers(), h::CONTENT_TYPE);
+                let payload = m.payload().unwrap_or_default();
+                let wall = now_ms();
+                if m.topic() == self.cfg.topics.inference {
+                    match codec::decode::<InferenceResult>(payload, ct.as_deref()) {
+                        Ok(r) => self.state.apply_result(&r, &part, wall, &wcfg),
+                        Err(e) => {
+                            self.state.counters.undecodable += 1;
+                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable result skipped");
+                        }
+                    }
+                } else {
+                    match codec::decode::<DocumentFeedback>(payload, ct.as_deref()) {
+                        Ok(f) => {
+                            let pred = self.lookup_prediction(&f.document_id, f.given_at)?;
+                            self.state.receive_feedback(f, pred, &part, wall, &wcfg);
+                        }
+                        Err(e) => {
+                            self.state.counters.undecodable += 1;
+                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable feedback skipped");
+                        }
+                    }
+                }
+            }
+            let wall = now_ms();
+            let frontier = self.state.watermark.frontier(&format!("{}/", self.cfg.topics.inference), &wcfg, wall);
+            let due = self.state.due_feedback(frontier);
+            let resolved_any = !due.is_empty();
+            for f in due {
+                let pred = self.lookup_prediction(&f.document_id, f.given_at)?;
+                self.state.resolve_feedback(&f, pred, &wcfg);
+            }
+            let emitted = self.state.close_windows(&self.cfg.monitor.alerts, &wcfg, wall);
+            if consumed.is_empty() && emitted.is_empty() && !resolved_any {
+                continue;
+            }
+            let outbox = self.commit(consumed, emitted)?;
+            self.publish(outbox)?;
+        }
+        let c = self.state.counters.clone();
+        tracing::info!(summary = ?c, "monitor stage stopped");
+        Ok(c)
+    }
+
+    fn lookup_prediction(&self, document_id: &str, at_ms: i64) -> Result<Option<Prediction>, MonitorError> {
+        let p = match self.state.new_predictions.get(document_id) {
+            Some(p) => Some(p.clone()),
+            None => self.store.get_json::<Prediction>(CF_PREDICTIONS, document_id.as_bytes())?,
+        };
+        Ok(p.filter(|p| at_ms - p.event_ms <= self.cfg.monitor.prediction_retention_ms))
+    }
+
+    /// Writes the batch's state changes, offsets and outbox atomically.
+    fn commit(&mut self, consumed: BTreeMap<String, i64>, emitted: Vec<Emitted>) -> Result<Vec<(Vec<u8>, OutboxMessage)>, MonitorError> {
+        let st = &mut self.state;
+        let store = &self.store;
+        let mut b = StateBatch::default();
+        for key in std::mem::take(&mut st.dirty_windows) {
+            if let Some(w) = st.windows.get(&key) {
+                b.put_json(store, CF_WINDOWS, &window_key(&key.1, key.0), w);
+            }
+        }
+        for key in std::mem::take(&mut st.closed_windows) {
+            b.delete(store, CF_WINDOWS, &window_key(&key.1, key.0));
+        }
+        for key in std::mem::take(&mut st.dirty_alerts) {
+            if let Some(v) = st.alerts.get(&key) {
+                b.put_json(store, CF_ALERTS, key.as_bytes(), v);
+            }
+        }
+        for (id, p) in std::mem::take(&mut st.new_predictions) {
+            b.put_json(store, CF_PREDICTIONS, id.as_bytes(), &p);
+        }
+        for (part, next) in consumed {
+            b.put_raw(store, CF_OFFSETS, part.as_bytes(), &next.to_be_bytes());
+        }
+        let mut outbox = Vec::new();
+        for e in emitted {
+            st.counters.outbox_seq += 1;
+            let key = st.counters.outbox_seq.to_be_bytes().to_vec();
+            let msg = self.cfg.monitor.encode(&self.cfg, &e);
+            b.put_json(store, CF_OUTBOX, &key, &msg);
+            outbox.push((key, msg));
+        }
+        b.put_json(store, CF_META, META_WATERMARK, &st.watermark);
+        b.put_json(store, CF_META, META_PENDING_FEEDBACK, &st.pending_feedback);
+        b.put_json(store, CF_META, META_COUNTERS, &st.counters);
+        store.write(b)?;
+        Ok(outbox)
+    }
+
+    /// Publishes outbox messages in order, then deletes them and records the confirmed positions.
+    fn publish(&mut self, outbox: Vec<(Vec<u8>, OutboxMessage)>) -> Result<(), MonitorError> {
+        if outbox.is_empty() {
+            return Ok(());
+        }
+        let mut futures = Vec::with_capacity(outbox.len());
+        for (_, m) in &outbox {
+            let payload = hex::decode(&m.payload_hex).map_err(|e| MonitorError::Delivery(format!("outbox entry {} is corrupt: {e}", m.event_id)))?;
+            let mut hs = HeaderSet::new();
+            for (k, v) in &m.headers {
+                hs = hs.with(k, v);
+            }
+            let mut rec = FutureRecord::to(&m.topic).key(&m.key).payload(&payload).headers(hs.build());
+            let f = loop {
+                match self.producer.send_result(rec) {
+                    Ok(f) => break f,
+                    Err((e, r)) => {
+                        // local queue full: wait for librdkafka to drain it
+                        tracing::debug!(error = %e, "producer queue full");
+                        std::thread::sleep(Duration::from_millis(5));
+                        rec = r;
+                    }
+                }
+            };
+            futures.push(f);
+        }
+        let mut b = StateBatch::default();
+        let mut positions: BTreeMap<String, i64> = BTreeMap::new();
+        for ((key, m), f) in outbox.iter().zip(futures) {
+            match futures::executor::block_on(f) {
+                Ok(Ok(d)) => {
+                    let p = positions.entry(format!("{META_PUBLISHED_PREFIX}{}/{}", m.topic, d.partition)).or_insert(d.offset);
+                    *p = (*p).max(d.offset);
+                }
+                Ok(Err((e, _))) => return Err(MonitorError::Delivery(format!("{}: {e}", m.event_id))),
+                Err(_) => return Err(MonitorError::Delivery(format!("{}: producer dropped the delivery", m.event_id))),
+            }
+            b.delete(&self.store, CF_OUTBOX, key);
+        }
+        for (k, off) in positions {
+            b.put_json(&self.store, CF_META, k.as_bytes(), &off);
+        }
+        self.store.write(b)?;
+        Ok(())
+    }
+
+    /// After a restart: publish what the outbox holds, except messages already on their topic.
+    fn recover_outbox(&mut self) -> Result<(), MonitorError> {
+        let pending: Vec<(Vec<u8>, OutboxMessage)> = self.store.scan_json(CF_OUTBOX)?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut published: BTreeSet<String> = BTreeSet::new();
+        let topics: BTreeSet<String> = pending.iter().map(|(_, m)| m.topic.clone()).collect();
+        for t in topics {
+            published.extend(self.read_back_event_ids(&t)?);
+        }
+        let (done, todo): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, m)| published.contains(&m.event_id));
+        tracing::info!(already_published = done.len(), to_publish = todo.len(), "recovering outbox");
+        if !done.is_empty() {
+            let mut b = StateBatch::default();
+            for (k, _) in &done {
+                b.delete(&self.store, CF_OUTBOX, k);
+            }
+            self.store.write(b)?;
+        }
+        self.publish(todo)
+    }
+
+    /// Event ids on `topic` after the last confirmed positions.
+    fn read_back_event_ids(&self, topic: &str) -> Result<BTreeSet<String>, MonitorError> {
+        let consumer: BaseConsumer = kafka::client_config(&self.brokers, &self.cfg.kafka.librdkafka)
+            .set("group.id", "payslip-monitor-readback")
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| MonitorError::Kafka(e.to_string()))?;
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = BTreeMap::new();
+        let parts: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+        for p in parts {
+            let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+            let confirmed: Option<i64> = self.store.get_json(CF_META, format!("{META_PUBLISHED_PREFIX}{topic}/{}", p).as_bytes())?;
+            let from = confirmed.map(|c| c + 1).unwrap_or(lo).max(lo);
+            if from < hi {
+                tpl.add_partition_offset(topic, p, Offset::Offset(from)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+                ends.insert(p, hi);
+            }
+        }
+        let mut ids = BTreeSet::new();
+        if ends.is_empty() {
+            return Ok(ids);
+        }
+        consumer.assign(&tpl).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !ends.is_empty() {
+            if std::time::Instant::now() > deadline {
+                return Err(MonitorError::Kafka(format!("reading back {topic} took over 60 s")));
+            }
+            let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let m = m.map_err(|e| MonitorError::Kafka(e.to_string()))?;
+            if let Some(id) = h::get(m.headers(), EVENT_ID) {
+                ids.insert(id);
+            }
+            if ends.get(&m.partition()).is_some_and(|&e| m.offset() + 1 >= e) {
+                ends.remove(&m.partition());
+            }
+        }
+        Ok(ids)
+    }
+}
+
+impl crate::config::MonitorConfig {
+    fn encode(&self, cfg: &PipelineConfig, e: &Emitted) -> OutboxMessage {
+        let (topic, key, format, schema, payload) = match e {
+            Emitted::Metrics(m) => (&cfg.topics.metrics, m.metrics_id.clone(), self.metrics_format, WindowMetrics::SCHEMA_NAME, codec::encode(m, self.metrics_format)),
+            Emitted::Alert(a) => (&cfg.topics.alerts, a.alert_id.clone(), self.alerts_format, crate::alert::AlertEvent::SCHEMA_NAME, codec::encode(a, self.alerts_format)),
+        };
+        // our own records always encode; fall back to JSON rather than lose the event
+        let (payload, format) = match payload {
+            Ok(p) => (p, format),
+            Err(err) => {
+                tracing::error!(error = %err, "monitor record encoding failed; publishing JSON");
+                let json = match e {
+                    Emitted::Metrics(m) => serde_json::to_vec(m),
+                    Emitted::Alert(a) => serde_json::to_vec(a),
+                };
+                (json.unwrap_or_default(), WireFormat::Json)
+            }
+        };
+        let mut headers = vec![
+            (h::CONTENT_TYPE.to_string(), format.content_type().to_string()),
+            (h::SCHEMA.to_string(), schema.to_string()),
+            (EVENT_ID.to_string(), e.event_id()),
+        ];
+        match e {
+            Emitted::Metrics(m) => {
+                headers.push(("subject".into(), format!("{}/{}/{}", m.model, m.version, m.cohort)));
+                headers.push(("window".into(), format!("{}..{}", m.window_start, m.window_end)));
+            }
+            Emitted::Alert(a) => {
+                headers.push(("alert-code".into(), a.code.clone()));
+                headers.push(("alert-status".into(), a.status.clone()));
+                headers.push(("subject".into(), format!("{}/{}/{}", a.model, a.version, a.cohort)));
+                headers.push(("window".into(), format!("{}..{}", a.window_start, a.window_end)));
+            }
+        }
+        OutboxMessage { event_id: e.event_id(), topic: topic.clone(), key, payload_hex: hex::encode(payload), headers }
+    }
+}

@@ -1,0 +1,227 @@
+//! The monitor's working state and how input changes it. No I/O: [`MonitorState::apply_result`],
+//! [`MonitorState::apply_feedback`] and [`MonitorState::close_windows`] record what changed, and the
+//! stage writes exactly those changes to RocksDB in one batch with the input offsets.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    alert::{self, AlertEvent, AlertInstance, AlertRule, Severity},
+    document::{DocumentFeedback, InferenceResult},
+    inference::{codes, CLASSIFIER},
+    window::{
+        admit,
+        aggregate::{Subject, WindowAggregate},
+        assign, Admission, WatermarkTracker, WindowConfig, WindowRange,
+    },
+};
+
+use super::records::WindowMetrics;
+
+/// A prediction kept for joining feedback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub subject: Subject,
+    pub label: Option<String>,
+    pub event_ms: i64,
+}
+
+/// An open window as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredWindow {
+    pub subject: Subject,
+    pub range: WindowRange,
+    pub agg: WindowAggregate,
+}
+
+/// Counters kept with the state (so they survive restarts exactly).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorCounters {
+    pub results_applied: u64,
+    pub feedback_applied: u64,
+    pub dropped_late: u64,
+    pub feedback_orphans: u64,
+    pub undecodable: u64,
+    pub windows_closed: u64,
+    pub alerts_emitted: u64,
+    pub outbox_seq: u64,
+}
+
+/// What closing windows produced, in publication order.
+#[derive(Debug, Clone)]
+pub enum Emitted {
+    Metrics(WindowMetrics),
+    Alert(AlertEvent),
+}
+
+impl Emitted {
+    /// Unique per message: used to recognise what was already published after a crash.
+    pub fn event_id(&self) -> String {
+        match self {
+            Emitted::Metrics(m) => format!("metrics:{}", m.metrics_id),
+            Emitted::Alert(a) => format!("alert:{}:{}", a.alert_id, a.status),
+        }
+    }
+}
+
+pub fn window_key(subject: &Subject, start_ms: i64) -> Vec<u8> {
+    format!("{:016x}|{}", (start_ms as u64) ^ 0x8000_0000_0000_0000, subject.key()).into_bytes()
+}
+
+#[derive(Default)]
+pub struct MonitorState {
+    pub windows: BTreeMap<(i64, Subject), StoredWindow>,
+    pub alerts: BTreeMap<String, AlertInstance>,
+    pub watermark: WatermarkTracker,
+    pub counters: MonitorCounters,
+    /// Changed since the last write.
+    pub dirty_windows: BTreeSet<(i64, Subject)>,
+    pub closed_windows: Vec<(i64, Subject)>,
+    pub dirty_alerts: BTreeSet<String>,
+    pub new_predictions: BTreeMap<String, Prediction>,
+    /// Feedback whose prediction was not seen yet, with its input partition; resolved once the
+    /// results topic is complete up to the feedback's time (then applied, or counted as orphan).
+    pub pending_feedback: Vec<(String, DocumentFeedback)>,
+}
+
+impl MonitorState {
+    fn window_mut(&mut self, subject: &Subject, range: WindowRange) -> &mut WindowAggregate {
+        let key = (range.start_ms, subject.clone());
+        self.dirty_windows.insert(key.clone());
+        &mut self
+            .windows
+            .entry(key)
+            .or_insert_with(|| StoredWindow { subject: subject.clone(), range, agg: WindowAggregate::default() })
+            .agg
+    }
+
+    /// Applies one inference result observed on `partition` at processing time `wall_ms`.
+    pub fn apply_result(&mut self, r: &InferenceResult, partition: &str, wall_ms: i64, cfg: &WindowConfig) {
+        let ts = r.submitted_at;
+        self.watermark.observe(partition, ts, wall_ms);
+        if let Some(c) = r.outputs.iter().find(|o| o.model == CLASSIFIER) {
+            let subject = Subject { model: c.model.clone(), version: c.version.clone(), cohort: r.cohort.clone() };
+            self.new_predictions.insert(r.document_id.clone(), Prediction { subject, label: c.label.clone(), event_ms: ts });
+        }
+        if admit(ts, cfg.size_ms, self.watermark.current()) == Admission::TooLate {
+            self.counters.dropped_late += 1;
+            return;
+        }
+        self.counters.results_applied += 1;
+        let range = assign(ts, cfg.size_ms);
+        for o in &r.outputs {
+            let subject = Subject { model: o.model.clone(), version: o.version.clone(), cohort: r.cohort.clone() };
+            let a = self.window_mut(&subject, range);
+            a.count += 1;
+            match o.error_code.as_deref() {
+                Some(code) => {
+                    a.errors += 1;
+                    a.unavailable += (code == codes::MODEL_UNAVAILABLE) as u64;
+                }
+                None => a.latency.record_ms(o.latency_ms),
+            }
+            if let Some(l) = o.load_ms {
+                a.max_load_ms = a.max_load_ms.max(l);
+            }
+            if o.model == CLASSIFIER {
+                if let (Some(truth), Some(label)) = (&r.true_format, &o.label) {
+                    a.labelled += 1;
+                    a.correct += (truth == label) as u64;
+                    if truth == "PCDA" {
+                        a.pcda_labelled += 1;
+                        a.pcda_correct += (truth == label) as u64;
+                    }
+                }
+            }
+        }
+        let p = self.window_mut(&Subject::pipeline(), range);
+        p.count += 1;
+        p.errors += r.error_code.is_some() as u64;
+        p.latency.record_ms(r.end_to_end_ms);
+        if let Some(rss) = r.process_rss_bytes {
+            p.max_rss_bytes = p.max_rss_bytes.max(rss.max(0) as u64);
+        }
+        if let Some(cpu) = r.process_cpu_percent {
+            p.max_cpu_percent = p.max_cpu_percent.max(cpu);
+            p.cpu_samples += 1;
+        }
+    }
+
+    /// Takes feedback in: applied at once when its prediction is known, else kept pending.
+    pub fn receive_feedback(&mut self, f: DocumentFeedback, prediction: Option<Prediction>, partition: &str, wall_ms: i64, cfg: &WindowConfig) {
+        self.watermark.observe(partition, f.given_at, wall_ms);
+        match prediction {
+            Some(p) => self.apply_feedback(&f, p, cfg),
+            None => self.pending_feedback.push((partition.to_string(), f)),
+        }
+    }
+
+    /// Pending feedback the results are complete for (`results_frontier` ≥ its time), in arrival order.
+    pub fn due_feedback(&mut self, results_frontier: Option<i64>) -> Vec<DocumentFeedback> {
+        let Some(fr) = results_frontier else { return vec![] };
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_feedback).into_iter().partition(|(_, f)| f.given_at <= fr);
+        self.pending_feedback = keep;
+        due.into_iter().map(|(_, f)| f).collect()
+    }
+
+    /// Resolves due feedback: applied with its prediction, or counted as an orphan.
+    pub fn resolve_feedback(&mut self, f: &DocumentFeedback, prediction: Option<Prediction>, cfg: &WindowConfig) {
+        match prediction {
+            Some(p) => self.apply_feedback(f, p, cfg),
+            None => self.counters.feedback_orphans += 1,
+        }
+    }
+
+    fn apply_feedback(&mut self, f: &DocumentFeedback, pred: Prediction, cfg: &WindowConfig) {
+        if admit(f.given_at, cfg.size_ms, self.watermark.current()) == Admission::TooLate {
+            self.counters.dropped_late += 1;
+            return;
+        }
+        self.counters.feedback_applied += 1;
+        let a = self.window_mut(&pred.subject, assign(f.given_at, cfg.size_ms));
+        if let Some(r) = f.rating {
+            a.ratings += 1;
+            a.ratings_positive += (r >= 4) as u64;
+        }
+        if let (Some(truth), Some(label)) = (&f.corrected_format, &pred.label) {
+            a.labelled += 1;
+            a.correct += (truth == label) as u64;
+            if truth == "PCDA" {
+                a.pcda_labelled += 1;
+                a.pcda_correct += (truth == label) as u64;
+            }
+        }
+    }
+
+    /// Closes every window the watermark has passed, in (end, subject) order, evaluating the alert
+    /// rules on each. Returns what to publish.
+    pub fn close_windows(&mut self, rules: &[AlertRule], cfg: &WindowConfig, wall_ms: i64) -> Vec<Emitted> {
+        let Some(wm) = self.watermark.advance(cfg, wall_ms) else { return vec![] };
+        let due: Vec<(i64, Subject)> = self.windows.iter().filter(|(_, w)| w.range.end_ms <= wm).map(|(k, _)| k.clone()).collect();
+        let mut out = Vec::new();
+        for key in due {
+            let Some(w) = self.windows.remove(&key) else { continue };
+            self.dirty_windows.remove(&key);
+            self.closed_windows.push(key);
+            self.counters.windows_closed += 1;
+            out.push(Emitted::Metrics(WindowMetrics::from_window(&w.subject, w.range, &w.agg, self.counters.dropped_late, self.counters.feedback_orphans, wm)));
+            for rule in rules.iter().filter(|r| r.applies_to(&w.subject)) {
+                let wk = alert::instance_key(&rule.name, Severity::Warning, &w.subject);
+                let ck = alert::instance_key(&rule.name, Severity::Critical, &w.subject);
+                let mut wi = self.alerts.get(&wk).cloned().unwrap_or_default();
+                let mut ci = self.alerts.get(&ck).cloned().unwrap_or_default();
+                let events = alert::evaluate(rule, &w.subject, w.range, &w.agg, &mut wi, &mut ci);
+                for (k, v) in [(wk, wi), (ck, ci)] {
+                    if self.alerts.get(&k) != Some(&v) {
+                        self.alerts.insert(k.clone(), v);
+                        self.dirty_alerts.insert(k);
+                    }
+                }
+                self.counters.alerts_emitted += events.len() as u64;
+                out.extend(events.into_iter().map(Emitted::Alert));
+            }
+        }
+        out
+    }
+}

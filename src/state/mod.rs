@@ -1,0 +1,216 @@
+//! RocksDB state of the monitor stage.
+//!
+//! Column families (names are constants; values are JSON unless noted):
+//! - `windows`: open windows, key `subject|start_ms` → `WindowAggregate`
+//! - `predictions`: document id → `Prediction`, kept for the configured retention to join feedback
+//! - `alerts`: alert instance key → `AlertInstance`
+//! - `offsets`: `topic/partition` → next input offset (i64, big-endian)
+//! - `outbox`: sequence (u64, big-endian) → `OutboxMessage` waiting for its delivery report
+//! - `meta`: watermark tracker, counters, output positions
+//!
+//! Invariant: every batch of input is applied with one `WriteBatch` that also holds the offsets it
+//! consumed and the messages it caused (in `outbox`), so after a crash the stage resumes exactly
+//! where its state is, and re-publishes only what it had not confirmed.
+
+use std::path::Path;
+
+use rocksdb::{checkpoint::Checkpoint, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{de::DeserializeOwned, Serialize};
+
+pub const CF_WINDOWS: &str = "windows";
+pub const CF_PREDICTIONS: &str = "predictions";
+pub const CF_ALERTS: &str = "alerts";
+pub const CF_OFFSETS: &str = "offsets";
+pub const CF_OUTBOX: &str = "outbox";
+pub const CF_META: &str = "meta";
+pub const ALL_CFS: [&str; 6] = [CF_WINDOWS, CF_PREDICTIONS, CF_ALERTS, CF_OFFSETS, CF_OUTBOX, CF_META];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// RocksDB failed (disk full, corruption, lock held by another process): not retryable here.
+    #[error("state store at {path}: {message}")]
+    Rocks { path: String, message: String },
+    /// A stored value does not decode: the store was written by an incompatible version.
+    #[error("state store value in {cf} does not decode: {message}")]
+    Decode { cf: &'static str, message: String },
+}
+
+/// The monitor's RocksDB database.
+pub struct RocksStateStore {
+    db: DB,
+    path: String,
+}
+
+/// Writes that become durable together.
+#[derive(Default)]
+pub struct StateBatch {
+    batch: WriteBatch,
+    puts: usize,
+}
+
+impl StateBatch {
+    pub fn put_json<T: Serialize>(&mut self, store: &RocksStateStore, cf: &'static str, key: &[u8], value: &T) {
+        let bytes = serde_json::to_vec(value).expect("state values serialise");
+        self.put_raw(store, cf, key, &bytes);
+    }
+
+    pub fn put_raw(&mut self, store: &RocksStateStore, cf: &'static str, key: &[u8], value: &[u8]) {
+        let h = store.db.cf_handle(cf).expect("column families exist after open");
+        self.batch.put_cf(h, key, value);
+        self.puts += 1;
+    }
+
+    pub fn delete(&mut self, store: &RocksStateStore, cf: &'static str, key: &[u8]) {
+        let h = store.db.cf_handle(cf).expect("column families exist after open");
+        self.batch.delete_cf(h, key);
+        self.puts += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.puts == 0
+    }
+}
+
+impl RocksStateStore {
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StateError::Rocks { path: path.display().to_string(), message: e.to_string() })?;
+        Ok(Self { db, path: path.display().to_string() })
+    }
+
+    fn err(&self, e: rocksdb::Error) -> StateError {
+        StateError::Rocks { path: self.path.clone(), message: e.to_string() }
+    }
+
+    /// Applies a batch atomically. The write-ahead log is written before this returns, so a killed
+    /// process keeps it; `fsync` is left to RocksDB's defaults (an OS crash can lose the last
+    /// batches, which the stored offsets then re-consume).
+    pub fn write(&self, batch: StateBatch) -> Result<(), StateError> {
+        let wo = WriteOptions::default();
+        self.db.write_opt(batch.batch, &wo).map_err(|e| self.err(e))
+    }
+
+    pub fn get_json<T: DeserializeOwned>(&self, cf: &'static str, key: &[u8]) -> Result<Option<T>, StateError> {
+        let h = self.db.cf_handle(cf).expect("column families exist after open");
+        match self.db.get_cf(h, key).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| StateError::Decode { cf, message: e.to_string() }),
+        }
+    }
+
+    pub fn get_raw(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        let h = self.db.cf_handle(cf).expect("column families exist after open");
+        self.db.get_cf(h, key).map_err(|e| self.err(e))
+    }
+
+    /// Every entry of a column family, in key order.
+    pub fn scan_raw(&self, cf: &'static str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+        let h = self.db.cf_handle(cf).expect("column families exist after open");
+        self.db.iterator_cf(h, IteratorMode::Start).map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.err(e))).collect()
+    }
+
+    pub fn scan_json<T: DeserializeOwned>(&self, cf: &'static str) -> Result<Vec<(Vec<u8>, T)>, StateError> {
+        self.scan_raw(cf)?
+            .into_iter()
+            .map(|(k, v)| serde_json::from_slice(&v).map(|t| (k, t)).map_err(|e| StateError::Decode { cf, message: e.to_string() }))
+            .collect()
+    }
+
+    /// A consistent on-disk copy (hard links where possible) at `dir`, which must not exist.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StateError> {
+        let cp = Checkpoint::new(&self.db).map_err(|e| self.err(e))?;
+        cp.create_checkpoint(dir).map_err(|e| self.err(e))
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+/// What `state verify` reports about a checkpoint (or a live state directory not in use).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StateSummary {
+    pub path: String,
+    pub entries: std::collections::BTreeMap<String, usize>,
+    pub offsets: std::collections::BTreeMap<String, i64>,
+}
+
+/// Opens `dir` and checks that every column family is present and every value decodes.
+pub fn verify(dir: &Path) -> Result<StateSummary, StateError> {
+    if !dir.join("CURRENT").exists() {
+        return Err(StateError::Rocks { path: dir.display().to_string(), message: "not a RocksDB directory (no CURRENT file)".into() });
+    }
+    let opts = Options::default();
+    let db = DB::open_cf_for_read_only(&opts, dir, ALL_CFS, true).map_err(|e| StateError::Rocks { path: dir.display().to_string(), message: e.to_string() })?;
+    let mut entries = std::collections::BTreeMap::new();
+    let mut offsets = std::collections::BTreeMap::new();
+    for cf in ALL_CFS {
+        let h = db.cf_handle(cf).ok_or_else(|| StateError::Rocks { path: dir.display().to_string(), message: format!("column family {cf} missing") })?;
+        let mut n = 0;
+        for item in db.iterator_cf(h, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| StateError::Rocks { path: dir.display().to_string(), message: e.to_string() })?;
+            if cf == CF_OFFSETS {
+                let arr: [u8; 8] = v.as_ref().try_into().map_err(|_| StateError::Decode { cf, message: "offset is not 8 bytes".into() })?;
+                offsets.insert(String::from_utf8_lossy(&k).into_owned(), i64::from_be_bytes(arr));
+            } else {
+                serde_json::from_slice::<serde_json::Value>(&v).map_err(|e| StateError::Decode { cf, message: e.to_string() })?;
+            }
+            n += 1;
+        }
+        entries.insert(cf.to_string(), n);
+    }
+    Ok(StateSummary { path: dir.display().to_string(), entries, offsets })
+}
+
+/// Replaces the state directory `to` with a copy of the checkpoint `from` (verified first).
+pub fn restore(from: &Path, to: &Path) -> Result<StateSummary, StateError> {
+    let summary = verify(from)?;
+    let io = |e: std::io::Error| StateError::Rocks { path: to.display().to_string(), message: e.to_string() };
+    if to.exists() {
+        std::fs::remove_dir_all(to).map_err(io)?;
+    }
+    std::fs::create_dir_all(to).map_err(io)?;
+    for entry in std::fs::read_dir(from).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        if entry.file_type().map_err(io)?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).map_err(io)?;
+        }
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_is_atomic_and_checkpoint_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let store = RocksStateStore::open(&live).unwrap();
+        let mut b = StateBatch::default();
+        b.put_json(&store, CF_WINDOWS, b"w1", &serde_json::json!({"count": 3}));
+        b.put_raw(&store, CF_OFFSETS, b"t/0", &42i64.to_be_bytes());
+        store.write(b).unwrap();
+        assert_eq!(store.get_json::<serde_json::Value>(CF_WINDOWS, b"w1").unwrap().unwrap()["count"], 3);
+        let cp = dir.path().join("cp");
+        store.checkpoint(&cp).unwrap();
+        drop(store);
+        let s = verify(&cp).unwrap();
+        assert_eq!(s.offsets["t/0"], 42);
+        assert_eq!(s.entries[CF_WINDOWS], 1);
+        std::fs::remove_dir_all(&live).unwrap();
+        restore(&cp, &live).unwrap();
+        let store = RocksStateStore::open(&live).unwrap();
+        assert_eq!(store.get_raw(CF_OFFSETS, b"t/0").unwrap().unwrap(), 42i64.to_be_bytes());
+    }
+
+    #[test]
+    fn verify_rejects_a_plain_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(verify(dir.path()).unwrap_err().to_string().contains("not a RocksDB directory"));
+    }
+}

@@ -1,0 +1,333 @@
+//! Monitor stage against the real broker and a real RocksDB: injected conditions raise and resolve
+//! the runbook's alerts; feedback joins predictions; kill -9 and checkpoint/restore keep totals exact.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use payslip_stream::{
+    alert::AlertEvent,
+    codec,
+    document::{DocumentFeedback, InferenceResult, ModelOutput},
+    inference::codes,
+    kafka::headers as h,
+    monitor::records::WindowMetrics,
+};
+
+use crate::support::*;
+
+/// Aligned to the 10 s test windows.
+const BASE: i64 = 1_800_000_000_000;
+const W: i64 = 10_000;
+
+fn output(model: &str, version: &str, latency_ms: f64, error: Option<&str>, label: Option<&str>) -> ModelOutput {
+    ModelOutput {
+        model: model.into(),
+        version: version.into(),
+        provider: "CPUExecutionProvider".into(),
+        latency_ms,
+        batch_size: 1,
+        error_code: error.map(str::to_string),
+        label: label.map(str::to_string),
+        confidence: None,
+        regions: vec![],
+        lines: vec![],
+        load_ms: Some(40.0),
+    }
+}
+
+fn result(id: &str, ts: i64, cohort: &str, truth: Option<&str>, outputs: Vec<ModelOutput>) -> InferenceResult {
+    let error_code = outputs.iter().find_map(|o| o.error_code.clone());
+    InferenceResult {
+        result_id: InferenceResult::id_for(id),
+        document_id: id.into(),
+        user_id: "u".into(),
+        tenant: "t".into(),
+        cohort: cohort.into(),
+        submitted_at: ts,
+        processed_at: ts + 60,
+        provider: "CPUExecutionProvider".into(),
+        model_versions: Default::default(),
+        inference_ms: outputs.iter().map(|o| o.latency_ms).sum(),
+        outputs,
+        end_to_end_ms: 60.0,
+        error_code,
+        true_format: truth.map(str::to_string),
+        source: "test".into(),
+        process_rss_bytes: Some(100 * 1_048_576),
+        process_cpu_percent: None,
+    }
+}
+
+fn feedback(doc: &str, at: i64, rating: i32) -> DocumentFeedback {
+    DocumentFeedback { document_id: doc.into(), user_id: "u".into(), given_at: at, corrected_format: None, corrected_net_pay: None, rating: Some(rating) }
+}
+
+fn alerts_of(reads: &[Read]) -> Vec<AlertEvent> {
+    reads.iter().map(|r| codec::decode(&r.payload, r.header(h::CONTENT_TYPE)).unwrap()).collect()
+}
+
+fn metrics_of(reads: &[Read]) -> Vec<WindowMetrics> {
+    reads.iter().map(|r| codec::decode(&r.payload, r.header(h::CONTENT_TYPE)).unwrap()).collect()
+}
+
+/// Waits until `topic` holds `n` messages (and a little longer), returns them.
+async fn wait_for(topic: &str, n: usize, secs: u64) -> Vec<Read> {
+    let t = topic.to_string();
+    tokio::task::spawn_blocking(move || read_topic(&t, n, Duration::from_secs(secs), Duration::from_secs(2))).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_conditions_raise_and_resolve_the_right_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _) = monitor_config("alerts", dir.path()).await;
+    let mut results = Vec::new();
+    let mut ratings = Vec::new();
+    for w in 0..7i64 {
+        for i in 0..30i64 {
+            let ts = BASE + w * W + i * 300;
+            let id = format!("doc-{w}-{i}");
+            // classifier 1.0.0: slow in windows 2-3 (warning), very slow in 4 (critical)
+            let lat = match w { 2 | 3 => 800.0, 4 => 3000.0, _ => 5.0 };
+            // table_detection: 4/30 errors in window 1 (critical), 2/30 in window 2 (warning)
+            let table_err = (w == 1 && i < 4) || (w == 2 && i < 2);
+            // text_recognition: refused at load during window 3
+            let text_err = if w == 3 { Some(codes::MODEL_UNAVAILABLE) } else { None };
+            results.push(result(&id, ts, "baseline", None, vec![
+                output("document_classifier", "1.0.0", lat, None, Some("ARMY")),
+                output("table_detection", "1.0.0", 5.0, table_err.then_some(codes::INFERENCE_FAILED), None),
+                output("text_recognition", "1.0.0", 5.0, text_err, None),
+            ]));
+            // the degraded candidate misreads half of the PCDA payslips in windows 1-2
+            let wrong = (w == 1 || w == 2) && i % 2 == 0;
+            results.push(result(&format!("canary-{w}-{i}"), ts, "canary", Some("PCDA"), vec![
+                output("document_classifier", "1.1.1-degraded", 5.0, None, Some(if wrong { "ARMY" } else { "PCDA" })),
+            ]));
+            // unhappy users in window 2, happy in window 3
+            if (w == 2 || w == 3) && i < 20 {
+                ratings.push(feedback(&id, ts + 100, if w == 2 && i % 2 == 0 { 1 } else { 5 }));
+            }
+        }
+    }
+    let n_results = results.len();
+    results.push(result("flush", BASE + 10 * W, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("ARMY"))]));
+    produce_records(&cfg.topics.inference, "k", &results).await;
+    produce_records(&cfg.topics.feedback, "k", &ratings).await;
+
+    let monitor = RunningMonitor::start(&cfg);
+    let expected: Vec<(&str, &str, &str, i64)> = vec![
+        ("document_classifier/1.0.0/baseline", "PERFORMANCE_WARNING", "FIRING", 2),
+        ("document_classifier/1.0.0/baseline", "PERFORMANCE_WARNING", "RESOLVED", 4),
+        ("document_classifier/1.0.0/baseline", "PERFORMANCE_CRITICAL", "FIRING", 4),
+        ("document_classifier/1.0.0/baseline", "PERFORMANCE_CRITICAL", "RESOLVED", 5),
+        ("document_classifier/1.0.0/baseline", "USER_SATISFACTION_CRITICAL", "FIRING", 2),
+        ("document_classifier/1.0.0/baseline", "USER_SATISFACTION_CRITICAL", "RESOLVED", 3),
+        ("document_classifier/1.1.1-degraded/canary", "PCDA_ACCURACY_WARNING", "FIRING", 1),
+        ("document_classifier/1.1.1-degraded/canary", "PCDA_ACCURACY_WARNING", "RESOLVED", 3),
+        ("table_detection/1.0.0/baseline", "ERROR_RATE_CRITICAL", "FIRING", 1),
+        ("table_detection/1.0.0/baseline", "ERROR_RATE_CRITICAL", "RESOLVED", 2),
+        ("table_detection/1.0.0/baseline", "ERROR_RATE_WARNING", "FIRING", 2),
+        ("table_detection/1.0.0/baseline", "ERROR_RATE_WARNING", "RESOLVED", 3),
+        ("text_recognition/1.0.0/baseline", "MODEL_CRITICAL", "FIRING", 3),
+        ("text_recognition/1.0.0/baseline", "MODEL_CRITICAL", "RESOLVED", 4),
+    ];
+    let alerts = alerts_of(&wait_for(&cfg.topics.alerts, expected.len(), 90).await);
+    let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 1, 30).await);
+    monitor.stop().await;
+
+    let mut got: Vec<(String, String, String, i64)> =
+        alerts.iter().map(|a| (format!("{}/{}/{}", a.model, a.version, a.cohort), a.code.clone(), a.status.clone(), (a.window_start - BASE) / W)).collect();
+    got.sort();
+    let mut want: Vec<(String, String, String, i64)> = expected.iter().map(|(s, c, st, w)| (s.to_string(), c.to_string(), st.to_string(), *w)).collect();
+    want.sort();
+    assert_eq!(got, want);
+    // each episode: FIRING and RESOLVED share an id, ids differ between episodes
+    let mut by_id: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for a in &alerts {
+        by_id.entry(&a.alert_id).or_default().push(&a.status);
+        assert!(!a.action.is_empty() && a.samples > 0 && a.value.is_finite());
+    }
+    assert_eq!(by_id.len(), expected.len() / 2);
+    assert!(by_id.values().all(|v| v.len() == 2));
+    // windows 0-6 closed for the pipeline, with every result counted once
+    let pipeline: Vec<&WindowMetrics> = metrics.iter().filter(|m| m.model == "pipeline").collect();
+    assert_eq!(pipeline.iter().map(|m| m.count).sum::<i64>() as usize, n_results);
+    assert_eq!(pipeline.len(), 7);
+    let w2 = metrics.iter().find(|m| m.model == "document_classifier" && m.version == "1.0.0" && m.window_start == BASE + 2 * W).unwrap();
+    assert_eq!((w2.count, w2.ratings, w2.satisfaction), (30, 20, Some(0.5)));
+    assert!((w2.latency_p95_ms.unwrap() - 800.0).abs() < 1.0, "{:?}", w2.latency_p95_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_joins_its_prediction_and_late_or_orphan_feedback_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _) = monitor_config("feedback", dir.path()).await;
+    let monitor = RunningMonitor::start(&cfg);
+    let mk = |id: &str, ts: i64| result(id, ts, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
+    produce_records(&cfg.topics.inference, "k", &[mk("a", BASE + 1_000), mk("b", BASE + 2_000), mk("tick", BASE + 3 * W)]).await;
+    let mut fa = feedback("a", BASE + W + 500, 5);
+    fa.corrected_format = Some("PCDA".into());
+    let mut fb = feedback("b", BASE + W + 600, 2);
+    fb.corrected_format = Some("NAVY".into());
+    produce_records(&cfg.topics.feedback, "k", &[fa, fb, feedback("nobody", BASE + W + 700, 5)]).await;
+    // windows 0-2 close (after the idle timeout lets the feedback partition go):
+    // pipeline w0, classifier w0, classifier w1 (opened by feedback)
+    wait_for(&cfg.topics.metrics, 3, 60).await;
+    // late: window 0 has closed
+    produce_records(&cfg.topics.feedback, "k", &[feedback("a", BASE + 900, 1)]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    produce_records(&cfg.topics.inference, "k", &[mk("tick2", BASE + 5 * W)]).await;
+    let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 5, 60).await);
+    let summary = monitor.stop().await;
+
+    let w1 = metrics.iter().find(|m| m.model == "document_classifier" && m.window_start == BASE + W).expect("feedback opened window 1 of the predicting model");
+    assert_eq!((w1.count, w1.ratings, w1.labelled), (0, 2, 2));
+    assert_eq!(w1.satisfaction, Some(0.5));
+    assert_eq!(w1.accuracy, Some(0.5), "a was PCDA (right), b was NAVY (predicted PCDA)");
+    assert_eq!(summary.feedback_orphans, 1);
+    assert_eq!(summary.dropped_late, 1);
+    assert_eq!(summary.feedback_applied, 2);
+    let last = metrics.iter().filter(|m| m.model == "pipeline").max_by_key(|m| m.window_start).unwrap();
+    assert_eq!((last.feedback_orphan_total, last.dropped_late_total), (1, 1));
+}
+
+fn write_monitor_yaml(dir: &std::path::Path, state: &std::path::Path) -> std::path::PathBuf {
+    let yaml = format!(
+        "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 1000\n  allowed_lateness_ms: 0\n  idle_timeout_ms: 3000\n  max_batch: 50\n",
+        repo().join("models/model_metadata.json").display(),
+        state.display()
+    );
+    let p = dir.join("pipeline.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+/// Results over 80 one-second windows; every fifth window has 20 % errors (alerts fire and resolve).
+fn stream(n_windows: i64, per_window: i64) -> Vec<InferenceResult> {
+    let mut v = Vec::new();
+    for w in 0..n_windows {
+        for i in 0..per_window {
+            let err = w % 5 == 2 && i < per_window / 5;
+            v.push(result(&format!("d-{w}-{i}"), BASE + w * 1000 + i, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, err.then_some(codes::INFERENCE_FAILED), Some("ARMY"))]));
+        }
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_keeps_window_totals_exact_without_duplicate_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, prefix) = monitor_config("monitor-crash", &dir.path().join("state")).await;
+    let yaml = write_monitor_yaml(dir.path(), &dir.path().join("state"));
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+            .args(["run", "--stage", "monitor", "--config"])
+            .arg(&yaml)
+            .args(["--brokers", &brokers(), "--topic-prefix", &prefix])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut results = stream(80, 40);
+    let n = results.len() as i64;
+    results.push(stream(1, 1).remove(0));
+    results.last_mut().unwrap().submitted_at = BASE + 200_000; // closes window 79; its own stays open
+    let mut child = spawn();
+    let topic = cfg.topics.inference.clone();
+    let producer = tokio::spawn(async move {
+        for chunk in results.chunks(100) {
+            produce_records(&topic, "k", chunk).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let started = Instant::now();
+    loop {
+        let c = read_all(&cfg.topics.metrics).len();
+        if c >= 10 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "monitor published only {c} window snapshots");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    producer.await.unwrap();
+    let mut child = spawn();
+    // the last window closes once the input is idle
+    let started = Instant::now();
+    let metrics = loop {
+        let m = metrics_of(&read_all(&cfg.topics.metrics));
+        if m.iter().any(|m| m.window_start == BASE + 79 * 1000) {
+            break m;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "last window not closed after restart");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let ids: Vec<&String> = metrics.iter().map(|m| &m.metrics_id).collect();
+    let unique: BTreeSet<&String> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "a window snapshot was published twice");
+    let total: i64 = metrics.iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+    assert_eq!(total, n, "window totals equal the input exactly");
+    let alerts = alerts_of(&read_all(&cfg.topics.alerts));
+    let keys: Vec<(String, String)> = alerts.iter().map(|a| (a.alert_id.clone(), a.status.clone())).collect();
+    let ukeys: BTreeSet<&(String, String)> = keys.iter().collect();
+    assert_eq!(keys.len(), ukeys.len(), "an alert event was published twice");
+    // 16 error windows: each fires and resolves one ERROR_RATE_CRITICAL episode
+    assert_eq!(alerts.iter().filter(|a| a.code == "ERROR_RATE_CRITICAL").count(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_wipe_restore_then_continue_with_identical_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (mut cfg, _) = monitor_config("checkpoint", &state).await;
+    cfg.monitor.window_size_ms = 1000;
+    let mut all = stream(20, 30);
+    let mut second = all.split_off(300); // windows 0-9 | 10-19
+    let mut flush = stream(1, 1).remove(0);
+    flush.submitted_at = BASE + 100_000; // closes window 19; its own stays open
+    flush.document_id = "flush".into();
+    let first_n = all.len();
+    let monitor = RunningMonitor::start(&cfg);
+    produce_records(&cfg.topics.inference, "k", &all).await;
+    // windows 0..8 close while 9 stays open (its successor has not been seen)
+    wait_for(&cfg.topics.metrics, 9, 60).await;
+    monitor.stop().await;
+
+    let cp = dir.path().join("checkpoint");
+    let out = Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+        .args(["state", "checkpoint", "--config"])
+        .arg(write_monitor_yaml(dir.path(), &state))
+        .arg("--to")
+        .arg(&cp)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_payslip-stream")).args(["state", "verify"]).arg(&cp).output().unwrap();
+    assert!(out.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["offsets"].as_object().unwrap().values().filter_map(|v| v.as_i64()).sum::<i64>(), first_n as i64);
+    std::fs::remove_dir_all(&state).unwrap();
+    payslip_stream::state::restore(&cp, &state).unwrap();
+
+    let monitor = RunningMonitor::start(&cfg);
+    let second_n = second.len();
+    second.push(flush);
+    produce_records(&cfg.topics.inference, "k", &second).await;
+    // 20 windows x (pipeline + classifier)
+    let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 40, 60).await);
+    let summary = monitor.stop().await;
+    assert_eq!(metrics.len(), 40);
+    let total: i64 = metrics.iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+    assert_eq!(total as usize, first_n + second_n);
+    assert_eq!(summary.results_applied as usize, first_n + second_n + 1);
+    let ids: BTreeSet<&String> = metrics.iter().map(|m| &m.metrics_id).collect();
+    assert_eq!(ids.len(), metrics.len());
+}
