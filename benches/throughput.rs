@@ -2,7 +2,7 @@
 //! ONNX Runtime documents/s on the same models, documents and machine, measured in one run.
 //!
 //!   scripts/kafka start
-//!   eval "$(scripts/env)"; PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 cargo bench --bench throughput
+//!   eval "$(scripts/env)"; PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 cargo run --example throughput
 //!
 //! Environment: `BENCH_DOCS` (default 5000), `BENCH_BATCH` (default from pipelines/payslip.yaml).
 //! Prints one JSON object; BENCHMARKS.md records the figures.

@@ -55,7 +55,7 @@ pub struct PipelineConfig {
 /// `fault-delay-ms: N` delays its batch's model runs by N ms (a real sleep, so every document in that
 /// batch is slower), and `fault-error: MODEL` makes that model's output for the document fail with
 /// `INFERENCE_FAILED`. Never enable it where producers are not trusted.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultsConfig {
     #[serde(default)]
@@ -141,7 +141,7 @@ impl MonitorConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, e.g. `broker1:9092,broker2:9092`. Empty: start the embedded in-process
@@ -158,6 +158,20 @@ pub struct KafkaConfig {
 
 fn default_group() -> String {
     "payslip-infer".into()
+}
+
+// Section defaults are the serde field defaults (never `derive(Default)`, whose zeros would differ
+// from what an absent key means).
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("all kafka fields have defaults")
+    }
+}
+
+impl Default for FaultsConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("all fault fields have defaults")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -427,6 +441,16 @@ mod tests {
         assert_eq!(c.topics.documents, "payslip.documents.v1");
         assert_eq!(c.batching.max_batch, 32);
         assert_eq!(c.inference.providers, vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu]);
+    }
+
+    #[test]
+    fn absent_sections_mean_the_same_as_empty_ones() {
+        let absent = PipelineConfig::from_yaml(BASE).unwrap();
+        let empty = PipelineConfig::from_yaml(&format!("{BASE}kafka: {{}}\nfaults: {{}}\nmonitor: {{}}\nbatching: {{}}\nlimits: {{}}\ninference: {{}}\ntopics: {{}}\n")).unwrap();
+        assert_eq!(format!("{absent:?}"), format!("{empty:?}"));
+        assert_eq!(absent.kafka.infer_group, "payslip-infer");
+        assert_eq!(absent.faults.max_delay_ms, 5_000);
+        assert!(!absent.faults.enabled);
     }
 
     #[test]

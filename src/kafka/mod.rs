@@ -34,6 +34,7 @@ pub fn consumer_config(brokers: &str, group: &str, passthrough: &BTreeMap<String
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "100")
         .set("max.poll.interval.ms", "300000")
         .set("partition.assignment.strategy", "cooperative-sticky");
     for (k, v) in passthrough {
