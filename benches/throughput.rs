@@ -30,6 +30,13 @@ fn results_on(brokers: &str, topic: &str) -> i64 {
     md.topics()[0].partitions().iter().map(|p| c.fetch_watermarks(topic, p.id(), Duration::from_secs(5)).map(|(lo, hi)| hi - lo).unwrap_or(0)).sum()
 }
 
+/// Peak resident memory of this process (VmHWM), MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kb / 1024.0).round())
+}
+
 fn main() {
     let brokers = std::env::var("PAYSLIP_BENCH_BROKERS").expect("set PAYSLIP_BENCH_BROKERS to a running broker (scripts/kafka start)");
     let n: usize = std::env::var("BENCH_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
@@ -88,6 +95,7 @@ fn main() {
         "end_to_end_docs_per_s": (n as f64 / e2e_s).round(),
         "end_to_end_over_raw": ((raw_s / e2e_s) * 1000.0).round() / 1000.0,
         "cpus": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
+        "peak_rss_mb": peak_rss_mb(),
     });
     println!("{report}");
 }

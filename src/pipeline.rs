@@ -163,21 +163,11 @@ impl InferStage {
             let mut pending = Pending { deliveries: Vec::with_capacity(processed.len()), positions: Vec::with_capacity(processed.len()) };
             for p in processed {
                 let hs = p.out.headers.build();
-                let mut record = FutureRecord::to(&p.out.topic).payload(&p.out.payload).headers(hs);
+                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&p.out.topic).payload(&p.out.payload[..]).headers(hs);
                 if let Some(k) = &p.out.key {
-                    record = record.key(k);
+                    record = record.key(&k[..]);
                 }
-                let fut = loop {
-                    match producer.send_result(record) {
-                        Ok(f) => break f,
-                        Err((e, r)) => {
-                            // Local queue full: back off until librdkafka drains it.
-                            tracing::debug!(error = %e, "producer queue full");
-                            record = r;
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                    }
-                };
+                let fut = kafka::enqueue(&producer, record).await;
                 pending.deliveries.push((fut, p.out.is_result, p.out.has_error));
                 pending.positions.push((p.topic, p.partition, p.offset));
             }

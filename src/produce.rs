@@ -110,23 +110,8 @@ pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSum
             .with(h::TRACE_ID, format!("produce-{}", doc.document_id))
             .build();
         let key = doc.document_id.clone();
-        let mut record = FutureRecord::to(&opts.topic).key(&key).payload(&payload).headers(headers);
-        let fut = loop {
-            match producer.send_result(record) {
-                Ok(f) => break f,
-                Err((e, r)) => {
-                    // local queue full: let deliveries drain
-                    tracing::debug!(error = %e, "producer queue full");
-                    record = r;
-                    if let Some(done) = inflight.next().await {
-                        tally(&mut summary, done, &bar);
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-            }
-        };
-        inflight.push(fut);
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&opts.topic).key(key.as_bytes()).payload(&payload[..]).headers(headers);
+        inflight.push(kafka::enqueue(&producer, record).await);
         while inflight.len() >= 10_000 {
             if let Some(r) = inflight.next().await {
                 tally(&mut summary, r, &bar);

@@ -9,7 +9,25 @@ pub mod headers;
 
 use std::collections::BTreeMap;
 
-use rdkafka::ClientConfig;
+use rdkafka::{
+    producer::{DeliveryFuture, FutureProducer, FutureRecord},
+    ClientConfig,
+};
+
+/// Enqueues a record, waiting while librdkafka's local queue is full (backpressure); the returned
+/// future resolves with the delivery report.
+pub async fn enqueue<'a>(producer: &FutureProducer, mut record: FutureRecord<'a, [u8], [u8]>) -> DeliveryFuture {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return f,
+            Err((e, r)) => {
+                tracing::debug!(error = %e, "producer queue full");
+                record = r;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
 
 /// Base client configuration for `brokers` with the user's passthrough options applied.
 pub fn client_config(brokers: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {

@@ -126,12 +126,7 @@ impl MonitorState {
             }
             if o.model == CLASSIFIER {
                 if let (Some(truth), Some(label)) = (&r.true_format, &o.label) {
-                    a.labelled += 1;
-                    a.correct += (truth == label) as u64;
-                    if truth == "PCDA" {
-                        a.pcda_labelled += 1;
-                        a.pcda_correct += (truth == label) as u64;
-                    }
+                    a.score(truth, label);
                 }
             }
         }
@@ -185,12 +180,7 @@ impl MonitorState {
             a.ratings_positive += (r >= 4) as u64;
         }
         if let (Some(truth), Some(label)) = (&f.corrected_format, &pred.label) {
-            a.labelled += 1;
-            a.correct += (truth == label) as u64;
-            if truth == "PCDA" {
-                a.pcda_labelled += 1;
-                a.pcda_correct += (truth == label) as u64;
-            }
+            a.score(truth, label);
         }
     }
 

@@ -178,6 +178,17 @@ impl Metric {
 }
 
 impl WindowAggregate {
+    /// Counts one classification against its ground truth (overall and for PCDA payslips).
+    pub fn score(&mut self, truth: &str, predicted: &str) {
+        let right = (truth == predicted) as u64;
+        self.labelled += 1;
+        self.correct += right;
+        if truth == "PCDA" {
+            self.pcda_labelled += 1;
+            self.pcda_correct += right;
+        }
+    }
+
     /// The metric's value and the sample size it rests on; `None` when the window has no source for it.
     pub fn metric(&self, m: Metric) -> Option<(f64, u64)> {
         let ratio = |num: u64, den: u64| (den > 0).then(|| (num as f64 / den as f64, den));

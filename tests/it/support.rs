@@ -97,6 +97,17 @@ pub struct Read {
 }
 
 impl Read {
+    fn of(m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        Read {
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers: m
+                .headers()
+                .map(|hs| hs.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
+                .unwrap_or_default(),
+            payload: m.payload().unwrap_or_default().to_vec(),
+        }
+    }
+
     pub fn header(&self, k: &str) -> Option<&str> {
         self.headers.get(k).map(String::as_str)
     }
@@ -133,14 +144,7 @@ pub fn read_topic(topic: &str, expected: usize, timeout: Duration, settle: Durat
         assert!(start.elapsed() < timeout, "only {} of {expected} messages on {topic} after {timeout:?}", out.len());
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
             let m = m.expect("consume");
-            out.push(Read {
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                headers: m
-                    .headers()
-                    .map(|hs| hs.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
-                    .unwrap_or_default(),
-                payload: m.payload().unwrap_or_default().to_vec(),
-            });
+            out.push(Read::of(&m));
         }
     }
 }
@@ -189,14 +193,7 @@ pub fn read_all(topic: &str) -> Vec<Read> {
         if ends.get(&m.partition()).is_some_and(|&end| m.offset() + 1 >= end) {
             ends.remove(&m.partition());
         }
-        out.push(Read {
-            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            headers: m
-                .headers()
-                .map(|hs| hs.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
-                .unwrap_or_default(),
-            payload: m.payload().unwrap_or_default().to_vec(),
-        });
+        out.push(Read::of(&m));
     }
     out
 }
