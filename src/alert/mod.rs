@@ -274,6 +274,73 @@ fn tier(code: &str, threshold: f64) -> Option<Tier> {
     Some(Tier { code: code.into(), threshold, clear: None })
 }
 
+/// The runbook's info events. They carry status `INFO`, severity `info`, and are emitted once per
+/// cause (their ids are deterministic like those of alerts):
+/// - `USER_FEEDBACK`: a closed window of a model subject received ratings (value: satisfaction).
+/// - `PERFORMANCE_OPTIMIZATION`: a closed window's p95 model latency is above half the
+///   `inference_time` warning threshold but not beyond it: the headroom is going.
+/// - `MODEL_UPDATE_AVAILABLE`: model_metadata.json lists a candidate version newer than the one served
+///   (emitted once per model and version, see [`update_available`]).
+pub fn info_events(rules: &[AlertRule], subject: &Subject, window: WindowRange, agg: &WindowAggregate) -> Vec<AlertEvent> {
+    let mut out = Vec::new();
+    if subject.is_pipeline() {
+        return out;
+    }
+    let info = |code: &str, metric: Metric, value: f64, threshold: f64, samples: u64, action: &str| AlertEvent {
+        alert_id: alert_id(code, Severity::Warning, subject, window.start_ms),
+        code: code.into(),
+        severity: "info".into(),
+        status: "INFO".into(),
+        rule: code.to_ascii_lowercase(),
+        metric: metric.name().into(),
+        model: subject.model.clone(),
+        version: subject.version.clone(),
+        cohort: subject.cohort.clone(),
+        value,
+        threshold,
+        samples: samples as i64,
+        window_start: window.start_ms,
+        window_end: window.end_ms,
+        episode_start: window.start_ms,
+        action: action.into(),
+        emitted_at: window.end_ms,
+    };
+    if let Some((v, n)) = agg.metric(Metric::Satisfaction) {
+        out.push(info("USER_FEEDBACK", Metric::Satisfaction, v, 0.0, n, "Review the ratings and corrections of this window"));
+    }
+    let warn = rules.iter().find(|r| r.metric == Metric::LatencyP95Ms && r.direction == Direction::Above).and_then(|r| r.warning.as_ref().map(|t| (t.threshold, r.min_samples)));
+    if let (Some((limit, min)), Some((v, n))) = (warn, agg.metric(Metric::LatencyP95Ms)) {
+        if n >= min && v > limit / 2.0 && v <= limit {
+            out.push(info("PERFORMANCE_OPTIMIZATION", Metric::LatencyP95Ms, v, limit / 2.0, n, "Latency is past half its warning threshold: consider quantization, a GPU provider or larger batches"));
+        }
+    }
+    out
+}
+
+/// MODEL_UPDATE_AVAILABLE for a model whose metadata lists `candidate` while `served` runs.
+pub fn update_available(model: &str, served: &str, candidate: &str, at_ms: i64) -> AlertEvent {
+    let subject = Subject { model: model.into(), version: served.into(), cohort: "baseline".into() };
+    AlertEvent {
+        alert_id: alert_id(&format!("model_update_available:{candidate}"), Severity::Warning, &subject, 0),
+        code: "MODEL_UPDATE_AVAILABLE".into(),
+        severity: "info".into(),
+        status: "INFO".into(),
+        rule: "model_update_available".into(),
+        metric: format!("candidate {candidate}"),
+        model: model.into(),
+        version: served.into(),
+        cohort: "baseline".into(),
+        value: 0.0,
+        threshold: 0.0,
+        samples: 0,
+        window_start: at_ms,
+        window_end: at_ms,
+        episode_start: at_ms,
+        action: format!("Candidate {candidate} is available: plan a phased rollout"),
+        emitted_at: at_ms,
+    }
+}
+
 /// The runbook's thresholds, reconciled as in the design's table.
 pub fn default_rules() -> Vec<AlertRule> {
     let rule = |name: &str, metric, direction, warning, critical, min_samples, action: &str| AlertRule {
@@ -379,6 +446,21 @@ mod tests {
         assert_eq!(alert_id("r", Severity::Warning, &s, 5), alert_id("r", Severity::Warning, &s, 5));
         assert_ne!(alert_id("r", Severity::Warning, &s, 5), alert_id("r", Severity::Warning, &s, 6));
         assert_ne!(alert_id("r", Severity::Warning, &s, 5), alert_id("r", Severity::Critical, &s, 5));
+    }
+
+    #[test]
+    fn info_events_for_feedback_and_shrinking_headroom() {
+        let rules = default_rules();
+        let s = Subject { model: "m".into(), version: "1".into(), cohort: "baseline".into() };
+        let mut a = WindowAggregate { count: 20, ratings: 4, ratings_positive: 3, ..Default::default() };
+        for _ in 0..20 {
+            a.latency.record_ms(300.0);
+        }
+        let codes: Vec<String> = info_events(&rules, &s, window(0), &a).into_iter().map(|e| e.code).collect();
+        assert_eq!(codes, vec!["USER_FEEDBACK", "PERFORMANCE_OPTIMIZATION"]);
+        let fast = WindowAggregate { count: 20, ..Default::default() };
+        assert!(info_events(&rules, &s, window(0), &fast).is_empty());
+        assert!(info_events(&rules, &Subject::pipeline(), window(0), &a).is_empty());
     }
 
     #[test]

@@ -73,6 +73,7 @@ struct OutboxMessage {
 const META_WATERMARK: &[u8] = b"watermark";
 const META_COUNTERS: &[u8] = b"counters";
 const META_PENDING_FEEDBACK: &[u8] = b"pending_feedback";
+const META_ANNOUNCED: &[u8] = b"announced";
 const META_PUBLISHED_PREFIX: &str = "published:";
 const EVENT_ID: &str = "event-id";
 
@@ -106,6 +107,7 @@ impl MonitorStage {
         state.watermark = store.get_json(CF_META, META_WATERMARK)?.unwrap_or_default();
         state.counters = store.get_json(CF_META, META_COUNTERS)?.unwrap_or_default();
         state.pending_feedback = store.get_json(CF_META, META_PENDING_FEEDBACK)?.unwrap_or_default();
+        state.announced = store.get_json(CF_META, META_ANNOUNCED)?.unwrap_or_default();
         // after a restart no partition counts as idle until it has had time to deliver
         state.watermark.touch_all(now_ms());
         let producer: FutureProducer = kafka::producer_config(&brokers, &cfg.kafka.librdkafka).create().map_err(|e| MonitorError::Kafka(format!("cannot create producer: {e}")))?;
@@ -162,6 +164,12 @@ impl MonitorStage {
 
         let wcfg = self.window_config();
         let max_batch = self.cfg.monitor.max_batch;
+        let updates = self.available_updates();
+        let announced = self.state.announce_updates(&updates, now_ms());
+        if !announced.is_empty() {
+            let outbox = self.commit(BTreeMap::new(), announced)?;
+            self.publish(outbox)?;
+        }
         while !stop.load(Ordering::Relaxed) {
             let mut consumed: BTreeMap<String, i64> = BTreeMap::new();
             let mut n = 0;
@@ -223,6 +231,20 @@ impl MonitorStage {
         Ok(c)
     }
 
+    /// (model, served version, newer candidate version) from model_metadata.json.
+    fn available_updates(&self) -> Vec<(String, String, String)> {
+        let Ok(meta) = crate::inference::metadata::ModelMetadata::load(&self.cfg.models.metadata) else { return vec![] };
+        let mut out = Vec::new();
+        for (model, served) in &self.cfg.models.serve {
+            for m in meta.models.iter().filter(|m| &m.name == model && m.role == "candidate" && &m.version != served) {
+                if version_newer(&m.version, served) {
+                    out.push((model.clone(), served.clone(), m.version.clone()));
+                }
+            }
+        }
+        out
+    }
+
     fn lookup_prediction(&self, document_id: &str, at_ms: i64) -> Result<Option<Prediction>, MonitorError> {
         let p = match self.state.new_predictions.get(document_id) {
             Some(p) => Some(p.clone()),
@@ -265,6 +287,7 @@ impl MonitorStage {
         }
         b.put_json(store, CF_META, META_WATERMARK, &st.watermark);
         b.put_json(store, CF_META, META_PENDING_FEEDBACK, &st.pending_feedback);
+        b.put_json(store, CF_META, META_ANNOUNCED, &st.announced);
         b.put_json(store, CF_META, META_COUNTERS, &st.counters);
         store.write(b)?;
         Ok(outbox)
@@ -380,6 +403,12 @@ impl MonitorStage {
         }
         Ok(ids)
     }
+}
+
+/// Whether dotted version `a` is newer than `b` (numeric parts compared, suffixes ignored).
+fn version_newer(a: &str, b: &str) -> bool {
+    let parts = |v: &str| v.split(['.', '-']).map_while(|p| p.parse::<u64>().ok()).collect::<Vec<_>>();
+    parts(a) > parts(b)
 }
 
 impl crate::config::MonitorConfig {

@@ -75,6 +75,8 @@ pub struct MonitorState {
     pub alerts: BTreeMap<String, AlertInstance>,
     pub watermark: WatermarkTracker,
     pub counters: MonitorCounters,
+    /// Info events already announced (MODEL_UPDATE_AVAILABLE), by alert id.
+    pub announced: BTreeSet<String>,
     /// Changed since the last write.
     pub dirty_windows: BTreeSet<(i64, Subject)>,
     pub closed_windows: Vec<(i64, Subject)>,
@@ -184,6 +186,19 @@ impl MonitorState {
         }
     }
 
+    /// MODEL_UPDATE_AVAILABLE for each (model, served, candidate) not announced before.
+    pub fn announce_updates(&mut self, updates: &[(String, String, String)], at_ms: i64) -> Vec<Emitted> {
+        let mut out = Vec::new();
+        for (model, served, candidate) in updates {
+            let e = alert::update_available(model, served, candidate, at_ms);
+            if self.announced.insert(e.alert_id.clone()) {
+                self.counters.alerts_emitted += 1;
+                out.push(Emitted::Alert(e));
+            }
+        }
+        out
+    }
+
     /// Closes every window the watermark has passed, in (end, subject) order, evaluating the alert
     /// rules on each. Returns what to publish.
     pub fn close_windows(&mut self, rules: &[AlertRule], cfg: &WindowConfig, wall_ms: i64) -> Vec<Emitted> {
@@ -211,6 +226,9 @@ impl MonitorState {
                 self.counters.alerts_emitted += events.len() as u64;
                 out.extend(events.into_iter().map(Emitted::Alert));
             }
+            let infos = alert::info_events(rules, &w.subject, w.range, &w.agg);
+            self.counters.alerts_emitted += infos.len() as u64;
+            out.extend(infos.into_iter().map(Emitted::Alert));
         }
         out
     }

@@ -133,9 +133,23 @@ async fn injected_conditions_raise_and_resolve_the_right_alerts() {
         ("text_recognition/1.0.0/baseline", "MODEL_CRITICAL", "FIRING", 3),
         ("text_recognition/1.0.0/baseline", "MODEL_CRITICAL", "RESOLVED", 4),
     ];
-    let alerts = alerts_of(&wait_for(&cfg.topics.alerts, expected.len(), 90).await);
+    // + 3 MODEL_UPDATE_AVAILABLE (1.1.0 candidates) + USER_FEEDBACK for windows 2 and 3
+    let events = alerts_of(&wait_for(&cfg.topics.alerts, expected.len() + 5, 90).await);
     let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 1, 30).await);
     monitor.stop().await;
+    let (infos, alerts): (Vec<AlertEvent>, Vec<AlertEvent>) = events.into_iter().partition(|a| a.status == "INFO");
+    let mut info: Vec<(String, String, i64)> = infos.iter().map(|a| (a.code.clone(), a.model.clone(), if a.code == "USER_FEEDBACK" { (a.window_start - BASE) / W } else { -1 })).collect();
+    info.sort();
+    assert_eq!(
+        info,
+        vec![
+            ("MODEL_UPDATE_AVAILABLE".into(), "document_classifier".into(), -1),
+            ("MODEL_UPDATE_AVAILABLE".into(), "table_detection".into(), -1),
+            ("MODEL_UPDATE_AVAILABLE".into(), "text_recognition".into(), -1),
+            ("USER_FEEDBACK".into(), "document_classifier".into(), 2),
+            ("USER_FEEDBACK".into(), "document_classifier".into(), 3),
+        ]
+    );
 
     let mut got: Vec<(String, String, String, i64)> =
         alerts.iter().map(|a| (format!("{}/{}/{}", a.model, a.version, a.cohort), a.code.clone(), a.status.clone(), (a.window_start - BASE) / W)).collect();
@@ -281,6 +295,8 @@ async fn kill_9_and_restart_keeps_window_totals_exact_without_duplicate_events()
     assert_eq!(keys.len(), ukeys.len(), "an alert event was published twice");
     // 16 error windows: each fires and resolves one ERROR_RATE_CRITICAL episode
     assert_eq!(alerts.iter().filter(|a| a.code == "ERROR_RATE_CRITICAL").count(), 32);
+    // announced once, although the process started twice
+    assert_eq!(alerts.iter().filter(|a| a.code == "MODEL_UPDATE_AVAILABLE").count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
