@@ -43,7 +43,7 @@ use crate::{
     config::PipelineConfig,
     document::{DocumentFeedback, InferenceResult},
     kafka::{self, headers as h, headers::HeaderSet},
-    state::{RocksStateStore, StateBatch, StateError, CF_ALERTS, CF_META, CF_OFFSETS, CF_OUTBOX, CF_PREDICTIONS, CF_WINDOWS},
+    state::{RocksStateStore, StateBatch, StateError, CF_ALERTS, CF_META, CF_OFFSETS, CF_OUTBOX, CF_PREDICTIONS, CF_PREDICTION_EXPIRY, CF_WINDOWS},
     window::WindowConfig,
 };
 use records::WindowMetrics;
@@ -273,6 +273,19 @@ impl MonitorStage {
         }
         for (id, p) in std::mem::take(&mut st.new_predictions) {
             b.put_json(store, CF_PREDICTIONS, id.as_bytes(), &p);
+            b.put_json(store, CF_PREDICTION_EXPIRY, &expiry_key(p.event_ms, &id), &serde_json::Value::Null);
+        }
+        // predictions past retention (event time), a bounded number per batch
+        if let Some(wm) = st.watermark.current() {
+            let cutoff = wm.saturating_sub(self.cfg.monitor.prediction_retention_ms);
+            for key in store.scan_before(CF_PREDICTION_EXPIRY, &expiry_key(cutoff, ""), 10_000)? {
+                b.delete(store, CF_PREDICTION_EXPIRY, &key);
+                let id = &key[17..];
+                // a document predicted again later keeps its newer prediction
+                if store.get_json::<Prediction>(CF_PREDICTIONS, id)?.is_some_and(|p| p.event_ms < cutoff) {
+                    b.delete(store, CF_PREDICTIONS, id);
+                }
+            }
         }
         for (part, next) in consumed {
             b.put_raw(store, CF_OFFSETS, part.as_bytes(), &next.to_be_bytes());
@@ -403,6 +416,11 @@ impl MonitorStage {
         }
         Ok(ids)
     }
+}
+
+/// `event time (16 hex digits, order-preserving) | document id`.
+fn expiry_key(event_ms: i64, document_id: &str) -> Vec<u8> {
+    format!("{:016x}|{document_id}", (event_ms as u64) ^ 0x8000_0000_0000_0000).into_bytes()
 }
 
 /// Whether dotted version `a` is newer than `b` (numeric parts compared, suffixes ignored).

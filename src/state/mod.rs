@@ -3,6 +3,8 @@
 //! Column families (names are constants; values are JSON unless noted):
 //! - `windows`: open windows, key `subject|start_ms` → `WindowAggregate`
 //! - `predictions`: document id → `Prediction`, kept for the configured retention to join feedback
+//! - `prediction_expiry`: `event time | document id` → `null`: the predictions in time order, so the
+//!   ones past retention are found without a scan
 //! - `alerts`: alert instance key → `AlertInstance`
 //! - `offsets`: `topic/partition` → next input offset (i64, big-endian)
 //! - `outbox`: sequence (u64, big-endian) → `OutboxMessage` waiting for its delivery report
@@ -23,7 +25,8 @@ pub const CF_ALERTS: &str = "alerts";
 pub const CF_OFFSETS: &str = "offsets";
 pub const CF_OUTBOX: &str = "outbox";
 pub const CF_META: &str = "meta";
-pub const ALL_CFS: [&str; 6] = [CF_WINDOWS, CF_PREDICTIONS, CF_ALERTS, CF_OFFSETS, CF_OUTBOX, CF_META];
+pub const CF_PREDICTION_EXPIRY: &str = "prediction_expiry";
+pub const ALL_CFS: [&str; 7] = [CF_WINDOWS, CF_PREDICTIONS, CF_PREDICTION_EXPIRY, CF_ALERTS, CF_OFFSETS, CF_OUTBOX, CF_META];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -112,6 +115,20 @@ impl RocksStateStore {
         self.db.iterator_cf(h, IteratorMode::Start).map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.err(e))).collect()
     }
 
+    /// Up to `limit` entries of a column family whose keys sort before `upper`, in key order.
+    pub fn scan_before(&self, cf: &'static str, upper: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, StateError> {
+        let h = self.db.cf_handle(cf).expect("column families exist after open");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(h, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if k.as_ref() >= upper || out.len() >= limit {
+                break;
+            }
+            out.push(k.to_vec());
+        }
+        Ok(out)
+    }
+
     pub fn scan_json<T: DeserializeOwned>(&self, cf: &'static str) -> Result<Vec<(Vec<u8>, T)>, StateError> {
         self.scan_raw(cf)?
             .into_iter()
@@ -138,7 +155,9 @@ pub struct StateSummary {
     pub offsets: std::collections::BTreeMap<String, i64>,
 }
 
-/// Opens `dir` and checks that every column family is present and every value decodes.
+/// Opens `dir` read-only (a checkpoint, never modified) and checks that every column family is
+/// present and every value decodes. A live state directory with an unflushed write-ahead log is
+/// refused: checkpoint it first.
 pub fn verify(dir: &Path) -> Result<StateSummary, StateError> {
     if !dir.join("CURRENT").exists() {
         return Err(StateError::Rocks { path: dir.display().to_string(), message: "not a RocksDB directory (no CURRENT file)".into() });

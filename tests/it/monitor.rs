@@ -177,7 +177,8 @@ async fn injected_conditions_raise_and_resolve_the_right_alerts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_joins_its_prediction_and_late_or_orphan_feedback_is_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let (cfg, _) = monitor_config("feedback", dir.path()).await;
+    let (mut cfg, _) = monitor_config("feedback", dir.path()).await;
+    cfg.monitor.prediction_retention_ms = 35_000;
     let monitor = RunningMonitor::start(&cfg);
     let mk = |id: &str, ts: i64| result(id, ts, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
     produce_records(&cfg.topics.inference, "k", &[mk("a", BASE + 1_000), mk("b", BASE + 2_000), mk("tick", BASE + 3 * W)]).await;
@@ -205,6 +206,11 @@ async fn feedback_joins_its_prediction_and_late_or_orphan_feedback_is_counted() 
     assert_eq!(summary.feedback_applied, 2);
     let last = metrics.iter().filter(|m| m.model == "pipeline").max_by_key(|m| m.window_start).unwrap();
     assert_eq!((last.feedback_orphan_total, last.dropped_late_total), (1, 1));
+    // retention 35 s of event time, watermark at 50 s: a and b (1-2 s) are gone, tick and tick2 stay
+    let store = payslip_stream::state::RocksStateStore::open(dir.path()).unwrap();
+    let kept: Vec<String> = store.scan_raw(payslip_stream::state::CF_PREDICTIONS).unwrap().into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect();
+    assert_eq!(kept, vec!["tick", "tick2"]);
+    assert_eq!(store.scan_raw(payslip_stream::state::CF_PREDICTION_EXPIRY).unwrap().len(), 2);
 }
 
 fn write_monitor_yaml(dir: &std::path::Path, state: &std::path::Path) -> std::path::PathBuf {
