@@ -94,6 +94,10 @@ pub struct MonitorConfig {
     /// Wire format of `litert.alerts.v1`: avro or json.
     #[serde(default = "default_output_format")]
     pub alerts_format: crate::codec::WireFormat,
+    /// Replicate state to the changelog topic and elect one leader among the monitor processes
+    /// (a standby takes over when the leader dies). Needs Kafka transactions.
+    #[serde(default = "yes")]
+    pub changelog: bool,
     /// Alert rules (default: the runbook's thresholds; see src/alert/mod.rs `default_rules`).
     #[serde(default = "crate::alert::default_rules")]
     pub alerts: Vec<crate::alert::AlertRule>,
@@ -105,6 +109,7 @@ fn default_lateness_ms() -> i64 { 5_000 }
 fn default_idle_ms() -> i64 { 10_000 }
 fn default_retention_ms() -> i64 { 7 * 24 * 3_600_000 }
 fn default_monitor_batch() -> usize { 1000 }
+fn yes() -> bool { true }
 
 impl Default for MonitorConfig {
     fn default() -> Self {
@@ -193,6 +198,9 @@ pub struct TopicsConfig {
     pub decisions: String,
     #[serde(default = "t_commands")]
     pub commands: String,
+    /// The monitor's changelog (compacted, one partition): state replication and leader election.
+    #[serde(default = "t_changelog")]
+    pub monitor_changelog: String,
     /// Partitions for topics this program creates (existing topics are left as they are).
     #[serde(default = "default_partitions")]
     pub partitions: i32,
@@ -215,6 +223,7 @@ fn t_metrics() -> String { "litert.metrics.v1".into() }
 fn t_alerts() -> String { "litert.alerts.v1".into() }
 fn t_decisions() -> String { "litert.rollout.decisions.v1".into() }
 fn t_commands() -> String { "litert.rollout.commands.v1".into() }
+fn t_changelog() -> String { "litert.monitor.changelog.v1".into() }
 fn default_partitions() -> i32 { 6 }
 fn default_replication() -> i32 { 1 }
 fn default_retention_hours() -> u32 { 168 }
@@ -229,7 +238,7 @@ impl Default for TopicsConfig {
 impl TopicsConfig {
     /// Prefixes every topic name (tests use random prefixes).
     pub fn with_prefix(mut self, prefix: &str) -> Self {
-        for t in [&mut self.documents, &mut self.inference, &mut self.documents_dlq, &mut self.feedback, &mut self.metrics, &mut self.alerts, &mut self.decisions, &mut self.commands] {
+        for t in [&mut self.documents, &mut self.inference, &mut self.documents_dlq, &mut self.feedback, &mut self.metrics, &mut self.alerts, &mut self.decisions, &mut self.commands, &mut self.monitor_changelog] {
             *t = format!("{prefix}{t}");
         }
         self

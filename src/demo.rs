@@ -69,6 +69,8 @@ fn fmt_ms(v: Option<f64>) -> String {
 /// Adjusts a config for the demo: short windows, faults on, a fresh state directory.
 pub fn demo_config(mut cfg: PipelineConfig, state_dir: PathBuf) -> PipelineConfig {
     cfg.faults.enabled = true;
+    // one monitor, and the embedded broker is not relied on for transactions
+    cfg.monitor.changelog = false;
     cfg.monitor.state_dir = state_dir;
     cfg.monitor.window_size_ms = 3_000;
     cfg.monitor.allowed_lateness_ms = 500;

@@ -378,6 +378,7 @@ async fn run(common: Common, stage_sel: Stage, group: Option<String>, demo: bool
             let e = EmbeddedBroker::start(&cfg.topics).map_err(|e| anyhow!(e))?;
             // the embedded broker forgets everything at exit, so the monitor's offsets must too
             cfg.monitor.state_dir = std::env::temp_dir().join(format!("payslip-embedded-state-{}", std::process::id()));
+            cfg.monitor.changelog = false;
             let b = e.bootstrap_servers();
             eprintln!("no brokers configured: started an embedded in-process Kafka-protocol broker at {b}");
             eprintln!("  try: kcat -b {b} -L        (in-memory, for trying the program only; NOT for production)");

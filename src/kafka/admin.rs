@@ -24,6 +24,8 @@ pub async fn ensure_topics(brokers: &str, kafka: &KafkaConfig, topics: &TopicsCo
         .collect();
     // Rollout state is event-sourced from this topic: keep the latest decision per rollout forever.
     new.push(NewTopic::new(&topics.decisions, 1, TopicReplication::Fixed(topics.replication_factor)).set("cleanup.policy", "compact"));
+    // Monitor state replication; its single partition is also what the monitor processes elect a leader on.
+    new.push(NewTopic::new(&topics.monitor_changelog, 1, TopicReplication::Fixed(topics.replication_factor)).set("cleanup.policy", "compact"));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))).request_timeout(Some(Duration::from_secs(30)));
     let results = admin.create_topics(&new, &opts).await.map_err(|e| format!("creating topics on {brokers} failed: {e}"))?;
     let mut created = Vec::new();

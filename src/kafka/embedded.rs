@@ -15,7 +15,7 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     pub fn start(topics: &TopicsConfig) -> Result<Self, String> {
         let cluster = MockCluster::new(1).map_err(|e| format!("cannot start the embedded broker: {e}"))?;
-        for t in [&topics.documents, &topics.inference, &topics.documents_dlq, &topics.feedback, &topics.metrics, &topics.alerts, &topics.commands, &topics.decisions] {
+        for t in [&topics.documents, &topics.inference, &topics.documents_dlq, &topics.feedback, &topics.metrics, &topics.alerts, &topics.commands, &topics.decisions, &topics.monitor_changelog] {
             cluster.create_topic(t, topics.partitions, 1).map_err(|e| format!("embedded broker: cannot create {t}: {e}"))?;
         }
         Ok(Self { cluster })

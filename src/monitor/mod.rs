@@ -15,9 +15,10 @@
 //! published but not yet confirmed, publishes the rest, and resumes at the stored offsets. So window
 //! totals equal the input exactly and no alert or metrics message is published twice.
 //!
-//! One process owns the state directory (RocksDB's lock enforces it). Scaling out by partition is
-//! not built yet: see README "Status".
+//! One process leads and owns its state directory; standbys wait and take over from the changelog
+//! ([`changelog`]).
 
+pub mod changelog;
 pub mod records;
 pub mod state;
 
@@ -58,6 +59,9 @@ pub enum MonitorError {
     /// An output could not be delivered; it stays in the outbox and is published after restart.
     #[error("delivery failed, stopping (the message stays in the outbox): {0}")]
     Delivery(String),
+    /// Another monitor process took over; this one stops (restart it to become a standby).
+    #[error("lost leadership of the monitor group to another process")]
+    LostLeadership,
 }
 
 /// A message waiting for its delivery report.
@@ -86,6 +90,7 @@ pub struct MonitorStage {
     store: RocksStateStore,
     state: MonitorState,
     producer: FutureProducer,
+    changelog: Option<changelog::Changelog>,
 }
 
 fn now_ms() -> i64 {
@@ -93,10 +98,17 @@ fn now_ms() -> i64 {
 }
 
 impl MonitorStage {
-    /// Opens the state directory and loads the state.
+    /// Opens the state directory; the state is loaded when the stage runs (after it leads).
     pub fn open(cfg: PipelineConfig, brokers: String) -> Result<Self, MonitorError> {
         std::fs::create_dir_all(&cfg.monitor.state_dir).map_err(|e| StateError::Rocks { path: cfg.monitor.state_dir.display().to_string(), message: e.to_string() })?;
         let store = RocksStateStore::open(&cfg.monitor.state_dir)?;
+        let producer: FutureProducer = kafka::producer_config(&brokers, &cfg.kafka.librdkafka).create().map_err(|e| MonitorError::Kafka(format!("cannot create producer: {e}")))?;
+        let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::new(&cfg, &brokers)?) } else { None };
+        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog })
+    }
+
+    fn load(&mut self) -> Result<(), MonitorError> {
+        let store = &self.store;
         let mut state = MonitorState::default();
         for (_, w) in store.scan_json::<StoredWindow>(CF_WINDOWS)? {
             state.windows.insert((w.range.start_ms, w.subject.clone()), w);
@@ -110,8 +122,19 @@ impl MonitorStage {
         state.announced = store.get_json(CF_META, META_ANNOUNCED)?.unwrap_or_default();
         // after a restart no partition counts as idle until it has had time to deliver
         state.watermark.touch_all(now_ms());
-        let producer: FutureProducer = kafka::producer_config(&brokers, &cfg.kafka.librdkafka).create().map_err(|e| MonitorError::Kafka(format!("cannot create producer: {e}")))?;
-        Ok(Self { cfg, brokers, store, state, producer })
+        self.state = state;
+        Ok(())
+    }
+
+    /// Writes a batch: first to the changelog (one transaction), then to RocksDB with the changelog
+    /// position, so a standby replaying the changelog reaches exactly this state.
+    fn write(&self, mut batch: StateBatch) -> Result<(), MonitorError> {
+        if let Some(c) = &self.changelog {
+            if let Some(next) = c.append(&batch)? {
+                batch.put_json(&self.store, CF_META, changelog::META_CHANGELOG_NEXT, &next);
+            }
+        }
+        Ok(self.store.write(batch)?)
     }
 
     pub fn counters(&self) -> &MonitorCounters {
@@ -133,6 +156,15 @@ impl MonitorStage {
 
     /// Runs until `stop` is set. Blocking: call from a blocking thread.
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<MonitorSummary, MonitorError> {
+        if let Some(c) = &self.changelog {
+            if !c.wait_for_leadership(&stop) {
+                return Ok(self.state.counters.clone());
+            }
+            c.init()?;
+            c.restore(&self.cfg, &self.brokers, &self.store)?;
+            tracing::info!("monitor leads: state restored, resuming");
+        }
+        self.load()?;
         self.recover_outbox()?;
         let topics = [self.cfg.topics.inference.clone(), self.cfg.topics.feedback.clone()];
         let consumer: BaseConsumer = kafka::client_config(&self.brokers, &self.cfg.kafka.librdkafka)
@@ -171,6 +203,9 @@ impl MonitorStage {
             self.publish(outbox)?;
         }
         while !stop.load(Ordering::Relaxed) {
+            if self.changelog.as_ref().is_some_and(|c| !c.still_leader()) {
+                return Err(MonitorError::LostLeadership);
+            }
             let mut consumed: BTreeMap<String, i64> = BTreeMap::new();
             let mut n = 0;
             let mut timeout = Duration::from_millis(200);
@@ -302,7 +337,7 @@ impl MonitorStage {
         b.put_json(store, CF_META, META_PENDING_FEEDBACK, &st.pending_feedback);
         b.put_json(store, CF_META, META_ANNOUNCED, &st.announced);
         b.put_json(store, CF_META, META_COUNTERS, &st.counters);
-        store.write(b)?;
+        self.write(b)?;
         Ok(outbox)
     }
 
@@ -348,7 +383,7 @@ impl MonitorStage {
         for (k, off) in positions {
             b.put_json(&self.store, CF_META, k.as_bytes(), &off);
         }
-        self.store.write(b)?;
+        self.write(b)?;
         Ok(())
     }
 
@@ -370,7 +405,7 @@ impl MonitorStage {
             for (k, _) in &done {
                 b.delete(&self.store, CF_OUTBOX, k);
             }
-            self.store.write(b)?;
+            self.write(b)?;
         }
         self.publish(todo)
     }

@@ -49,6 +49,8 @@ pub struct RocksStateStore {
 pub struct StateBatch {
     batch: WriteBatch,
     puts: usize,
+    /// The same operations, for the changelog: (column family, key, value or None for a delete).
+    ops: Vec<(&'static str, Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl StateBatch {
@@ -61,12 +63,18 @@ impl StateBatch {
         let h = store.db.cf_handle(cf).expect("column families exist after open");
         self.batch.put_cf(h, key, value);
         self.puts += 1;
+        self.ops.push((cf, key.to_vec(), Some(value.to_vec())));
     }
 
     pub fn delete(&mut self, store: &RocksStateStore, cf: &'static str, key: &[u8]) {
         let h = store.db.cf_handle(cf).expect("column families exist after open");
         self.batch.delete_cf(h, key);
         self.puts += 1;
+        self.ops.push((cf, key.to_vec(), None));
+    }
+
+    pub fn ops(&self) -> &[(&'static str, Vec<u8>, Option<Vec<u8>>)] {
+        &self.ops
     }
 
     pub fn is_empty(&self) -> bool {

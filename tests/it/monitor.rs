@@ -353,3 +353,77 @@ async fn checkpoint_wipe_restore_then_continue_with_identical_totals() {
     let ids: BTreeSet<&String> = metrics.iter().map(|m| &m.metrics_id).collect();
     assert_eq!(ids.len(), metrics.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_leader_is_killed() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cfg, prefix) = monitor_config("takeover", &dir_a.path().join("state")).await;
+    let spawn = |dir: &std::path::Path| {
+        let yaml = write_monitor_yaml(dir, &dir.join("state"));
+        let log = std::fs::File::create(dir.join("monitor.log")).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+            .args(["run", "--stage", "monitor", "--config"])
+            .arg(&yaml)
+            .args(["--brokers", &brokers(), "--topic-prefix", &prefix])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut a = spawn(dir_a.path());
+    let mut b = spawn(dir_b.path());
+    let leads = |dir: &std::path::Path| std::fs::read_to_string(dir.join("monitor.log")).unwrap_or_default().contains("monitor leads");
+    let started = Instant::now();
+    while !leads(dir_a.path()) && !leads(dir_b.path()) {
+        assert!(started.elapsed() < Duration::from_secs(60), "no monitor became leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a_leads = leads(dir_a.path());
+    let (leader, standby, standby_dir) = if a_leads { (&mut a, &mut b, dir_b.path()) } else { (&mut b, &mut a, dir_a.path()) };
+
+    let mut results = stream(60, 40);
+    let n = results.len() as i64;
+    results.push(stream(1, 1).remove(0));
+    results.last_mut().unwrap().submitted_at = BASE + 200_000;
+    let topic = cfg.topics.inference.clone();
+    let producer = tokio::spawn(async move {
+        for chunk in results.chunks(100) {
+            produce_records(&topic, "k", chunk).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let started = Instant::now();
+    while read_all(&cfg.topics.metrics).len() < 10 {
+        assert!(started.elapsed() < Duration::from_secs(90), "the leader published no window snapshots");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    leader.kill().unwrap();
+    leader.wait().unwrap();
+    producer.await.unwrap();
+
+    let started = Instant::now();
+    let metrics = loop {
+        let m = metrics_of(&read_all(&cfg.topics.metrics));
+        if m.iter().any(|m| m.window_start == BASE + 59 * 1000) {
+            break m;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "the standby did not finish the stream");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let log = std::fs::read_to_string(standby_dir.join("monitor.log")).unwrap();
+    assert!(log.contains("restored from the changelog"), "the standby rebuilt its state from the changelog:\n{log}");
+    let pid = standby.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(standby.wait().unwrap().success());
+
+    let ids: BTreeSet<&String> = metrics.iter().map(|m| &m.metrics_id).collect();
+    assert_eq!(ids.len(), metrics.len(), "a window snapshot was published twice");
+    let total: i64 = metrics.iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+    assert_eq!(total, n, "window totals equal the input exactly across the takeover");
+    let alerts = alerts_of(&read_all(&cfg.topics.alerts));
+    let keys: BTreeSet<(String, String)> = alerts.iter().map(|a| (a.alert_id.clone(), a.status.clone())).collect();
+    assert_eq!(keys.len(), alerts.len(), "an alert event was published twice");
+    assert_eq!(alerts.iter().filter(|a| a.code == "ERROR_RATE_CRITICAL").count(), 24);
+}

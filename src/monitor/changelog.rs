@@ -1,0 +1,203 @@
+//! Changelog and leadership: how a standby monitor takes over.
+//!
+//! Every state batch the monitor writes to RocksDB is also written, before it, to the compacted
+//! topic `monitor_changelog` (one message per key: `cf \0 key` → value, a tombstone for a delete)
+//! inside one Kafka transaction. The topic has one partition, and the monitor processes of a
+//! deployment join one consumer group on it: the member that is assigned the partition is the
+//! leader and runs the stage; the others wait. When the leader dies, the group hands the partition to
+//! a standby, which replays the committed changelog (read_committed, from the last offset its own
+//! RocksDB has applied) into its local state and resumes at the input offsets found there. The
+//! transactional id is shared, so initialising transactions fences a leader that is still alive but
+//! no longer assigned.
+//!
+//! Why not split the state by input partition: results are keyed by document id, so every window of
+//! every subject draws from all input partitions; partition-local state would split each window.
+//! Scaling the monitor out needs a repartition by subject first (see README "Status").
+
+use std::time::Duration;
+
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::Message,
+    producer::{FutureProducer, FutureRecord, Producer},
+    Offset, TopicPartitionList,
+};
+
+use super::MonitorError;
+use crate::{
+    config::PipelineConfig,
+    kafka,
+    state::{RocksStateStore, StateBatch, ALL_CFS},
+};
+
+/// Local meta key: next changelog offset this RocksDB has applied.
+pub const META_CHANGELOG_NEXT: &[u8] = b"changelog_next";
+
+pub struct Changelog {
+    topic: String,
+    producer: FutureProducer,
+    leader: BaseConsumer,
+}
+
+fn ck(cf: &str, key: &[u8]) -> Vec<u8> {
+    let mut v = cf.as_bytes().to_vec();
+    v.push(0);
+    v.extend_from_slice(key);
+    v
+}
+
+impl Changelog {
+    pub fn new(cfg: &PipelineConfig, brokers: &str) -> Result<Self, MonitorError> {
+        let topic = cfg.topics.monitor_changelog.clone();
+        // one deployment = one changelog topic: its group elects the leader, its transactional id fences
+        let group = format!("{topic}.leader");
+        let mut pc = kafka::producer_config(brokers, &cfg.kafka.librdkafka);
+        pc.set("transactional.id", format!("{topic}.writer")).set("transaction.timeout.ms", "60000");
+        let producer: FutureProducer = pc.create().map_err(|e| MonitorError::Kafka(format!("changelog producer: {e}")))?;
+        let mut cc = kafka::client_config(brokers, &cfg.kafka.librdkafka);
+        cc.set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            // a joining standby must not take the partition from a live leader
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        let leader: BaseConsumer = cc.create().map_err(|e| MonitorError::Kafka(format!("leadership consumer: {e}")))?;
+        leader.subscribe(&[&topic]).map_err(|e| MonitorError::Kafka(format!("subscribe {topic}: {e}")))?;
+        Ok(Self { topic, producer, leader })
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.assignment().map(|a| a.count() > 0).unwrap_or(false)
+    }
+
+    /// Waits until this process leads (or `stop`); returns false when stopped first.
+    pub fn wait_for_leadership(&self, stop: &std::sync::atomic::AtomicBool) -> bool {
+        let mut said = false;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // polling serves the group protocol; the messages are read separately in `restore`
+            let _ = self.leader.poll(Duration::from_millis(200));
+            if self.is_leader() {
+                return true;
+            }
+            if !said {
+                tracing::info!(topic = %self.topic, "monitor standby: waiting for leadership");
+                said = true;
+            }
+        }
+        false
+    }
+
+    /// Keeps the group membership alive; false when leadership was lost.
+    pub fn still_leader(&self) -> bool {
+        let _ = self.leader.poll(Duration::ZERO);
+        self.is_leader()
+    }
+
+    /// Fences earlier leaders (same transactional id).
+    pub fn init(&self) -> Result<(), MonitorError> {
+        self.producer.init_transactions(Duration::from_secs(60)).map_err(|e| MonitorError::Kafka(format!("init transactions: {e}")))
+    }
+
+    /// Writes a batch's operations in one transaction; returns the next changelog offset.
+    pub fn append(&self, batch: &StateBatch) -> Result<Option<i64>, MonitorError> {
+        if batch.ops().is_empty() {
+            return Ok(None);
+        }
+        let err = |e: rdkafka::error::KafkaError| MonitorError::Delivery(format!("changelog: {e}"));
+        self.producer.begin_transaction().map_err(err)?;
+        let mut futures = Vec::with_capacity(batch.ops().len());
+        for (cf, key, value) in batch.ops() {
+            let k = ck(cf, key);
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).key(&k[..]);
+            if let Some(v) = value {
+                rec = rec.payload(&v[..]);
+            }
+            loop {
+                match self.producer.send_result(rec) {
+                    Ok(f) => {
+                        futures.push(f);
+                        break;
+                    }
+                    Err((_, r)) => {
+                        rec = r;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.producer.commit_transaction(Duration::from_secs(60)) {
+            let _ = self.producer.abort_transaction(Duration::from_secs(30));
+            return Err(err(e));
+        }
+        let mut next = None;
+        for f in futures {
+            match futures::executor::block_on(f) {
+                Ok(Ok(d)) => next = Some(next.unwrap_or(0).max(d.offset + 1)),
+                Ok(Err((e, _))) => return Err(err(e)),
+                Err(_) => return Err(MonitorError::Delivery("changelog delivery dropped".into())),
+            }
+        }
+        Ok(next)
+    }
+
+    /// Applies committed changelog entries after what `store` has applied, up to the current end.
+    pub fn restore(&self, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore) -> Result<u64, MonitorError> {
+        let from: i64 = store.get_json(crate::state::CF_META, META_CHANGELOG_NEXT)?.unwrap_or(0);
+        let reader: BaseConsumer = kafka::client_config(brokers, &cfg.kafka.librdkafka)
+            .set("group.id", "payslip-monitor-restore")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()
+            .map_err(|e| MonitorError::Kafka(e.to_string()))?;
+        // with read_committed, the high watermark to wait for is the last stable offset
+        let (lo, hi) = reader.fetch_watermarks(&self.topic, 0, Duration::from_secs(30)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+        let start = from.max(lo);
+        if start >= hi {
+            return Ok(0);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, 0, Offset::Offset(start)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+        reader.assign(&tpl).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+        let mut applied = 0u64;
+        let mut batch = StateBatch::default();
+        let mut pos = start;
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while pos < hi {
+            if std::time::Instant::now() > deadline {
+                return Err(MonitorError::Kafka(format!("changelog restore stuck at offset {pos} of {hi}")));
+            }
+            let Some(m) = reader.poll(Duration::from_millis(500)) else {
+                // the rest may be transaction markers or aborted records, which read_committed skips
+                let (_, now_hi) = reader.fetch_watermarks(&self.topic, 0, Duration::from_secs(10)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+                if let Ok(p) = reader.position() {
+                    if let Some(Offset::Offset(o)) = p.elements().first().map(|e| e.offset()) {
+                        pos = pos.max(o);
+                    }
+                }
+                if pos >= now_hi.min(hi) - 1 {
+                    break;
+                }
+                continue;
+            };
+            let m = m.map_err(|e| MonitorError::Kafka(e.to_string()))?;
+            pos = m.offset() + 1;
+            let key = m.key().unwrap_or_default();
+            let Some(sep) = key.iter().position(|&b| b == 0) else { continue };
+            let cf = std::str::from_utf8(&key[..sep]).unwrap_or("");
+            let Some(cf) = ALL_CFS.iter().find(|c| **c == cf) else { continue };
+            match m.payload() {
+                Some(v) => batch.put_raw(store, cf, &key[sep + 1..], v),
+                None => batch.delete(store, cf, &key[sep + 1..]),
+            }
+            applied += 1;
+            if applied % 5000 == 0 {
+                batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &pos);
+                store.write(std::mem::take(&mut batch))?;
+            }
+        }
+        batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &pos.max(hi));
+        store.write(batch)?;
+        tracing::info!(applied, from = start, to = hi, "monitor state restored from the changelog");
+        Ok(applied)
+    }
+}
