@@ -190,6 +190,10 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
             }
         } else if m.topic() == cfg.topics.alerts {
             let Ok(a) = codec::decode::<AlertEvent>(payload, ct.as_deref()) else { continue };
+            if a.status == "INFO" {
+                println!("INFO    {:<35} {}/{}/{} -> {}", a.code, a.model, a.version, a.cohort, a.action);
+                continue;
+            }
             if a.status == "FIRING" { s.alerts_firing += 1 } else { s.alerts_resolved += 1 }
             println!("ALERT   {:<8} {:<26} {}/{}/{} {}={:.3} threshold={} -> {}", a.status, a.code, a.model, a.version, a.cohort, a.metric, a.value, a.threshold, a.action);
         }
