@@ -12,7 +12,9 @@ use rdkafka::{
 };
 
 use crate::{
+    alert::AlertEvent,
     codec::{self, Record},
+    monitor::records::WindowMetrics,
     document::{DocumentFeedback, InferenceResult, PayslipDocument},
     kafka::headers as h,
 };
@@ -49,6 +51,8 @@ pub fn decode_value(schema: Option<&str>, content_type: Option<&str>, bytes: &[u
         Some(PayslipDocument::SCHEMA_NAME) => as_json::<PayslipDocument>(bytes, content_type),
         Some(InferenceResult::SCHEMA_NAME) => as_json::<InferenceResult>(bytes, content_type),
         Some(DocumentFeedback::SCHEMA_NAME) => as_json::<DocumentFeedback>(bytes, content_type),
+        Some(WindowMetrics::SCHEMA_NAME) => as_json::<WindowMetrics>(bytes, content_type),
+        Some(AlertEvent::SCHEMA_NAME) => as_json::<AlertEvent>(bytes, content_type),
         _ => serde_json::from_slice(bytes)
             .or_else(|_| as_json::<PayslipDocument>(bytes, content_type))
             .or_else(|_| as_json::<InferenceResult>(bytes, content_type))
@@ -157,4 +161,32 @@ pub fn inspect(opts: &InspectOptions, out: &mut dyn Write) -> Result<u64, String
         printed += 1;
     }
     Ok(printed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{encode, WireFormat};
+
+    #[test]
+    fn every_project_record_decodes_by_its_schema_header() {
+        let doc = crate::synth::Generator::new(Default::default()).document(0).document;
+        let alert = crate::alert::update_available("m", "1.0.0", "1.1.0", 5);
+        let metrics = WindowMetrics::from_window(
+            &crate::window::aggregate::Subject::pipeline(),
+            crate::window::WindowRange { start_ms: 0, end_ms: 10 },
+            &Default::default(),
+            0,
+            0,
+            10,
+        );
+        for f in [WireFormat::Avro, WireFormat::Json] {
+            let v = decode_value(Some(PayslipDocument::SCHEMA_NAME), Some(f.content_type()), &encode(&doc, f).unwrap()).unwrap();
+            assert_eq!(v["document_id"], doc.document_id.as_str());
+            let v = decode_value(Some(AlertEvent::SCHEMA_NAME), Some(f.content_type()), &encode(&alert, f).unwrap()).unwrap();
+            assert_eq!(v["code"], "MODEL_UPDATE_AVAILABLE");
+            let v = decode_value(Some(WindowMetrics::SCHEMA_NAME), Some(f.content_type()), &encode(&metrics, f).unwrap()).unwrap();
+            assert_eq!(v["metrics_id"], metrics.metrics_id.as_str());
+        }
+    }
 }

@@ -91,7 +91,7 @@ enum Command {
     Inspect {
         #[command(flatten)]
         common: Common,
-        /// Topic name, or one of: documents, inference, dlq, feedback.
+        /// Topic name, or one of: documents, inference, dlq, feedback, metrics, alerts.
         #[arg(long, short)]
         topic: String,
         /// Start at this offset in every partition.
@@ -287,6 +287,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 "inference" => cfg.topics.inference.clone(),
                 "dlq" => cfg.topics.documents_dlq.clone(),
                 "feedback" => cfg.topics.feedback.clone(),
+                "metrics" => cfg.topics.metrics.clone(),
+                "alerts" => cfg.topics.alerts.clone(),
                 t => t.to_string(),
             };
             let start = if let Some(o) = offset {
