@@ -117,14 +117,15 @@ impl Read {
     }
 }
 
+/// A consumer that assigns partitions itself and commits nothing.
+fn reader() -> BaseConsumer {
+    kafka::client_config(&brokers(), &Default::default()).set("group.id", unique("reader")).set("enable.auto.commit", "false").create().expect("reader")
+}
+
 /// Reads `topic` from the beginning until `expected` messages arrived, then keeps reading for
 /// `settle` more so that extra (duplicate) messages would be seen too. Panics after `timeout`.
 pub fn read_topic(topic: &str, expected: usize, timeout: Duration, settle: Duration) -> Vec<Read> {
-    let consumer: BaseConsumer = kafka::client_config(&brokers(), &Default::default())
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("reader");
+    let consumer = reader();
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
     let mut tpl = TopicPartitionList::new();
     for p in md.topics()[0].partitions() {
@@ -165,11 +166,7 @@ pub async fn produce_raw(topic: &str, messages: Vec<(String, Vec<u8>, Vec<(&str,
 
 /// Reads everything on `topic` up to the end offsets at the time of the call.
 pub fn read_all(topic: &str) -> Vec<Read> {
-    let consumer: BaseConsumer = kafka::client_config(&brokers(), &Default::default())
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("reader");
+    let consumer = reader();
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
