@@ -49,6 +49,9 @@ pub struct PipelineConfig {
     /// Fault injection for demos and chaos tests (off by default).
     #[serde(default)]
     pub faults: FaultsConfig,
+    /// Phased rollout of a candidate model version (phases, criteria, emergency rollback).
+    #[serde(default)]
+    pub rollout: crate::rollout::RolloutConfig,
 }
 
 /// Header-driven fault injection, like Envoy's fault filter: when enabled, a document carrying
@@ -429,6 +432,7 @@ impl PipelineConfig {
             return Err(invalid("models.metadata", format!("{} does not exist; point it at models/model_metadata.json", self.models.metadata.display())));
         }
         self.monitor.validate()?;
+        self.rollout.validate().map_err(|(k, m)| invalid(&k, m))?;
         if let Some(p) = &self.inference.ort_dylib_path {
             if !p.exists() {
                 return Err(invalid("inference.ort_dylib_path", format!("{} does not exist; install onnxruntime (pip install onnxruntime==1.32.*) and point this at its capi/libonnxruntime.so.*", p.display())));
@@ -455,7 +459,7 @@ mod tests {
     #[test]
     fn absent_sections_mean_the_same_as_empty_ones() {
         let absent = PipelineConfig::from_yaml(BASE).unwrap();
-        let empty = PipelineConfig::from_yaml(&format!("{BASE}kafka: {{}}\nfaults: {{}}\nmonitor: {{}}\nbatching: {{}}\nlimits: {{}}\ninference: {{}}\ntopics: {{}}\n")).unwrap();
+        let empty = PipelineConfig::from_yaml(&format!("{BASE}kafka: {{}}\nfaults: {{}}\nrollout: {{}}\nmonitor: {{}}\nbatching: {{}}\nlimits: {{}}\ninference: {{}}\ntopics: {{}}\n")).unwrap();
         assert_eq!(format!("{absent:?}"), format!("{empty:?}"));
         assert_eq!(absent.kafka.infer_group, "payslip-infer");
         assert_eq!(absent.faults.max_delay_ms, 5_000);

@@ -1,7 +1,9 @@
 //! `run --demo`: the whole pipeline on one machine for a new user. Produces synthetic payslips (a
 //! few broken, a stretch slowed down and a stretch failing, through the fault-injection headers),
-//! runs the infer and monitor stages, and prints results, dead letters, closing windows and alerts
-//! as they happen. Window sizes are shortened so the alerts fire and resolve within a minute.
+//! runs the infer and monitor stages with a phased rollout of a candidate classifier, and prints
+//! results, dead letters, closing windows, alerts and rollout decisions as they happen. Windows,
+//! soaks and minimum samples are shortened so alerts fire and resolve and the candidate goes through
+//! the five phases (or is rolled back) within a minute.
 
 use std::{
     ops::Range,
@@ -25,6 +27,7 @@ use crate::{
     inference::ModelRegistry,
     kafka::{self, headers as h, headers::HeaderSet},
     monitor::{records::WindowMetrics, MonitorStage},
+    rollout::{action, CandidateSpec, RolloutDecision},
     pipeline::InferStage,
     synth::{Generator, GeneratorConfig},
 };
@@ -46,7 +49,8 @@ pub struct DemoOptions {
 impl DemoOptions {
     pub fn for_count(count: u64, rate: f64) -> Self {
         let at = |f: f64| (count as f64 * f) as u64;
-        Self { count, rate, slow: at(0.25)..at(0.42), slow_delay_ms: 700, failing: at(0.6)..at(0.72), bad_every: 100, print_every: 25 }
+        // the faults come early, while the candidate is at 1 %: both cohorts see them alike
+        Self { count, rate, slow: at(0.04)..at(0.08), slow_delay_ms: 700, failing: at(0.10)..at(0.14), bad_every: 100, print_every: 100 }
     }
 }
 
@@ -60,14 +64,44 @@ pub struct DemoSummary {
     pub alerts_firing: u64,
     pub alerts_resolved: u64,
     pub classifier_accuracy: f64,
+    pub canary_results: u64,
+    pub decisions: u64,
+    /// The rollout's last action and status, e.g. `PROMOTE/PROMOTED`.
+    pub rollout: String,
 }
+
+/// Memory bound of the demo's rollout: its single process holds the embedded broker, the producer and
+/// both stages (a lone infer process stays under 100 MB; see README).
+pub const DEMO_MEMORY_MB: f64 = 400.0;
+
+/// Distinct documents the demo renders before it starts sending.
+const DEMO_POOL: u64 = 500;
 
 fn fmt_ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.0}ms")).unwrap_or_else(|| "-".into())
 }
 
-/// Adjusts a config for the demo: short windows, faults on, a fresh state directory.
-pub fn demo_config(mut cfg: PipelineConfig, state_dir: PathBuf) -> PipelineConfig {
+/// Adjusts a config for the demo: short windows, faults on, a fresh state directory, and a rollout of
+/// `candidate` (default: the configured one, else document_classifier 1.1.0) started at once, with
+/// soaks of 6 s and minimum samples of at most 10.
+pub fn demo_config(mut cfg: PipelineConfig, state_dir: PathBuf, candidate: Option<String>) -> PipelineConfig {
+    let mut c = cfg.rollout.candidate.clone().unwrap_or(CandidateSpec { model: "document_classifier".into(), version: "1.1.0".into(), id: None });
+    if let Some(v) = candidate {
+        c.version = v;
+        c.id = None;
+    }
+    cfg.rollout.candidate = Some(c);
+    cfg.rollout.auto_start = true;
+    for p in &mut cfg.rollout.phases {
+        p.soak_ms = 6_000;
+        for k in &mut p.criteria {
+            k.min_samples = k.min_samples.min(10);
+            // the demo's one process also holds the broker, the producer and the monitor
+            if k.metric == crate::rollout::CriterionMetric::MemoryMb {
+                k.max = k.max.map(|m| m.max(DEMO_MEMORY_MB));
+            }
+        }
+    }
     cfg.faults.enabled = true;
     // one monitor, and the embedded broker is not relied on for transactions
     cfg.monitor.changelog = false;
@@ -91,7 +125,7 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
     printer_cfg.set("enable.auto.offset.store", "true");
     let printer: StreamConsumer = printer_cfg.create().map_err(|e| e.to_string())?;
     printer
-        .subscribe(&[&cfg.topics.inference, &cfg.topics.documents_dlq, &cfg.topics.metrics, &cfg.topics.alerts])
+        .subscribe(&[&cfg.topics.inference, &cfg.topics.documents_dlq, &cfg.topics.metrics, &cfg.topics.alerts, &cfg.topics.decisions])
         .map_err(|e| e.to_string())?;
 
     let producer_task = {
@@ -99,12 +133,18 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
         let (slow, failing, delay, bad_every, count, rate) = (opts.slow.clone(), opts.failing.clone(), opts.slow_delay_ms, opts.bad_every, opts.count, opts.rate);
         tokio::spawn(async move {
             let p: FutureProducer = kafka::producer_config(&brokers, &passthrough).create().map_err(|e| e.to_string())?;
+            // Rendering rasters costs more than running the models on them: render a pool once and
+            // send its documents round-robin, each with its own id, user and time.
             let gen = Generator::new(GeneratorConfig { seed: 2026, ..Default::default() });
+            let users = gen.config().users as u64;
+            let pool = tokio::task::spawn_blocking(move || (0..DEMO_POOL.min(count)).map(|i| gen.document(i).document).collect::<Vec<_>>()).await.map_err(|e| e.to_string())?;
             let started = Instant::now();
             let mut broken = 0;
             for i in 0..count {
                 tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
-                let mut doc = gen.document(i).document;
+                let mut doc = pool[(i % pool.len() as u64) as usize].clone();
+                doc.document_id = format!("doc-demo-{i:08}");
+                doc.user_id = format!("user-{:05}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % users);
                 doc.submitted_at = chrono::Utc::now().timestamp_millis();
                 let payload = codec::encode(&doc, WireFormat::Avro).map_err(|e| e.to_string())?;
                 let mut hs = HeaderSet::new().with(h::CONTENT_TYPE, WireFormat::Avro.content_type()).with(h::SCHEMA, PayslipDocument::SCHEMA_NAME);
@@ -131,6 +171,16 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
         "demo: {} payslips at {}/s; documents {:?} are slowed by {} ms, {:?} fail table detection; windows of {} s",
         opts.count, opts.rate, opts.slow, opts.slow_delay_ms, opts.failing, cfg.monitor.window_size_ms / 1000
     );
+    if let Some(c) = &cfg.rollout.candidate {
+        println!(
+            "demo: rolling out {} {} against {} in {} phases ({}), soaks of 6 s, memory bound {DEMO_MEMORY_MB} MB (one process holds everything)",
+            c.model,
+            c.version,
+            cfg.models.serve.get(&c.model).cloned().unwrap_or_default(),
+            cfg.rollout.phases.len(),
+            cfg.rollout.phases.iter().map(|p| format!("{} %", p.traffic_percent)).collect::<Vec<_>>().join(" → ")
+        );
+    }
     let mut s = DemoSummary::default();
     let (mut correct, mut labelled) = (0u64, 0u64);
     let expected_broken = opts.count / opts.bad_every;
@@ -146,12 +196,24 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
         last_event = Instant::now();
         let ct = h::get(m.headers(), h::CONTENT_TYPE);
         let payload = m.payload().unwrap_or_default();
-        if m.topic() == cfg.topics.documents_dlq {
+        if m.topic() == cfg.topics.decisions {
+            let Ok(d) = codec::decode::<RolloutDecision>(payload, ct.as_deref()) else { continue };
+            s.decisions += 1;
+            s.rollout = format!("{}/{}", d.action, d.status);
+            let mark = if d.action == action::HOLD { "ROLLOUT " } else { "ROLLOUT*" };
+            println!("{mark} {:<18} phase {} {:>5.1}% {}", d.action, d.phase, d.traffic_percent, d.reason);
+            if d.action != action::HOLD && d.action != action::START {
+                for c in &d.criteria {
+                    println!("           {:<13} {:<34} {}", c.verdict, c.name, c.detail);
+                }
+            }
+        } else if m.topic() == cfg.topics.documents_dlq {
             s.dead_letters += 1;
             println!("DLQ     key={} class={} reason={}", String::from_utf8_lossy(m.key().unwrap_or_default()), h::get(m.headers(), h::ERROR_CLASS).unwrap_or_default(), h::get(m.headers(), h::ERROR_MESSAGE).unwrap_or_default());
         } else if m.topic() == cfg.topics.inference {
             let Ok(r) = codec::decode::<InferenceResult>(payload, ct.as_deref()) else { continue };
             s.results += 1;
+            s.canary_results += (r.cohort == "canary") as u64;
             let cls = r.output("document_classifier");
             let label = cls.and_then(|o| o.label.clone()).unwrap_or_else(|| "-".into());
             if let Some(t) = &r.true_format {
@@ -162,8 +224,9 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
                 let tables = r.output("table_detection").map(|o| o.regions.len()).unwrap_or(0);
                 let line = r.output("text_recognition").and_then(|o| o.lines.first().cloned()).unwrap_or_default();
                 println!(
-                    "RESULT  {} format={label:<9} truth={:<9} tables={tables} text={line:?} provider={} infer={:.0}ms e2e={:.0}ms{}",
+                    "RESULT  {} {:<8} format={label:<9} truth={:<9} tables={tables} text={line:?} provider={} infer={:.0}ms e2e={:.0}ms{}",
                     r.document_id,
+                    r.cohort,
                     r.true_format.clone().unwrap_or_default(),
                     r.provider,
                     r.inference_ms,
@@ -174,7 +237,7 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
         } else if m.topic() == cfg.topics.metrics {
             let Ok(w) = codec::decode::<WindowMetrics>(payload, ct.as_deref()) else { continue };
             s.windows_closed += 1;
-            if w.model == "pipeline" || w.model == "table_detection" {
+            if w.model == "pipeline" {
                 let t = chrono::DateTime::from_timestamp_millis(w.window_start).map(|t| t.format("%H:%M:%S").to_string()).unwrap_or_default();
                 println!(
                     "WINDOW  {t} +{}s {:<22} n={:<4} errors={:<3} p50={} p95={} p99={}{}",

@@ -53,6 +53,8 @@ pub fn decode_value(schema: Option<&str>, content_type: Option<&str>, bytes: &[u
         Some(DocumentFeedback::SCHEMA_NAME) => as_json::<DocumentFeedback>(bytes, content_type),
         Some(WindowMetrics::SCHEMA_NAME) => as_json::<WindowMetrics>(bytes, content_type),
         Some(AlertEvent::SCHEMA_NAME) => as_json::<AlertEvent>(bytes, content_type),
+        Some(crate::rollout::RolloutDecision::SCHEMA_NAME) => as_json::<crate::rollout::RolloutDecision>(bytes, content_type),
+        Some(crate::rollout::RolloutCommand::SCHEMA_NAME) => as_json::<crate::rollout::RolloutCommand>(bytes, content_type),
         _ => serde_json::from_slice(bytes)
             .or_else(|_| as_json::<PayslipDocument>(bytes, content_type))
             .or_else(|_| as_json::<InferenceResult>(bytes, content_type))

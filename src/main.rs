@@ -53,11 +53,14 @@ enum Command {
         #[arg(long)]
         demo: bool,
         /// Demo: number of documents to produce before stopping.
-        #[arg(long, default_value_t = 1500)]
+        #[arg(long, default_value_t = 7500)]
         demo_count: u64,
         /// Demo: documents per second.
-        #[arg(long, default_value_t = 100.0)]
+        #[arg(long, default_value_t = 150.0)]
         demo_rate: f64,
+        /// Demo: candidate classifier version to roll out (1.1.1-degraded shows a rollback).
+        #[arg(long)]
+        demo_candidate: Option<String>,
     },
     /// Produce documents from files or from the synthetic generator.
     Produce {
@@ -91,7 +94,7 @@ enum Command {
     Inspect {
         #[command(flatten)]
         common: Common,
-        /// Topic name, or one of: documents, inference, dlq, feedback, metrics, alerts.
+        /// Topic name, or one of: documents, inference, dlq, feedback, metrics, alerts, decisions, commands.
         #[arg(long, short)]
         topic: String,
         /// Start at this offset in every partition.
@@ -132,6 +135,78 @@ enum Command {
     Topics {
         #[command(flatten)]
         common: Common,
+    },
+    /// Phased rollout of a candidate model version: operator commands and phase status.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCli,
+    },
+}
+
+#[derive(Args, Clone)]
+struct RolloutArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Rollout id (default: `rollout.candidate` of the config, i.e. `<model>-<version>`).
+    #[arg(long)]
+    id: Option<String>,
+    /// Who is acting (written into the decision).
+    #[arg(long, env = "USER", default_value = "operator")]
+    operator: String,
+    /// Why (written into the decision).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Do not wait for the controller's decision.
+    #[arg(long)]
+    no_wait: bool,
+    /// Seconds to wait for the decision.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+#[derive(Subcommand)]
+enum RolloutCli {
+    /// Start a rollout at phase 1 (naming a quarantined version explicitly lifts its quarantine).
+    Start {
+        #[command(flatten)]
+        args: RolloutArgs,
+        /// Model (default: rollout.candidate.model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Candidate version (default: rollout.candidate.version).
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Move to the next phase now (past the last one: promote).
+    Advance {
+        #[command(flatten)]
+        args: RolloutArgs,
+    },
+    /// Go back one phase (from phase 1: remove the candidate).
+    RollbackPhase {
+        #[command(flatten)]
+        args: RolloutArgs,
+    },
+    /// All traffic to the baseline at once; the candidate is quarantined.
+    EmergencyRollback {
+        #[command(flatten)]
+        args: RolloutArgs,
+    },
+    /// Stop automatic advance and phase rollback (emergency rollback stays armed).
+    Pause {
+        #[command(flatten)]
+        args: RolloutArgs,
+    },
+    Resume {
+        #[command(flatten)]
+        args: RolloutArgs,
+    },
+    /// Phase status of every rollout (or of --id) from the decisions topic, as JSON.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        id: Option<String>,
     },
 }
 
@@ -243,7 +318,8 @@ async fn main() {
 
 async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { common, stage, group, demo, demo_count, demo_rate } => run(common, stage, group, demo, demo_count, demo_rate).await,
+        Command::Rollout { command } => rollout_cli(command).await,
+        Command::Run { common, stage, group, demo, demo_count, demo_rate, demo_candidate } => run(common, stage, group, demo, demo_count, demo_rate, demo_candidate).await,
         Command::State { command } => match command {
             StateCommand::Checkpoint { common, to } => {
                 let cfg = load_config(&common)?;
@@ -289,6 +365,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 "feedback" => cfg.topics.feedback.clone(),
                 "metrics" => cfg.topics.metrics.clone(),
                 "alerts" => cfg.topics.alerts.clone(),
+                "decisions" => cfg.topics.decisions.clone(),
+                "commands" => cfg.topics.commands.clone(),
                 t => t.to_string(),
             };
             let start = if let Some(o) = offset {
@@ -322,7 +400,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let registry = ModelRegistry::load(&cfg.models, &cfg.inference, &extra).map_err(|e| anyhow!(e))?;
             let mut refused = 0;
             for s in registry.status() {
-                println!("{}", serde_json::to_string(s)?);
+                println!("{}", serde_json::to_string(&s)?);
                 refused += (s.state != "loaded") as usize;
             }
             if refused > 0 {
@@ -366,7 +444,7 @@ fn spawn_monitor(cfg: PipelineConfig, brokers: String, mut shutdown: watch::Rece
     })
 }
 
-async fn run(common: Common, stage_sel: Stage, group: Option<String>, demo: bool, demo_count: u64, demo_rate: f64) -> Result<()> {
+async fn run(common: Common, stage_sel: Stage, group: Option<String>, demo: bool, demo_count: u64, demo_rate: f64, demo_candidate: Option<String>) -> Result<()> {
     let mut cfg = load_config(&common)?;
     if let Some(g) = group {
         cfg.kafka.infer_group = g;
@@ -408,7 +486,7 @@ async fn run(common: Common, stage_sel: Stage, group: Option<String>, demo: bool
     if demo {
         let opts = payslip_stream::demo::DemoOptions::for_count(demo_count, demo_rate);
         let state = std::env::temp_dir().join(format!("payslip-demo-state-{}", std::process::id()));
-        let cfg = payslip_stream::demo::demo_config(cfg, state.clone());
+        let cfg = payslip_stream::demo::demo_config(cfg, state.clone(), demo_candidate);
         let summary = payslip_stream::demo::run(cfg, brokers, registry, opts, shutdown).await.map_err(|e| anyhow!(e));
         let _ = std::fs::remove_dir_all(&state);
         eprintln!("demo done: {}", serde_json::to_string(&summary?)?);
@@ -423,4 +501,64 @@ async fn run(common: Common, stage_sel: Stage, group: Option<String>, demo: bool
         eprintln!("{}", serde_json::to_string(&s)?);
     }
     Ok(())
+}
+
+async fn rollout_cli(command: RolloutCli) -> Result<()> {
+    use payslip_stream::rollout::{action, default_rollout_id, ops, routing, RolloutCommand};
+    let (args, act, model, version) = match command {
+        RolloutCli::Status { common, id } => {
+            let cfg = load_config(&common)?;
+            let brokers = brokers_of(&common, &cfg).ok_or_else(|| anyhow!("rollout status needs a broker: pass --brokers (or PAYSLIP_BROKERS)"))?;
+            let decisions = tokio::task::spawn_blocking(move || routing::read_decisions(&cfg, &brokers)).await?.map_err(|e| anyhow!(e))?;
+            let status = ops::phase_status(decisions, id.as_deref());
+            if status.is_empty() {
+                bail!("no rollout{} on the decisions topic", id.map(|i| format!(" {i}")).unwrap_or_default());
+            }
+            for s in status {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            }
+            return Ok(());
+        }
+        RolloutCli::Start { args, model, version } => (args, action::START, model, version),
+        RolloutCli::Advance { args } => (args, action::ADVANCE, None, None),
+        RolloutCli::RollbackPhase { args } => (args, action::ROLLBACK_PHASE, None, None),
+        RolloutCli::EmergencyRollback { args } => (args, action::EMERGENCY_ROLLBACK, None, None),
+        RolloutCli::Pause { args } => (args, action::PAUSE, None, None),
+        RolloutCli::Resume { args } => (args, action::RESUME, None, None),
+    };
+    let cfg = load_config(&args.common)?;
+    let brokers = brokers_of(&args.common, &cfg).ok_or_else(|| anyhow!("rollout commands need a broker: pass --brokers (or PAYSLIP_BROKERS); the embedded broker of `run` prints its address"))?;
+    let candidate = cfg.rollout.candidate.as_ref();
+    let id = match (&args.id, &model, &version) {
+        (Some(id), _, _) => id.clone(),
+        (None, Some(m), Some(v)) => default_rollout_id(m, v),
+        (None, None, Some(v)) if candidate.is_some() => default_rollout_id(&candidate.expect("checked").model, v),
+        _ => candidate.map(|c| c.rollout_id()).ok_or_else(|| anyhow!("name the rollout with --id (or set rollout.candidate in the config)"))?,
+    };
+    let issued_at = chrono::Utc::now().timestamp_millis();
+    let cmd = RolloutCommand {
+        command_id: format!("{}-{issued_at}-{}", args.operator, std::process::id()),
+        rollout_id: id,
+        action: act.to_string(),
+        operator: args.operator.clone(),
+        reason: args.reason.clone(),
+        model,
+        version,
+        issued_at,
+    };
+    ops::send_command(&cfg, &brokers, &cmd).await.map_err(|e| anyhow!(e))?;
+    eprintln!("sent {} for rollout {} to {}", cmd.action, cmd.rollout_id, cfg.topics.commands);
+    if args.no_wait {
+        return Ok(());
+    }
+    match ops::wait_for_decision(&cfg, &brokers, &cmd.command_id, std::time::Duration::from_secs(args.timeout)).await.map_err(|e| anyhow!(e))? {
+        Some(d) => {
+            println!("{}", serde_json::to_string_pretty(&d)?);
+            if d.action == action::REJECTED {
+                bail!("{}", d.reason);
+            }
+            Ok(())
+        }
+        None => bail!("no decision within {} s: is a monitor stage (`payslip-stream run --stage monitor`) running against these topics?", args.timeout),
+    }
 }

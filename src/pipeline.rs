@@ -37,6 +37,7 @@ use crate::{
     document::{InferenceResult, PayslipDocument},
     inference::ModelRegistry,
     kafka::{self, headers as h, headers::HeaderSet},
+    rollout::routing::{Follower, Route, Routing},
     telemetry::{InferCounters, InferSummary, ProcessSample},
 };
 
@@ -98,6 +99,15 @@ impl InferStage {
     /// Runs until `shutdown` turns true (or its sender is dropped), then drains and returns what it did.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<InferSummary, StageError> {
         let cfg = &self.cfg;
+        // the canary split: read the decisions topic to its end before the first document
+        let follower = {
+            let (cfg, brokers, registry) = (cfg.clone(), self.brokers.clone(), self.registry.clone());
+            tokio::task::spawn_blocking(move || Follower::start(&cfg, &brokers, registry))
+                .await
+                .map_err(|e| StageError::Internal(format!("decisions follower panicked: {e}")))?
+                .map_err(StageError::Kafka)?
+        };
+        let routing = follower.routing();
         let consumer: StreamConsumer = kafka::consumer_config(&self.brokers, &cfg.kafka.infer_group, &cfg.kafka.librdkafka)
             .create()
             .map_err(|e| StageError::Kafka(format!("cannot create consumer: {e}")))?;
@@ -153,7 +163,8 @@ impl InferStage {
             let registry = self.registry.clone();
             let cfg2 = self.cfg.clone();
             let counters = self.counters.clone();
-            let processed = match tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &counters, batch)).await {
+            let routing2 = routing.clone();
+            let processed = match tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &routing2, &counters, batch)).await {
                 Ok(p) => p,
                 Err(e) => {
                     failure = Some(StageError::Internal(format!("batch processing panicked: {e}")));
@@ -193,6 +204,7 @@ impl InferStage {
             }
         }
         let _ = producer.flush(Timeout::After(Duration::from_secs(10)));
+        drop(follower);
         let summary = self.counters.snapshot();
         tracing::info!(?summary, "infer stage stopped");
         match failure {
@@ -237,8 +249,8 @@ async fn ack_loop(mut rx: mpsc::Receiver<Pending>, consumer: Arc<StreamConsumer>
     Ok(())
 }
 
-/// Decode, validate, infer and encode one batch. Runs on a blocking thread.
-fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, counters: &InferCounters, batch: Vec<OwnedMessage>) -> Vec<Processed> {
+/// Decode, validate, route, infer and encode one batch. Runs on a blocking thread.
+fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, routing: &std::sync::RwLock<Routing>, counters: &InferCounters, batch: Vec<OwnedMessage>) -> Vec<Processed> {
     let limits = cfg.limits.document_limits();
     let mut docs: Vec<(usize, PayslipDocument)> = Vec::new();
     let mut delay_ms = 0u64;
@@ -266,31 +278,44 @@ fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, counters: &Infe
         }
     }
     if !docs.is_empty() {
-        let versions = registry.served_versions().clone();
-        let refs: Vec<&PayslipDocument> = docs.iter().map(|(_, d)| d).collect();
+        // one route per document, then one model run per distinct set of versions
+        let routes: Vec<Route> = {
+            let r = routing.read().unwrap_or_else(|p| p.into_inner());
+            docs.iter().map(|(_, d)| r.route(registry.served_versions(), &d.user_id)).collect()
+        };
+        let mut groups: BTreeMap<&BTreeMap<String, String>, Vec<usize>> = BTreeMap::new();
+        for (k, r) in routes.iter().enumerate() {
+            groups.entry(&r.versions).or_default().push(k);
+        }
         if delay_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         }
-        let mut outputs = registry.infer(&refs, &versions);
-        if delay_ms > 0 {
-            for outs in outputs.iter_mut() {
+        let mut outputs: Vec<Vec<crate::document::ModelOutput>> = vec![Vec::new(); docs.len()];
+        for (versions, members) in &groups {
+            let refs: Vec<&PayslipDocument> = members.iter().map(|&k| &docs[k].1).collect();
+            for (&k, outs) in members.iter().zip(registry.infer(&refs, versions)) {
+                outputs[k] = outs;
+            }
+        }
+        for ((i, _), outs) in docs.iter().zip(outputs.iter_mut()) {
+            if delay_ms > 0 {
                 for o in outs.iter_mut() {
                     o.latency_ms += delay_ms as f64;
                 }
             }
-        }
-        for ((i, _), outs) in docs.iter().zip(outputs.iter_mut()) {
-            if let Some(model) = forced_errors.get(i) {
-                for o in outs.iter_mut().filter(|o| &o.model == model) {
+            // `fault-error: MODEL` fails that model; `MODEL@VERSION` only when that version ran
+            if let Some(target) = forced_errors.get(i) {
+                let (model, version) = target.split_once('@').map(|(m, v)| (m, Some(v))).unwrap_or((target.as_str(), None));
+                for o in outs.iter_mut().filter(|o| o.model == model && version.is_none_or(|v| v == o.version)) {
                     o.error_code = Some(crate::inference::codes::INFERENCE_FAILED.into());
                 }
             }
         }
         let provider = registry.provider();
         let sample = counters.process.sample();
-        for ((i, doc), outs) in docs.into_iter().zip(outputs) {
+        for (((i, doc), outs), route) in docs.into_iter().zip(outputs).zip(routes) {
             let m = &batch[i];
-            let out = result_message(cfg, m, doc, outs, &versions, &provider, &sample);
+            let out = result_message(cfg, m, doc, outs, &route, &provider, &sample);
             slots[i] = Some(Processed { out, topic: m.topic().into(), partition: m.partition(), offset: m.offset() });
         }
     }
@@ -336,7 +361,7 @@ fn result_message(
     m: &OwnedMessage,
     doc: PayslipDocument,
     outputs: Vec<crate::document::ModelOutput>,
-    versions: &BTreeMap<String, String>,
+    route: &Route,
     provider: &str,
     sample: &ProcessSample,
 ) -> Outgoing {
@@ -348,11 +373,11 @@ fn result_message(
         document_id: doc.document_id.clone(),
         user_id: doc.user_id,
         tenant: doc.tenant,
-        cohort: "baseline".into(),
+        cohort: route.cohort.into(),
         submitted_at: doc.submitted_at,
         processed_at: now,
         provider: provider.to_string(),
-        model_versions: versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        model_versions: route.versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         inference_ms: outputs.iter().map(|o| o.latency_ms).sum(),
         outputs,
         end_to_end_ms: (now - produced_at).max(0) as f64,
@@ -378,9 +403,13 @@ fn result_message(
         .with(h::SCHEMA, InferenceResult::SCHEMA_NAME)
         .with(h::RESULT_ID, &result.result_id)
         .with(h::TRACE_ID, trace)
-        .with(h::MODEL_VERSIONS, versions.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+        .with(h::MODEL_VERSIONS, route.versions.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
         .with(h::PROVIDER, provider)
-        .with(h::SOURCE, &result.source);
+        .with(h::SOURCE, &result.source)
+        .with(h::COHORT, route.cohort);
+    if !route.stamp.is_empty() {
+        headers = headers.with(h::ROLLOUT, &route.stamp);
+    }
     if let Some(code) = &error_code {
         headers = headers.with("error-code", code);
     }

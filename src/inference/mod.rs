@@ -16,7 +16,7 @@ pub mod runtime;
 
 use std::{
     collections::BTreeMap,
-    sync::Mutex,
+    sync::{Arc, Mutex, RwLock},
     time::Instant,
 };
 
@@ -63,11 +63,14 @@ struct LoadedModel {
     load_ms: f64,
 }
 
-/// Sessions of every served model version.
+/// Sessions of every served model version (and of rollout candidates, loaded when a rollout
+/// needs them).
 pub struct ModelRegistry {
-    loaded: BTreeMap<(String, String), LoadedModel>,
+    loaded: RwLock<BTreeMap<(String, String), Arc<LoadedModel>>>,
     serve: BTreeMap<String, String>,
-    status: Vec<ModelStatus>,
+    status: RwLock<Vec<ModelStatus>>,
+    metadata: ModelMetadata,
+    inference: InferenceConfig,
 }
 
 fn expected_input(name: &str) -> Option<Vec<i64>> {
@@ -89,26 +92,40 @@ impl ModelRegistry {
         wanted.extend(extra.iter().cloned());
         wanted.sort();
         wanted.dedup();
-        let mut loaded = BTreeMap::new();
-        let mut status = Vec::new();
+        let registry = Self { loaded: RwLock::new(BTreeMap::new()), serve: models.serve.clone(), status: RwLock::new(Vec::new()), metadata: meta, inference: inference.clone() };
         for (name, version) in wanted {
-            let started = Instant::now();
-            let result = Self::load_one(&meta, inference, &name, &version);
-            let load_ms = started.elapsed().as_secs_f64() * 1e3;
-            match result {
-                Ok((mut model, skipped)) => {
-                    model.load_ms = load_ms;
-                    tracing::info!(model = %name, %version, provider = model.provider, load_ms, "model loaded");
-                    status.push(ModelStatus { model: name.clone(), version: version.clone(), state: "loaded", provider: Some(model.provider.to_string()), load_ms, reason: None, skipped_providers: skipped });
-                    loaded.insert((name, version), model);
-                }
-                Err(reason) => {
-                    tracing::error!(model = %name, %version, %reason, "model version refused");
-                    status.push(ModelStatus { model: name, version, state: "refused", provider: None, load_ms, reason: Some(reason), skipped_providers: vec![] });
-                }
+            registry.ensure_loaded(&name, &version);
+        }
+        Ok(registry)
+    }
+
+    /// Loads `name` `version` unless it is loaded or was refused before; returns whether it is loaded.
+    pub fn ensure_loaded(&self, name: &str, version: &str) -> bool {
+        let key = (name.to_string(), version.to_string());
+        if self.loaded.read().unwrap_or_else(|p| p.into_inner()).contains_key(&key) {
+            return true;
+        }
+        if self.status.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.model == name && s.version == version) {
+            return false; // refused before; a restart retries
+        }
+        let started = Instant::now();
+        let result = Self::load_one(&self.metadata, &self.inference, name, version);
+        let load_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut status = self.status.write().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok((mut model, skipped)) => {
+                model.load_ms = load_ms;
+                tracing::info!(model = %name, %version, provider = model.provider, load_ms, "model loaded");
+                status.push(ModelStatus { model: name.into(), version: version.into(), state: "loaded", provider: Some(model.provider.to_string()), load_ms, reason: None, skipped_providers: skipped });
+                self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::new(model));
+                true
+            }
+            Err(reason) => {
+                tracing::error!(model = %name, %version, %reason, "model version refused");
+                status.push(ModelStatus { model: name.into(), version: version.into(), state: "refused", provider: None, load_ms, reason: Some(reason), skipped_providers: vec![] });
+                false
             }
         }
-        Ok(Self { loaded, serve: models.serve.clone(), status })
     }
 
     fn load_one(meta: &ModelMetadata, inference: &InferenceConfig, name: &str, version: &str) -> Result<(LoadedModel, Vec<String>), String> {
@@ -127,8 +144,8 @@ impl ModelRegistry {
         Ok((LoadedModel { entry: entry.clone(), session: Mutex::new(ps.session), provider: ps.provider, load_ms: 0.0 }, ps.skipped))
     }
 
-    pub fn status(&self) -> &[ModelStatus] {
-        &self.status
+    pub fn status(&self) -> Vec<ModelStatus> {
+        self.status.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Versions served by default (the baseline), by model name.
@@ -138,7 +155,7 @@ impl ModelRegistry {
 
     /// The provider the served models run on (the first loaded one's; all share the list).
     pub fn provider(&self) -> String {
-        self.loaded.values().next().map(|m| m.provider.to_string()).unwrap_or_else(|| "none".into())
+        self.loaded.read().unwrap_or_else(|p| p.into_inner()).values().next().map(|m| m.provider.to_string()).unwrap_or_else(|| "none".into())
     }
 
     /// Runs `docs` through each model at the version given in `versions`. Returns, per document, one
@@ -146,7 +163,8 @@ impl ModelRegistry {
     pub fn infer(&self, docs: &[&PayslipDocument], versions: &BTreeMap<String, String>) -> Vec<Vec<ModelOutput>> {
         let mut out: Vec<Vec<ModelOutput>> = vec![Vec::with_capacity(versions.len()); docs.len()];
         for (name, version) in versions {
-            let Some(model) = self.loaded.get(&(name.clone(), version.clone())) else {
+            let model = self.loaded.read().unwrap_or_else(|p| p.into_inner()).get(&(name.clone(), version.clone())).cloned();
+            let Some(model) = model else {
                 for o in out.iter_mut() {
                     o.push(unavailable(name, version));
                 }
@@ -154,9 +172,9 @@ impl ModelRegistry {
             };
             let started = Instant::now();
             let per_doc = match name.as_str() {
-                CLASSIFIER => run_classifier(model, docs),
-                TABLES => run_tables(model, docs),
-                TEXT => run_text(model, docs),
+                CLASSIFIER => run_classifier(&model, docs),
+                TABLES => run_tables(&model, docs),
+                TEXT => run_text(&model, docs),
                 _ => Err((codes::MODEL_UNAVAILABLE, format!("no runner for {name}"))),
             };
             let latency_ms = started.elapsed().as_secs_f64() * 1e3;

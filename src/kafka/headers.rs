@@ -14,6 +14,10 @@ pub const ERROR_MESSAGE: &str = "error.message";
 pub const SOURCE_TOPIC: &str = "source.topic";
 pub const SOURCE_PARTITION: &str = "source.partition";
 pub const SOURCE_OFFSET: &str = "source.offset";
+/// `baseline` or `canary`.
+pub const COHORT: &str = "cohort";
+/// The rollout decisions a document was routed under: `rollout_id@seq:traffic_percent`, comma-separated.
+pub const ROLLOUT: &str = "rollout";
 
 /// First value of header `key` as text (lossy for non-UTF-8).
 pub fn get<H: Headers>(headers: Option<&H>, key: &str) -> Option<String> {

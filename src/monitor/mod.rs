@@ -15,6 +15,10 @@
 //! published but not yet confirmed, publishes the rest, and resumes at the stored offsets. So window
 //! totals equal the input exactly and no alert or metrics message is published twice.
 //!
+//! Operator commands (`litert.rollout.commands.v1`) are consumed the same way, and the rollout
+//! controller ([`crate::rollout`]) runs on each closed window range: its state is part of the batch
+//! and its decisions leave through the outbox like alerts, so they too are published exactly once.
+//!
 //! One process leads and owns its state directory; standbys wait and take over from the changelog
 //! ([`changelog`]).
 
@@ -78,6 +82,7 @@ const META_WATERMARK: &[u8] = b"watermark";
 const META_COUNTERS: &[u8] = b"counters";
 const META_PENDING_FEEDBACK: &[u8] = b"pending_feedback";
 const META_ANNOUNCED: &[u8] = b"announced";
+const META_ROLLOUT: &[u8] = b"rollout";
 const META_PUBLISHED_PREFIX: &str = "published:";
 const EVENT_ID: &str = "event-id";
 
@@ -120,6 +125,18 @@ impl MonitorStage {
         state.counters = store.get_json(CF_META, META_COUNTERS)?.unwrap_or_default();
         state.pending_feedback = store.get_json(CF_META, META_PENDING_FEEDBACK)?.unwrap_or_default();
         state.announced = store.get_json(CF_META, META_ANNOUNCED)?.unwrap_or_default();
+        match store.get_json::<crate::rollout::Controller>(CF_META, META_ROLLOUT)? {
+            Some(c) => state.rollout = c,
+            None => {
+                // no rollout state here: the decisions topic is the truth (soak clocks included)
+                let decisions = crate::rollout::routing::read_decisions(&self.cfg, &self.brokers).map_err(MonitorError::Kafka)?;
+                state.rollout = crate::rollout::Controller::restore(decisions);
+                state.rollout_dirty = true;
+                if !state.rollout.rollouts.is_empty() {
+                    tracing::info!(rollouts = state.rollout.rollouts.len(), "rollout state restored from the decisions topic");
+                }
+            }
+        }
         // after a restart no partition counts as idle until it has had time to deliver
         state.watermark.touch_all(now_ms());
         self.state = state;
@@ -166,7 +183,7 @@ impl MonitorStage {
         }
         self.load()?;
         self.recover_outbox()?;
-        let topics = [self.cfg.topics.inference.clone(), self.cfg.topics.feedback.clone()];
+        let topics = [self.cfg.topics.inference.clone(), self.cfg.topics.feedback.clone(), self.cfg.topics.commands.clone()];
         let consumer: BaseConsumer = kafka::client_config(&self.brokers, &self.cfg.kafka.librdkafka)
             .set("group.id", format!("{}-monitor-assign", self.cfg.kafka.infer_group))
             .set("enable.auto.commit", "false")
@@ -189,7 +206,8 @@ impl MonitorStage {
         }
         consumer.assign(&tpl).map_err(|e| MonitorError::Kafka(format!("assign: {e}")))?;
         let wall = now_ms();
-        for e in tpl.elements() {
+        // commands are rare and carry processing time: they do not hold the watermark back
+        for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands) {
             self.state.watermark.register(&format!("{}/{}", e.topic(), e.partition()), wall);
         }
         tracing::info!(state_dir = %self.store.path(), open_windows = self.state.windows.len(), resumed_partitions = stored.len(), "monitor stage started");
@@ -197,8 +215,11 @@ impl MonitorStage {
         let wcfg = self.window_config();
         let max_batch = self.cfg.monitor.max_batch;
         let updates = self.available_updates();
-        let announced = self.state.announce_updates(&updates, now_ms());
-        if !announced.is_empty() {
+        let mut announced = self.state.announce_updates(&updates, now_ms());
+        if let Some(cmd) = self.auto_start_command() {
+            announced.push(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
+        }
+        if !announced.is_empty() || self.state.rollout_dirty {
             let outbox = self.commit(BTreeMap::new(), announced)?;
             self.publish(outbox)?;
         }
@@ -207,6 +228,7 @@ impl MonitorStage {
                 return Err(MonitorError::LostLeadership);
             }
             let mut consumed: BTreeMap<String, i64> = BTreeMap::new();
+            let mut commanded: Vec<Emitted> = Vec::new();
             let mut n = 0;
             let mut timeout = Duration::from_millis(200);
             while n < max_batch {
@@ -225,7 +247,18 @@ impl MonitorStage {
                 let ct = h::get(m.headers(), h::CONTENT_TYPE);
                 let payload = m.payload().unwrap_or_default();
                 let wall = now_ms();
-                if m.topic() == self.cfg.topics.inference {
+                if m.topic() == self.cfg.topics.commands {
+                    match codec::decode::<crate::rollout::RolloutCommand>(payload, ct.as_deref()) {
+                        Ok(cmd) => {
+                            tracing::info!(rollout = %cmd.rollout_id, action = %cmd.action, operator = %cmd.operator, "rollout command");
+                            commanded.push(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
+                        }
+                        Err(e) => {
+                            self.state.counters.undecodable += 1;
+                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable rollout command skipped");
+                        }
+                    }
+                } else if m.topic() == self.cfg.topics.inference {
                     match codec::decode::<InferenceResult>(payload, ct.as_deref()) {
                         Ok(r) => self.state.apply_result(&r, &part, wall, &wcfg),
                         Err(e) => {
@@ -254,7 +287,8 @@ impl MonitorStage {
                 let pred = self.lookup_prediction(&f.document_id, f.given_at)?;
                 self.state.resolve_feedback(&f, pred, &wcfg);
             }
-            let emitted = self.state.close_windows(&self.cfg.monitor.alerts, &wcfg, wall);
+            let mut emitted = commanded;
+            emitted.extend(self.state.close_windows(&self.cfg.monitor.alerts, &self.cfg.rollout, &wcfg, wall));
             if consumed.is_empty() && emitted.is_empty() && !resolved_any {
                 continue;
             }
@@ -264,6 +298,31 @@ impl MonitorStage {
         let c = self.state.counters.clone();
         tracing::info!(summary = ?c, "monitor stage stopped");
         Ok(c)
+    }
+
+    /// START for the configured candidate when `rollout.auto_start` is set and it has no rollout yet.
+    fn auto_start_command(&self) -> Option<crate::rollout::RolloutCommand> {
+        let r = &self.cfg.rollout;
+        let c = r.candidate.as_ref().filter(|_| r.auto_start)?;
+        let id = c.rollout_id();
+        if self.state.rollout.rollouts.contains_key(&id) {
+            return None;
+        }
+        if let Some(why) = self.state.rollout.quarantine.get(&format!("{}@{}", c.model, c.version)) {
+            tracing::warn!(rollout = %id, reason = %why, "rollout.auto_start skipped: the candidate is quarantined");
+            return None;
+        }
+        let at = now_ms();
+        Some(crate::rollout::RolloutCommand {
+            command_id: format!("auto-start-{at}"),
+            rollout_id: id,
+            action: crate::rollout::action::START.into(),
+            operator: "config (rollout.auto_start)".into(),
+            reason: None,
+            model: Some(c.model.clone()),
+            version: None,
+            issued_at: at,
+        })
     }
 
     /// (model, served version, newer candidate version) from model_metadata.json.
@@ -336,6 +395,9 @@ impl MonitorStage {
         b.put_json(store, CF_META, META_WATERMARK, &st.watermark);
         b.put_json(store, CF_META, META_PENDING_FEEDBACK, &st.pending_feedback);
         b.put_json(store, CF_META, META_ANNOUNCED, &st.announced);
+        if std::mem::take(&mut st.rollout_dirty) {
+            b.put_json(store, CF_META, META_ROLLOUT, &st.rollout);
+        }
         b.put_json(store, CF_META, META_COUNTERS, &st.counters);
         self.write(b)?;
         Ok(outbox)
@@ -469,6 +531,7 @@ impl crate::config::MonitorConfig {
         let (topic, key, format, schema, payload) = match e {
             Emitted::Metrics(m) => (&cfg.topics.metrics, m.metrics_id.clone(), self.metrics_format, WindowMetrics::SCHEMA_NAME, codec::encode(m, self.metrics_format)),
             Emitted::Alert(a) => (&cfg.topics.alerts, a.alert_id.clone(), self.alerts_format, crate::alert::AlertEvent::SCHEMA_NAME, codec::encode(a, self.alerts_format)),
+            Emitted::Decision(d) => (&cfg.topics.decisions, d.rollout_id.clone(), cfg.rollout.decisions_format, crate::rollout::RolloutDecision::SCHEMA_NAME, codec::encode(d, cfg.rollout.decisions_format)),
         };
         // our own records always encode; fall back to JSON rather than lose the event
         let (payload, format) = match payload {
@@ -478,6 +541,7 @@ impl crate::config::MonitorConfig {
                 let json = match e {
                     Emitted::Metrics(m) => serde_json::to_vec(m),
                     Emitted::Alert(a) => serde_json::to_vec(a),
+                    Emitted::Decision(d) => serde_json::to_vec(d),
                 };
                 (json.unwrap_or_default(), WireFormat::Json)
             }
@@ -497,6 +561,19 @@ impl crate::config::MonitorConfig {
                 headers.push(("alert-status".into(), a.status.clone()));
                 headers.push(("subject".into(), format!("{}/{}/{}", a.model, a.version, a.cohort)));
                 headers.push(("window".into(), format!("{}..{}", a.window_start, a.window_end)));
+            }
+            Emitted::Decision(d) => {
+                headers.push(("rollout-action".into(), d.action.clone()));
+                headers.push(("rollout-status".into(), d.status.clone()));
+                headers.push(("rollout-phase".into(), d.phase.to_string()));
+                headers.push(("traffic-percent".into(), d.traffic_percent.to_string()));
+                headers.push((h::MODEL_VERSIONS.into(), format!("{}={}(candidate),{}(baseline)", d.model, d.candidate_version, d.baseline_version)));
+                if let Some(op) = &d.operator {
+                    headers.push(("operator".into(), op.clone()));
+                }
+                if let (Some(s), Some(e)) = (d.window_start, d.window_end) {
+                    headers.push(("window".into(), format!("{s}..{e}")));
+                }
             }
         }
         OutboxMessage { event_id: e.event_id(), topic: topic.clone(), key, payload_hex: hex::encode(payload), headers }

@@ -10,6 +10,7 @@ use crate::{
     alert::{self, AlertEvent, AlertInstance, AlertRule, Severity},
     document::{DocumentFeedback, InferenceResult},
     inference::{codes, CLASSIFIER},
+    rollout::{Controller, RolloutConfig, RolloutDecision},
     window::{
         admit,
         aggregate::{Subject, WindowAggregate},
@@ -53,6 +54,7 @@ pub struct MonitorCounters {
 pub enum Emitted {
     Metrics(WindowMetrics),
     Alert(AlertEvent),
+    Decision(RolloutDecision),
 }
 
 impl Emitted {
@@ -61,6 +63,7 @@ impl Emitted {
         match self {
             Emitted::Metrics(m) => format!("metrics:{}", m.metrics_id),
             Emitted::Alert(a) => format!("alert:{}:{}", a.alert_id, a.status),
+            Emitted::Decision(d) => format!("decision:{}", d.decision_id),
         }
     }
 }
@@ -85,6 +88,9 @@ pub struct MonitorState {
     /// Feedback whose prediction was not seen yet, with its input partition; resolved once the
     /// results topic is complete up to the feedback's time (then applied, or counted as orphan).
     pub pending_feedback: Vec<(String, DocumentFeedback)>,
+    /// The rollout controller (its decisions are evaluated as windows close).
+    pub rollout: Controller,
+    pub rollout_dirty: bool,
 }
 
 impl MonitorState {
@@ -200,15 +206,19 @@ impl MonitorState {
     }
 
     /// Closes every window the watermark has passed, in (end, subject) order, evaluating the alert
-    /// rules on each. Returns what to publish.
-    pub fn close_windows(&mut self, rules: &[AlertRule], cfg: &WindowConfig, wall_ms: i64) -> Vec<Emitted> {
+    /// rules on each and, once all subjects of a window range are closed, the rollout criteria.
+    /// Returns what to publish.
+    pub fn close_windows(&mut self, rules: &[AlertRule], rollout: &RolloutConfig, cfg: &WindowConfig, wall_ms: i64) -> Vec<Emitted> {
         let Some(wm) = self.watermark.advance(cfg, wall_ms) else { return vec![] };
         let due: Vec<(i64, Subject)> = self.windows.iter().filter(|(_, w)| w.range.end_ms <= wm).map(|(k, _)| k.clone()).collect();
         let mut out = Vec::new();
-        for key in due {
-            let Some(w) = self.windows.remove(&key) else { continue };
-            self.dirty_windows.remove(&key);
-            self.closed_windows.push(key);
+        // windows of one range (same start) are consecutive in `due`
+        let mut group: Vec<StoredWindow> = Vec::new();
+        let mut group_alerts: Vec<AlertEvent> = Vec::new();
+        for (n, key) in due.iter().enumerate() {
+            let Some(w) = self.windows.remove(key) else { continue };
+            self.dirty_windows.remove(key);
+            self.closed_windows.push(key.clone());
             self.counters.windows_closed += 1;
             out.push(Emitted::Metrics(WindowMetrics::from_window(&w.subject, w.range, &w.agg, self.counters.dropped_late, self.counters.feedback_orphans, wm)));
             for rule in rules.iter().filter(|r| r.applies_to(&w.subject)) {
@@ -224,12 +234,31 @@ impl MonitorState {
                     }
                 }
                 self.counters.alerts_emitted += events.len() as u64;
+                group_alerts.extend(events.iter().cloned());
                 out.extend(events.into_iter().map(Emitted::Alert));
             }
             let infos = alert::info_events(rules, &w.subject, w.range, &w.agg);
             self.counters.alerts_emitted += infos.len() as u64;
             out.extend(infos.into_iter().map(Emitted::Alert));
+            let range = w.range;
+            group.push(w);
+            if due.get(n + 1).is_none_or(|next| next.0 != key.0) {
+                let closed: Vec<(&Subject, &WindowAggregate)> = group.iter().map(|w| (&w.subject, &w.agg)).collect();
+                let decisions = self.rollout.on_window(rollout, range, &closed, &group_alerts);
+                if !decisions.is_empty() || self.rollout.rollouts.values().any(|r| r.status.is_active()) {
+                    self.rollout_dirty = true;
+                }
+                out.extend(decisions.into_iter().map(Emitted::Decision));
+                group.clear();
+                group_alerts.clear();
+            }
         }
         out
+    }
+
+    /// Applies an operator command; returns its decision.
+    pub fn apply_command(&mut self, rollout: &RolloutConfig, serve: &std::collections::BTreeMap<String, String>, cmd: &crate::rollout::RolloutCommand) -> Emitted {
+        self.rollout_dirty = true;
+        Emitted::Decision(self.rollout.apply_command(rollout, serve, cmd))
     }
 }

@@ -178,6 +178,25 @@ impl Metric {
 }
 
 impl WindowAggregate {
+    /// Adds another window's counts into this one (rollout phases accumulate their windows).
+    pub fn merge(&mut self, o: &WindowAggregate) {
+        self.count += o.count;
+        self.errors += o.errors;
+        self.unavailable += o.unavailable;
+        // both histograms share the same bounds, so adding cannot fail
+        let _ = self.latency.0.add(&o.latency.0);
+        self.labelled += o.labelled;
+        self.correct += o.correct;
+        self.pcda_labelled += o.pcda_labelled;
+        self.pcda_correct += o.pcda_correct;
+        self.ratings += o.ratings;
+        self.ratings_positive += o.ratings_positive;
+        self.max_rss_bytes = self.max_rss_bytes.max(o.max_rss_bytes);
+        self.max_cpu_percent = self.max_cpu_percent.max(o.max_cpu_percent);
+        self.cpu_samples += o.cpu_samples;
+        self.max_load_ms = self.max_load_ms.max(o.max_load_ms);
+    }
+
     /// Counts one classification against its ground truth (overall and for PCDA payslips).
     pub fn score(&mut self, truth: &str, predicted: &str) {
         let right = (truth == predicted) as u64;

@@ -10,4 +10,5 @@ mod crash;
 mod kcat;
 mod models;
 mod monitor;
+mod rollout;
 mod counts;

@@ -41,7 +41,8 @@ async fn tampered_model_is_refused_and_the_rest_keep_serving() {
     let mut cfg = isolated_config("tampered").await;
     cfg.models.metadata = dir.path().join("model_metadata.json");
     let registry = load_registry(&cfg);
-    let st = registry.status().iter().find(|s| s.model == "table_detection").unwrap();
+    let status = registry.status();
+    let st = status.iter().find(|s| s.model == "table_detection").unwrap();
     assert_eq!(st.state, "refused");
     let reason = st.reason.clone().unwrap();
     assert!(reason.contains("sha256 mismatch") && reason.contains("table_detection") && reason.contains("refusing"), "{reason}");

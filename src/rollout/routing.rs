@@ -1,0 +1,259 @@
+//! Canary routing in the infer stage, following the decisions topic.
+//!
+//! A user is canary for a rollout when `bucket(rollout_id, user_id) < traffic_percent × 100`, where
+//! the bucket is the first 8 bytes of sha256(`rollout_id` NUL `user_id`) mod 10 000. The bucket does
+//! not depend on the percentage, so the canary users at 1 % are a subset of those at 10 %, and salting
+//! with the rollout id gives each rollout an independent sample of users.
+//!
+//! [`Follower`] reads `litert.rollout.decisions.v1` from the beginning (compacted: the latest decision
+//! per rollout) before the stage consumes its first document, then keeps reading on its own thread,
+//! so an EMERGENCY_ROLLBACK reaches routing as soon as the broker delivers it (typically well under a
+//! second). Candidate versions are loaded before the split that needs them is applied. Routing is
+//! per document at the moment its batch runs; each result records the cohort, the versions that ran
+//! and the decision it was routed under (`rollout` header).
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
+    },
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::Message,
+    Offset, TopicPartitionList,
+};
+use sha2::{Digest, Sha256};
+
+use super::{RolloutDecision, Status, COHORT_BASELINE, COHORT_CANARY};
+use crate::{
+    codec,
+    config::PipelineConfig,
+    inference::ModelRegistry,
+    kafka::{self, headers as h},
+};
+
+/// The user's bucket in 0..10 000 for a rollout.
+pub fn bucket(rollout_id: &str, user_id: &str) -> u32 {
+    let mut hsh = Sha256::new();
+    hsh.update(rollout_id.as_bytes());
+    hsh.update([0u8]);
+    hsh.update(user_id.as_bytes());
+    let d = hsh.finalize();
+    (u64::from_be_bytes(d[..8].try_into().expect("8 bytes")) % 10_000) as u32
+}
+
+pub fn is_canary(rollout_id: &str, user_id: &str, traffic_percent: f64) -> bool {
+    (bucket(rollout_id, user_id) as f64) < (traffic_percent * 100.0).round()
+}
+
+/// How one document is served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub cohort: &'static str,
+    /// Model → version to run.
+    pub versions: BTreeMap<String, String>,
+    /// `rollout_id@seq:traffic` of each active rollout the document was routed under.
+    pub stamp: String,
+}
+
+/// The split every infer process applies, built from decisions.
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    latest: BTreeMap<String, RolloutDecision>,
+    promoted: BTreeMap<String, String>,
+}
+
+impl Routing {
+    /// Takes a decision in (older or repeated sequence numbers are ignored).
+    pub fn apply(&mut self, d: RolloutDecision) {
+        if d.seq == 0 || self.latest.get(&d.rollout_id).is_some_and(|l| l.seq >= d.seq) {
+            return;
+        }
+        if d.status == Status::Promoted.as_str() {
+            self.promoted.insert(d.model.clone(), d.candidate_version.clone());
+        }
+        self.latest.insert(d.rollout_id.clone(), d);
+    }
+
+    /// Rollouts that currently send traffic to a candidate.
+    pub fn active(&self) -> impl Iterator<Item = &RolloutDecision> {
+        self.latest.values().filter(|d| Status::parse(&d.status).is_some_and(Status::is_active) && d.traffic_percent > 0.0)
+    }
+
+    pub fn latest(&self, rollout_id: &str) -> Option<&RolloutDecision> {
+        self.latest.get(rollout_id)
+    }
+
+    /// The route of a document of `user_id`, given the configured baseline versions.
+    pub fn route(&self, serve: &BTreeMap<String, String>, user_id: &str) -> Route {
+        let mut versions = serve.clone();
+        for (m, v) in &self.promoted {
+            if versions.contains_key(m) {
+                versions.insert(m.clone(), v.clone());
+            }
+        }
+        let mut cohort = COHORT_BASELINE;
+        let mut stamp = Vec::new();
+        for d in self.active() {
+            stamp.push(format!("{}@{}:{}", d.rollout_id, d.seq, d.traffic_percent));
+            if is_canary(&d.rollout_id, user_id, d.traffic_percent) {
+                versions.insert(d.model.clone(), d.candidate_version.clone());
+                cohort = COHORT_CANARY;
+            }
+        }
+        Route { cohort, versions, stamp: stamp.join(",") }
+    }
+}
+
+/// Reads decisions and keeps a shared [`Routing`] current.
+pub struct Follower {
+    routing: Arc<RwLock<Routing>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Reads every decision on the topic up to its end offsets at the time of the call.
+pub fn read_decisions(cfg: &PipelineConfig, brokers: &str) -> Result<Vec<RolloutDecision>, String> {
+    let (consumer, ends) = decisions_consumer(cfg, brokers)?;
+    let mut out = Vec::new();
+    catch_up(&consumer, ends, &cfg.topics.decisions, |d| out.push(d))?;
+    Ok(out)
+}
+
+fn decisions_consumer(cfg: &PipelineConfig, brokers: &str) -> Result<(BaseConsumer, BTreeMap<i32, i64>), String> {
+    let topic = &cfg.topics.decisions;
+    let consumer: BaseConsumer = kafka::client_config(brokers, &cfg.kafka.librdkafka)
+        .set("group.id", "payslip-rollout-follower")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()
+        .map_err(|e| format!("cannot create the decisions reader: {e}"))?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let parts: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+    if parts.is_empty() {
+        return Err(format!("topic {topic} does not exist (create the topics with `payslip-stream topics`)"));
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in parts {
+        let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(|e| format!("offsets of {topic}/{p}: {e}"))?;
+        tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| e.to_string())?;
+        if hi > lo {
+            ends.insert(p, hi);
+        }
+    }
+    consumer.assign(&tpl).map_err(|e| format!("assign {topic}: {e}"))?;
+    Ok((consumer, ends))
+}
+
+fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<RolloutDecision> {
+    let ct = h::get(m.headers(), h::CONTENT_TYPE);
+    match codec::decode::<RolloutDecision>(m.payload()?, ct.as_deref()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(error = %e, partition = m.partition(), offset = m.offset(), "undecodable rollout decision skipped");
+            None
+        }
+    }
+}
+
+fn catch_up(consumer: &BaseConsumer, mut ends: BTreeMap<i32, i64>, topic: &str, mut f: impl FnMut(RolloutDecision)) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!("reading {topic} to its end took over 60 s"));
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let m = m.map_err(|e| format!("reading {topic}: {e}"))?;
+        if ends.get(&m.partition()).is_some_and(|&e| m.offset() + 1 >= e) {
+            ends.remove(&m.partition());
+        }
+        if let Some(d) = decode(&m) {
+            f(d);
+        }
+    }
+    Ok(())
+}
+
+/// Loads what a decision routes to, then applies it.
+fn take(routing: &RwLock<Routing>, registry: &ModelRegistry, d: RolloutDecision) {
+    let status = Status::parse(&d.status);
+    if status.is_some_and(|s| s.is_active() || s == Status::Promoted) && !registry.ensure_loaded(&d.model, &d.candidate_version) {
+        tracing::error!(rollout = %d.rollout_id, model = %d.model, version = %d.candidate_version, "candidate version could not be loaded; its documents report MODEL_UNAVAILABLE");
+    }
+    tracing::info!(rollout = %d.rollout_id, seq = d.seq, action = %d.action, traffic_percent = d.traffic_percent, "routing follows decision");
+    routing.write().unwrap_or_else(|p| p.into_inner()).apply(d);
+}
+
+impl Follower {
+    /// Reads the decisions topic to its end (so the first document is routed right), then follows it
+    /// on a thread until dropped.
+    pub fn start(cfg: &PipelineConfig, brokers: &str, registry: Arc<ModelRegistry>) -> Result<Self, String> {
+        let (consumer, ends) = decisions_consumer(cfg, brokers)?;
+        let routing = Arc::new(RwLock::new(Routing::default()));
+        catch_up(&consumer, ends, &cfg.topics.decisions, |d| take(&routing, &registry, d))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (routing, stop) = (routing.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("rollout-follower".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match consumer.poll(Duration::from_millis(100)) {
+                            Some(Ok(m)) => {
+                                if let Some(d) = decode(&m) {
+                                    take(&routing, &registry, d);
+                                }
+                            }
+                            Some(Err(e)) => tracing::warn!(error = %e, "decisions reader"),
+                            None => {}
+                        }
+                    }
+                })
+                .map_err(|e| format!("cannot start the decisions follower: {e}"))?
+        };
+        Ok(Self { routing, stop, handle: Some(handle) })
+    }
+
+    pub fn routing(&self) -> Arc<RwLock<Routing>> {
+        self.routing.clone()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canary_users_at_a_lower_share_stay_canary_at_every_higher_share() {
+        let users: Vec<String> = (0..20_000).map(|i| format!("user-{i:05}")).collect();
+        let mut previous: Option<std::collections::BTreeSet<&String>> = None;
+        for pct in [1.0, 10.0, 25.0, 50.0, 100.0] {
+            let set: std::collections::BTreeSet<&String> = users.iter().filter(|u| is_canary("r1", u, pct)).collect();
+            let share = set.len() as f64 / users.len() as f64;
+            assert!((share - pct / 100.0).abs() < 0.01, "{pct} %: observed {share}");
+            if let Some(p) = &previous {
+                assert!(p.is_subset(&set), "canary users at the lower share must stay canary at {pct} %");
+            }
+            previous = Some(set);
+        }
+        // another rollout draws an independent sample
+        let a: Vec<bool> = users.iter().map(|u| is_canary("r1", u, 10.0)).collect();
+        let b: Vec<bool> = users.iter().map(|u| is_canary("r2", u, 10.0)).collect();
+        let both = a.iter().zip(&b).filter(|(x, y)| **x && **y).count() as f64 / users.len() as f64;
+        assert!(both < 0.02, "overlap {both}");
+    }
+}
