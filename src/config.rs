@@ -476,5 +476,11 @@ mod tests {
         assert!(e.contains("models.serve.ocr"), "{e}");
         let e = PipelineConfig::from_yaml(&format!("{BASE}inference: {{providers: [cuda, cuda]}}\n")).unwrap_err().to_string();
         assert!(e.contains("twice"), "{e}");
+        let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{auto_start: true}}\n")).unwrap_err().to_string();
+        assert!(e.contains("rollout.auto_start") && e.contains("rollout.candidate"), "{e}");
+        let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 0, soak_ms: 1}}]}}\n")).unwrap_err().to_string();
+        assert!(e.contains("rollout.phases[0] (a)") && e.contains("traffic_percent"), "{e}");
+        let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 5, soak_ms: 1, criteria: [{{name: m, metric: memory_mb, vs_baseline_margin: 0.1}}]}}]}}\n")).unwrap_err().to_string();
+        assert!(e.contains("criteria.m") && e.contains("no per-cohort baseline"), "{e}");
     }
 }
