@@ -1,7 +1,8 @@
 //! `inspect`: reads any project topic and prints one JSON object per message (position, timestamp,
-//! key, headers, decoded value), which kcat cannot do for Avro values. It assigns partitions
-//! directly (no consumer group, nothing committed) and, unless `follow` is set, stops at the end
-//! offsets captured when it started.
+//! key, headers, decoded value), which kcat cannot do for Avro values. Positions use kcat's words
+//! ([`crate::kafka::range`]: `beginning`, `end`, `N`, `-N`, `s@MS`, or an RFC 3339 time). It assigns
+//! partitions directly (no consumer group, nothing committed) and, unless `follow` is set, stops at
+//! `to` or at the end offsets captured when it started.
 
 use std::{collections::BTreeMap, io::Write, time::Duration};
 
@@ -19,21 +20,14 @@ use crate::{
     kafka::headers as h,
 };
 
-/// Where reading starts in each partition.
-#[derive(Debug, Clone, Copy)]
-pub enum StartAt {
-    Beginning,
-    End,
-    /// Absolute offset in every partition.
-    Offset(i64),
-    /// First message at or after this timestamp (ms), via offsets-for-times.
-    Timestamp(i64),
-}
+pub use crate::kafka::range::Bound;
 
 pub struct InspectOptions {
     pub brokers: String,
     pub topic: String,
-    pub start: StartAt,
+    pub start: Bound,
+    /// Stop before this position (exclusive); default: the end offsets at start (or never, with `follow`).
+    pub to: Option<Bound>,
     pub count: Option<u64>,
     pub follow: bool,
     /// Print raster pixels in full instead of their size.
@@ -81,57 +75,32 @@ pub fn inspect(opts: &InspectOptions, out: &mut dyn Write) -> Result<u64, String
     let mut cfg = crate::kafka::client_config(&opts.brokers, &opts.passthrough);
     cfg.set("group.id", "payslip-inspect").set("enable.auto.commit", "false").set("enable.partition.eof", "false");
     let consumer: BaseConsumer = cfg.create().map_err(|e| format!("cannot create consumer: {e}"))?;
-    let md = consumer.fetch_metadata(Some(&opts.topic), Duration::from_secs(10)).map_err(|e| format!("cannot read metadata of {}: {e}", opts.topic))?;
-    let topic_md = md.topics().first().ok_or_else(|| format!("topic {} not found", opts.topic))?;
-    if topic_md.error().is_some() || topic_md.partitions().is_empty() {
-        return Err(format!("topic {} not found on {}", opts.topic, opts.brokers));
-    }
+    let ranges = crate::kafka::range::resolve(&consumer, &opts.topic, opts.start, opts.to)?;
     let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for p in topic_md.partitions() {
-        let (lo, hi) = consumer.fetch_watermarks(&opts.topic, p.id(), Duration::from_secs(10)).map_err(|e| format!("watermarks: {e}"))?;
-        ends.insert(p.id(), hi);
-        let offset = match opts.start {
-            StartAt::Beginning => Offset::Offset(lo),
-            StartAt::End => Offset::Offset(hi),
-            StartAt::Offset(o) => Offset::Offset(o.clamp(lo, hi)),
-            StartAt::Timestamp(_) => Offset::Offset(lo),
-        };
-        tpl.add_partition_offset(&opts.topic, p.id(), offset).map_err(|e| e.to_string())?;
-    }
-    if let StartAt::Timestamp(ts) = opts.start {
-        let mut q = TopicPartitionList::new();
-        for p in ends.keys() {
-            q.add_partition_offset(&opts.topic, *p, Offset::Offset(ts)).map_err(|e| e.to_string())?;
-        }
-        let found = consumer.offsets_for_times(q, Duration::from_secs(10)).map_err(|e| format!("offsets-for-times: {e}"))?;
-        for e in found.elements() {
-            let o = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => ends[&e.partition()], // no message at or after ts: start at the end
-            };
-            tpl.set_partition_offset(&opts.topic, e.partition(), Offset::Offset(o)).map_err(|e| e.to_string())?;
-        }
-    }
     let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
-    for e in tpl.elements() {
-        if let Offset::Offset(o) = e.offset() {
-            if !opts.follow && o < ends[&e.partition()] {
-                remaining.insert(e.partition(), ends[&e.partition()]);
-            }
+    for r in &ranges {
+        tpl.add_partition_offset(&opts.topic, r.partition, Offset::Offset(r.start)).map_err(|e| e.to_string())?;
+        if !r.is_empty() && !(opts.follow && opts.to.is_none()) {
+            remaining.insert(r.partition, r.end);
         }
     }
+    let bounded = !(opts.follow && opts.to.is_none());
     consumer.assign(&tpl).map_err(|e| format!("assign: {e}"))?;
     let mut printed = 0u64;
-    while opts.follow || !remaining.is_empty() {
+    while !bounded || !remaining.is_empty() {
         if opts.count.is_some_and(|c| printed >= c) {
             break;
         }
         let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
         let m = msg.map_err(|e| format!("consume: {e}"))?;
-        if let Some(end) = remaining.get(&m.partition()) {
-            if m.offset() + 1 >= *end {
-                remaining.remove(&m.partition());
+        if bounded {
+            match remaining.get(&m.partition()) {
+                Some(end) if m.offset() < *end => {
+                    if m.offset() + 1 >= *end {
+                        remaining.remove(&m.partition());
+                    }
+                }
+                _ => continue, // past this partition's end
             }
         }
         let headers: BTreeMap<String, String> = m

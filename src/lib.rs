@@ -34,6 +34,7 @@ pub mod kafka;
 pub mod monitor;
 pub mod pipeline;
 pub mod produce;
+pub mod replay;
 pub mod rollout;
 pub mod state;
 pub mod synth;

@@ -11,7 +11,7 @@ use payslip_stream::{
     codec::WireFormat,
     config::PipelineConfig,
     inference::ModelRegistry,
-    inspect::{self, InspectOptions, StartAt},
+    inspect::{self, Bound, InspectOptions},
     kafka::{self, embedded::EmbeddedBroker},
     pipeline::InferStage,
     produce::{self, ProduceOptions, Source},
@@ -97,12 +97,16 @@ enum Command {
         /// Topic name, or one of: documents, inference, dlq, feedback, metrics, alerts, decisions, commands.
         #[arg(long, short)]
         topic: String,
-        /// Start at this offset in every partition.
-        #[arg(long, conflicts_with_all = ["from_time", "end"])]
-        offset: Option<i64>,
-        /// Start at the first message at or after this RFC 3339 time.
+        /// Where to start in every partition, as kcat's -o: beginning, end, N, -N (N before the end),
+        /// s@MILLIS, or an RFC 3339 time.
+        #[arg(long, short = 'o', conflicts_with_all = ["from_time", "end"], allow_hyphen_values = true)]
+        offset: Option<String>,
+        /// Start at the first message at or after this time (RFC 3339 or s@MILLIS).
         #[arg(long)]
         from_time: Option<String>,
+        /// Stop before this position (same forms as --offset; a time excludes messages stamped at it).
+        #[arg(long, allow_hyphen_values = true)]
+        to: Option<String>,
         /// Start at the end (with --follow: only new messages).
         #[arg(long)]
         end: bool,
@@ -140,6 +144,100 @@ enum Command {
     Rollout {
         #[command(subcommand)]
         command: RolloutCli,
+    },
+    /// Replay a recorded range: backfill inference, or recompute windows, alerts and decisions.
+    Replay {
+        #[command(subcommand)]
+        command: ReplayCli,
+    },
+    /// Dead-letter topic tools.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCli,
+    },
+}
+
+#[derive(Args, Clone)]
+struct RangeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Start (inclusive): beginning, an offset N, -N, s@MILLIS or an RFC 3339 time.
+    #[arg(long, default_value = "beginning", allow_hyphen_values = true)]
+    from: String,
+    /// Stop (exclusive), same forms; default: the end offsets when the replay starts.
+    #[arg(long, allow_hyphen_values = true)]
+    to: Option<String>,
+    /// Consumer group of the reader (default payslip-replay-<mode>-<time>; never the production one).
+    #[arg(long)]
+    group: Option<String>,
+}
+
+impl RangeArgs {
+    fn options(&self, brokers: String) -> Result<payslip_stream::replay::ReplayOptions> {
+        Ok(payslip_stream::replay::ReplayOptions {
+            brokers,
+            from: Bound::parse(&self.from).map_err(|e| anyhow!("--from {e}"))?,
+            to: self.to.as_deref().map(Bound::parse).transpose().map_err(|e| anyhow!("--to {e}"))?,
+            group: self.group.clone(),
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum ReplayCli {
+    /// Re-run inference on recorded documents with chosen model versions into backfill topics.
+    Infer {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// Input topic (default: the documents topic).
+        #[arg(long)]
+        topic: Option<String>,
+        /// MODEL=VERSION to run instead of models.serve (repeatable).
+        #[arg(long)]
+        serve: Vec<String>,
+        /// Results topic (default: the inference topic + `.backfill`).
+        #[arg(long)]
+        output_topic: Option<String>,
+        /// Dead letters topic (default: the dead-letter topic + `.backfill`).
+        #[arg(long)]
+        dlq_topic: Option<String>,
+        /// Allow writing to production topics.
+        #[arg(long)]
+        allow_production_topics: bool,
+    },
+    /// Recompute window metrics, alerts and rollout decisions from recorded results, feedback and
+    /// commands with this config (deterministic: same input and config, same events).
+    Monitor {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// Appended to the metrics, alerts and decisions topic names.
+        #[arg(long, default_value = ".replay")]
+        output_suffix: String,
+        /// Publish nothing; print the events as JSON lines (or write them to --report).
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: write the events here instead of stdout.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Allow writing to production topics (e.g. --output-suffix '').
+        #[arg(long)]
+        allow_production_topics: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCli {
+    /// Send dead letters back through the infer stage (after a fix), keeping their headers.
+    Replay {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// Dead-letter topic to read (default: the configured one).
+        #[arg(long)]
+        dlq_topic: Option<String>,
+        /// Where to send them (default: the documents topic).
+        #[arg(long)]
+        target_topic: Option<String>,
     },
 }
 
@@ -319,6 +417,16 @@ async fn main() {
 async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Rollout { command } => rollout_cli(command).await,
+        Command::Replay { command } => replay_cli(command).await,
+        Command::Dlq { command: DlqCli::Replay { range, dlq_topic, target_topic } } => {
+            let cfg = load_config(&range.common)?;
+            let brokers = brokers_of(&range.common, &cfg).context("dlq replay needs a broker: pass --brokers (or PAYSLIP_BROKERS)")?;
+            let opts = range.options(brokers)?;
+            let d = payslip_stream::replay::DlqReplayOptions { topic: dlq_topic, target: target_topic };
+            let s = tokio::task::spawn_blocking(move || payslip_stream::replay::dlq_replay(&cfg, &opts, &d)).await?.map_err(|e| anyhow!(e))?;
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(())
+        }
         Command::Run { common, stage, group, demo, demo_count, demo_rate, demo_candidate } => run(common, stage, group, demo, demo_count, demo_rate, demo_candidate).await,
         Command::State { command } => match command {
             StateCommand::Checkpoint { common, to } => {
@@ -355,7 +463,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Inspect { common, topic, offset, from_time, end, count, follow, full } => {
+        Command::Inspect { common, topic, offset, from_time, to, end, count, follow, full } => {
             let cfg = load_config(&common)?;
             let brokers = brokers_of(&common, &cfg).context("no brokers: pass --brokers, set PAYSLIP_BROKERS or kafka.brokers")?;
             let topic = match topic.as_str() {
@@ -370,16 +478,16 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 t => t.to_string(),
             };
             let start = if let Some(o) = offset {
-                StartAt::Offset(o)
+                Bound::parse(&o).map_err(|e| anyhow!("--offset {e}"))?
             } else if let Some(t) = from_time {
-                let ts = chrono::DateTime::parse_from_rfc3339(&t).with_context(|| format!("--from-time {t:?} is not RFC 3339 (e.g. 2026-11-27T10:00:00Z)"))?;
-                StartAt::Timestamp(ts.timestamp_millis())
+                Bound::parse(&t).map_err(|e| anyhow!("--from-time {e}"))?
             } else if end {
-                StartAt::End
+                Bound::End
             } else {
-                StartAt::Beginning
+                Bound::Beginning
             };
-            let opts = InspectOptions { brokers, topic, start, count, follow, full, passthrough: cfg.kafka.librdkafka.clone() };
+            let to = to.map(|t| Bound::parse(&t).map_err(|e| anyhow!("--to {e}"))).transpose()?;
+            let opts = InspectOptions { brokers, topic, start, to, count, follow, full, passthrough: cfg.kafka.librdkafka.clone() };
             tokio::task::spawn_blocking(move || {
                 let stdout = std::io::stdout();
                 let mut lock = stdout.lock();
@@ -561,4 +669,46 @@ async fn rollout_cli(command: RolloutCli) -> Result<()> {
         }
         None => bail!("no decision within {} s: is a monitor stage (`payslip-stream run --stage monitor`) running against these topics?", args.timeout),
     }
+}
+
+async fn replay_cli(command: ReplayCli) -> Result<()> {
+    use payslip_stream::replay;
+    match command {
+        ReplayCli::Infer { range, topic, serve, output_topic, dlq_topic, allow_production_topics } => {
+            let cfg = load_config(&range.common)?;
+            let brokers = brokers_of(&range.common, &cfg).context("replay needs a broker: pass --brokers (or PAYSLIP_BROKERS)")?;
+            let opts = range.options(brokers)?;
+            let mut versions = std::collections::BTreeMap::new();
+            for s in serve {
+                let (m, v) = s.split_once('=').ok_or_else(|| anyhow!("--serve {s:?}: use MODEL=VERSION, e.g. document_classifier=1.1.0"))?;
+                versions.insert(m.to_string(), v.to_string());
+            }
+            let b = replay::BackfillOptions { topic, serve: versions, output_topic, dlq_topic, allow_production: allow_production_topics };
+            let s = tokio::task::spawn_blocking(move || replay::backfill(&cfg, &opts, &b)).await?.map_err(|e| anyhow!(e))?;
+            println!("{}", serde_json::to_string(&s)?);
+        }
+        ReplayCli::Monitor { range, output_suffix, dry_run, report, allow_production_topics } => {
+            let cfg = load_config(&range.common)?;
+            let brokers = brokers_of(&range.common, &cfg).context("replay needs a broker: pass --brokers (or PAYSLIP_BROKERS)")?;
+            let opts = range.options(brokers)?;
+            let m = replay::MonitorReplayOptions { output_suffix, dry_run, allow_production: allow_production_topics };
+            let (s, events) = tokio::task::spawn_blocking(move || replay::monitor_replay(&cfg, &opts, &m)).await?.map_err(|e| anyhow!(e))?;
+            if dry_run {
+                let mut out: Box<dyn std::io::Write> = match &report {
+                    Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display()))?),
+                    None => Box::new(std::io::stdout()),
+                };
+                for e in &events {
+                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                }
+            }
+            let by_kind = events.iter().fold(std::collections::BTreeMap::<String, u64>::new(), |mut m, e| {
+                *m.entry(e.event_id.split(':').next().unwrap_or("").to_string()).or_default() += 1;
+                m
+            });
+            eprintln!("events: {}", serde_json::to_string(&by_kind)?);
+            eprintln!("{}", serde_json::to_string(&s)?);
+        }
+    }
+    Ok(())
 }

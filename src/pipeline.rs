@@ -56,21 +56,21 @@ pub enum StageError {
 }
 
 /// One message to produce, with where it goes.
-struct Outgoing {
-    topic: String,
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-    headers: HeaderSet,
-    is_result: bool,
-    has_error: bool,
+pub(crate) struct Outgoing {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: HeaderSet,
+    pub is_result: bool,
+    pub has_error: bool,
 }
 
 /// What one input message became, and its position.
-struct Processed {
-    out: Outgoing,
-    topic: String,
-    partition: i32,
-    offset: i64,
+pub(crate) struct Processed {
+    pub out: Outgoing,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Work whose offsets may be stored once its deliveries succeed.
@@ -250,7 +250,7 @@ async fn ack_loop(mut rx: mpsc::Receiver<Pending>, consumer: Arc<StreamConsumer>
 }
 
 /// Decode, validate, route, infer and encode one batch. Runs on a blocking thread.
-fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, routing: &std::sync::RwLock<Routing>, counters: &InferCounters, batch: Vec<OwnedMessage>) -> Vec<Processed> {
+pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, routing: &std::sync::RwLock<Routing>, counters: &InferCounters, batch: Vec<OwnedMessage>) -> Vec<Processed> {
     let limits = cfg.limits.document_limits();
     let mut docs: Vec<(usize, PayslipDocument)> = Vec::new();
     let mut delay_ms = 0u64;
@@ -412,6 +412,13 @@ fn result_message(
     }
     if let Some(code) = &error_code {
         headers = headers.with("error-code", code);
+    }
+    // a re-driven dead letter keeps its history (`dlq replay`): carried over to its result
+    if let Some(hs) = m.headers() {
+        use rdkafka::message::Headers;
+        for x in hs.iter().filter(|x| x.key.starts_with("dlq.")) {
+            headers = headers.with(x.key, String::from_utf8_lossy(x.value.unwrap_or_default()));
+        }
     }
     Outgoing { topic: cfg.topics.inference.clone(), key: Some(doc.document_id.into_bytes()), payload, headers, is_result: true, has_error }
 }

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod embedded;
 pub mod headers;
+pub mod range;
 
 use std::collections::BTreeMap;
 
@@ -75,4 +76,22 @@ pub fn producer_config(brokers: &str, passthrough: &BTreeMap<String, String>) ->
         c.set(k, v);
     }
     c
+}
+
+/// Partition ids of `topic`, waiting up to `wait` for it to appear in the cluster metadata (a topic
+/// created a moment ago may not be known to every broker yet).
+pub fn partitions_of(consumer: &rdkafka::consumer::BaseConsumer, topic: &str, wait: std::time::Duration) -> Result<Vec<i32>, String> {
+    use rdkafka::consumer::Consumer;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let md = consumer.fetch_metadata(Some(topic), std::time::Duration::from_secs(10)).map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
+        let parts: Vec<i32> = md.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+        if !parts.is_empty() {
+            return Ok(parts);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!("topic {topic} does not exist (create the topics with `payslip-stream topics`)"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -70,12 +70,12 @@ pub enum MonitorError {
 
 /// A message waiting for its delivery report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct OutboxMessage {
-    event_id: String,
-    topic: String,
-    key: String,
-    payload_hex: String,
-    headers: Vec<(String, String)>,
+pub(crate) struct OutboxMessage {
+    pub event_id: String,
+    pub topic: String,
+    pub key: String,
+    pub payload_hex: String,
+    pub headers: Vec<(String, String)>,
 }
 
 const META_WATERMARK: &[u8] = b"watermark";
@@ -193,11 +193,7 @@ impl MonitorStage {
         let stored = self.stored_offsets()?;
         let mut tpl = TopicPartitionList::new();
         for t in &topics {
-            let md = consumer.fetch_metadata(Some(t), Duration::from_secs(30)).map_err(|e| MonitorError::Kafka(format!("metadata of {t}: {e}")))?;
-            let parts: Vec<i32> = md.topics().first().map(|m| m.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
-            if parts.is_empty() {
-                return Err(MonitorError::Kafka(format!("topic {t} does not exist (create it with `payslip-stream topics`)")));
-            }
+            let parts = kafka::partitions_of(&consumer, t, Duration::from_secs(30)).map_err(MonitorError::Kafka)?;
             for p in parts {
                 let key = format!("{t}/{p}");
                 let off = stored.get(&key).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning);
@@ -527,7 +523,7 @@ fn version_newer(a: &str, b: &str) -> bool {
 }
 
 impl crate::config::MonitorConfig {
-    fn encode(&self, cfg: &PipelineConfig, e: &Emitted) -> OutboxMessage {
+    pub(crate) fn encode(&self, cfg: &PipelineConfig, e: &Emitted) -> OutboxMessage {
         let (topic, key, format, schema, payload) = match e {
             Emitted::Metrics(m) => (&cfg.topics.metrics, m.metrics_id.clone(), self.metrics_format, WindowMetrics::SCHEMA_NAME, codec::encode(m, self.metrics_format)),
             Emitted::Alert(a) => (&cfg.topics.alerts, a.alert_id.clone(), self.alerts_format, crate::alert::AlertEvent::SCHEMA_NAME, codec::encode(a, self.alerts_format)),

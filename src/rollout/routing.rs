@@ -132,11 +132,7 @@ fn decisions_consumer(cfg: &PipelineConfig, brokers: &str) -> Result<(BaseConsum
         .set("fetch.wait.max.ms", "100")
         .create()
         .map_err(|e| format!("cannot create the decisions reader: {e}"))?;
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| format!("metadata of {topic}: {e}"))?;
-    let parts: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
-    if parts.is_empty() {
-        return Err(format!("topic {topic} does not exist (create the topics with `payslip-stream topics`)"));
-    }
+    let parts = kafka::partitions_of(&consumer, topic, Duration::from_secs(30))?;
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
     for p in parts {

@@ -10,5 +10,6 @@ mod crash;
 mod kcat;
 mod models;
 mod monitor;
+mod replay;
 mod rollout;
 mod counts;
