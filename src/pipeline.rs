@@ -102,10 +102,7 @@ impl InferStage {
         // the canary split: read the decisions topic to its end before the first document
         let follower = {
             let (cfg, brokers, registry) = (cfg.clone(), self.brokers.clone(), self.registry.clone());
-            tokio::task::spawn_blocking(move || Follower::start(&cfg, &brokers, registry))
-                .await
-                .map_err(|e| StageError::Internal(format!("decisions follower panicked: {e}")))?
-                .map_err(StageError::Kafka)?
+            tokio::task::spawn_blocking(move || Follower::start(&cfg, &brokers, registry)).await.map_err(|e| StageError::Internal(format!("decisions follower panicked: {e}")))?
         };
         let routing = follower.routing();
         let consumer: StreamConsumer = kafka::consumer_config(&self.brokers, &cfg.kafka.infer_group, &cfg.kafka.librdkafka)

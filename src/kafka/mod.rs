@@ -84,14 +84,33 @@ pub fn partitions_of(consumer: &rdkafka::consumer::BaseConsumer, topic: &str, wa
     use rdkafka::consumer::Consumer;
     let deadline = std::time::Instant::now() + wait;
     loop {
-        let md = consumer.fetch_metadata(Some(topic), std::time::Duration::from_secs(10)).map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
-        let parts: Vec<i32> = md.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
-        if !parts.is_empty() {
-            return Ok(parts);
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(format!("topic {topic} does not exist (create the topics with `payslip-stream topics`)"));
+        let parts: Result<Vec<i32>, String> = consumer
+            .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+            .map(|md| md.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default())
+            .map_err(|e| format!("cannot read metadata of {topic}: {e}"));
+        match parts {
+            Ok(p) if !p.is_empty() => return Ok(p),
+            Ok(_) if std::time::Instant::now() >= deadline => return Err(format!("topic {topic} does not exist (create the topics with `payslip-stream topics`)")),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            _ => {}
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Low and high watermark of a partition, retried for up to `wait` (a partition created a moment ago
+/// may have no leader yet).
+pub fn watermarks_of(consumer: &rdkafka::consumer::BaseConsumer, topic: &str, partition: i32, wait: std::time::Duration) -> Result<(i64, i64), String> {
+    use rdkafka::consumer::Consumer;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, std::time::Duration::from_secs(10)) {
+            Ok(w) => return Ok(w),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(%topic, partition, error = %e, "watermarks not available yet; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            Err(e) => return Err(format!("offsets of {topic}/{partition}: {e}")),
+        }
     }
 }

@@ -77,7 +77,7 @@ pub fn resolve(consumer: &BaseConsumer, topic: &str, from: Bound, to: Option<Bou
     let timeout = Duration::from_secs(30);
     let mut marks = BTreeMap::new();
     for p in super::partitions_of(consumer, topic, Duration::from_secs(10))? {
-        let (lo, hi) = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| format!("offsets of {topic}/{p}: {e}"))?;
+        let (lo, hi) = super::watermarks_of(consumer, topic, p, timeout)?;
         marks.insert(p, (lo, hi));
     }
     let at_time = |ts: i64| -> Result<BTreeMap<i32, i64>, String> {

@@ -8,7 +8,9 @@
 //! [`Follower`] reads `litert.rollout.decisions.v1` from the beginning (compacted: the latest decision
 //! per rollout) before the stage consumes its first document, then keeps reading on its own thread,
 //! so an EMERGENCY_ROLLBACK reaches routing as soon as the broker delivers it (typically well under a
-//! second). Candidate versions are loaded before the split that needs them is applied. Routing is
+//! second). If the topic cannot be read at start (broker slow, topic just created), the stage still
+//! starts, routing every document to the baseline (never to a candidate it has not seen a decision
+//! for), says so in its log, and keeps retrying in the background. Candidate versions are loaded before the split that needs them is applied. Routing is
 //! per document at the moment its batch runs; each result records the cohort, the versions that ran
 //! and the decision it was routed under (`rollout` header).
 
@@ -136,7 +138,7 @@ fn decisions_consumer(cfg: &PipelineConfig, brokers: &str) -> Result<(BaseConsum
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
     for p in parts {
-        let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(|e| format!("offsets of {topic}/{p}: {e}"))?;
+        let (lo, hi) = kafka::watermarks_of(&consumer, topic, p, Duration::from_secs(30))?;
         tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| e.to_string())?;
         if hi > lo {
             ends.insert(p, hi);
@@ -187,32 +189,57 @@ fn take(routing: &RwLock<Routing>, registry: &ModelRegistry, d: RolloutDecision)
 
 impl Follower {
     /// Reads the decisions topic to its end (so the first document is routed right), then follows it
-    /// on a thread until dropped.
-    pub fn start(cfg: &PipelineConfig, brokers: &str, registry: Arc<ModelRegistry>) -> Result<Self, String> {
-        let (consumer, ends) = decisions_consumer(cfg, brokers)?;
+    /// on a thread until dropped. Never fails: see the module doc for what happens when it cannot read.
+    pub fn start(cfg: &PipelineConfig, brokers: &str, registry: Arc<ModelRegistry>) -> Self {
         let routing = Arc::new(RwLock::new(Routing::default()));
-        catch_up(&consumer, ends, &cfg.topics.decisions, |d| take(&routing, &registry, d))?;
+        let open = |routing: &RwLock<Routing>, registry: &ModelRegistry| -> Result<BaseConsumer, String> {
+            let (consumer, ends) = decisions_consumer(cfg, brokers)?;
+            catch_up(&consumer, ends, &cfg.topics.decisions, |d| take(routing, registry, d))?;
+            Ok(consumer)
+        };
+        let first = open(&routing, &registry).map_err(|e| tracing::error!(error = %e, "cannot read the rollout decisions yet: routing every document to the baseline until it can"));
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
-            let (routing, stop) = (routing.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("rollout-follower".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match consumer.poll(Duration::from_millis(100)) {
-                            Some(Ok(m)) => {
-                                if let Some(d) = decode(&m) {
-                                    take(&routing, &registry, d);
-                                }
+            let (routing, stop, cfg, brokers) = (routing.clone(), stop.clone(), cfg.clone(), brokers.to_string());
+            std::thread::Builder::new().name("rollout-follower".into()).spawn(move || {
+                let mut consumer = first.ok();
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(c) = &consumer else {
+                        std::thread::sleep(Duration::from_secs(2));
+                        let retry = (|| -> Result<BaseConsumer, String> {
+                            let (c, ends) = decisions_consumer(&cfg, &brokers)?;
+                            catch_up(&c, ends, &cfg.topics.decisions, |d| take(&routing, &registry, d))?;
+                            Ok(c)
+                        })();
+                        match retry {
+                            Ok(c) => {
+                                tracing::info!("rollout decisions read: routing follows them again");
+                                consumer = Some(c);
                             }
-                            Some(Err(e)) => tracing::warn!(error = %e, "decisions reader"),
-                            None => {}
+                            Err(e) => tracing::warn!(error = %e, "rollout decisions still unreadable; routing stays on the baseline"),
                         }
+                        continue;
+                    };
+                    match c.poll(Duration::from_millis(100)) {
+                        Some(Ok(m)) => {
+                            if let Some(d) = decode(&m) {
+                                take(&routing, &registry, d);
+                            }
+                        }
+                        Some(Err(e)) => tracing::warn!(error = %e, "decisions reader"),
+                        None => {}
                     }
-                })
-                .map_err(|e| format!("cannot start the decisions follower: {e}"))?
+                }
+            })
         };
-        Ok(Self { routing, stop, handle: Some(handle) })
+        let handle = match handle {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the decisions follower thread; routing stays as read at start");
+                None
+            }
+        };
+        Self { routing, stop, handle }
     }
 
     pub fn routing(&self) -> Arc<RwLock<Routing>> {

@@ -78,7 +78,15 @@ impl RunningStage {
     pub fn start(cfg: &PipelineConfig, registry: Arc<ModelRegistry>) -> Self {
         let (stop, rx) = watch::channel(false);
         let stage = InferStage::new(cfg.clone(), brokers(), registry);
-        Self { stop, handle: tokio::spawn(stage.run(rx)) }
+        // a stage that fails says why at once (otherwise the test only sees results missing)
+        let handle = tokio::spawn(async move {
+            let r = stage.run(rx).await;
+            if let Err(e) = &r {
+                eprintln!("infer stage failed: {e}");
+            }
+            r
+        });
+        Self { stop, handle }
     }
 
     /// Asks for a graceful stop and returns the stage's summary.
