@@ -471,7 +471,8 @@ impl Controller {
                 if phase <= 1 {
                     self.roll_back(cfg, &cmd.rollout_id, change(action::ROLLBACK_PHASE, format!("rolled back by {} from phase 1: candidate removed{why}", cmd.operator)))
                 } else {
-                    self.enter_phase(cfg, &cmd.rollout_id, phase - 1, cmd.issued_at);
+                    // a config with fewer phases than the rollout has reached: back to its last one
+                    self.enter_phase(cfg, &cmd.rollout_id, (phase - 1).min(cfg.phases.len()), cmd.issued_at);
                     self.decide(cfg, &cmd.rollout_id, change(action::ROLLBACK_PHASE, format!("rolled back by {} to phase {}{why}", cmd.operator, phase - 1)))
                 }
             }
@@ -694,7 +695,8 @@ impl Controller {
                 out.push(self.roll_back(cfg, &id, auto(action::EMERGENCY_ROLLBACK, reason, vec![])));
                 continue;
             }
-            let phase = &cfg.phases[r.phase - 1];
+            // a rollout past the configured phases (the config shrank since) is judged by the last one
+            let phase = &cfg.phases[r.phase.min(cfg.phases.len()) - 1];
             let elapsed = range.end_ms - r.phase_started_at;
             let soaked = elapsed >= phase.soak_ms;
             let results: Vec<CriterionResult> = phase.criteria.iter().map(|c| c.evaluate(&r.agg, z, cfg.alpha, soaked)).collect();
@@ -1022,6 +1024,23 @@ mod tests {
             let k = cmd(action::START, Some("1.1.0"), 5);
             assert_eq!(decode::<RolloutCommand>(&encode(&k, f).unwrap(), Some(f.content_type())).unwrap(), k);
         }
+    }
+
+    #[test]
+    fn a_config_with_fewer_phases_than_the_rollout_reached_does_not_break_it() {
+        let cfg5 = cfg(1000);
+        let mut c = Controller::default();
+        c.apply_command(&cfg5, &serve(), &cmd(action::START, None, 0));
+        for at in 1..5 {
+            c.apply_command(&cfg5, &serve(), &cmd(action::ADVANCE, None, at));
+        }
+        assert_eq!(c.rollouts.values().next().unwrap().phase, 5);
+        let mut cfg2 = cfg(1000);
+        cfg2.phases.truncate(2);
+        let d = window(&mut c, &cfg2, 1, &agg(40, 5.0, 0, 1.0), &[]);
+        assert_eq!(d.len(), 1, "judged by the last configured phase");
+        let d = c.apply_command(&cfg2, &serve(), &cmd(action::ROLLBACK_PHASE, None, 9_000));
+        assert_eq!((d.phase, d.traffic_percent), (2, 10.0));
     }
 
     #[test]
