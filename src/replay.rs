@@ -413,7 +413,7 @@ pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorRep
             version: None,
             issued_at: *first,
         };
-        emitted.push(st.apply_command(&cfg.rollout, &cfg.models.serve, &cmd));
+        emitted.extend(st.apply_command(&cfg.rollout, &cfg.models.serve, &cmd));
     }
     let mut last_ms = i64::MIN;
     for ((ts, ..), ev) in events {
@@ -427,7 +427,7 @@ pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorRep
                 let p = lookup(&predictions, &f.document_id, f.given_at);
                 st.receive_feedback(f, p, &lane, ts, &wcfg);
             }
-            Event::Command(c) => emitted.push(st.apply_command(&cfg.rollout, &cfg.models.serve, &c)),
+            Event::Command(c) => emitted.extend(st.apply_command(&cfg.rollout, &cfg.models.serve, &c)),
         }
         let frontier = st.watermark.frontier(&format!("{}/", t.inference), &wcfg, last_ms);
         for f in st.due_feedback(frontier) {

@@ -114,3 +114,15 @@ pub fn watermarks_of(consumer: &rdkafka::consumer::BaseConsumer, topic: &str, pa
         }
     }
 }
+
+/// First offset of `topic`/`partition` with a timestamp at or after `ts_ms` (the end when none).
+pub fn offset_at(consumer: &rdkafka::consumer::BaseConsumer, topic: &str, partition: i32, ts_ms: i64) -> Result<i64, String> {
+    use rdkafka::{consumer::Consumer, Offset, TopicPartitionList};
+    let mut q = TopicPartitionList::new();
+    q.add_partition_offset(topic, partition, Offset::Offset(ts_ms)).map_err(|e| e.to_string())?;
+    let found = consumer.offsets_for_times(q, std::time::Duration::from_secs(30)).map_err(|e| format!("offsets-for-times on {topic}: {e}"))?;
+    match found.elements().first().map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => Ok(o),
+        _ => Ok(watermarks_of(consumer, topic, partition, std::time::Duration::from_secs(30))?.1),
+    }
+}

@@ -96,6 +96,10 @@ pub struct MonitorStage {
     state: MonitorState,
     producer: FutureProducer,
     changelog: Option<changelog::Changelog>,
+    /// Set when the rollout state was rebuilt from the decisions topic: reading the commands topic
+    /// starts here (a minute before the last answered command) instead of at its beginning; commands
+    /// answered already are recognised by id and skipped.
+    commands_from: Option<i64>,
 }
 
 fn now_ms() -> i64 {
@@ -109,7 +113,7 @@ impl MonitorStage {
         let store = RocksStateStore::open(&cfg.monitor.state_dir)?;
         let producer: FutureProducer = kafka::producer_config(&brokers, &cfg.kafka.librdkafka).create().map_err(|e| MonitorError::Kafka(format!("cannot create producer: {e}")))?;
         let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::new(&cfg, &brokers)?) } else { None };
-        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog })
+        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None })
     }
 
     fn load(&mut self) -> Result<(), MonitorError> {
@@ -130,11 +134,15 @@ impl MonitorStage {
             None => {
                 // no rollout state here: the decisions topic is the truth (soak clocks included)
                 let decisions = crate::rollout::routing::read_decisions(&self.cfg, &self.brokers).map_err(MonitorError::Kafka)?;
+                // commands those decisions answered are not applied again (their ids are remembered);
+                // reading commands starts a minute before the last answered one, not at the beginning
+                let answered = decisions.iter().filter(|d| d.command_id.is_some()).map(|d| d.decided_at).max();
                 state.rollout = crate::rollout::Controller::restore(decisions);
                 state.rollout_dirty = true;
                 if !state.rollout.rollouts.is_empty() {
                     tracing::info!(rollouts = state.rollout.rollouts.len(), "rollout state restored from the decisions topic");
                 }
+                self.commands_from = answered.map(|t| t - 60_000);
             }
         }
         // after a restart no partition counts as idle until it has had time to deliver
@@ -196,7 +204,11 @@ impl MonitorStage {
             let parts = kafka::partitions_of(&consumer, t, Duration::from_secs(30)).map_err(MonitorError::Kafka)?;
             for p in parts {
                 let key = format!("{t}/{p}");
-                let off = stored.get(&key).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning);
+                let off = match (stored.get(&key), self.commands_from) {
+                    (Some(o), _) => Offset::Offset(*o),
+                    (None, Some(ts)) if *t == self.cfg.topics.commands => Offset::Offset(kafka::offset_at(&consumer, t, p, ts).map_err(MonitorError::Kafka)?),
+                    (None, _) => Offset::Beginning,
+                };
                 tpl.add_partition_offset(t, p, off).map_err(|e| MonitorError::Kafka(e.to_string()))?;
             }
         }
@@ -213,7 +225,7 @@ impl MonitorStage {
         let updates = self.available_updates();
         let mut announced = self.state.announce_updates(&updates, now_ms());
         if let Some(cmd) = self.auto_start_command() {
-            announced.push(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
+            announced.extend(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
         }
         if !announced.is_empty() || self.state.rollout_dirty {
             let outbox = self.commit(BTreeMap::new(), announced)?;
@@ -247,7 +259,7 @@ impl MonitorStage {
                     match codec::decode::<crate::rollout::RolloutCommand>(payload, ct.as_deref()) {
                         Ok(cmd) => {
                             tracing::info!(rollout = %cmd.rollout_id, action = %cmd.action, operator = %cmd.operator, "rollout command");
-                            commanded.push(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
+                            commanded.extend(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
                         }
                         Err(e) => {
                             self.state.counters.undecodable += 1;

@@ -256,9 +256,13 @@ impl MonitorState {
         out
     }
 
-    /// Applies an operator command; returns its decision.
-    pub fn apply_command(&mut self, rollout: &RolloutConfig, serve: &std::collections::BTreeMap<String, String>, cmd: &crate::rollout::RolloutCommand) -> Emitted {
+    /// Applies an operator command; returns its decision (none for a command answered before).
+    pub fn apply_command(&mut self, rollout: &RolloutConfig, serve: &std::collections::BTreeMap<String, String>, cmd: &crate::rollout::RolloutCommand) -> Option<Emitted> {
+        if self.rollout.answered(&cmd.command_id) {
+            tracing::info!(command = %cmd.command_id, rollout = %cmd.rollout_id, "rollout command answered before; skipped");
+            return None;
+        }
         self.rollout_dirty = true;
-        Emitted::Decision(self.rollout.apply_command(rollout, serve, cmd))
+        Some(Emitted::Decision(self.rollout.apply_command(rollout, serve, cmd)))
     }
 }

@@ -29,7 +29,7 @@ pub mod ops;
 pub mod routing;
 pub mod stats;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -416,7 +416,13 @@ pub struct Controller {
     pub quarantine: BTreeMap<String, String>,
     /// Model → version promoted to baseline by a finished rollout.
     pub promoted: BTreeMap<String, String>,
+    /// Ids of the latest commands answered (at most [`ANSWERED_KEPT`]), so a command read twice
+    /// (after state was rebuilt from the decisions topic) is not applied twice.
+    #[serde(default)]
+    pub answered: VecDeque<String>,
 }
+
+pub const ANSWERED_KEPT: usize = 1000;
 
 /// What a decision does to a rollout.
 struct Change<'a> {
@@ -437,6 +443,7 @@ impl Controller {
 
     /// Applies an operator command; every command yields exactly one decision (REJECTED when refused).
     pub fn apply_command(&mut self, cfg: &RolloutConfig, serve: &BTreeMap<String, String>, cmd: &RolloutCommand) -> RolloutDecision {
+        self.remember(&cmd.command_id);
         let op = Some(cmd.operator.clone());
         let cid = Some(cmd.command_id.clone());
         let change = |action: &'static str, reason: String| Change { action, reason, operator: op.clone(), command_id: cid.clone(), criteria: vec![], window: None, at: cmd.issued_at };
@@ -494,6 +501,18 @@ impl Controller {
                 self.decide(cfg, &cmd.rollout_id, change(action::RESUME, format!("resumed by {}{why}", cmd.operator)))
             }
             other => self.reject(cfg, cmd, format!("unknown action {other}; use one of {:?}", action::COMMANDS)),
+        }
+    }
+
+    /// Whether a command with this id was answered already.
+    pub fn answered(&self, command_id: &str) -> bool {
+        self.answered.iter().any(|a| a == command_id)
+    }
+
+    fn remember(&mut self, command_id: &str) {
+        self.answered.push_back(command_id.to_string());
+        while self.answered.len() > ANSWERED_KEPT {
+            self.answered.pop_front();
         }
     }
 
@@ -742,6 +761,9 @@ impl Controller {
     pub fn restore(decisions: impl IntoIterator<Item = RolloutDecision>) -> Self {
         let mut c = Controller::default();
         for d in decisions {
+            if let Some(id) = &d.command_id {
+                c.remember(id);
+            }
             if d.seq == 0 {
                 continue; // a refused command without a rollout
             }
@@ -1008,6 +1030,7 @@ mod tests {
         let after = r.rollouts.values().next().unwrap();
         assert_eq!((after.phase, after.phase_started_at, after.seq, after.traffic_percent), (before.phase, before.phase_started_at, before.seq, before.traffic_percent));
         assert_eq!(after.status, Status::Running);
+        assert!(r.answered("c0"), "the START's command id is known, so reading it again does nothing");
     }
 
     #[test]

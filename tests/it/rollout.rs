@@ -58,6 +58,11 @@ struct Setup {
 
 impl Setup {
     async fn new(name: &str, candidate: &str, soak_ms: i64) -> Self {
+        Self::with_changelog(name, candidate, soak_ms, true).await
+    }
+
+    /// Without the changelog a monitor that lost its state rebuilds the rollout from the decisions topic.
+    async fn with_changelog(name: &str, candidate: &str, soak_ms: i64, changelog: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (mut cfg, prefix) = isolated_config_with_prefix(name).await;
         let mut phases = default_phases();
@@ -69,7 +74,7 @@ impl Setup {
              kafka:\n  infer_group: {prefix}infer\n\
              topics:\n  partitions: 3\n\
              faults:\n  enabled: true\n\
-             monitor:\n  state_dir: {state}\n  window_size_ms: 1000\n  allowed_lateness_ms: 300\n  idle_timeout_ms: 2000\n  max_batch: 500\n\
+             monitor:\n  changelog: {changelog}\n  state_dir: {state}\n  window_size_ms: 1000\n  allowed_lateness_ms: 300\n  idle_timeout_ms: 2000\n  max_batch: 500\n\
              rollout:\n  candidate: {{model: {CLASSIFIER}, version: '{candidate}'}}\n  phases: {phases}\n",
             meta = repo().join("models/model_metadata.json").display(),
             state = dir.path().join("state").display(),
@@ -374,7 +379,18 @@ async fn too_few_samples_hold_and_never_advance_or_roll_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_mid_rollout_resumes_in_the_same_phase_with_the_same_soak_clock() {
-    let s = Setup::new("rollout-restart", "1.1.0", 6_000).await;
+    restart_mid_rollout("rollout-restart", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_lost_its_state_rebuilds_the_rollout_from_the_decisions_topic() {
+    restart_mid_rollout("rollout-rebuild", false).await;
+}
+
+/// Kill -9 the monitor in phase 2; restart it with its state (`keep_state`) or with none, then the
+/// decisions topic is all it has.
+async fn restart_mid_rollout(name: &str, keep_state: bool) {
+    let s = Setup::with_changelog(name, "1.1.0", 6_000, keep_state).await;
     let infer = s.spawn("infer", 0);
     let mut monitor = s.spawn("monitor", 0);
     let feed = Feed::start(&s.cfg.topics.documents, 200.0, 15);
@@ -382,6 +398,9 @@ async fn a_controller_killed_mid_rollout_resumes_in_the_same_phase_with_the_same
     let p2 = s.wait_for("ADVANCE to phase 2", 180, &[&infer, &monitor], |d| d.action == action::ADVANCE && d.phase == 2).await;
     s.wait_for("a HOLD in phase 2", 60, &[&infer, &monitor], |d| d.action == action::HOLD && d.phase == 2 && d.seq > p2.seq + 1).await;
     monitor.kill9();
+    if !keep_state {
+        std::fs::remove_dir_all(s.dir.path().join("state")).unwrap();
+    }
     let before = s.decisions();
     let last = before.last().unwrap().clone();
     assert_eq!((last.phase, last.phase_started_at), (2, p2.phase_started_at));
@@ -397,6 +416,7 @@ async fn a_controller_killed_mid_rollout_resumes_in_the_same_phase_with_the_same
         assert_eq!(d.phase_started_at, p2.phase_started_at, "decision {} restarted the soak clock", d.seq);
     }
     assert!(p3.decided_at - p2.phase_started_at >= 6_000);
+    assert!(!all.iter().any(|d| d.action == action::REJECTED), "an answered command is not applied again: {:?}", all.iter().map(|d| &d.reason).collect::<Vec<_>>());
     let ids: Vec<&str> = all.iter().map(|d| d.decision_id.as_str()).collect();
     let unique_ids: BTreeSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique_ids.len(), "no decision published twice across the crash");
