@@ -97,7 +97,7 @@ pub fn demo_config(mut cfg: PipelineConfig, state_dir: PathBuf, candidate: Optio
         for k in &mut p.criteria {
             k.min_samples = k.min_samples.min(10);
             // the demo's one process also holds the broker, the producer and the monitor
-            if k.metric == crate::rollout::CriterionMetric::MemoryMb {
+            if k.metric == crate::rollout::CriterionMetric::Window(crate::window::aggregate::Metric::MemoryMb) {
                 k.max = k.max.map(|m| m.max(DEMO_MEMORY_MB));
             }
         }

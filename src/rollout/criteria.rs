@@ -17,21 +17,19 @@ use serde::{Deserialize, Serialize};
 use super::{stats, PhaseAggregate};
 use crate::window::aggregate::{Metric, WindowAggregate};
 
+/// What a criterion reads: a window metric of the candidate (or of the pipeline, for process
+/// metrics), or something only a phase has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CriterionMetric {
+    /// Any window metric (`window::aggregate::Metric`); latency is compared as a whole
+    /// distribution against the baseline, as p95 against a bound.
+    Window(Metric),
+    Phase(PhaseMetric),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum CriterionMetric {
-    /// Candidate model latency (p95 against a bound; the whole distribution against the baseline).
-    LatencyP95Ms,
-    ErrorRate,
-    ModelUnavailableRate,
-    Accuracy,
-    PcdaAccuracy,
-    Satisfaction,
-    ModelLoadMs,
-    /// Infer-process metrics (the pipeline subject: all cohorts, one process image).
-    MemoryMb,
-    CpuPercent,
-    ProcessingP95Ms,
+pub enum PhaseMetric {
     /// Critical alerts that fired on the candidate during the phase.
     CriticalAlerts,
     /// Alerts of any severity that fired on the candidate during the phase.
@@ -42,56 +40,58 @@ pub enum CriterionMetric {
     Engagement,
 }
 
+const METRIC_NAMES: &str = "latency_p95_ms, error_rate, model_unavailable_rate, accuracy, pcda_accuracy, satisfaction, model_load_ms, memory_mb, cpu_percent, processing_p95_ms, critical_alerts, alerts_fired, battery_impact, engagement";
+
+impl Serialize for CriterionMetric {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for CriterionMetric {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{value::StrDeserializer, Error, IntoDeserializer};
+        let name = String::deserialize(d)?;
+        let de = || -> StrDeserializer<'_, serde::de::value::Error> { name.as_str().into_deserializer() };
+        Metric::deserialize(de())
+            .map(CriterionMetric::Window)
+            .or_else(|_| PhaseMetric::deserialize(de()).map(CriterionMetric::Phase))
+            .map_err(|_: serde::de::value::Error| D::Error::custom(format!("unknown metric `{name}`; use one of {METRIC_NAMES}")))
+    }
+}
+
 impl CriterionMetric {
     pub fn name(self) -> &'static str {
         match self {
-            Self::LatencyP95Ms => "latency_p95_ms",
-            Self::ErrorRate => "error_rate",
-            Self::ModelUnavailableRate => "model_unavailable_rate",
-            Self::Accuracy => "accuracy",
-            Self::PcdaAccuracy => "pcda_accuracy",
-            Self::Satisfaction => "satisfaction",
-            Self::ModelLoadMs => "model_load_ms",
-            Self::MemoryMb => "memory_mb",
-            Self::CpuPercent => "cpu_percent",
-            Self::ProcessingP95Ms => "processing_p95_ms",
-            Self::CriticalAlerts => "critical_alerts",
-            Self::AlertsFired => "alerts_fired",
-            Self::BatteryImpact => "battery_impact",
-            Self::Engagement => "engagement",
+            Self::Window(m) => m.name(),
+            Self::Phase(PhaseMetric::CriticalAlerts) => "critical_alerts",
+            Self::Phase(PhaseMetric::AlertsFired) => "alerts_fired",
+            Self::Phase(PhaseMetric::BatteryImpact) => "battery_impact",
+            Self::Phase(PhaseMetric::Engagement) => "engagement",
         }
     }
 
     fn window_metric(self) -> Option<Metric> {
-        Some(match self {
-            Self::LatencyP95Ms => Metric::LatencyP95Ms,
-            Self::ErrorRate => Metric::ErrorRate,
-            Self::ModelUnavailableRate => Metric::ModelUnavailableRate,
-            Self::Accuracy => Metric::Accuracy,
-            Self::PcdaAccuracy => Metric::PcdaAccuracy,
-            Self::Satisfaction => Metric::Satisfaction,
-            Self::ModelLoadMs => Metric::ModelLoadMs,
-            Self::MemoryMb => Metric::MemoryMb,
-            Self::CpuPercent => Metric::CpuPercent,
-            Self::ProcessingP95Ms => Metric::ProcessingP95Ms,
-            _ => return None,
-        })
+        match self {
+            Self::Window(m) => Some(m),
+            Self::Phase(_) => None,
+        }
     }
 
     /// `(successes, trials, higher_is_worse)` for proportion metrics.
     fn proportion(self, a: &WindowAggregate) -> Option<(u64, u64, bool)> {
         Some(match self {
-            Self::ErrorRate => (a.errors.saturating_sub(a.unavailable), a.count, true),
-            Self::ModelUnavailableRate => (a.unavailable, a.count, true),
-            Self::Accuracy => (a.correct, a.labelled, false),
-            Self::PcdaAccuracy => (a.pcda_correct, a.pcda_labelled, false),
-            Self::Satisfaction => (a.ratings_positive, a.ratings, false),
+            Self::Window(Metric::ErrorRate) => (a.errors.saturating_sub(a.unavailable), a.count, true),
+            Self::Window(Metric::ModelUnavailableRate) => (a.unavailable, a.count, true),
+            Self::Window(Metric::Accuracy) => (a.correct, a.labelled, false),
+            Self::Window(Metric::PcdaAccuracy) => (a.pcda_correct, a.pcda_labelled, false),
+            Self::Window(Metric::Satisfaction) => (a.ratings_positive, a.ratings, false),
             _ => return None,
         })
     }
 
     fn has_source(self) -> bool {
-        !matches!(self, Self::BatteryImpact | Self::Engagement)
+        !matches!(self, Self::Phase(PhaseMetric::BatteryImpact | PhaseMetric::Engagement))
     }
 }
 
@@ -175,7 +175,11 @@ impl Criterion {
         if bounds != 1 {
             return Err("set exactly one of min, max or vs_baseline_margin".into());
         }
-        if self.vs_baseline_margin.is_some() && matches!(self.metric, CriterionMetric::MemoryMb | CriterionMetric::CpuPercent | CriterionMetric::ProcessingP95Ms | CriterionMetric::CriticalAlerts | CriterionMetric::AlertsFired | CriterionMetric::ModelLoadMs) {
+        let per_cohort = match self.metric {
+            CriterionMetric::Window(m) => !m.on_pipeline() && m != Metric::ModelLoadMs,
+            CriterionMetric::Phase(p) => !matches!(p, PhaseMetric::CriticalAlerts | PhaseMetric::AlertsFired),
+        };
+        if self.vs_baseline_margin.is_some() && !per_cohort {
             return Err(format!("{} has no per-cohort baseline to compare with; use min or max", self.metric.name()));
         }
         if self.vs_baseline_margin.is_some_and(|m| m < 0.0) {
@@ -203,7 +207,6 @@ impl Criterion {
 
     /// The verdict on what the phase has seen so far; `soaked`: the phase's soak time is over.
     pub fn evaluate(&self, agg: &PhaseAggregate, z: f64, alpha: f64, soaked: bool) -> CriterionResult {
-        use CriterionMetric as M;
         if !self.metric.has_source() {
             return self.result(Verdict::NotEvaluable, format!("no source for {} in this deployment", self.metric.name()));
         }
@@ -218,8 +221,8 @@ impl Criterion {
             }
         };
         // alert counts: windows are the samples
-        if matches!(self.metric, M::CriticalAlerts | M::AlertsFired) {
-            let count = if self.metric == M::CriticalAlerts { agg.critical_alerts } else { agg.alerts_fired };
+        if let CriterionMetric::Phase(p @ (PhaseMetric::CriticalAlerts | PhaseMetric::AlertsFired)) = self.metric {
+            let count = if p == PhaseMetric::CriticalAlerts { agg.critical_alerts } else { agg.alerts_fired };
             if agg.windows < min_n {
                 return CriterionResult { samples: agg.windows as i64, ..no_data(self, agg.windows) };
             }

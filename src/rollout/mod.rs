@@ -41,7 +41,7 @@ use crate::{
         WindowRange,
     },
 };
-pub use criteria::{Criterion, CriterionMetric, CriterionResult, Verdict};
+pub use criteria::{Criterion, CriterionMetric, CriterionResult, PhaseMetric, Verdict};
 
 pub const COHORT_CANARY: &str = "canary";
 pub const COHORT_BASELINE: &str = "baseline";
@@ -142,7 +142,8 @@ const HOUR: i64 = 3_600_000;
 
 /// The runbook's phases and criteria (design.md, Rollout phases).
 pub fn default_phases() -> Vec<PhaseSpec> {
-    use criteria::CriterionMetric as M;
+    use crate::window::aggregate::Metric as W;
+    use criteria::{CriterionMetric::*, PhaseMetric as P};
     let c = |name: &str, metric, min: Option<f64>, max: Option<f64>, margin: Option<f64>, min_samples: u64, blocking: bool| Criterion {
         name: name.into(),
         metric,
@@ -158,9 +159,9 @@ pub fn default_phases() -> Vec<PhaseSpec> {
             traffic_percent: 1.0,
             soak_ms: 24 * HOUR,
             criteria: vec![
-                c("candidate_loads", M::ModelUnavailableRate, None, Some(0.0), None, 1, true),
-                c("no_crashes", M::ErrorRate, None, None, Some(0.0), 30, true),
-                c("latency_within_10pct_of_baseline", M::LatencyP95Ms, None, None, Some(0.10), 30, true),
+                c("candidate_loads", Window(W::ModelUnavailableRate), None, Some(0.0), None, 1, true),
+                c("no_crashes", Window(W::ErrorRate), None, None, Some(0.0), 30, true),
+                c("latency_within_10pct_of_baseline", Window(W::LatencyP95Ms), None, None, Some(0.10), 30, true),
             ],
         },
         PhaseSpec {
@@ -168,9 +169,9 @@ pub fn default_phases() -> Vec<PhaseSpec> {
             traffic_percent: 10.0,
             soak_ms: 48 * HOUR,
             criteria: vec![
-                c("pcda_accuracy", M::PcdaAccuracy, Some(0.80), None, None, 20, true),
-                c("memory", M::MemoryMb, None, Some(150.0), None, 1, true),
-                c("feedback_positive", M::Satisfaction, None, None, Some(0.05), 20, false),
+                c("pcda_accuracy", Window(W::PcdaAccuracy), Some(0.80), None, None, 20, true),
+                c("memory", Window(W::MemoryMb), None, Some(150.0), None, 1, true),
+                c("feedback_positive", Window(W::Satisfaction), None, None, Some(0.05), 20, false),
             ],
         },
         PhaseSpec {
@@ -178,9 +179,9 @@ pub fn default_phases() -> Vec<PhaseSpec> {
             traffic_percent: 25.0,
             soak_ms: 72 * HOUR,
             criteria: vec![
-                c("pcda_accuracy", M::PcdaAccuracy, Some(0.85), None, None, 20, true),
-                c("no_latency_degradation", M::LatencyP95Ms, None, None, Some(0.0), 30, true),
-                c("error_rate", M::ErrorRate, None, Some(0.05), None, 30, true),
+                c("pcda_accuracy", Window(W::PcdaAccuracy), Some(0.85), None, None, 20, true),
+                c("no_latency_degradation", Window(W::LatencyP95Ms), None, None, Some(0.0), 30, true),
+                c("error_rate", Window(W::ErrorRate), None, Some(0.05), None, 30, true),
             ],
         },
         PhaseSpec {
@@ -188,9 +189,9 @@ pub fn default_phases() -> Vec<PhaseSpec> {
             traffic_percent: 50.0,
             soak_ms: 96 * HOUR,
             criteria: vec![
-                c("all_models_healthy", M::AlertsFired, None, Some(0.0), None, 1, true),
-                c("battery_impact", M::BatteryImpact, None, Some(0.10), None, 1, false),
-                c("engagement_held", M::Engagement, None, None, Some(0.0), 1, false),
+                c("all_models_healthy", Phase(P::AlertsFired), None, Some(0.0), None, 1, true),
+                c("battery_impact", Phase(P::BatteryImpact), None, Some(0.10), None, 1, false),
+                c("engagement_held", Phase(P::Engagement), None, None, Some(0.0), 1, false),
             ],
         },
         PhaseSpec {
@@ -198,9 +199,9 @@ pub fn default_phases() -> Vec<PhaseSpec> {
             traffic_percent: 100.0,
             soak_ms: 24 * HOUR,
             criteria: vec![
-                c("metrics_stable", M::ErrorRate, None, Some(0.05), None, 30, true),
-                c("satisfaction", M::Satisfaction, Some(0.95), None, None, 20, false),
-                c("zero_critical_incidents", M::CriticalAlerts, None, Some(0.0), None, 1, true),
+                c("metrics_stable", Window(W::ErrorRate), None, Some(0.05), None, 30, true),
+                c("satisfaction", Window(W::Satisfaction), Some(0.95), None, None, 20, false),
+                c("zero_critical_incidents", Phase(P::CriticalAlerts), None, Some(0.0), None, 1, true),
             ],
         },
     ]
