@@ -20,7 +20,7 @@ use payslip_stream::{
     document::PayslipDocument,
     inference::ModelRegistry,
     kafka,
-    pipeline::InferStage,
+    infer::InferStage,
     produce::{self, ProduceOptions, Source},
     synth::{Generator, GeneratorConfig},
 };
@@ -77,7 +77,7 @@ fn main() {
             if let Some(pct) = split {
                 publish_split(&cfg, &brokers, pct).await;
             }
-            let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: false, passthrough: Default::default() };
+            let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
             produce::produce(&opts, Source::Documents(docs)).await.expect("produce");
             let (tx, rx) = tokio::sync::watch::channel(false);
             let stage = InferStage::new(cfg.clone(), brokers.clone(), registry);
@@ -117,9 +117,9 @@ fn main() {
 
 /// Publishes a running rollout of document_classifier 1.1.0 at `pct` % (as the controller would).
 async fn publish_split(cfg: &PipelineConfig, brokers: &str, pct: f64) {
-    use payslip_stream::rollout::{action, Controller, RolloutCommand};
+    use payslip_stream::rollout::{action, Action, Controller, RolloutCommand};
     let mut c = Controller::default();
-    let cmd = |a: &str| RolloutCommand { command_id: a.into(), rollout_id: "bench".into(), action: a.into(), operator: "bench".into(), reason: None, model: Some("document_classifier".into()), version: Some("1.1.0".into()), issued_at: 0 };
+    let cmd = |a: Action| RolloutCommand { command_id: a.to_string(), rollout_id: "bench".into(), action: a.into(), operator: "bench".into(), reason: None, model: Some("document_classifier".into()), version: Some("1.1.0".into()), issued_at: 0 };
     let mut d = c.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::START));
     while d.traffic_percent < pct {
         d = c.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::ADVANCE));

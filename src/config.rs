@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::document::DocumentLimits;
 
+/// Why the configuration cannot be used; never retryable: the file must be fixed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -18,7 +19,8 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+/// A [`ConfigError::Invalid`] for `key`.
+pub fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_string(), message: message.into() }
 }
 
@@ -140,7 +142,7 @@ impl MonitorConfig {
         }
         let mut names = std::collections::BTreeSet::new();
         for r in &self.alerts {
-            r.validate().map_err(|m| invalid("monitor.alerts", m))?;
+            r.validate("monitor.alerts")?;
             if !names.insert(r.name.clone()) {
                 return Err(invalid("monitor.alerts", format!("rule name {} is used twice", r.name)));
             }
@@ -159,9 +161,50 @@ pub struct KafkaConfig {
     /// Consumer group of the infer stage.
     #[serde(default = "default_group")]
     pub infer_group: String,
-    /// Extra librdkafka properties for every client (security, timeouts, ...), passed through as is.
+    /// Extra librdkafka properties for every client (security, timeouts, buffer sizes, ...), passed
+    /// through as is. Keys that would weaken the delivery guarantees are refused at start-up.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+    /// How long a broker outage is waited out before a delivery counts as failed, ms (librdkafka's
+    /// `message.timeout.ms`). A stage keeps its work in memory meanwhile and loses nothing.
+    #[serde(default = "default_outage_tolerance_ms")]
+    pub outage_tolerance_ms: u64,
+}
+
+fn default_outage_tolerance_ms() -> u64 {
+    600_000
+}
+
+/// Passthrough keys the project sets itself because the delivery guarantees rest on them, with the
+/// only values that may be passed (empty: none).
+const GUARDED_KEYS: &[(&str, &[&str], &str)] = &[
+    ("enable.auto.offset.store", &["false"], "offsets are stored only after the results they caused are delivered"),
+    ("enable.idempotence", &["true"], "the producers are idempotent so a retry never duplicates a record"),
+    ("acks", &["all", "-1"], "a record counts as delivered only when every in-sync replica has it"),
+    ("request.required.acks", &["all", "-1"], "a record counts as delivered only when every in-sync replica has it"),
+    ("enable.auto.commit", &[], "each client commits as its delivery semantics require"),
+    ("isolation.level", &["read_committed"], "readers must not see aborted transactions"),
+    ("group.id", &[], "set kafka.infer_group instead; the other readers choose their own"),
+    ("transactional.id", &[], "the monitor's changelog sets its own to fence stale leaders"),
+    ("message.timeout.ms", &[], "set kafka.outage_tolerance_ms instead"),
+    ("delivery.timeout.ms", &[], "set kafka.outage_tolerance_ms instead"),
+];
+
+impl KafkaConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in &self.librdkafka {
+            if let Some((_, allowed, why)) = GUARDED_KEYS.iter().find(|(k, _, _)| k == key) {
+                if !allowed.contains(&value.as_str()) {
+                    let fix = if allowed.is_empty() { "remove it".to_string() } else { format!("remove it or use {}", allowed.join(" or ")) };
+                    return Err(invalid(&format!("kafka.librdkafka.{key}"), format!("{value:?} would weaken the delivery guarantees ({why}); {fix}")));
+                }
+            }
+        }
+        if self.outage_tolerance_ms < 10_000 || self.outage_tolerance_ms > 900_000 {
+            return Err(invalid("kafka.outage_tolerance_ms", format!("is {}; use 10000 to 900000 (the broker's default transaction.max.timeout.ms)", self.outage_tolerance_ms)));
+        }
+        Ok(())
+    }
 }
 
 fn default_group() -> String {
@@ -204,6 +247,9 @@ pub struct TopicsConfig {
     /// The monitor's changelog (compacted, one partition): state replication and leader election.
     #[serde(default = "t_changelog")]
     pub monitor_changelog: String,
+    /// Results, feedback and commands the monitor could not decode, with the reason.
+    #[serde(default = "t_monitor_dlq")]
+    pub monitor_dlq: String,
     /// Partitions for topics this program creates (existing topics are left as they are).
     #[serde(default = "default_partitions")]
     pub partitions: i32,
@@ -227,6 +273,7 @@ fn t_alerts() -> String { "litert.alerts.v1".into() }
 fn t_decisions() -> String { "litert.rollout.decisions.v1".into() }
 fn t_commands() -> String { "litert.rollout.commands.v1".into() }
 fn t_changelog() -> String { "litert.monitor.changelog.v1".into() }
+fn t_monitor_dlq() -> String { "litert.monitor.dlq.v1".into() }
 fn default_partitions() -> i32 { 6 }
 fn default_replication() -> i32 { 1 }
 fn default_retention_hours() -> u32 { 168 }
@@ -238,16 +285,6 @@ impl Default for TopicsConfig {
     }
 }
 
-impl TopicsConfig {
-    /// Prefixes every topic name (tests use random prefixes).
-    pub fn with_prefix(mut self, prefix: &str) -> Self {
-        for t in [&mut self.documents, &mut self.inference, &mut self.documents_dlq, &mut self.feedback, &mut self.metrics, &mut self.alerts, &mut self.decisions, &mut self.commands, &mut self.monitor_changelog] {
-            *t = format!("{prefix}{t}");
-        }
-        self
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelsConfig {
@@ -256,6 +293,11 @@ pub struct ModelsConfig {
     pub metadata: PathBuf,
     /// Version served for each model: `document_classifier`, `table_detection`, `text_recognition`.
     pub serve: BTreeMap<String, String>,
+    /// Models allowed to serve degraded: when their served version cannot be loaded, the infer
+    /// stage still runs and answers with `MODEL_UNAVAILABLE` for them. For every other model a
+    /// version that cannot be loaded stops the stage before it consumes anything.
+    #[serde(default)]
+    pub allow_degraded: Vec<String>,
 }
 
 /// Execution providers, in the order they are tried.
@@ -358,8 +400,7 @@ impl LimitsConfig {
     }
 }
 
-/// Models the infer stage knows how to run.
-pub const MODEL_NAMES: [&str; 3] = ["document_classifier", "table_detection", "text_recognition"];
+use crate::inference::MODEL_NAMES;
 
 impl PipelineConfig {
     /// Reads, parses and validates a config file; relative paths inside it are resolved against
@@ -386,6 +427,7 @@ impl PipelineConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.validate()?;
         if self.batching.max_batch == 0 || self.batching.max_batch > 4096 {
             return Err(invalid("batching.max_batch", format!("is {}; use a value from 1 to 4096", self.batching.max_batch)));
         }
@@ -408,20 +450,17 @@ impl PipelineConfig {
         if self.topics.replication_factor < 1 {
             return Err(invalid("topics.replication_factor", "must be at least 1"));
         }
-        let names = [&self.topics.documents, &self.topics.inference, &self.topics.documents_dlq, &self.topics.feedback];
-        for (i, a) in names.iter().enumerate() {
-            if a.is_empty() || a.len() > 249 || !a.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-                return Err(invalid("topics", format!("topic name {a:?} is not a valid Kafka topic name (letters, digits, '.', '_', '-', at most 249)")));
-            }
-            if names[i + 1..].contains(a) {
-                return Err(invalid("topics", format!("topic {a:?} is used for two purposes")));
-            }
-        }
+        self.topics.check_names().map_err(|(k, m)| invalid(&k, m))?;
         if self.limits.max_payload_bytes < 1024 {
             return Err(invalid("limits.max_payload_bytes", "must be at least 1024"));
         }
         if self.models.serve.is_empty() {
             return Err(invalid("models.serve", format!("is empty; name a version for each of {MODEL_NAMES:?}")));
+        }
+        for name in &self.models.allow_degraded {
+            if !MODEL_NAMES.contains(&name.as_str()) {
+                return Err(invalid("models.allow_degraded", format!("{name} is not a known model; known models are {MODEL_NAMES:?}")));
+            }
         }
         for name in self.models.serve.keys() {
             if !MODEL_NAMES.contains(&name.as_str()) {
@@ -432,7 +471,7 @@ impl PipelineConfig {
             return Err(invalid("models.metadata", format!("{} does not exist; point it at models/model_metadata.json", self.models.metadata.display())));
         }
         self.monitor.validate()?;
-        self.rollout.validate().map_err(|(k, m)| invalid(&k, m))?;
+        self.rollout.validate()?;
         if let Some(p) = &self.inference.ort_dylib_path {
             if !p.exists() {
                 return Err(invalid("inference.ort_dylib_path", format!("{} does not exist; install onnxruntime (pip install onnxruntime==1.32.*) and point this at its capi/libonnxruntime.so.*", p.display())));
@@ -484,5 +523,15 @@ mod tests {
         assert!(e.contains("criteria.m") && e.contains("no per-cohort baseline"), "{e}");
         let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 5, soak_ms: 1, criteria: [{{name: m, metric: latency_p59, max: 1}}]}}]}}\n")).unwrap_err().to_string();
         assert!(e.contains("unknown metric `latency_p59`") && e.contains("latency_p95_ms"), "{e}");
+    }
+
+    #[test]
+    fn the_passthrough_cannot_weaken_delivery() {
+        for (key, value) in [("enable.auto.offset.store", "true"), ("acks", "1"), ("enable.idempotence", "false"), ("isolation.level", "read_uncommitted"), ("message.timeout.ms", "5000")] {
+            let e = PipelineConfig::from_yaml(&format!("{BASE}kafka: {{librdkafka: {{{key}: '{value}'}}}}\n")).unwrap_err().to_string();
+            assert!(e.contains(&format!("kafka.librdkafka.{key}")) && e.contains("weaken"), "{e}");
+        }
+        // what does not touch the guarantees passes, and so does restating a guaranteed value
+        PipelineConfig::from_yaml(&format!("{BASE}kafka: {{librdkafka: {{security.protocol: SASL_SSL, acks: all, queue.buffering.max.kbytes: '65536'}}}}\n")).unwrap();
     }
 }

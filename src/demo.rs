@@ -28,9 +28,58 @@ use crate::{
     kafka::{self, headers as h, headers::HeaderSet},
     monitor::{records::WindowMetrics, MonitorStage},
     rollout::{action, CandidateSpec, RolloutDecision},
-    pipeline::InferStage,
+    infer::{InferStage, StageError},
+    kafka::KafkaError,
+    monitor::MonitorError,
     synth::{Generator, GeneratorConfig},
 };
+
+/// Why the demo stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Encode(#[from] crate::codec::EncodeError),
+    #[error("infer stage: {0}")]
+    Infer(#[from] StageError),
+    #[error("monitor stage: {0}")]
+    Monitor(#[from] MonitorError),
+    /// A task of the demo died (a bug).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl DemoError {
+    /// Whether running the demo again may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            DemoError::Kafka(e) => e.retryable(),
+            DemoError::Infer(e) => e.retryable(),
+            DemoError::Monitor(e) => e.retryable(),
+            DemoError::Encode(_) | DemoError::Internal(_) => false,
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> DemoError {
+    DemoError::Internal(e.to_string())
+}
+
+/// What `run --demo` asks for.
+#[derive(Debug, Clone)]
+pub struct DemoRun {
+    pub count: u64,
+    pub rate: f64,
+    /// Candidate classifier version to roll out (1.1.1-degraded shows a rollback).
+    pub candidate: Option<String>,
+}
+
+impl DemoRun {
+    pub fn options(&self) -> DemoOptions {
+        DemoOptions::for_count(self.count, self.rate)
+    }
+}
 
 pub struct DemoOptions {
     pub count: u64,
@@ -112,32 +161,32 @@ pub fn demo_config(mut cfg: PipelineConfig, state_dir: PathBuf, candidate: Optio
     cfg
 }
 
-pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegistry>, opts: DemoOptions, mut interrupt: watch::Receiver<bool>) -> Result<DemoSummary, String> {
+pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegistry>, opts: DemoOptions, mut interrupt: watch::Receiver<bool>) -> Result<DemoSummary, DemoError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let infer = tokio::spawn(InferStage::new(cfg.clone(), brokers.clone(), registry).run(stop_rx));
     let monitor_stop = Arc::new(AtomicBool::new(false));
     let monitor = {
         let (cfg, brokers, stop) = (cfg.clone(), brokers.clone(), monitor_stop.clone());
-        tokio::task::spawn_blocking(move || MonitorStage::open(cfg, brokers).map_err(|e| e.to_string())?.run(stop).map_err(|e| e.to_string()))
+        tokio::task::spawn_blocking(move || MonitorStage::open(cfg, brokers)?.run(stop))
     };
 
     let mut printer_cfg = kafka::consumer_config(&brokers, &format!("payslip-demo-printer-{}", std::process::id()), &cfg.kafka.librdkafka);
     printer_cfg.set("enable.auto.offset.store", "true");
-    let printer: StreamConsumer = printer_cfg.create().map_err(|e| e.to_string())?;
+    let printer: StreamConsumer = printer_cfg.create().map_err(KafkaError::client("the demo printer"))?;
     printer
         .subscribe(&[&cfg.topics.inference, &cfg.topics.documents_dlq, &cfg.topics.metrics, &cfg.topics.alerts, &cfg.topics.decisions])
-        .map_err(|e| e.to_string())?;
+        .map_err(KafkaError::broker("the demo printer: subscribe"))?;
 
     let producer_task = {
         let (brokers, topic, passthrough) = (brokers.clone(), cfg.topics.documents.clone(), cfg.kafka.librdkafka.clone());
         let (slow, failing, delay, bad_every, count, rate) = (opts.slow.clone(), opts.failing.clone(), opts.slow_delay_ms, opts.bad_every, opts.count, opts.rate);
         tokio::spawn(async move {
-            let p: FutureProducer = kafka::producer_config(&brokers, &passthrough).create().map_err(|e| e.to_string())?;
+            let p: FutureProducer = kafka::producer_config(&brokers, &passthrough).create().map_err(KafkaError::client("the demo producer"))?;
             // Rendering rasters costs more than running the models on them: render a pool once and
             // send its documents round-robin, each with its own id, user and time.
             let gen = Generator::new(GeneratorConfig { seed: 2026, ..Default::default() });
             let users = gen.config().users as u64;
-            let pool = tokio::task::spawn_blocking(move || (0..DEMO_POOL.min(count)).map(|i| gen.document(i).document).collect::<Vec<_>>()).await.map_err(|e| e.to_string())?;
+            let pool = tokio::task::spawn_blocking(move || (0..DEMO_POOL.min(count)).map(|i| gen.document(i).document).collect::<Vec<_>>()).await.map_err(internal)?;
             let started = Instant::now();
             let mut broken = 0;
             for i in 0..count {
@@ -146,7 +195,7 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
                 doc.document_id = format!("doc-demo-{i:08}");
                 doc.user_id = format!("user-{:05}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % users);
                 doc.submitted_at = chrono::Utc::now().timestamp_millis();
-                let payload = codec::encode(&doc, WireFormat::Avro).map_err(|e| e.to_string())?;
+                let payload = codec::encode(&doc, WireFormat::Avro)?;
                 let mut hs = HeaderSet::new().with(h::CONTENT_TYPE, WireFormat::Avro.content_type()).with(h::SCHEMA, PayslipDocument::SCHEMA_NAME);
                 if slow.contains(&i) {
                     hs = hs.with("fault-delay-ms", delay.to_string());
@@ -155,15 +204,15 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
                     hs = hs.with("fault-error", "table_detection");
                 }
                 let rec = FutureRecord::to(&topic).key(&doc.document_id).payload(&payload).headers(hs.build());
-                p.send(rec, Duration::from_secs(30)).await.map_err(|(e, _)| e.to_string())?;
+                kafka::delivered(kafka::enqueue(&p, rec).await?, &topic).await?;
                 if (i + 1) % bad_every == 0 {
                     let body = format!("{{\"document_id\": \"broken-{i}\", \"pages\": \"not a list\"}}");
                     let hs = HeaderSet::new().with(h::CONTENT_TYPE, "application/json").build();
-                    p.send(FutureRecord::to(&topic).key("broken").payload(&body).headers(hs), Duration::from_secs(30)).await.map_err(|(e, _)| e.to_string())?;
+                    kafka::delivered(kafka::enqueue(&p, FutureRecord::to(&topic).key("broken").payload(&body).headers(hs)).await?, &topic).await?;
                     broken += 1;
                 }
             }
-            Ok::<u64, String>(broken)
+            Ok::<u64, DemoError>(broken)
         })
     };
 
@@ -191,7 +240,7 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
         let m = tokio::select! {
             _ = interrupt.changed() => break,
             _ = tokio::time::sleep(quiet.saturating_sub(last_event.elapsed())) => break,
-            m = printer.recv() => m.map_err(|e| e.to_string())?,
+            m = printer.recv() => m.map_err(KafkaError::broker("the demo printer"))?,
         };
         last_event = Instant::now();
         let ct = h::get(m.headers(), h::CONTENT_TYPE);
@@ -262,11 +311,11 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
         }
     }
     let _ = stop_tx.send(true);
-    s.broken = producer_task.await.map_err(|e| e.to_string())??;
+    s.broken = producer_task.await.map_err(internal)??;
     s.produced = opts.count;
-    infer.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    infer.await.map_err(internal)??;
     monitor_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    monitor.await.map_err(|e| e.to_string())??;
+    monitor.await.map_err(internal)??;
     s.classifier_accuracy = if labelled > 0 { correct as f64 / labelled as f64 } else { 0.0 };
     Ok(s)
 }

@@ -99,10 +99,35 @@ pub enum InvalidDocument {
     #[error("too large: {0}")]
     Oversized(String),
     #[error("invalid raster at {location}: {reason}")]
-    InvalidRaster { location: String, reason: String },
+    InvalidRaster { location: String, reason: RasterError },
+}
+
+/// Why a raster's pixels cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RasterError {
+    #[error("non-positive size {width}x{height}")]
+    Size { width: i32, height: i32 },
+    #[error("{bytes} bytes for {width}x{height} {encoding} (expected {expected})")]
+    Length { bytes: usize, width: i32, height: i32, encoding: &'static str, expected: usize },
+    #[error("pixel {index} is not finite ({value})")]
+    NotFinite { index: usize, value: f32 },
+    #[error("pixel {index} is {value}, outside [0, 1]")]
+    OutOfRange { index: usize, value: f32 },
+}
+
+impl RasterError {
+    /// Never: the document itself is wrong (it goes to the dead-letter topic).
+    pub fn retryable(&self) -> bool {
+        false
+    }
 }
 
 impl InvalidDocument {
+    /// Never: the document itself is wrong (it goes to the dead-letter topic).
+    pub fn retryable(&self) -> bool {
+        false
+    }
+
     pub fn class(&self) -> &'static str {
         match self {
             InvalidDocument::MissingField(_) => "missing_field",
@@ -114,30 +139,30 @@ impl InvalidDocument {
 
 impl Raster {
     /// Pixel intensities in `[0, 1]` (1 = ink), checked: sizes agree, values finite and in range.
-    pub fn intensities(&self) -> Result<Vec<f32>, String> {
+    pub fn intensities(&self) -> Result<Vec<f32>, RasterError> {
         if self.width <= 0 || self.height <= 0 {
-            return Err(format!("non-positive size {}x{}", self.width, self.height));
+            return Err(RasterError::Size { width: self.width, height: self.height });
         }
         let n = self.width as usize * self.height as usize;
         match self.encoding {
             RasterEncoding::GRAY8 => {
                 if self.pixels.len() != n {
-                    return Err(format!("{} bytes for {}x{} GRAY8 (expected {n})", self.pixels.len(), self.width, self.height));
+                    return Err(RasterError::Length { bytes: self.pixels.len(), width: self.width, height: self.height, encoding: "GRAY8", expected: n });
                 }
                 Ok(self.pixels.iter().map(|&p| p as f32 / 255.0).collect())
             }
             RasterEncoding::GRAYF32LE => {
                 if self.pixels.len() != n * 4 {
-                    return Err(format!("{} bytes for {}x{} GRAYF32LE (expected {})", self.pixels.len(), self.width, self.height, n * 4));
+                    return Err(RasterError::Length { bytes: self.pixels.len(), width: self.width, height: self.height, encoding: "GRAYF32LE", expected: n * 4 });
                 }
                 let mut out = Vec::with_capacity(n);
                 for (i, c) in self.pixels.chunks_exact(4).enumerate() {
                     let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                     if !v.is_finite() {
-                        return Err(format!("pixel {i} is not finite ({v})"));
+                        return Err(RasterError::NotFinite { index: i, value: v });
                     }
                     if !(0.0..=1.0).contains(&v) {
-                        return Err(format!("pixel {i} is {v}, outside [0, 1]"));
+                        return Err(RasterError::OutOfRange { index: i, value: v });
                     }
                     out.push(v);
                 }
@@ -306,8 +331,8 @@ mod tests {
         let ok: Vec<u8> = [0.0f32, 1.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(raster(RasterEncoding::GRAYF32LE, ok).intensities().unwrap(), vec![0.0, 1.0]);
         let nan: Vec<u8> = [0.0f32, f32::NAN].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert!(raster(RasterEncoding::GRAYF32LE, nan).intensities().unwrap_err().contains("not finite"));
+        assert!(raster(RasterEncoding::GRAYF32LE, nan).intensities().unwrap_err().to_string().contains("not finite"));
         let big: Vec<u8> = [0.0f32, 7.0].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert!(raster(RasterEncoding::GRAYF32LE, big).intensities().unwrap_err().contains("outside"));
+        assert!(raster(RasterEncoding::GRAYF32LE, big).intensities().unwrap_err().to_string().contains("outside"));
     }
 }

@@ -8,17 +8,36 @@ use std::{collections::BTreeMap, io::Write, time::Duration};
 
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
-    message::{Headers, Message},
+    message::{BorrowedMessage, Headers, Message},
     Offset, TopicPartitionList,
 };
 
 use crate::{
     alert::AlertEvent,
-    codec::{self, Record},
-    monitor::records::WindowMetrics,
+    codec::{self, DecodeError, Record},
     document::{DocumentFeedback, InferenceResult, PayslipDocument},
-    kafka::headers as h,
+    kafka::{self, headers as h, KafkaError, RangeCursor},
+    monitor::records::WindowMetrics,
 };
+
+/// Why a topic could not be inspected.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// The output could not be written (a closed pipe, a full disk).
+    #[error("cannot write the output: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+impl InspectError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            InspectError::Kafka(e) => e.retryable(),
+            InspectError::Write(_) => false,
+        }
+    }
+}
 
 pub use crate::kafka::range::Bound;
 
@@ -36,10 +55,10 @@ pub struct InspectOptions {
 }
 
 /// Decodes one value to JSON by its `schema` header, else by what the bytes turn out to be.
-pub fn decode_value(schema: Option<&str>, content_type: Option<&str>, bytes: &[u8]) -> Result<serde_json::Value, String> {
-    fn as_json<T: Record + 'static>(b: &[u8], ct: Option<&str>) -> Result<serde_json::Value, String> {
-        let v: T = codec::decode(b, ct).map_err(|e| e.to_string())?;
-        serde_json::to_value(v).map_err(|e| e.to_string())
+pub fn decode_value(schema: Option<&str>, content_type: Option<&str>, bytes: &[u8]) -> Result<serde_json::Value, DecodeError> {
+    fn as_json<T: Record + 'static>(b: &[u8], ct: Option<&str>) -> Result<serde_json::Value, DecodeError> {
+        let v: T = codec::decode(b, ct)?;
+        serde_json::to_value(v).map_err(|e| DecodeError::SchemaMismatch(e.to_string()))
     }
     match schema {
         Some(PayslipDocument::SCHEMA_NAME) => as_json::<PayslipDocument>(bytes, content_type),
@@ -52,7 +71,7 @@ pub fn decode_value(schema: Option<&str>, content_type: Option<&str>, bytes: &[u
         _ => serde_json::from_slice(bytes)
             .or_else(|_| as_json::<PayslipDocument>(bytes, content_type))
             .or_else(|_| as_json::<InferenceResult>(bytes, content_type))
-            .map_err(|_| "value is neither JSON nor a known Avro record".to_string()),
+            .map_err(|_| DecodeError::Undecodable { format: "json or avro", message: "value is neither JSON nor a known Avro record".into() }),
     }
 }
 
@@ -71,67 +90,65 @@ fn shorten_rasters(v: &mut serde_json::Value) {
 }
 
 /// Reads the topic and writes JSON lines to `out`. Returns the number of messages printed.
-pub fn inspect(opts: &InspectOptions, out: &mut dyn Write) -> Result<u64, String> {
-    let mut cfg = crate::kafka::client_config(&opts.brokers, &opts.passthrough);
-    cfg.set("group.id", "payslip-inspect").set("enable.auto.commit", "false").set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = cfg.create().map_err(|e| format!("cannot create consumer: {e}"))?;
-    let ranges = crate::kafka::range::resolve(&consumer, &opts.topic, opts.start, opts.to)?;
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
-    for r in &ranges {
-        tpl.add_partition_offset(&opts.topic, r.partition, Offset::Offset(r.start)).map_err(|e| e.to_string())?;
-        if !r.is_empty() && !(opts.follow && opts.to.is_none()) {
-            remaining.insert(r.partition, r.end);
-        }
-    }
-    let bounded = !(opts.follow && opts.to.is_none());
-    consumer.assign(&tpl).map_err(|e| format!("assign: {e}"))?;
+pub fn inspect(opts: &InspectOptions, out: &mut dyn Write) -> Result<u64, InspectError> {
+    let mut cfg = kafka::reader_config(&opts.brokers, "payslip-inspect", &opts.passthrough);
+    cfg.set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = cfg.create().map_err(KafkaError::client("the inspect consumer"))?;
+    let ranges = kafka::range::resolve(&consumer, &opts.topic, opts.start, opts.to)?;
     let mut printed = 0u64;
-    while !bounded || !remaining.is_empty() {
-        if opts.count.is_some_and(|c| printed >= c) {
-            break;
+    let limit_reached = |printed: u64| opts.count.is_some_and(|c| printed >= c);
+    if opts.follow && opts.to.is_none() {
+        // unbounded: from the start positions on, until the count (or forever)
+        let mut tpl = TopicPartitionList::new();
+        for r in &ranges {
+            tpl.add_partition_offset(&opts.topic, r.partition, Offset::Offset(r.start)).map_err(KafkaError::broker(format!("position {}", opts.topic)))?;
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
-        let m = msg.map_err(|e| format!("consume: {e}"))?;
-        if bounded {
-            match remaining.get(&m.partition()) {
-                Some(end) if m.offset() < *end => {
-                    if m.offset() + 1 >= *end {
-                        remaining.remove(&m.partition());
-                    }
-                }
-                _ => continue, // past this partition's end
-            }
+        consumer.assign(&tpl).map_err(KafkaError::broker(format!("assign {}", opts.topic)))?;
+        while !limit_reached(printed) {
+            let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
+            let m = msg.map_err(KafkaError::broker(format!("consume {}", opts.topic)))?;
+            writeln!(out, "{}", render(&m, opts.full))?;
+            printed += 1;
         }
-        let headers: BTreeMap<String, String> = m
-            .headers()
-            .map(|hs| hs.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
-            .unwrap_or_default();
-        let value = match m.payload() {
-            None => serde_json::Value::Null,
-            Some(b) => match decode_value(headers.get(h::SCHEMA).map(String::as_str), headers.get(h::CONTENT_TYPE).map(String::as_str), b) {
-                Ok(mut v) => {
-                    if !opts.full {
-                        shorten_rasters(&mut v);
-                    }
-                    v
-                }
-                Err(e) => serde_json::json!({ "undecodable": e, "bytes": b.len() }),
-            },
-        };
-        let line = serde_json::json!({
-            "topic": m.topic(),
-            "partition": m.partition(),
-            "offset": m.offset(),
-            "timestamp": m.timestamp().to_millis(),
-            "key": m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            "headers": headers,
-            "value": value,
-        });
-        writeln!(out, "{line}").map_err(|e| e.to_string())?;
-        printed += 1;
+        return Ok(printed);
+    }
+    let mut cursor = RangeCursor::open(consumer, ranges.iter().map(|r| (opts.topic.clone(), *r)), format!("reading {}", opts.topic))?;
+    while !cursor.done() && !limit_reached(printed) {
+        if let Some(m) = cursor.next(Duration::from_millis(500))? {
+            writeln!(out, "{}", render(&m, opts.full))?;
+            printed += 1;
+        }
     }
     Ok(printed)
+}
+
+/// One message as a JSON object: position, timestamp, key, headers and the decoded value.
+fn render(m: &BorrowedMessage<'_>, full: bool) -> serde_json::Value {
+    let headers: BTreeMap<String, String> = m
+        .headers()
+        .map(|hs| hs.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
+        .unwrap_or_default();
+    let value = match m.payload() {
+        None => serde_json::Value::Null,
+        Some(b) => match decode_value(headers.get(h::SCHEMA).map(String::as_str), headers.get(h::CONTENT_TYPE).map(String::as_str), b) {
+            Ok(mut v) => {
+                if !full {
+                    shorten_rasters(&mut v);
+                }
+                v
+            }
+            Err(e) => serde_json::json!({ "undecodable": e.to_string(), "bytes": b.len() }),
+        },
+    };
+    serde_json::json!({
+        "topic": m.topic(),
+        "partition": m.partition(),
+        "offset": m.offset(),
+        "timestamp": m.timestamp().to_millis(),
+        "key": m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        "headers": headers,
+        "value": value,
+    })
 }
 
 #[cfg(test)]

@@ -1,21 +1,32 @@
 //! payslip-stream: a Kafka stream processor that runs ONNX Runtime inference on payslip documents
-//! and operates the models.
+//! and operates the models: windowed metrics, alerts, and phased rollouts of new versions.
 //!
 //! ```text
-//! producers ─► payslip.documents.v1 ─► [infer stage: pipeline.rs] ─► payslip.inference.v1 ─► [monitor stage: monitor/]
-//!                   (Avro / JSON)         decode ─ batch ─ ONNX Runtime     one result per document      RocksDB windows, alert rules
-//!                        │                                                        payslip.feedback.v1 ─►      │
-//!                        └─ bad input ─► payslip.documents.dlq.v1                               litert.metrics.v1 ◄─┤
-//!                                                                                                litert.alerts.v1 ◄─┘
+//! producers ─► payslip.documents.v1 ─► [infer stage: infer/] ─────► payslip.inference.v1 ─► [monitor stage: monitor/]
+//!                  (Avro / JSON)        decode ─ route ─ batch ─ ONNX     one result per document    RocksDB windows, alert rules,
+//!                       │                       ▲                                                   rollout controller (rollout/)
+//!                       │                       │ canary split                payslip.feedback.v1 ─►   │
+//!                       └─ bad input ─► payslip.documents.dlq.v1              litert.rollout.commands ─►│
+//!                                               │                                                      ├─► litert.metrics.v1
+//!                                               └──── litert.rollout.decisions.v1 (compacted) ◄────────┼─► litert.alerts.v1
+//!                                                                                                      └─► changelog (standby)
+//! replay/: recorded ranges back through either stage (backfill, recomputed windows, DLQ re-drive)
 //! ```
 //!
-//! Module map: [`config`] (pipeline YAML, validated once), [`document`] (records), [`codec`] (Avro/JSON),
-//! [`kafka`] (clients, admin, embedded broker, headers), [`inference`] (model registry, ONNX Runtime
-//! sessions and providers, preprocessing), [`pipeline`] (the infer stage), [`window`] (event-time
-//! windows and aggregates), [`state`] (RocksDB store), [`alert`] (rules and lifecycle), [`monitor`]
-//! (the monitor stage), [`synth`] (synthetic payslips), [`dataset`] (training dump), [`produce`]
-//! (load generator), [`inspect`] (topic reader), [`demo`] (the README's main job), [`telemetry`]
-//! (logs and counters).
+//! Module map:
+//! - wiring: [`pipeline`] (what `run` starts: brokers, topics, models, stages, shutdown), [`config`]
+//!   (pipeline YAML, validated once), [`telemetry`] (logs and counters), [`progress`] (progress events
+//!   for long operations);
+//! - stages: [`infer`] (the infer stage: batching, delivery/acks, dead letters), [`monitor`] (the
+//!   monitor stage: windows, alerts, outbox, changelog), [`rollout`] (config, records, controller,
+//!   criteria, stats, routing, ops);
+//! - parts: [`kafka`] (configs, sending, bounded reads, the topic registry, admin, embedded broker),
+//!   [`codec`] (Avro/JSON), [`document`] (records), [`inference`] (model registry, ONNX Runtime
+//!   sessions and providers, preprocessing), [`window`] (event-time windows and aggregates),
+//!   [`state`] (RocksDB store), [`alert`] (rules and lifecycle);
+//! - tools: [`replay`] (backfill, monitor replay, DLQ re-drive), [`produce`] (load generator),
+//!   [`inspect`] (topic reader), [`synth`] (synthetic payslips), [`dataset`] (training dump), [`demo`]
+//!   (the README's main job).
 //!
 //! Queues: the infer stage holds at most one batch (`batching.max_batch` documents) in inference and
 //! at most 8 batches awaiting delivery reports; beyond that the consumer stops pulling (backpressure).
@@ -28,12 +39,14 @@ pub mod config;
 pub mod dataset;
 pub mod demo;
 pub mod document;
+pub mod infer;
 pub mod inference;
 pub mod inspect;
 pub mod kafka;
 pub mod monitor;
 pub mod pipeline;
 pub mod produce;
+pub mod progress;
 pub mod replay;
 pub mod rollout;
 pub mod state;

@@ -10,9 +10,36 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use crate::{
     codec::{self, Record, WireFormat},
     document::PayslipDocument,
-    kafka::{self, headers as h, headers::HeaderSet},
+    kafka::{self, headers as h, headers::HeaderSet, KafkaError},
+    progress::{report, Progress, ProgressSink},
     synth::{Generator, GeneratorConfig},
 };
+
+/// Why documents could not be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// An input file cannot be read or is not documents.
+    #[error("{path}: {message}")]
+    Input { path: String, message: String },
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Encode(#[from] codec::EncodeError),
+}
+
+impl ProduceError {
+    /// Whether producing again may succeed (the broker was unreachable); a bad file stays bad.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ProduceError::Kafka(e) => e.retryable(),
+            ProduceError::Input { .. } | ProduceError::Encode(_) => false,
+        }
+    }
+}
+
+fn input(p: &std::path::Path, message: impl std::fmt::Display) -> ProduceError {
+    ProduceError::Input { path: p.display().to_string(), message: message.to_string() }
+}
 
 /// Where documents come from.
 pub enum Source {
@@ -30,7 +57,8 @@ pub struct ProduceOptions {
     pub format: WireFormat,
     /// Documents per second; `None` = as fast as the broker takes them.
     pub rate: Option<f64>,
-    pub progress: bool,
+    /// Where progress goes (the CLI draws a bar from it).
+    pub progress: ProgressSink,
     pub passthrough: std::collections::BTreeMap<String, String>,
 }
 
@@ -42,23 +70,23 @@ pub struct ProduceSummary {
 }
 
 /// Reads documents from files.
-pub fn read_files(paths: &[PathBuf]) -> Result<Vec<PayslipDocument>, String> {
+pub fn read_files(paths: &[PathBuf]) -> Result<Vec<PayslipDocument>, ProduceError> {
     let mut out = Vec::new();
     for p in paths {
-        let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        let bytes = std::fs::read(p).map_err(|e| input(p, format!("cannot read: {e}")))?;
         if p.extension().is_some_and(|e| e == "avro") {
-            let reader = apache_avro::Reader::new(&bytes[..]).map_err(|e| format!("{}: not an Avro container file: {e}", p.display()))?;
+            let reader = apache_avro::Reader::new(&bytes[..]).map_err(|e| input(p, format!("not an Avro container file: {e}")))?;
             for v in reader {
-                let v = v.map_err(|e| format!("{}: {e}", p.display()))?;
-                out.push(apache_avro::from_value::<PayslipDocument>(&v).map_err(|e| format!("{}: {e}", p.display()))?);
+                let v = v.map_err(|e| input(p, e))?;
+                out.push(apache_avro::from_value::<PayslipDocument>(&v).map_err(|e| input(p, e))?);
             }
         } else {
-            let text = String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 JSON", p.display()))?;
+            let text = String::from_utf8(bytes).map_err(|_| input(p, "not UTF-8 JSON"))?;
             match serde_json::from_str::<PayslipDocument>(&text) {
                 Ok(d) => out.push(d),
                 Err(_) => {
                     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                        out.push(serde_json::from_str(line).map_err(|e| format!("{} line {}: {e}", p.display(), i + 1))?);
+                        out.push(serde_json::from_str(line).map_err(|e| input(p, format!("line {}: {e}", i + 1)))?);
                     }
                 }
             }
@@ -67,8 +95,8 @@ pub fn read_files(paths: &[PathBuf]) -> Result<Vec<PayslipDocument>, String> {
     Ok(out)
 }
 
-pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSummary, String> {
-    let producer: FutureProducer = kafka::producer_config(&opts.brokers, &opts.passthrough).create().map_err(|e| format!("cannot create producer: {e}"))?;
+pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSummary, ProduceError> {
+    let producer: FutureProducer = kafka::producer_config(&opts.brokers, &opts.passthrough).create().map_err(KafkaError::client("the document producer"))?;
     let (total, mut next): (u64, Box<dyn FnMut(u64) -> PayslipDocument + Send>) = match source {
         Source::Synthetic { seed, start, count, golden_fraction } => {
             let gen = Generator::new(GeneratorConfig { seed, golden_fraction, ..Default::default() });
@@ -80,16 +108,7 @@ pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSum
         }
         Source::Documents(docs) => (docs.len() as u64, Box::new(move |i| docs[i as usize].clone())),
     };
-    let bar = if opts.progress {
-        let b = indicatif::ProgressBar::new(total);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} documents [{elapsed_precise}] {per_sec} eta {eta} {wide_bar}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    report(&opts.progress, Progress::Start { total, unit: "documents" });
     let started = Instant::now();
     let mut inflight = futures::stream::FuturesUnordered::new();
     let mut summary = ProduceSummary::default();
@@ -103,7 +122,7 @@ pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSum
         if doc.submitted_at <= 0 {
             doc.submitted_at = chrono::Utc::now().timestamp_millis();
         }
-        let payload = codec::encode(&doc, opts.format).map_err(|e| e.to_string())?;
+        let payload = codec::encode(&doc, opts.format)?;
         let headers = HeaderSet::new()
             .with(h::CONTENT_TYPE, opts.format.content_type())
             .with(h::SCHEMA, PayslipDocument::SCHEMA_NAME)
@@ -111,26 +130,26 @@ pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSum
             .build();
         let key = doc.document_id.clone();
         let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&opts.topic).key(key.as_bytes()).payload(&payload[..]).headers(headers);
-        inflight.push(kafka::enqueue(&producer, record).await);
+        inflight.push(kafka::enqueue(&producer, record).await?);
         while inflight.len() >= 10_000 {
             if let Some(r) = inflight.next().await {
-                tally(&mut summary, r, &bar);
+                tally(&mut summary, r, &opts.progress);
             }
         }
         // collect finished deliveries without waiting
         while let Some(Some(r)) = futures::FutureExt::now_or_never(inflight.next()) {
-            tally(&mut summary, r, &bar);
+            tally(&mut summary, r, &opts.progress);
         }
     }
     while let Some(r) = inflight.next().await {
-        tally(&mut summary, r, &bar);
+        tally(&mut summary, r, &opts.progress);
     }
-    bar.finish_and_clear();
+    report(&opts.progress, Progress::Finish);
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
 
-fn tally(s: &mut ProduceSummary, r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>, bar: &indicatif::ProgressBar) {
+fn tally(s: &mut ProduceSummary, r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>, progress: &ProgressSink) {
     match r {
         Ok(Ok(_)) => s.sent += 1,
         Ok(Err((e, _))) => {
@@ -142,5 +161,5 @@ fn tally(s: &mut ProduceSummary, r: Result<rdkafka::producer::future_producer::O
             tracing::warn!(error = %e, "document not delivered");
         }
     }
-    bar.inc(1);
+    report(progress, Progress::Advance(1));
 }

@@ -24,10 +24,9 @@ use std::{
 };
 
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
+    consumer::BaseConsumer,
     message::{Message, OwnedMessage},
     producer::{DeliveryFuture, FutureProducer, FutureRecord},
-    Offset, TopicPartitionList,
 };
 use serde::Serialize;
 
@@ -36,11 +35,14 @@ use crate::{
     config::PipelineConfig,
     document::{DocumentFeedback, InferenceResult},
     inference::ModelRegistry,
+    inference::ModelError,
     kafka::{
         self,
         headers::{self as h, HeaderSet},
         range::{self, Bound},
+        KafkaError, RangeCursor,
     },
+    progress::{report, Progress, ProgressSink},
     monitor::{
         state::{Emitted, MonitorState, Prediction},
         OutboxMessage,
@@ -49,15 +51,42 @@ use crate::{
     telemetry::InferCounters,
 };
 
+/// Why a replay stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Models(#[from] ModelError),
+    /// What was asked cannot be done as asked (a production output, an unknown model).
+    #[error("{0}")]
+    Refused(String),
+    /// An event of our own could not be re-encoded (a defect).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ReplayError {
+    /// Whether the same replay may succeed later (the broker was unreachable).
+    pub fn retryable(&self) -> bool {
+        match self {
+            ReplayError::Kafka(e) => e.retryable(),
+            ReplayError::Models(e) => e.retryable(),
+            ReplayError::Refused(_) | ReplayError::Internal(_) => false,
+        }
+    }
+}
+
 /// What to read.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReplayOptions {
     pub brokers: String,
     pub from: Bound,
     pub to: Option<Bound>,
     /// Consumer group id of the reader (default `payslip-replay-<mode>-<time>`).
     pub group: Option<String>,
-    pub progress: bool,
+    /// Where progress goes (the CLI draws a bar from it).
+    pub progress: ProgressSink,
 }
 
 /// What a replay did.
@@ -76,54 +105,35 @@ pub struct ReplaySummary {
 
 /// Reads bounded ranges of several topics.
 struct RangeReader {
-    consumer: BaseConsumer,
-    remaining: BTreeMap<(String, i32), i64>,
+    cursor: RangeCursor,
     from_ms: Option<i64>,
     to_ms: Option<i64>,
-    bar: indicatif::ProgressBar,
+    progress: ProgressSink,
     read: u64,
     skipped: u64,
     inputs: Vec<String>,
 }
 
 impl RangeReader {
-    fn open(cfg: &PipelineConfig, opts: &ReplayOptions, topics: &[&str], mode: &str) -> Result<Self, String> {
+    fn open(cfg: &PipelineConfig, opts: &ReplayOptions, topics: &[&str], mode: &str) -> Result<Self, ReplayError> {
         let group = opts.group.clone().unwrap_or_else(|| format!("payslip-replay-{mode}-{}", chrono::Utc::now().timestamp_millis()));
         if group == cfg.kafka.infer_group {
-            return Err(format!("--group {group} is the production infer group; a replay uses its own"));
+            return Err(ReplayError::Refused(format!("--group {group} is the production infer group; a replay uses its own")));
         }
-        let consumer: BaseConsumer = kafka::client_config(&opts.brokers, &cfg.kafka.librdkafka)
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|e| format!("cannot create the replay reader: {e}"))?;
-        let mut tpl = TopicPartitionList::new();
-        let mut remaining = BTreeMap::new();
+        let consumer: BaseConsumer = kafka::reader_config(&opts.brokers, &group, &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the replay reader"))?;
+        let mut ranges = Vec::new();
         let mut inputs = Vec::new();
         let mut total = 0;
         for t in topics {
             for r in range::resolve(&consumer, t, opts.from, opts.to)? {
                 inputs.push(format!("{t}/{} [{}, {})", r.partition, r.start, r.end));
-                if !r.is_empty() {
-                    tpl.add_partition_offset(t, r.partition, Offset::Offset(r.start)).map_err(|e| e.to_string())?;
-                    remaining.insert((t.to_string(), r.partition), r.end);
-                    total += r.len() as u64;
-                }
+                total += r.len() as u64;
+                ranges.push((t.to_string(), r));
             }
         }
-        if !remaining.is_empty() {
-            consumer.assign(&tpl).map_err(|e| format!("assign: {e}"))?;
-        }
-        let bar = if opts.progress {
-            let b = indicatif::ProgressBar::new(total);
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} messages [{elapsed_precise}] {per_sec} eta {eta} {wide_bar}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            b
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        Ok(Self { consumer, remaining, from_ms: opts.from.time(), to_ms: opts.to.and_then(Bound::time), bar, read: 0, skipped: 0, inputs })
+        let cursor = RangeCursor::open(consumer, ranges, format!("replay {mode}"))?;
+        report(&opts.progress, Progress::Start { total, unit: "messages" });
+        Ok(Self { cursor, from_ms: opts.from.time(), to_ms: opts.to.and_then(Bound::time), progress: opts.progress.clone(), read: 0, skipped: 0, inputs })
     }
 
     /// Fills in what was read and how long it took.
@@ -136,36 +146,27 @@ impl RangeReader {
     }
 
     /// Up to `max` messages inside the range; `None` once every partition reached its end.
-    fn next_batch(&mut self, max: usize) -> Result<Option<Vec<OwnedMessage>>, String> {
-        if self.remaining.is_empty() {
-            self.bar.finish_and_clear();
+    fn next_batch(&mut self, max: usize) -> Result<Option<Vec<OwnedMessage>>, ReplayError> {
+        if self.cursor.done() {
+            report(&self.progress, Progress::Finish);
             return Ok(None);
         }
         let mut out = Vec::new();
         let mut idle_since = Instant::now();
-        while out.len() < max && !self.remaining.is_empty() {
+        while out.len() < max && !self.cursor.done() {
             let timeout = if out.is_empty() { Duration::from_millis(500) } else { Duration::ZERO };
-            let Some(m) = self.consumer.poll(timeout) else {
+            let Some(m) = self.cursor.next(timeout)? else {
                 if !out.is_empty() {
                     break;
                 }
                 if idle_since.elapsed() > Duration::from_secs(60) {
-                    return Err(format!("no message for 60 s while {} partitions have not reached their end", self.remaining.len()));
+                    return Err(KafkaError::Timeout { what: format!("replay: {} partitions short of their end", self.cursor.unfinished()), seconds: 60 }.into());
                 }
                 continue;
             };
             idle_since = Instant::now();
-            let m = m.map_err(|e| format!("consume: {e}"))?;
-            let key = (m.topic().to_string(), m.partition());
-            let Some(&end) = self.remaining.get(&key) else { continue };
-            if m.offset() >= end {
-                continue;
-            }
-            if m.offset() + 1 >= end {
-                self.remaining.remove(&key);
-            }
             self.read += 1;
-            self.bar.inc(1);
+            report(&self.progress, Progress::Advance(1));
             let ts = m.timestamp().to_millis();
             if ts.is_some_and(|t| self.from_ms.is_some_and(|f| t < f) || self.to_ms.is_some_and(|to| t >= to)) {
                 self.skipped += 1;
@@ -177,46 +178,22 @@ impl RangeReader {
     }
 }
 
-fn wait_all(futures: Vec<DeliveryFuture>) -> Result<(), String> {
-    for f in futures {
-        match futures::executor::block_on(f) {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(format!("delivery failed: {e}")),
-            Err(_) => return Err("producer dropped a delivery".into()),
-        }
-    }
-    Ok(())
-}
-
-fn send(producer: &FutureProducer, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: &HeaderSet) -> DeliveryFuture {
+fn send(producer: &FutureProducer, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: &HeaderSet) -> Result<DeliveryFuture, KafkaError> {
     let hs = headers.build();
     let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload).headers(hs);
     if let Some(k) = key {
         rec = rec.key(k);
     }
-    loop {
-        match producer.send_result(rec) {
-            Ok(f) => return f,
-            Err((_, r)) => {
-                std::thread::sleep(Duration::from_millis(5));
-                rec = r;
-            }
-        }
-    }
+    kafka::enqueue_blocking(producer, rec)
 }
 
 /// Topics a replay must not write to unless asked.
-fn production_topics(cfg: &PipelineConfig) -> Vec<&String> {
-    let t = &cfg.topics;
-    vec![&t.documents, &t.inference, &t.documents_dlq, &t.feedback, &t.metrics, &t.alerts, &t.decisions, &t.commands, &t.monitor_changelog]
-}
-
-fn guard(cfg: &PipelineConfig, outputs: &[String], allow_production: bool) -> Result<(), String> {
+fn guard(cfg: &PipelineConfig, outputs: &[String], allow_production: bool) -> Result<(), ReplayError> {
     if allow_production {
         return Ok(());
     }
-    match outputs.iter().find(|o| production_topics(cfg).contains(o)) {
-        Some(o) => Err(format!("{o} is a production topic; pass --allow-production-topics to write there, or choose another output")),
+    match outputs.iter().find(|o| cfg.topics.all().any(|(_, t)| t == o.as_str())) {
+        Some(o) => Err(ReplayError::Refused(format!("{o} is a production topic; pass --allow-production-topics to write there, or choose another output"))),
         None => Ok(()),
     }
 }
@@ -235,7 +212,7 @@ pub struct BackfillOptions {
 }
 
 /// Re-runs inference over recorded documents with the chosen versions. Blocking.
-pub fn backfill(cfg: &PipelineConfig, opts: &ReplayOptions, b: &BackfillOptions) -> Result<ReplaySummary, String> {
+pub fn backfill(cfg: &PipelineConfig, opts: &ReplayOptions, b: &BackfillOptions) -> Result<ReplaySummary, ReplayError> {
     let started = Instant::now();
     let input = b.topic.clone().unwrap_or_else(|| cfg.topics.documents.clone());
     let out_results = b.output_topic.clone().unwrap_or_else(|| format!("{}.backfill", cfg.topics.inference));
@@ -243,8 +220,8 @@ pub fn backfill(cfg: &PipelineConfig, opts: &ReplayOptions, b: &BackfillOptions)
     guard(cfg, &[out_results.clone(), out_dlq.clone()], b.allow_production)?;
     let mut run_cfg = cfg.clone();
     for (m, v) in &b.serve {
-        if !crate::config::MODEL_NAMES.contains(&m.as_str()) {
-            return Err(format!("--serve {m}={v}: unknown model; known models are {:?}", crate::config::MODEL_NAMES));
+        if !crate::inference::MODEL_NAMES.contains(&m.as_str()) {
+            return Err(ReplayError::Refused(format!("--serve {m}={v}: unknown model; known models are {:?}", crate::inference::MODEL_NAMES)));
         }
         run_cfg.models.serve.insert(m.clone(), v.clone());
     }
@@ -252,11 +229,11 @@ pub fn backfill(cfg: &PipelineConfig, opts: &ReplayOptions, b: &BackfillOptions)
     run_cfg.topics.documents_dlq = out_dlq.clone();
     run_cfg.faults.enabled = false;
     let registry = ModelRegistry::load(&run_cfg.models, &run_cfg.inference, &[])?;
-    for s in registry.status().iter().filter(|s| s.state != "loaded") {
-        return Err(format!("{} {} cannot be loaded: {}", s.model, s.version, s.reason.clone().unwrap_or_default()));
+    if let Some(s) = registry.status().iter().find(|s| s.state != crate::inference::LoadState::Loaded) {
+        return Err(ReplayError::Refused(format!("{} {} cannot be loaded: {}", s.model, s.version, s.reason.clone().unwrap_or_default())));
     }
     kafka::admin::ensure_named(&opts.brokers, &cfg.kafka, &cfg.topics, &[out_results.clone(), out_dlq.clone()], &[])?;
-    let producer: FutureProducer = kafka::producer_config(&opts.brokers, &cfg.kafka.librdkafka).create().map_err(|e| format!("cannot create producer: {e}"))?;
+    let producer: FutureProducer = kafka::producer_config(&opts.brokers, &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the replay producer"))?;
     let mut reader = RangeReader::open(cfg, opts, &[&input], "infer")?;
     let routing = std::sync::RwLock::new(Routing::default());
     let counters = InferCounters::default();
@@ -265,7 +242,7 @@ pub fn backfill(cfg: &PipelineConfig, opts: &ReplayOptions, b: &BackfillOptions)
     let mut s = ReplaySummary { mode: "infer".into(), outputs: vec![out_results, out_dlq], ..Default::default() };
     tracing::info!(%input, versions = %versions, outputs = ?s.outputs, "backfill started");
     while let Some(batch) = reader.next_batch(run_cfg.batching.max_batch)? {
-        let processed = crate::pipeline::process_batch(&run_cfg, &registry, &routing, &counters, batch);
+        let processed = crate::infer::process_batch(&run_cfg, &registry, &routing, &counters, batch);
         let mut futures = Vec::with_capacity(processed.len());
         for p in processed {
             let headers = p.out.headers.with("replay-id", &replay_id);
@@ -274,9 +251,9 @@ pub fn backfill(cfg: &PipelineConfig, opts: &ReplayOptions, b: &BackfillOptions)
             } else {
                 s.dead_lettered += 1;
             }
-            futures.push(send(&producer, &p.out.topic, p.out.key.as_deref(), &p.out.payload, &headers));
+            futures.push((send(&producer, &p.out.topic, p.out.key.as_deref(), &p.out.payload, &headers)?, p.out.topic));
         }
-        wait_all(futures)?;
+        kafka::wait_deliveries(futures)?;
     }
     Ok(reader.finish(s, started))
 }
@@ -296,14 +273,14 @@ const FAILURE_HEADERS: [&str; 6] = [h::ERROR_CLASS, h::ERROR_MESSAGE, h::SOURCE_
 
 /// Sends dead letters back through the infer stage with their original key, bytes and headers.
 /// Blocking.
-pub fn dlq_replay(cfg: &PipelineConfig, opts: &ReplayOptions, d: &DlqReplayOptions) -> Result<ReplaySummary, String> {
+pub fn dlq_replay(cfg: &PipelineConfig, opts: &ReplayOptions, d: &DlqReplayOptions) -> Result<ReplaySummary, ReplayError> {
     let started = Instant::now();
     let input = d.topic.clone().unwrap_or_else(|| cfg.topics.documents_dlq.clone());
     let target = d.target.clone().unwrap_or_else(|| cfg.topics.documents.clone());
     if target == input {
-        return Err(format!("the target {target} is the dead-letter topic itself"));
+        return Err(ReplayError::Refused(format!("the target {target} is the dead-letter topic itself")));
     }
-    let producer: FutureProducer = kafka::producer_config(&opts.brokers, &cfg.kafka.librdkafka).create().map_err(|e| format!("cannot create producer: {e}"))?;
+    let producer: FutureProducer = kafka::producer_config(&opts.brokers, &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the replay producer"))?;
     let mut reader = RangeReader::open(cfg, opts, &[&input], "dlq")?;
     let at = chrono::Utc::now().to_rfc3339();
     let mut s = ReplaySummary { mode: "dlq".into(), outputs: vec![target.clone()], ..Default::default() };
@@ -323,10 +300,10 @@ pub fn dlq_replay(cfg: &PipelineConfig, opts: &ReplayOptions, d: &DlqReplayOptio
                 }
             }
             hs = hs.with("dlq.replayed-from", format!("{}/{}/{}", m.topic(), m.partition(), m.offset())).with("dlq.replayed-at", &at);
-            futures.push(send(&producer, &target, m.key(), m.payload().unwrap_or_default(), &hs));
+            futures.push((send(&producer, &target, m.key(), m.payload().unwrap_or_default(), &hs)?, target.as_str()));
             s.written += 1;
         }
-        wait_all(futures)?;
+        kafka::wait_deliveries(futures)?;
     }
     Ok(reader.finish(s, started))
 }
@@ -361,7 +338,7 @@ pub struct ReplayedEvent {
 
 /// Recomputes windows, alerts and rollout decisions from recorded results, feedback and commands.
 /// Blocking.
-pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorReplayOptions) -> Result<(ReplaySummary, Vec<ReplayedEvent>), String> {
+pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorReplayOptions) -> Result<(ReplaySummary, Vec<ReplayedEvent>), ReplayError> {
     let started = Instant::now();
     let mut out_cfg = cfg.clone();
     for t in [&mut out_cfg.topics.metrics, &mut out_cfg.topics.alerts, &mut out_cfg.topics.decisions] {
@@ -470,17 +447,17 @@ pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorRep
     let mut s = reader.finish(ReplaySummary { mode: "monitor".into(), skipped: undecodable, ..Default::default() }, started);
     if !m.dry_run {
         kafka::admin::ensure_named(&opts.brokers, &cfg.kafka, &cfg.topics, &outputs, &[out_cfg.topics.decisions.clone()])?;
-        let producer: FutureProducer = kafka::producer_config(&opts.brokers, &cfg.kafka.librdkafka).create().map_err(|e| format!("cannot create producer: {e}"))?;
+        let producer: FutureProducer = kafka::producer_config(&opts.brokers, &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the replay producer"))?;
         let mut futures = Vec::with_capacity(messages.len());
         for msg in &messages {
-            let payload = hex::decode(&msg.payload_hex).map_err(|e| e.to_string())?;
+            let payload = hex::decode(&msg.payload_hex).map_err(|e| ReplayError::Internal(e.to_string()))?;
             let mut hs = HeaderSet::new();
             for (k, v) in &msg.headers {
                 hs = hs.with(k, v);
             }
-            futures.push(send(&producer, &msg.topic, Some(msg.key.as_bytes()), &payload, &hs));
+            futures.push((send(&producer, &msg.topic, Some(msg.key.as_bytes()), &payload, &hs)?, msg.topic.as_str()));
         }
-        wait_all(futures)?;
+        kafka::wait_deliveries(futures)?;
         s.written = messages.len() as u64;
         s.outputs = outputs;
     }

@@ -104,24 +104,26 @@ impl AlertRule {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the rule; `key` is where the rules sit in the config (named in the error).
+    pub fn validate(&self, key: &str) -> Result<(), crate::config::ConfigError> {
+        let bad = |m: String| Err(crate::config::invalid(key, m));
         if self.warning.is_none() && self.critical.is_none() {
-            return Err(format!("alert rule {}: needs a warning or a critical tier", self.name));
+            return bad(format!("alert rule {}: needs a warning or a critical tier", self.name));
         }
         if let (Some(w), Some(c)) = (&self.warning, &self.critical) {
             if self.beyond(w.threshold, c.threshold) {
-                return Err(format!("alert rule {}: the warning threshold {} is beyond the critical one {}", self.name, w.threshold, c.threshold));
+                return bad(format!("alert rule {}: the warning threshold {} is beyond the critical one {}", self.name, w.threshold, c.threshold));
             }
         }
         for t in self.warning.iter().chain(&self.critical) {
             if let Some(c) = t.clear {
                 if self.beyond(c, t.threshold) {
-                    return Err(format!("alert rule {}: clear {} of {} is beyond its threshold {}", self.name, c, t.code, t.threshold));
+                    return bad(format!("alert rule {}: clear {} of {} is beyond its threshold {}", self.name, c, t.code, t.threshold));
                 }
             }
         }
         if self.for_windows == 0 {
-            return Err(format!("alert rule {}: for_windows must be at least 1", self.name));
+            return bad(format!("alert rule {}: for_windows must be at least 1", self.name));
         }
         Ok(())
     }
@@ -466,7 +468,7 @@ mod tests {
     #[test]
     fn default_rules_are_valid() {
         for r in default_rules() {
-            r.validate().unwrap();
+            r.validate("monitor.alerts").unwrap();
         }
     }
 }

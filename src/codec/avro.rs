@@ -28,14 +28,13 @@ pub fn parsed_schema<T: Record + 'static>() -> &'static Schema {
     schema_for::<T>()
 }
 
-pub(super) fn encode<T: Record>(value: &T) -> Result<Vec<u8>, String>
+pub(super) fn encode<T: Record>(value: &T) -> apache_avro::AvroResult<Vec<u8>>
 where
     T: 'static,
 {
     let schema = schema_for::<T>();
-    let v = apache_avro::to_value(value).map_err(|e| e.to_string())?;
-    let v = v.resolve(schema).map_err(|e| e.to_string())?;
-    apache_avro::to_avro_datum(schema, v).map_err(|e| e.to_string())
+    let v = apache_avro::to_value(value)?.resolve(schema)?;
+    apache_avro::to_avro_datum(schema, v)
 }
 
 pub(super) fn decode<T: Record + 'static>(bytes: &[u8]) -> Result<T, DecodeError> {

@@ -6,6 +6,7 @@
 //! class names the dead-letter reason.
 
 pub mod avro;
+pub mod text_enum;
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -13,11 +14,22 @@ pub const CONTENT_TYPE_AVRO: &str = "application/avro";
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
 /// Wire format of a value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WireFormat {
     Avro,
     Json,
+}
+
+impl std::str::FromStr for WireFormat {
+    type Err = text_enum::UnknownVariant;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "avro" => Ok(WireFormat::Avro),
+            "json" => Ok(WireFormat::Json),
+            _ => Err(text_enum::UnknownVariant { kind: "wire format", value: s.to_string(), expected: &["avro", "json"] }),
+        }
+    }
 }
 
 impl WireFormat {
@@ -68,6 +80,11 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Never: the same bytes decode the same way every time (they go to a dead-letter topic).
+    pub fn retryable(&self) -> bool {
+        false
+    }
+
     pub fn class(&self) -> &'static str {
         match self {
             DecodeError::Undecodable { .. } => "undecodable",
@@ -87,11 +104,18 @@ pub struct EncodeError {
     pub message: String,
 }
 
+impl EncodeError {
+    /// Never: our own record is wrong (a defect), and it stays wrong.
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
 pub fn encode<T: Record>(value: &T, format: WireFormat) -> Result<Vec<u8>, EncodeError> {
     let err = |message: String| EncodeError { record: T::SCHEMA_NAME, format, message };
     match format {
         WireFormat::Json => serde_json::to_vec(value).map_err(|e| err(e.to_string())),
-        WireFormat::Avro => avro::encode(value).map_err(err),
+        WireFormat::Avro => avro::encode(value).map_err(|e| err(e.to_string())),
     }
 }
 

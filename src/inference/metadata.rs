@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::ModelError;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TensorSpec {
     pub name: String,
@@ -45,9 +47,9 @@ pub struct ModelMetadata {
 }
 
 impl ModelMetadata {
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let mut m: ModelMetadata = serde_json::from_str(&text).map_err(|e| format!("{} is not valid model metadata: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Read { path: path.display().to_string(), message: e.to_string() })?;
+        let mut m: ModelMetadata = serde_json::from_str(&text).map_err(|e| ModelError::Metadata { path: path.display().to_string(), message: e.to_string() })?;
         m.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(m)
     }
@@ -68,19 +70,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Reads a model file and checks it against its recorded sha256. Returns the bytes on success so
 /// the file is read once and the verified bytes are the ones loaded.
-pub fn read_verified(meta: &ModelMetadata, entry: &ModelEntry) -> Result<Vec<u8>, String> {
+pub fn read_verified(meta: &ModelMetadata, entry: &ModelEntry) -> Result<Vec<u8>, ModelError> {
     let path = meta.path_of(entry);
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(|e| ModelError::Read { path: path.display().to_string(), message: e.to_string() })?;
     let actual = sha256_hex(&bytes);
     if !actual.eq_ignore_ascii_case(&entry.sha256) {
-        return Err(format!(
-            "sha256 mismatch for {} {} ({}): expected {}, file has {}; refusing to load it",
-            entry.name,
-            entry.version,
-            path.display(),
-            entry.sha256,
-            actual
-        ));
+        return Err(ModelError::Integrity { model: entry.name.clone(), version: entry.version.clone(), path: path.display().to_string(), expected: entry.sha256.clone(), actual });
     }
     Ok(bytes)
 }

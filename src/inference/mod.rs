@@ -23,6 +23,7 @@ use std::{
 use ort::{session::Session, value::Tensor};
 
 use crate::{
+    codec::text_enum::text_enum,
     config::{InferenceConfig, ModelsConfig},
     document::{ModelOutput, PayslipDocument},
 };
@@ -32,6 +33,8 @@ use preprocess::*;
 pub const CLASSIFIER: &str = "document_classifier";
 pub const TABLES: &str = "table_detection";
 pub const TEXT: &str = "text_recognition";
+/// Models the infer stage knows how to run.
+pub const MODEL_NAMES: [&str; 3] = [CLASSIFIER, TABLES, TEXT];
 
 /// Error codes written into results.
 pub mod codes {
@@ -43,13 +46,53 @@ pub mod codes {
     pub const BAD_OUTPUT: &str = "BAD_OUTPUT";
 }
 
+text_enum! {
+    /// Whether a model version runs.
+    pub enum LoadState {
+        Loaded = "loaded",
+        Refused = "refused",
+    }
+}
+
+/// Why a model version cannot be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{path} is not valid model metadata: {message}")]
+    Metadata { path: String, message: String },
+    #[error("{model} {version} is not listed in {path}")]
+    Unlisted { model: String, version: String, path: String },
+    #[error("no preprocessing for model {0}")]
+    UnknownModel(String),
+    #[error("{model} {version} declares input shape {declared:?}, this build feeds {expected:?}")]
+    InputShape { model: String, version: String, declared: Vec<i64>, expected: Vec<i64> },
+    #[error("sha256 mismatch for {model} {version} ({path}): expected {expected}, file has {actual}; refusing to load it")]
+    Integrity { model: String, version: String, path: String, expected: String, actual: String },
+    #[error("{model} {version}: graph inputs {actual:?} do not match metadata {declared:?}")]
+    GraphInputs { model: String, version: String, actual: Vec<String>, declared: Vec<String> },
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
+}
+
+impl ModelError {
+    /// Whether loading again may succeed: a file that could not be read may appear, a GPU may
+    /// free up; a wrong shape, a tampered file or a broken metadata file will not change by itself.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ModelError::Read { .. } => true,
+            ModelError::Runtime(e) => e.retryable(),
+            _ => false,
+        }
+    }
+}
+
 /// Load state of one served model version, as reported by `models verify`, logs and results.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelStatus {
     pub model: String,
     pub version: String,
-    /// `loaded` or `refused`.
-    pub state: &'static str,
+    pub state: LoadState,
     pub provider: Option<String>,
     pub load_ms: f64,
     pub reason: Option<String>,
@@ -71,7 +114,15 @@ pub struct ModelRegistry {
     status: RwLock<Vec<ModelStatus>>,
     metadata: ModelMetadata,
     inference: InferenceConfig,
+    /// When a refused version may be tried again, and how many times it was refused.
+    retry: Mutex<BTreeMap<(String, String), (Instant, u32)>>,
+    /// One load at a time (loads are rare and heavy; two threads must not load the same version).
+    load_lock: Mutex<()>,
 }
+
+/// First wait before a refused version is tried again; doubles per refusal up to [`RETRY_MAX`].
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn expected_input(name: &str) -> Option<Vec<i64>> {
     match name {
@@ -86,60 +137,88 @@ impl ModelRegistry {
     /// Loads every version named in `models.serve` plus `extra` (name, version) pairs.
     /// Never fails as a whole: refusals are in `status()`. Fails only when the metadata file itself
     /// cannot be read, since then nothing can be verified.
-    pub fn load(models: &ModelsConfig, inference: &InferenceConfig, extra: &[(String, String)]) -> Result<Self, String> {
+    pub fn load(models: &ModelsConfig, inference: &InferenceConfig, extra: &[(String, String)]) -> Result<Self, ModelError> {
         let meta = ModelMetadata::load(&models.metadata)?;
         let mut wanted: Vec<(String, String)> = models.serve.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         wanted.extend(extra.iter().cloned());
         wanted.sort();
         wanted.dedup();
-        let registry = Self { loaded: RwLock::new(BTreeMap::new()), serve: models.serve.clone(), status: RwLock::new(Vec::new()), metadata: meta, inference: inference.clone() };
+        let registry = Self {
+            loaded: RwLock::new(BTreeMap::new()),
+            serve: models.serve.clone(),
+            status: RwLock::new(Vec::new()),
+            metadata: meta,
+            inference: inference.clone(),
+            retry: Mutex::new(BTreeMap::new()),
+            load_lock: Mutex::new(()),
+        };
         for (name, version) in wanted {
             registry.ensure_loaded(&name, &version);
         }
         Ok(registry)
     }
 
-    /// Loads `name` `version` unless it is loaded or was refused before; returns whether it is loaded.
+    /// Whether `name` `version` is loaded (never blocks on a load in progress).
+    pub fn is_loaded(&self, name: &str, version: &str) -> bool {
+        self.loaded.read().unwrap_or_else(|p| p.into_inner()).contains_key(&(name.to_string(), version.to_string()))
+    }
+
+    /// Loads `name` `version` unless it is loaded; returns whether it is loaded. A refused version
+    /// is tried again only after a backoff (2 s, doubling per refusal, at most 5 minutes), so a
+    /// passing failure (a file being replaced, a busy device) heals without a restart while a
+    /// lasting one costs little.
     pub fn ensure_loaded(&self, name: &str, version: &str) -> bool {
         let key = (name.to_string(), version.to_string());
-        if self.loaded.read().unwrap_or_else(|p| p.into_inner()).contains_key(&key) {
+        if self.is_loaded(name, version) {
             return true;
         }
-        if self.status.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.model == name && s.version == version) {
-            return false; // refused before; a restart retries
+        let _one_at_a_time = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_loaded(name, version) {
+            return true; // another thread loaded it meanwhile
+        }
+        if self.retry.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|(at, _)| Instant::now() < *at) {
+            return false;
         }
         let started = Instant::now();
         let result = Self::load_one(&self.metadata, &self.inference, name, version);
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut status = self.status.write().unwrap_or_else(|p| p.into_inner());
+        // the latest attempt is the status
+        status.retain(|s| !(s.model == name && s.version == version));
         match result {
             Ok((mut model, skipped)) => {
                 model.load_ms = load_ms;
                 tracing::info!(model = %name, %version, provider = model.provider, load_ms, "model loaded");
-                status.push(ModelStatus { model: name.into(), version: version.into(), state: "loaded", provider: Some(model.provider.to_string()), load_ms, reason: None, skipped_providers: skipped });
+                status.push(ModelStatus { model: name.into(), version: version.into(), state: LoadState::Loaded, provider: Some(model.provider.to_string()), load_ms, reason: None, skipped_providers: skipped });
+                self.retry.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                 self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::new(model));
                 true
             }
             Err(reason) => {
-                tracing::error!(model = %name, %version, %reason, "model version refused");
-                status.push(ModelStatus { model: name.into(), version: version.into(), state: "refused", provider: None, load_ms, reason: Some(reason), skipped_providers: vec![] });
+                let mut retry = self.retry.lock().unwrap_or_else(|p| p.into_inner());
+                let refusals = retry.get(&key).map_or(0, |(_, n)| *n) + 1;
+                let wait = RETRY_FIRST.saturating_mul(1 << (refusals - 1).min(16)).min(RETRY_MAX);
+                retry.insert(key, (Instant::now() + wait, refusals));
+                tracing::error!(model = %name, %version, %reason, refusals, retry_in_s = wait.as_secs(), "model version refused");
+                status.push(ModelStatus { model: name.into(), version: version.into(), state: LoadState::Refused, provider: None, load_ms, reason: Some(reason.to_string()), skipped_providers: vec![] });
                 false
             }
         }
     }
 
-    fn load_one(meta: &ModelMetadata, inference: &InferenceConfig, name: &str, version: &str) -> Result<(LoadedModel, Vec<String>), String> {
-        let entry = meta.entry(name, version).ok_or_else(|| format!("{name} {version} is not listed in {}", meta.dir.join("model_metadata.json").display()))?;
-        let expected = expected_input(name).ok_or_else(|| format!("no preprocessing for model {name}"))?;
+    fn load_one(meta: &ModelMetadata, inference: &InferenceConfig, name: &str, version: &str) -> Result<(LoadedModel, Vec<String>), ModelError> {
+        let (model, ver) = (name.to_string(), version.to_string());
+        let entry = meta.entry(name, version).ok_or_else(|| ModelError::Unlisted { model: model.clone(), version: ver.clone(), path: meta.dir.join("model_metadata.json").display().to_string() })?;
+        let expected = expected_input(name).ok_or_else(|| ModelError::UnknownModel(model.clone()))?;
         let declared = entry.inputs.first().map(|i| i.shape.clone()).unwrap_or_default();
         if declared != expected {
-            return Err(format!("{name} {version} declares input shape {declared:?}, this build feeds {expected:?}"));
+            return Err(ModelError::InputShape { model, version: ver, declared, expected });
         }
         let bytes = metadata::read_verified(meta, entry)?;
-        let ps = runtime::session_for(inference, name, &bytes).map_err(|e| e.to_string())?;
+        let ps = runtime::session_for(inference, name, &bytes)?;
         let actual: Vec<String> = ps.session.inputs().iter().map(|i| i.name().to_string()).collect();
         if actual.first().map(String::as_str) != entry.inputs.first().map(|i| i.name.as_str()) {
-            return Err(format!("{name} {version}: graph inputs {actual:?} do not match metadata {:?}", entry.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()));
+            return Err(ModelError::GraphInputs { model, version: ver, actual, declared: entry.inputs.iter().map(|i| i.name.clone()).collect() });
         }
         Ok((LoadedModel { entry: entry.clone(), session: Mutex::new(ps.session), provider: ps.provider, load_ms: 0.0 }, ps.skipped))
     }
@@ -163,7 +242,9 @@ impl ModelRegistry {
     pub fn infer(&self, docs: &[&PayslipDocument], versions: &BTreeMap<String, String>) -> Vec<Vec<ModelOutput>> {
         let mut out: Vec<Vec<ModelOutput>> = vec![Vec::with_capacity(versions.len()); docs.len()];
         for (name, version) in versions {
-            let model = self.loaded.read().unwrap_or_else(|p| p.into_inner()).get(&(name.clone(), version.clone())).cloned();
+            let get = || self.loaded.read().unwrap_or_else(|p| p.into_inner()).get(&(name.clone(), version.clone())).cloned();
+            // a version refused earlier is tried again once its backoff has passed
+            let model = get().or_else(|| self.ensure_loaded(name, version).then(get).flatten());
             let Some(model) = model else {
                 for o in out.iter_mut() {
                     o.push(unavailable(name, version));
@@ -270,7 +351,7 @@ fn run_tables(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
     for (i, d) in docs.iter().enumerate() {
         for p in &d.pages {
             if let Some(r) = &p.raster {
-                data.extend(page_tensor(r).map_err(|e| (codes::INFERENCE_FAILED, e))?);
+                data.extend(page_tensor(r).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?);
                 index.push((i, p.number, p.width, p.height));
             }
         }
@@ -297,7 +378,7 @@ fn run_text(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
         for p in &d.pages {
             for l in &p.lines {
                 if let Some(r) = &l.raster {
-                    data.extend(line_cells(r).map_err(|e| (codes::INFERENCE_FAILED, e))?);
+                    data.extend(line_cells(r).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?);
                     owner.push(i);
                 }
             }

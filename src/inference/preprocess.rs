@@ -8,7 +8,7 @@
 //! - `text_recognition`: a line raster resampled to `GLYPH_H` rows and cut into `MAX_LINE_CHARS` cells of
 //!   `GLYPH_W` columns (zero padded), `[MAX_LINE_CHARS, GLYPH_H * GLYPH_W]`.
 
-use crate::document::{BoundingBox, Raster, Region};
+use crate::document::{BoundingBox, Raster, RasterError, Region};
 
 pub const CLASSIFIER_DIM: usize = 512;
 pub const PAGE_RASTER_W: usize = 48;
@@ -74,13 +74,13 @@ fn resample(src: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<
 }
 
 /// Table detection input for a page raster.
-pub fn page_tensor(raster: &Raster) -> Result<Vec<f32>, String> {
+pub fn page_tensor(raster: &Raster) -> Result<Vec<f32>, RasterError> {
     let px = raster.intensities()?;
     Ok(resample(&px, raster.width as usize, raster.height as usize, PAGE_RASTER_W, PAGE_RASTER_H))
 }
 
 /// Text recognition input for a line raster.
-pub fn line_cells(raster: &Raster) -> Result<Vec<f32>, String> {
+pub fn line_cells(raster: &Raster) -> Result<Vec<f32>, RasterError> {
     let px = raster.intensities()?;
     let (w, h) = (raster.width as usize, raster.height as usize);
     let out_w = if h == GLYPH_H { w } else { ((w * GLYPH_H) as f64 / h as f64).round().max(1.0) as usize };

@@ -24,6 +24,17 @@ pub enum RuntimeError {
     Init { path: String, message: String },
     #[error("no execution provider could load {model}: {attempts}")]
     NoProvider { model: String, attempts: String },
+    /// ONNX Runtime could not say whether a provider is in its build.
+    #[error("availability check of {provider} failed: {message}")]
+    Availability { provider: &'static str, message: String },
+}
+
+impl RuntimeError {
+    /// A missing or broken library needs an operator; a provider may register later (a GPU that
+    /// was busy or not yet visible).
+    pub fn retryable(&self) -> bool {
+        matches!(self, RuntimeError::NoProvider { .. } | RuntimeError::Availability { .. })
+    }
 }
 
 static ENV: OnceLock<Result<ort::environment::Environment, RuntimeError>> = OnceLock::new();
@@ -71,13 +82,13 @@ fn provider_name(p: Provider) -> &'static str {
 }
 
 /// Whether the loaded ONNX Runtime build includes a provider.
-pub fn provider_available(p: Provider) -> Result<bool, String> {
+pub fn provider_available(p: Provider) -> Result<bool, RuntimeError> {
     let r = match p {
         Provider::Tensorrt => TensorRT::is_available(),
         Provider::Cuda => CUDA::is_available(),
         Provider::Cpu => CPU::is_available(),
     };
-    r.map_err(|e| e.to_string())
+    r.map_err(|e| RuntimeError::Availability { provider: provider_name(p), message: e.to_string() })
 }
 
 /// Builds a session for `model` from verified bytes on the first provider that works.
@@ -97,7 +108,7 @@ pub fn session_for(cfg: &InferenceConfig, model: &str, bytes: &[u8]) -> Result<P
                 continue;
             }
             Err(e) => {
-                skipped.push(format!("{name}: availability check failed: {e}"));
+                skipped.push(format!("{name}: {e}"));
                 continue;
             }
         }
@@ -106,13 +117,13 @@ pub fn session_for(cfg: &InferenceConfig, model: &str, bytes: &[u8]) -> Result<P
             Provider::Cuda => CUDA::default().build().error_on_failure(),
             Provider::Cpu => CPU::default().build().error_on_failure(),
         };
-        let built = (|| -> Result<Session, String> {
-            let mut b = Session::builder(&env).map_err(|e| e.to_string())?;
+        let built = (|| -> ort::Result<Session> {
+            let mut b = Session::builder(&env)?;
             if cfg.intra_threads > 0 {
-                b = b.with_intra_threads(cfg.intra_threads).map_err(|e| e.to_string())?;
+                b = b.with_intra_threads(cfg.intra_threads)?;
             }
-            let mut b = b.with_execution_providers([dispatch]).map_err(|e| e.to_string())?;
-            b.commit_from_memory(bytes).map_err(|e| e.to_string())
+            let mut b = b.with_execution_providers([dispatch])?;
+            b.commit_from_memory(bytes)
         })();
         match built {
             Ok(session) => {

@@ -26,7 +26,7 @@ pub fn get<H: Headers>(headers: Option<&H>, key: &str) -> Option<String> {
 }
 
 /// Builder over `OwnedHeaders` for text values.
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 pub struct HeaderSet(Vec<(String, Vec<u8>)>);
 
 impl HeaderSet {

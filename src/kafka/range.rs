@@ -8,12 +8,11 @@
 //! stamped exactly `--from` is included. Without `--to` the end is the high watermark captured when
 //! the range is resolved, so a replay of a live topic stops.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
-use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
-    Offset, TopicPartitionList,
-};
+use rdkafka::consumer::BaseConsumer;
+
+use super::KafkaError;
 
 /// One end of a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +27,7 @@ pub enum Bound {
 }
 
 impl Bound {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, KafkaError> {
         let s = s.trim();
         match s {
             "beginning" | "earliest" => return Ok(Bound::Beginning),
@@ -36,14 +35,14 @@ impl Bound {
             _ => {}
         }
         if let Some(ms) = s.strip_prefix("s@") {
-            return ms.parse().map(Bound::Time).map_err(|_| format!("{s:?}: s@ needs milliseconds since the epoch"));
+            return ms.parse().map(Bound::Time).map_err(|_| KafkaError::Position(format!("{s:?}: s@ needs milliseconds since the epoch")));
         }
         if let Ok(n) = s.parse::<i64>() {
             return Ok(if n < 0 { Bound::FromEnd(-n) } else { Bound::Offset(n) });
         }
         chrono::DateTime::parse_from_rfc3339(s)
             .map(|t| Bound::Time(t.timestamp_millis()))
-            .map_err(|_| format!("{s:?} is not a position: use beginning, end, an offset N, -N, s@MILLIS or an RFC 3339 time (2026-11-27T10:00:00Z)"))
+            .map_err(|_| KafkaError::Position(format!("{s:?} is not a position: use beginning, end, an offset N, -N, s@MILLIS or an RFC 3339 time (2026-11-27T10:00:00Z)")))
     }
 
     pub fn time(self) -> Option<i64> {
@@ -73,55 +72,34 @@ impl PartitionRange {
 }
 
 /// Resolves `from` / `to` on every partition of `topic`.
-pub fn resolve(consumer: &BaseConsumer, topic: &str, from: Bound, to: Option<Bound>) -> Result<Vec<PartitionRange>, String> {
-    let timeout = Duration::from_secs(30);
-    let mut marks = BTreeMap::new();
-    for p in super::partitions_of(consumer, topic, Duration::from_secs(10))? {
-        let (lo, hi) = super::watermarks_of(consumer, topic, p, timeout)?;
-        marks.insert(p, (lo, hi));
-    }
-    let at_time = |ts: i64| -> Result<BTreeMap<i32, i64>, String> {
-        let mut q = TopicPartitionList::new();
-        for p in marks.keys() {
-            q.add_partition_offset(topic, *p, Offset::Offset(ts)).map_err(|e| e.to_string())?;
+pub fn resolve(consumer: &BaseConsumer, topic: &str, from: Bound, to: Option<Bound>) -> Result<Vec<PartitionRange>, KafkaError> {
+    let marks = super::read::watermarks(consumer, topic, Duration::from_secs(10))?;
+    let place = |b: Bound| -> Result<std::collections::BTreeMap<i32, i64>, KafkaError> {
+        if let Bound::Time(ts) = b {
+            return super::read::offsets_at(consumer, topic, &marks, ts);
         }
-        let found = consumer.offsets_for_times(q, timeout).map_err(|e| format!("offsets-for-times on {topic}: {e}"))?;
-        Ok(found
-            .elements()
+        Ok(marks
             .iter()
-            .map(|e| {
-                let o = match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => marks[&e.partition()].1, // nothing at or after ts: the end
+            .map(|(p, &(lo, hi))| {
+                let o = match b {
+                    Bound::Beginning => lo,
+                    Bound::Offset(o) => o.clamp(lo, hi),
+                    Bound::FromEnd(n) => (hi - n).max(lo),
+                    Bound::End | Bound::Time(_) => hi,
                 };
-                (e.partition(), o)
+                (*p, o)
             })
             .collect())
     };
-    let place = |b: Bound| -> Result<BTreeMap<i32, i64>, String> {
-        Ok(match b {
-            Bound::Time(ts) => at_time(ts)?,
-            _ => marks
-                .iter()
-                .map(|(p, &(lo, hi))| {
-                    let o = match b {
-                        Bound::Beginning => lo,
-                        Bound::End => hi,
-                        Bound::Offset(o) => o.clamp(lo, hi),
-                        Bound::FromEnd(n) => (hi - n).max(lo),
-                        Bound::Time(_) => unreachable!(),
-                    };
-                    (*p, o)
-                })
-                .collect(),
-        })
-    };
     let starts = place(from)?;
-    let ends = match to {
-        Some(b) => place(b)?,
-        None => marks.iter().map(|(p, &(_, hi))| (*p, hi)).collect(),
-    };
-    Ok(marks.keys().map(|p| PartitionRange { partition: *p, start: starts[p], end: ends[p].max(starts[p]) }).collect())
+    let ends = place(to.unwrap_or(Bound::End))?;
+    Ok(marks
+        .keys()
+        .map(|p| {
+            let start = starts.get(p).copied().unwrap_or(marks[p].1);
+            PartitionRange { partition: *p, start, end: ends.get(p).copied().unwrap_or(marks[p].1).max(start) }
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -130,12 +108,12 @@ mod tests {
 
     #[test]
     fn kcat_positions_and_times_parse() {
-        assert_eq!(Bound::parse("beginning"), Ok(Bound::Beginning));
-        assert_eq!(Bound::parse("end"), Ok(Bound::End));
-        assert_eq!(Bound::parse("42"), Ok(Bound::Offset(42)));
-        assert_eq!(Bound::parse("-5"), Ok(Bound::FromEnd(5)));
-        assert_eq!(Bound::parse("s@1700000000000"), Ok(Bound::Time(1_700_000_000_000)));
-        assert_eq!(Bound::parse("2026-11-27T10:00:00Z"), Ok(Bound::Time(1_795_773_600_000)));
-        assert!(Bound::parse("yesterday").unwrap_err().contains("RFC 3339"));
+        assert_eq!(Bound::parse("beginning").unwrap(), Bound::Beginning);
+        assert_eq!(Bound::parse("end").unwrap(), Bound::End);
+        assert_eq!(Bound::parse("42").unwrap(), Bound::Offset(42));
+        assert_eq!(Bound::parse("-5").unwrap(), Bound::FromEnd(5));
+        assert_eq!(Bound::parse("s@1700000000000").unwrap(), Bound::Time(1_700_000_000_000));
+        assert_eq!(Bound::parse("2026-11-27T10:00:00Z").unwrap(), Bound::Time(1_795_773_600_000));
+        assert!(Bound::parse("yesterday").unwrap_err().to_string().contains("RFC 3339"));
     }
 }

@@ -20,13 +20,12 @@ use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     message::Message,
     producer::{FutureProducer, FutureRecord, Producer},
-    Offset, TopicPartitionList,
 };
 
 use super::MonitorError;
 use crate::{
     config::PipelineConfig,
-    kafka,
+    kafka::{self, range::PartitionRange, KafkaError, RangeCursor},
     state::{RocksStateStore, StateBatch, ALL_CFS},
 };
 
@@ -51,9 +50,12 @@ impl Changelog {
         let topic = cfg.topics.monitor_changelog.clone();
         // one deployment = one changelog topic: its group elects the leader, its transactional id fences
         let group = format!("{topic}.leader");
-        let mut pc = kafka::producer_config(brokers, &cfg.kafka.librdkafka);
-        pc.set("transactional.id", format!("{topic}.writer")).set("transaction.timeout.ms", "60000");
-        let producer: FutureProducer = pc.create().map_err(|e| MonitorError::Kafka(format!("changelog producer: {e}")))?;
+        // a transactional producer's message timeout may not exceed its transaction timeout: both
+        // are the outage tolerance (a new leader's init_transactions aborts an open one at once)
+        let tolerance = cfg.kafka.outage_tolerance_ms;
+        let mut pc = kafka::producer_config_with(brokers, &cfg.kafka.librdkafka, tolerance);
+        pc.set("transactional.id", format!("{topic}.writer")).set("transaction.timeout.ms", tolerance.to_string());
+        let producer: FutureProducer = pc.create().map_err(KafkaError::client("the changelog producer"))?;
         let mut cc = kafka::client_config(brokers, &cfg.kafka.librdkafka);
         cc.set("group.id", &group)
             .set("enable.auto.commit", "false")
@@ -61,8 +63,8 @@ impl Changelog {
             .set("heartbeat.interval.ms", "1000")
             // a joining standby must not take the partition from a live leader
             .set("partition.assignment.strategy", "cooperative-sticky");
-        let leader: BaseConsumer = cc.create().map_err(|e| MonitorError::Kafka(format!("leadership consumer: {e}")))?;
-        leader.subscribe(&[&topic]).map_err(|e| MonitorError::Kafka(format!("subscribe {topic}: {e}")))?;
+        let leader: BaseConsumer = cc.create().map_err(KafkaError::client("the leadership consumer"))?;
+        leader.subscribe(&[&topic]).map_err(KafkaError::broker(format!("subscribe {topic}")))?;
         Ok(Self { topic, producer, leader })
     }
 
@@ -95,7 +97,7 @@ impl Changelog {
 
     /// Fences earlier leaders (same transactional id).
     pub fn init(&self) -> Result<(), MonitorError> {
-        self.producer.init_transactions(Duration::from_secs(60)).map_err(|e| MonitorError::Kafka(format!("init transactions: {e}")))
+        Ok(self.producer.init_transactions(Duration::from_secs(60)).map_err(KafkaError::broker("init transactions"))?)
     }
 
     /// Writes a batch's operations in one transaction; returns the next changelog offset.
@@ -103,7 +105,7 @@ impl Changelog {
         if batch.ops().is_empty() {
             return Ok(None);
         }
-        let err = |e: rdkafka::error::KafkaError| MonitorError::Delivery(format!("changelog: {e}"));
+        let err = |e: rdkafka::error::KafkaError| MonitorError::Delivery(KafkaError::Delivery { topic: self.topic.clone(), source: e });
         self.producer.begin_transaction().map_err(err)?;
         let mut futures = Vec::with_capacity(batch.ops().len());
         for (cf, key, value) in batch.ops() {
@@ -112,16 +114,11 @@ impl Changelog {
             if let Some(v) = value {
                 rec = rec.payload(&v[..]);
             }
-            loop {
-                match self.producer.send_result(rec) {
-                    Ok(f) => {
-                        futures.push(f);
-                        break;
-                    }
-                    Err((_, r)) => {
-                        rec = r;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+            match kafka::enqueue_blocking(&self.producer, rec) {
+                Ok(f) => futures.push((f, self.topic.as_str())),
+                Err(e) => {
+                    let _ = self.producer.abort_transaction(Duration::from_secs(30));
+                    return Err(MonitorError::Delivery(e));
                 }
             }
         }
@@ -129,73 +126,45 @@ impl Changelog {
             let _ = self.producer.abort_transaction(Duration::from_secs(30));
             return Err(err(e));
         }
-        let mut next = None;
-        for f in futures {
-            match futures::executor::block_on(f) {
-                Ok(Ok(d)) => next = Some(next.unwrap_or(0).max(d.offset + 1)),
-                Ok(Err((e, _))) => return Err(err(e)),
-                Err(_) => return Err(MonitorError::Delivery("changelog delivery dropped".into())),
-            }
-        }
-        Ok(next)
+        let delivered = kafka::wait_deliveries(futures).map_err(MonitorError::Delivery)?;
+        Ok(delivered.iter().map(|d| d.offset + 1).max())
     }
 
     /// Applies committed changelog entries after what `store` has applied, up to the current end.
     pub fn restore(&self, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore) -> Result<u64, MonitorError> {
         let from: i64 = store.get_json(crate::state::CF_META, META_CHANGELOG_NEXT)?.unwrap_or(0);
-        let reader: BaseConsumer = kafka::client_config(brokers, &cfg.kafka.librdkafka)
-            .set("group.id", "payslip-monitor-restore")
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .create()
-            .map_err(|e| MonitorError::Kafka(e.to_string()))?;
-        // with read_committed, the high watermark to wait for is the last stable offset
-        let (lo, hi) = reader.fetch_watermarks(&self.topic, 0, Duration::from_secs(30)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+        let mut rc = kafka::reader_config(brokers, "payslip-monitor-restore", &cfg.kafka.librdkafka);
+        rc.set("isolation.level", "read_committed");
+        let reader: BaseConsumer = rc.create().map_err(KafkaError::client("the changelog reader"))?;
+        // with read_committed, the high watermark is the last stable offset; what lies between the
+        // last record and it (markers, aborted records) is passed over by the cursor
+        let (lo, hi) = kafka::watermarks_of(&reader, &self.topic, 0, Duration::from_secs(30))?;
         let start = from.max(lo);
         if start >= hi {
             return Ok(0);
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, 0, Offset::Offset(start)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
-        reader.assign(&tpl).map_err(|e| MonitorError::Kafka(e.to_string()))?;
-        let mut applied = 0u64;
+        let cursor = RangeCursor::open(reader, [(self.topic.clone(), PartitionRange { partition: 0, start, end: hi })], format!("restoring from {}", self.topic))?;
         let mut batch = StateBatch::default();
-        let mut pos = start;
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        while pos < hi {
-            if std::time::Instant::now() > deadline {
-                return Err(MonitorError::Kafka(format!("changelog restore stuck at offset {pos} of {hi}")));
-            }
-            let Some(m) = reader.poll(Duration::from_millis(500)) else {
-                // the rest may be transaction markers or aborted records, which read_committed skips
-                let (_, now_hi) = reader.fetch_watermarks(&self.topic, 0, Duration::from_secs(10)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
-                if let Ok(p) = reader.position() {
-                    if let Some(Offset::Offset(o)) = p.elements().first().map(|e| e.offset()) {
-                        pos = pos.max(o);
-                    }
-                }
-                if pos >= now_hi.min(hi) - 1 {
-                    break;
-                }
-                continue;
-            };
-            let m = m.map_err(|e| MonitorError::Kafka(e.to_string()))?;
-            pos = m.offset() + 1;
+        let mut applied = 0u64;
+        // a restore of any length goes on while records arrive; it fails only when none do
+        cursor.for_each(Duration::from_secs(60), |m| {
             let key = m.key().unwrap_or_default();
-            let Some(sep) = key.iter().position(|&b| b == 0) else { continue };
+            let Some(sep) = key.iter().position(|&b| b == 0) else { return Ok(()) };
             let cf = std::str::from_utf8(&key[..sep]).unwrap_or("");
-            let Some(cf) = ALL_CFS.iter().find(|c| **c == cf) else { continue };
+            let Some(cf) = ALL_CFS.iter().find(|c| **c == cf) else { return Ok(()) };
             match m.payload() {
                 Some(v) => batch.put_raw(store, cf, &key[sep + 1..], v),
                 None => batch.delete(store, cf, &key[sep + 1..]),
             }
             applied += 1;
             if applied % 5000 == 0 {
-                batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &pos);
+                batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &(m.offset() + 1));
                 store.write(std::mem::take(&mut batch))?;
+                tracing::info!(applied, offset = m.offset(), end = hi, "monitor state restore in progress");
             }
-        }
-        batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &pos.max(hi));
+            Ok::<(), MonitorError>(())
+        })?;
+        batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &hi);
         store.write(batch)?;
         tracing::info!(applied, from = start, to = hi, "monitor state restored from the changelog");
         Ok(applied)

@@ -41,6 +41,8 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
     Offset, TopicPartitionList,
 };
+
+use crate::kafka::{KafkaError, RangeCursor};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -57,15 +59,34 @@ use state::{window_key, Emitted, MonitorCounters, MonitorState, Prediction, Stor
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
     #[error("kafka: {0}")]
-    Kafka(String),
+    Kafka(#[from] KafkaError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// The rollout state could not be rebuilt from the decisions topic.
+    #[error("rollout: {0}")]
+    Rollout(#[from] crate::rollout::RolloutError),
     /// An output could not be delivered; it stays in the outbox and is published after restart.
     #[error("delivery failed, stopping (the message stays in the outbox): {0}")]
-    Delivery(String),
+    Delivery(KafkaError),
+    /// An outbox entry in the state store cannot be read back (a defect or a corrupted store).
+    #[error("outbox entry {event_id} is corrupt: {message}")]
+    CorruptOutbox { event_id: String, message: String },
     /// Another monitor process took over; this one stops (restart it to become a standby).
     #[error("lost leadership of the monitor group to another process")]
     LostLeadership,
+}
+
+impl MonitorError {
+    /// Whether restarting the stage may succeed: the broker may come back, a lost leadership
+    /// makes the process a standby; a broken state store or a defect does not heal by itself.
+    pub fn retryable(&self) -> bool {
+        match self {
+            MonitorError::Kafka(e) | MonitorError::Delivery(e) => e.retryable(),
+            MonitorError::Rollout(e) => e.retryable(),
+            MonitorError::LostLeadership => true,
+            MonitorError::State(_) | MonitorError::CorruptOutbox { .. } => false,
+        }
+    }
 }
 
 /// A message waiting for its delivery report.
@@ -85,6 +106,8 @@ const META_ANNOUNCED: &[u8] = b"announced";
 const META_ROLLOUT: &[u8] = b"rollout";
 const META_PUBLISHED_PREFIX: &str = "published:";
 const EVENT_ID: &str = "event-id";
+/// How often the monitor looks for partitions added to its inputs.
+const PARTITION_CHECK: Duration = Duration::from_secs(5);
 
 /// What the monitor did (also written to its log at shutdown).
 pub type MonitorSummary = MonitorCounters;
@@ -111,7 +134,7 @@ impl MonitorStage {
     pub fn open(cfg: PipelineConfig, brokers: String) -> Result<Self, MonitorError> {
         std::fs::create_dir_all(&cfg.monitor.state_dir).map_err(|e| StateError::Rocks { path: cfg.monitor.state_dir.display().to_string(), message: e.to_string() })?;
         let store = RocksStateStore::open(&cfg.monitor.state_dir)?;
-        let producer: FutureProducer = kafka::producer_config(&brokers, &cfg.kafka.librdkafka).create().map_err(|e| MonitorError::Kafka(format!("cannot create producer: {e}")))?;
+        let producer: FutureProducer = kafka::producer_config_with(&brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms).create().map_err(KafkaError::client("the monitor producer"))?;
         let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::new(&cfg, &brokers)?) } else { None };
         Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None })
     }
@@ -133,7 +156,7 @@ impl MonitorStage {
             Some(c) => state.rollout = c,
             None => {
                 // no rollout state here: the decisions topic is the truth (soak clocks included)
-                let decisions = crate::rollout::routing::read_decisions(&self.cfg, &self.brokers).map_err(MonitorError::Kafka)?;
+                let decisions = crate::rollout::routing::read_decisions(&self.cfg, &self.brokers)?;
                 // commands those decisions answered are not applied again (their ids are remembered);
                 // reading commands starts a minute before the last answered one, not at the beginning
                 let answered = decisions.iter().filter(|d| d.command_id.is_some()).map(|d| d.decided_at).max();
@@ -153,9 +176,25 @@ impl MonitorStage {
 
     /// Writes a batch: first to the changelog (one transaction), then to RocksDB with the changelog
     /// position, so a standby replaying the changelog reaches exactly this state.
+    ///
+    /// A changelog transaction that fails for a passing reason (the broker is away) is aborted and
+    /// tried again for up to `kafka.outage_tolerance_ms`; nothing reaches RocksDB before it commits.
     fn write(&self, mut batch: StateBatch) -> Result<(), MonitorError> {
         if let Some(c) = &self.changelog {
-            if let Some(next) = c.append(&batch)? {
+            let deadline = std::time::Instant::now() + Duration::from_millis(self.cfg.kafka.outage_tolerance_ms);
+            let mut backoff = Duration::from_millis(200);
+            let next = loop {
+                match c.append(&batch) {
+                    Ok(next) => break next,
+                    Err(e) if e.retryable() && std::time::Instant::now() + backoff < deadline => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "changelog write failed; retrying");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            if let Some(next) = next {
                 batch.put_json(&self.store, CF_META, changelog::META_CHANGELOG_NEXT, &next);
             }
         }
@@ -181,38 +220,59 @@ impl MonitorStage {
 
     /// Runs until `stop` is set. Blocking: call from a blocking thread.
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<MonitorSummary, MonitorError> {
-        if let Some(c) = &self.changelog {
-            if !c.wait_for_leadership(&stop) {
-                return Ok(self.state.counters.clone());
+        let mut initialised = false;
+        loop {
+            match self.lead(&stop, &mut initialised) {
+                Ok(()) => break,
+                // the group took the partition away (a broker outage longer than the session
+                // timeout, a rebalance): wait to lead again. If another process leads meanwhile, its
+                // transactions fence this one, whose next write then fails for good.
+                Err(MonitorError::LostLeadership) => {
+                    tracing::warn!("monitor lost the leadership (broker outage or rebalance): waiting to lead again");
+                }
+                Err(e) => return Err(e),
             }
-            c.init()?;
+        }
+        let c = self.state.counters.clone();
+        tracing::info!(summary = ?c, "monitor stage stopped");
+        Ok(c)
+    }
+
+    /// Leads until `stop` (Ok) or until leadership is lost (an error).
+    fn lead(&mut self, stop: &AtomicBool, initialised: &mut bool) -> Result<(), MonitorError> {
+        self.commands_from = None;
+        if let Some(c) = &self.changelog {
+            if !c.wait_for_leadership(stop) {
+                return Ok(());
+            }
+            if !*initialised {
+                c.init()?;
+                *initialised = true;
+            }
             c.restore(&self.cfg, &self.brokers, &self.store)?;
             tracing::info!("monitor leads: state restored, resuming");
         }
         self.load()?;
         self.recover_outbox()?;
         let topics = [self.cfg.topics.inference.clone(), self.cfg.topics.feedback.clone(), self.cfg.topics.commands.clone()];
-        let consumer: BaseConsumer = kafka::client_config(&self.brokers, &self.cfg.kafka.librdkafka)
-            .set("group.id", format!("{}-monitor-assign", self.cfg.kafka.infer_group))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
+        let consumer: BaseConsumer = kafka::reader_config(&self.brokers, &format!("{}-monitor-assign", self.cfg.kafka.infer_group), &self.cfg.kafka.librdkafka)
             .create()
-            .map_err(|e| MonitorError::Kafka(format!("cannot create consumer: {e}")))?;
+            .map_err(KafkaError::client("the monitor consumer"))?;
         let stored = self.stored_offsets()?;
         let mut tpl = TopicPartitionList::new();
         for t in &topics {
-            let parts = kafka::partitions_of(&consumer, t, Duration::from_secs(30)).map_err(MonitorError::Kafka)?;
+            let parts = kafka::partitions_of(&consumer, t, Duration::from_secs(30))?;
             for p in parts {
                 let key = format!("{t}/{p}");
                 let off = match (stored.get(&key), self.commands_from) {
                     (Some(o), _) => Offset::Offset(*o),
-                    (None, Some(ts)) if *t == self.cfg.topics.commands => Offset::Offset(kafka::offset_at(&consumer, t, p, ts).map_err(MonitorError::Kafka)?),
+                    (None, Some(ts)) if *t == self.cfg.topics.commands => Offset::Offset(kafka::offset_at(&consumer, t, p, ts)?),
                     (None, _) => Offset::Beginning,
                 };
-                tpl.add_partition_offset(t, p, off).map_err(|e| MonitorError::Kafka(e.to_string()))?;
+                tpl.add_partition_offset(t, p, off).map_err(KafkaError::broker(format!("position {t}/{p}")))?;
             }
         }
-        consumer.assign(&tpl).map_err(|e| MonitorError::Kafka(format!("assign: {e}")))?;
+        consumer.assign(&tpl).map_err(KafkaError::broker("assign the monitor's inputs"))?;
         let wall = now_ms();
         // commands are rare and carry processing time: they do not hold the watermark back
         for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands) {
@@ -228,15 +288,22 @@ impl MonitorStage {
             announced.extend(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
         }
         if !announced.is_empty() || self.state.rollout_dirty {
-            let outbox = self.commit(BTreeMap::new(), announced)?;
+            let outbox = self.commit(BTreeMap::new(), announced, Vec::new())?;
             self.publish(outbox)?;
         }
+        let mut assigned: BTreeSet<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        let mut partitions_checked = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             if self.changelog.as_ref().is_some_and(|c| !c.still_leader()) {
                 return Err(MonitorError::LostLeadership);
             }
+            if partitions_checked.elapsed() >= PARTITION_CHECK {
+                partitions_checked = std::time::Instant::now();
+                self.assign_new_partitions(&consumer, &topics, &mut assigned)?;
+            }
             let mut consumed: BTreeMap<String, i64> = BTreeMap::new();
             let mut commanded: Vec<Emitted> = Vec::new();
+            let mut dead: Vec<OutboxMessage> = Vec::new();
             let mut n = 0;
             let mut timeout = Duration::from_millis(200);
             while n < max_batch {
@@ -244,6 +311,7 @@ impl MonitorStage {
                 timeout = Duration::ZERO;
                 let m = match m {
                     Ok(m) => m,
+                    Err(e) if kafka::error::is_fatal_consumer_error(&e) => return Err(KafkaError::Broker { what: "consuming the monitor's inputs".into(), source: e }.into()),
                     Err(e) => {
                         tracing::warn!(error = %e, "consume error");
                         break;
@@ -263,7 +331,8 @@ impl MonitorStage {
                         }
                         Err(e) => {
                             self.state.counters.undecodable += 1;
-                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable rollout command skipped");
+                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable rollout command dead-lettered");
+                            dead.push(monitor_dead_letter(&self.cfg, &m, &e));
                         }
                     }
                 } else if m.topic() == self.cfg.topics.inference {
@@ -271,7 +340,8 @@ impl MonitorStage {
                         Ok(r) => self.state.apply_result(&r, &part, wall, &wcfg),
                         Err(e) => {
                             self.state.counters.undecodable += 1;
-                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable result skipped");
+                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable result dead-lettered");
+                            dead.push(monitor_dead_letter(&self.cfg, &m, &e));
                         }
                     }
                 } else {
@@ -282,7 +352,8 @@ impl MonitorStage {
                         }
                         Err(e) => {
                             self.state.counters.undecodable += 1;
-                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable feedback skipped");
+                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable feedback dead-lettered");
+                            dead.push(monitor_dead_letter(&self.cfg, &m, &e));
                         }
                     }
                 }
@@ -297,15 +368,39 @@ impl MonitorStage {
             }
             let mut emitted = commanded;
             emitted.extend(self.state.close_windows(&self.cfg.monitor.alerts, &self.cfg.rollout, &wcfg, wall));
-            if consumed.is_empty() && emitted.is_empty() && !resolved_any {
+            if consumed.is_empty() && emitted.is_empty() && !resolved_any && dead.is_empty() {
                 continue;
             }
-            let outbox = self.commit(consumed, emitted)?;
+            let outbox = self.commit(consumed, emitted, dead)?;
             self.publish(outbox)?;
         }
-        let c = self.state.counters.clone();
-        tracing::info!(summary = ?c, "monitor stage stopped");
-        Ok(c)
+        Ok(())
+    }
+
+    /// Starts reading partitions added to the inputs since they were assigned (from their
+    /// beginning: a new partition holds only what was written after it was added). A metadata
+    /// request that fails is tried again at the next check.
+    fn assign_new_partitions(&mut self, consumer: &BaseConsumer, topics: &[String], assigned: &mut BTreeSet<(String, i32)>) -> Result<(), MonitorError> {
+        let mut tpl = TopicPartitionList::new();
+        for t in topics {
+            let Ok(md) = consumer.fetch_metadata(Some(t), Duration::from_secs(2)) else { continue };
+            for p in md.topics().iter().flat_map(|t| t.partitions()) {
+                if assigned.insert((t.clone(), p.id())) {
+                    tpl.add_partition_offset(t, p.id(), Offset::Beginning).map_err(KafkaError::broker(format!("position {t}/{}", p.id())))?;
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        consumer.incremental_assign(&tpl).map_err(KafkaError::broker("assign new input partitions"))?;
+        let wall = now_ms();
+        for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands) {
+            self.state.watermark.register(&format!("{}/{}", e.topic(), e.partition()), wall);
+        }
+        let added: Vec<String> = tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
+        tracing::info!(?added, "monitor reads partitions added to its inputs");
+        Ok(())
     }
 
     /// START for the configured candidate when `rollout.auto_start` is set and it has no rollout yet.
@@ -356,7 +451,7 @@ impl MonitorStage {
     }
 
     /// Writes the batch's state changes, offsets and outbox atomically.
-    fn commit(&mut self, consumed: BTreeMap<String, i64>, emitted: Vec<Emitted>) -> Result<Vec<(Vec<u8>, OutboxMessage)>, MonitorError> {
+    fn commit(&mut self, consumed: BTreeMap<String, i64>, emitted: Vec<Emitted>, dead: Vec<OutboxMessage>) -> Result<Vec<(Vec<u8>, OutboxMessage)>, MonitorError> {
         let st = &mut self.state;
         let store = &self.store;
         let mut b = StateBatch::default();
@@ -393,10 +488,9 @@ impl MonitorStage {
             b.put_raw(store, CF_OFFSETS, part.as_bytes(), &next.to_be_bytes());
         }
         let mut outbox = Vec::new();
-        for e in emitted {
+        for msg in emitted.iter().map(|e| self.cfg.monitor.encode(&self.cfg, e)).chain(dead) {
             st.counters.outbox_seq += 1;
             let key = st.counters.outbox_seq.to_be_bytes().to_vec();
-            let msg = self.cfg.monitor.encode(&self.cfg, &e);
             b.put_json(store, CF_OUTBOX, &key, &msg);
             outbox.push((key, msg));
         }
@@ -418,36 +512,20 @@ impl MonitorStage {
         }
         let mut futures = Vec::with_capacity(outbox.len());
         for (_, m) in &outbox {
-            let payload = hex::decode(&m.payload_hex).map_err(|e| MonitorError::Delivery(format!("outbox entry {} is corrupt: {e}", m.event_id)))?;
+            let payload = hex::decode(&m.payload_hex).map_err(|e| MonitorError::CorruptOutbox { event_id: m.event_id.clone(), message: e.to_string() })?;
             let mut hs = HeaderSet::new();
             for (k, v) in &m.headers {
                 hs = hs.with(k, v);
             }
-            let mut rec = FutureRecord::to(&m.topic).key(&m.key).payload(&payload).headers(hs.build());
-            let f = loop {
-                match self.producer.send_result(rec) {
-                    Ok(f) => break f,
-                    Err((e, r)) => {
-                        // local queue full: wait for librdkafka to drain it
-                        tracing::debug!(error = %e, "producer queue full");
-                        std::thread::sleep(Duration::from_millis(5));
-                        rec = r;
-                    }
-                }
-            };
-            futures.push(f);
+            let rec = FutureRecord::to(&m.topic).key(&m.key).payload(&payload).headers(hs.build());
+            futures.push((kafka::enqueue_blocking(&self.producer, rec).map_err(MonitorError::Delivery)?, m.topic.as_str()));
         }
+        let delivered = kafka::wait_deliveries(futures).map_err(MonitorError::Delivery)?;
         let mut b = StateBatch::default();
         let mut positions: BTreeMap<String, i64> = BTreeMap::new();
-        for ((key, m), f) in outbox.iter().zip(futures) {
-            match futures::executor::block_on(f) {
-                Ok(Ok(d)) => {
-                    let p = positions.entry(format!("{META_PUBLISHED_PREFIX}{}/{}", m.topic, d.partition)).or_insert(d.offset);
-                    *p = (*p).max(d.offset);
-                }
-                Ok(Err((e, _))) => return Err(MonitorError::Delivery(format!("{}: {e}", m.event_id))),
-                Err(_) => return Err(MonitorError::Delivery(format!("{}: producer dropped the delivery", m.event_id))),
-            }
+        for ((key, m), d) in outbox.iter().zip(delivered) {
+            let p = positions.entry(format!("{META_PUBLISHED_PREFIX}{}/{}", m.topic, d.partition)).or_insert(d.offset);
+            *p = (*p).max(d.offset);
             b.delete(&self.store, CF_OUTBOX, key);
         }
         for (k, off) in positions {
@@ -482,44 +560,60 @@ impl MonitorStage {
 
     /// Event ids on `topic` after the last confirmed positions.
     fn read_back_event_ids(&self, topic: &str) -> Result<BTreeSet<String>, MonitorError> {
-        let consumer: BaseConsumer = kafka::client_config(&self.brokers, &self.cfg.kafka.librdkafka)
-            .set("group.id", "payslip-monitor-readback")
-            .set("enable.auto.commit", "false")
+        let consumer: BaseConsumer = kafka::reader_config(&self.brokers, "payslip-monitor-readback", &self.cfg.kafka.librdkafka)
             .create()
-            .map_err(|e| MonitorError::Kafka(e.to_string()))?;
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
-        let mut tpl = TopicPartitionList::new();
-        let mut ends = BTreeMap::new();
-        let parts: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
-        for p in parts {
-            let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
-            let confirmed: Option<i64> = self.store.get_json(CF_META, format!("{META_PUBLISHED_PREFIX}{topic}/{}", p).as_bytes())?;
-            let from = confirmed.map(|c| c + 1).unwrap_or(lo).max(lo);
-            if from < hi {
-                tpl.add_partition_offset(topic, p, Offset::Offset(from)).map_err(|e| MonitorError::Kafka(e.to_string()))?;
-                ends.insert(p, hi);
+            .map_err(KafkaError::client("the read-back consumer"))?;
+        let mut confirmed: BTreeMap<i32, i64> = BTreeMap::new();
+        for p in kafka::partitions_of(&consumer, topic, Duration::from_secs(30))? {
+            if let Some(c) = self.store.get_json::<i64>(CF_META, format!("{META_PUBLISHED_PREFIX}{topic}/{p}").as_bytes())? {
+                confirmed.insert(p, c);
             }
         }
+        let cursor = RangeCursor::to_end(consumer, topic, |p, lo, _| confirmed.get(&p).map(|c| c + 1).unwrap_or(lo), format!("reading back {topic}"))?;
         let mut ids = BTreeSet::new();
-        if ends.is_empty() {
-            return Ok(ids);
-        }
-        consumer.assign(&tpl).map_err(|e| MonitorError::Kafka(e.to_string()))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !ends.is_empty() {
-            if std::time::Instant::now() > deadline {
-                return Err(MonitorError::Kafka(format!("reading back {topic} took over 60 s")));
-            }
-            let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
-            let m = m.map_err(|e| MonitorError::Kafka(e.to_string()))?;
+        cursor.for_each(Duration::from_secs(60), |m| {
             if let Some(id) = h::get(m.headers(), EVENT_ID) {
                 ids.insert(id);
             }
-            if ends.get(&m.partition()).is_some_and(|&e| m.offset() + 1 >= e) {
-                ends.remove(&m.partition());
-            }
-        }
+            Ok::<(), MonitorError>(())
+        })?;
         Ok(ids)
+    }
+}
+
+/// Payload bytes a monitor dead letter keeps; longer payloads are cut and described by their size
+/// and sha256, so the dead letter always fits the producer's limit.
+const DEAD_LETTER_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// A result, feedback or command the monitor could not use: its key, headers and (up to
+/// [`DEAD_LETTER_PAYLOAD_BYTES`] of) its bytes, with the reason and where it came from. It leaves
+/// through the outbox, so it is published exactly once like every other monitor output.
+fn monitor_dead_letter(cfg: &PipelineConfig, m: &rdkafka::message::BorrowedMessage<'_>, reason: &codec::DecodeError) -> OutboxMessage {
+    use rdkafka::message::Headers;
+    use sha2::Digest;
+    let payload = m.payload().unwrap_or_default();
+    let mut headers: Vec<(String, String)> = m
+        .headers()
+        .map(|hs| hs.iter().filter(|x| x.key != EVENT_ID).map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
+        .unwrap_or_default();
+    headers.extend([
+        (h::ERROR_CLASS.to_string(), reason.class().to_string()),
+        (h::ERROR_MESSAGE.to_string(), reason.to_string()),
+        (h::SOURCE_TOPIC.to_string(), m.topic().to_string()),
+        (h::SOURCE_PARTITION.to_string(), m.partition().to_string()),
+        (h::SOURCE_OFFSET.to_string(), m.offset().to_string()),
+    ]);
+    let kept = &payload[..payload.len().min(DEAD_LETTER_PAYLOAD_BYTES)];
+    if kept.len() < payload.len() {
+        headers.push(("dlq.original-size".into(), payload.len().to_string()));
+        headers.push(("dlq.original-sha256".into(), hex::encode(sha2::Sha256::digest(payload))));
+    }
+    OutboxMessage {
+        event_id: format!("dlq:{}/{}/{}", m.topic(), m.partition(), m.offset()),
+        topic: cfg.topics.monitor_dlq.clone(),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+        payload_hex: hex::encode(kept),
+        headers: headers.into_iter().chain([(EVENT_ID.to_string(), format!("dlq:{}/{}/{}", m.topic(), m.partition(), m.offset()))]).collect(),
     }
 }
 
@@ -571,8 +665,8 @@ impl crate::config::MonitorConfig {
                 headers.push(("window".into(), format!("{}..{}", a.window_start, a.window_end)));
             }
             Emitted::Decision(d) => {
-                headers.push(("rollout-action".into(), d.action.clone()));
-                headers.push(("rollout-status".into(), d.status.clone()));
+                headers.push(("rollout-action".into(), d.action.to_string()));
+                headers.push(("rollout-status".into(), d.status.to_string()));
                 headers.push(("rollout-phase".into(), d.phase.to_string()));
                 headers.push(("traffic-percent".into(), d.traffic_percent.to_string()));
                 headers.push((h::MODEL_VERSIONS.into(), format!("{}={}(candidate),{}(baseline)", d.model, d.candidate_version, d.baseline_version)));

@@ -15,6 +15,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::{stats, PhaseAggregate};
+use crate::{
+    codec::text_enum::text_enum,
+    config::{invalid, ConfigError},
+};
 use crate::window::aggregate::{Metric, WindowAggregate};
 
 /// What a criterion reads: a window metric of the candidate (or of the pipeline, for process
@@ -122,22 +126,13 @@ pub struct Criterion {
 fn default_min_samples() -> u64 { 30 }
 fn yes() -> bool { true }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Pass,
-    Fail,
-    Insufficient,
-    NotEvaluable,
-}
-
-impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Pass => "PASS",
-            Verdict::Fail => "FAIL",
-            Verdict::Insufficient => "INSUFFICIENT",
-            Verdict::NotEvaluable => "NOT_EVALUABLE",
-        }
+text_enum! {
+    /// A criterion's verdict (see the module doc).
+    pub enum Verdict {
+        Pass = "PASS",
+        Fail = "FAIL",
+        Insufficient = "INSUFFICIENT",
+        NotEvaluable = "NOT_EVALUABLE",
     }
 }
 
@@ -146,7 +141,7 @@ impl Verdict {
 pub struct CriterionResult {
     pub name: String,
     pub metric: String,
-    pub verdict: String,
+    pub verdict: Verdict,
     #[serde(default)]
     pub value: Option<f64>,
     #[serde(default)]
@@ -165,25 +160,26 @@ pub struct CriterionResult {
 impl CriterionResult {
     /// Whether the criterion lets the phase advance.
     pub fn holds(&self) -> bool {
-        self.verdict == Verdict::Pass.as_str() || (self.verdict == Verdict::NotEvaluable.as_str() && !self.blocking)
+        self.verdict == Verdict::Pass || (self.verdict == Verdict::NotEvaluable && !self.blocking)
     }
 }
 
 impl Criterion {
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the criterion; `key` is where it sits in the config (named in the error).
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
         let bounds = self.min.is_some() as u8 + self.max.is_some() as u8 + self.vs_baseline_margin.is_some() as u8;
         if bounds != 1 {
-            return Err("set exactly one of min, max or vs_baseline_margin".into());
+            return Err(invalid(key, "set exactly one of min, max or vs_baseline_margin"));
         }
         let per_cohort = match self.metric {
             CriterionMetric::Window(m) => !m.on_pipeline() && m != Metric::ModelLoadMs,
             CriterionMetric::Phase(p) => !matches!(p, PhaseMetric::CriticalAlerts | PhaseMetric::AlertsFired),
         };
         if self.vs_baseline_margin.is_some() && !per_cohort {
-            return Err(format!("{} has no per-cohort baseline to compare with; use min or max", self.metric.name()));
+            return Err(invalid(key, format!("{} has no per-cohort baseline to compare with; use min or max", self.metric.name())));
         }
         if self.vs_baseline_margin.is_some_and(|m| m < 0.0) {
-            return Err("vs_baseline_margin must not be negative".into());
+            return Err(invalid(key, "vs_baseline_margin must not be negative"));
         }
         Ok(())
     }
@@ -192,7 +188,7 @@ impl Criterion {
         CriterionResult {
             name: self.name.clone(),
             metric: self.metric.name().into(),
-            verdict: verdict.as_str().into(),
+            verdict,
             value: None,
             threshold: self.min.or(self.max).or(self.vs_baseline_margin),
             baseline_value: None,
@@ -254,10 +250,10 @@ impl Criterion {
                 r.p_value = Some(p);
                 let (vc, vb) = (xc as f64 / nc as f64, xb as f64 / nb as f64);
                 if p < alpha {
-                    r.verdict = Verdict::Fail.as_str().into();
+                    r.verdict = Verdict::Fail;
                     r.detail = format!("{vc:.3} vs baseline {vb:.3}: worse by more than {margin} (two-proportion test p={p:.4} < {alpha})");
                 } else {
-                    r.verdict = Verdict::Pass.as_str().into();
+                    r.verdict = Verdict::Pass;
                     r.detail = format!("{vc:.3} vs baseline {vb:.3}: not worse by more than {margin} (p={p:.3})");
                 }
                 return r;
@@ -282,10 +278,10 @@ impl Criterion {
             r.p_value = Some(p);
             let (pc, pb) = (r.value.unwrap_or(0.0), r.baseline_value.unwrap_or(0.0));
             if p < alpha {
-                r.verdict = Verdict::Fail.as_str().into();
+                r.verdict = Verdict::Fail;
                 r.detail = format!("p95 {pc:.2} ms vs baseline {pb:.2} ms: slower than baseline +{:.0} % (Mann-Whitney p={p:.4} < {alpha})", margin * 100.0);
             } else {
-                r.verdict = Verdict::Pass.as_str().into();
+                r.verdict = Verdict::Pass;
                 r.detail = format!("p95 {pc:.2} ms vs baseline {pb:.2} ms: within baseline +{:.0} % (Mann-Whitney p={p:.3})", margin * 100.0);
             }
             return r;

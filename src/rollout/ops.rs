@@ -7,35 +7,35 @@ use std::{collections::BTreeMap, time::Duration};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
-use super::{routing, RolloutCommand, RolloutDecision};
+use super::{routing, Action, RolloutCommand, RolloutDecision, RolloutError, Status};
 use crate::{
     codec::{self, Record, WireFormat},
     config::PipelineConfig,
-    kafka::{self, headers as h, headers::HeaderSet},
+    kafka::{self, headers as h, headers::HeaderSet, KafkaError},
 };
 
 /// Publishes a command (JSON, so kcat shows it as is) and waits for its delivery.
-pub async fn send_command(cfg: &PipelineConfig, brokers: &str, cmd: &RolloutCommand) -> Result<(), String> {
-    let p: FutureProducer = kafka::producer_config(brokers, &cfg.kafka.librdkafka).create().map_err(|e| format!("cannot create producer: {e}"))?;
-    let payload = codec::encode(cmd, WireFormat::Json).map_err(|e| e.to_string())?;
+pub async fn send_command(cfg: &PipelineConfig, brokers: &str, cmd: &RolloutCommand) -> Result<(), RolloutError> {
+    let p: FutureProducer = kafka::producer_config(brokers, &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the command producer"))?;
+    let payload = codec::encode(cmd, WireFormat::Json)?;
     let hs = HeaderSet::new()
         .with(h::CONTENT_TYPE, WireFormat::Json.content_type())
         .with(h::SCHEMA, RolloutCommand::SCHEMA_NAME)
         .with("operator", &cmd.operator)
         .with("rollout-action", &cmd.action)
         .build();
-    p.send(FutureRecord::to(&cfg.topics.commands).key(&cmd.rollout_id).payload(&payload).headers(hs), Duration::from_secs(30))
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| format!("cannot publish the command to {}: {e}", cfg.topics.commands))
+    let topic = &cfg.topics.commands;
+    let future = kafka::enqueue(&p, FutureRecord::to(topic).key(&cmd.rollout_id).payload(&payload).headers(hs)).await?;
+    kafka::delivered(future, topic).await?;
+    Ok(())
 }
 
 /// Polls the decisions topic until the decision answering `command_id` appears.
-pub async fn wait_for_decision(cfg: &PipelineConfig, brokers: &str, command_id: &str, timeout: Duration) -> Result<Option<RolloutDecision>, String> {
+pub async fn wait_for_decision(cfg: &PipelineConfig, brokers: &str, command_id: &str, timeout: Duration) -> Result<Option<RolloutDecision>, RolloutError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let (cfg2, brokers2) = (cfg.clone(), brokers.to_string());
-        let all = tokio::task::spawn_blocking(move || routing::read_decisions(&cfg2, &brokers2)).await.map_err(|e| e.to_string())??;
+        let all = tokio::task::spawn_blocking(move || routing::read_decisions(&cfg2, &brokers2)).await.map_err(|e| RolloutError::Internal(e.to_string()))??;
         if let Some(d) = all.into_iter().find(|d| d.command_id.as_deref() == Some(command_id)) {
             return Ok(Some(d));
         }
@@ -53,7 +53,7 @@ pub struct PhaseStatus {
     pub model: String,
     pub candidate_version: String,
     pub baseline_version: String,
-    pub status: String,
+    pub status: Status,
     pub current_phase: i32,
     pub phase_name: String,
     pub traffic_percent: f64,
@@ -65,7 +65,7 @@ pub struct PhaseStatus {
     pub phase_started_at: i64,
     pub soak_elapsed_ms: i64,
     pub soak_ms: i64,
-    pub last_action: String,
+    pub last_action: Action,
     pub last_reason: String,
     pub last_operator: Option<String>,
     pub decided_at: i64,
@@ -83,7 +83,7 @@ impl PhaseStatus {
             model: d.model.clone(),
             candidate_version: d.candidate_version.clone(),
             baseline_version: d.baseline_version.clone(),
-            status: d.status.clone(),
+            status: d.status,
             current_phase: d.phase,
             phase_name: d.phase_name.clone(),
             traffic_percent: d.traffic_percent,
@@ -93,7 +93,7 @@ impl PhaseStatus {
             phase_started_at: d.phase_started_at,
             soak_elapsed_ms: d.soak_elapsed_ms,
             soak_ms: d.soak_ms,
-            last_action: d.action.clone(),
+            last_action: d.action,
             last_reason: d.reason.clone(),
             last_operator: d.operator.clone(),
             decided_at: d.decided_at,

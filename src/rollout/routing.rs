@@ -24,18 +24,17 @@ use std::{
 };
 
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
+    consumer::BaseConsumer,
     message::Message,
-    Offset, TopicPartitionList,
 };
 use sha2::{Digest, Sha256};
 
-use super::{RolloutDecision, Status, COHORT_BASELINE, COHORT_CANARY};
+use super::{RolloutDecision, RolloutError, Status, COHORT_BASELINE, COHORT_CANARY};
 use crate::{
     codec,
     config::PipelineConfig,
     inference::ModelRegistry,
-    kafka::{self, headers as h},
+    kafka::{self, headers as h, KafkaError, RangeCursor},
 };
 
 /// The user's bucket in 0..10 000 for a rollout.
@@ -75,7 +74,7 @@ impl Routing {
         if d.seq == 0 || self.latest.get(&d.rollout_id).is_some_and(|l| l.seq >= d.seq) {
             return;
         }
-        if d.status == Status::Promoted.as_str() {
+        if d.status == Status::Promoted {
             self.promoted.insert(d.model.clone(), d.candidate_version.clone());
         }
         self.latest.insert(d.rollout_id.clone(), d);
@@ -83,7 +82,7 @@ impl Routing {
 
     /// Rollouts that currently send traffic to a candidate.
     pub fn active(&self) -> impl Iterator<Item = &RolloutDecision> {
-        self.latest.values().filter(|d| Status::parse(&d.status).is_some_and(Status::is_active) && d.traffic_percent > 0.0)
+        self.latest.values().filter(|d| d.status.is_active() && d.traffic_percent > 0.0)
     }
 
     pub fn latest(&self, rollout_id: &str) -> Option<&RolloutDecision> {
@@ -119,33 +118,36 @@ pub struct Follower {
 }
 
 /// Reads every decision on the topic up to its end offsets at the time of the call.
-pub fn read_decisions(cfg: &PipelineConfig, brokers: &str) -> Result<Vec<RolloutDecision>, String> {
-    let (consumer, ends) = decisions_consumer(cfg, brokers)?;
+pub fn read_decisions(cfg: &PipelineConfig, brokers: &str) -> Result<Vec<RolloutDecision>, RolloutError> {
     let mut out = Vec::new();
-    catch_up(&consumer, ends, &cfg.topics.decisions, |d| out.push(d))?;
+    catch_up(cfg, brokers, |d| out.push(d))?;
     Ok(out)
 }
 
-fn decisions_consumer(cfg: &PipelineConfig, brokers: &str) -> Result<(BaseConsumer, BTreeMap<i32, i64>), String> {
+/// Reads the decisions topic from its beginning to its end now, calling `f` with each decision,
+/// and returns the consumer positioned there (to follow what comes next).
+fn catch_up(cfg: &PipelineConfig, brokers: &str, mut f: impl FnMut(RolloutDecision)) -> Result<BaseConsumer, KafkaError> {
     let topic = &cfg.topics.decisions;
-    let consumer: BaseConsumer = kafka::client_config(brokers, &cfg.kafka.librdkafka)
-        .set("group.id", "payslip-rollout-follower")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "100")
-        .create()
-        .map_err(|e| format!("cannot create the decisions reader: {e}"))?;
-    let parts = kafka::partitions_of(&consumer, topic, Duration::from_secs(30))?;
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for p in parts {
-        let (lo, hi) = kafka::watermarks_of(&consumer, topic, p, Duration::from_secs(30))?;
-        tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| e.to_string())?;
-        if hi > lo {
-            ends.insert(p, hi);
+    let mut c = kafka::reader_config(brokers, "payslip-rollout-follower", &cfg.kafka.librdkafka);
+    c.set("fetch.wait.max.ms", "100");
+    let consumer: BaseConsumer = c.create().map_err(KafkaError::client("the decisions reader"))?;
+    // assign every partition from its beginning: what follows the captured end is followed later
+    let mut cursor = RangeCursor::to_end(consumer, topic, |_, lo, _| lo, format!("reading {topic}"))?.including_past_end();
+    let mut last = Instant::now();
+    while !cursor.done() {
+        match cursor.next(Duration::from_millis(200))? {
+            Some(m) => {
+                if let Some(d) = decode(&m) {
+                    f(d);
+                }
+                last = Instant::now();
+            }
+            None if last.elapsed() > Duration::from_secs(60) => return Err(KafkaError::Timeout { what: format!("reading {topic} to its end"), seconds: 60 }),
+            None => {}
         }
     }
-    consumer.assign(&tpl).map_err(|e| format!("assign {topic}: {e}"))?;
-    Ok((consumer, ends))
+    // every partition stays assigned past its end: what comes next is followed
+    Ok(cursor.into_consumer())
 }
 
 fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<RolloutDecision> {
@@ -159,32 +161,36 @@ fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<RolloutDecision> 
     }
 }
 
-fn catch_up(consumer: &BaseConsumer, mut ends: BTreeMap<i32, i64>, topic: &str, mut f: impl FnMut(RolloutDecision)) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ends.is_empty() {
-        if Instant::now() > deadline {
-            return Err(format!("reading {topic} to its end took over 60 s"));
-        }
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
-        let m = m.map_err(|e| format!("reading {topic}: {e}"))?;
-        if ends.get(&m.partition()).is_some_and(|&e| m.offset() + 1 >= e) {
-            ends.remove(&m.partition());
-        }
-        if let Some(d) = decode(&m) {
-            f(d);
-        }
-    }
-    Ok(())
-}
-
-/// Loads what a decision routes to, then applies it.
-fn take(routing: &RwLock<Routing>, registry: &ModelRegistry, d: RolloutDecision) {
-    let status = Status::parse(&d.status);
-    if status.is_some_and(|s| s.is_active() || s == Status::Promoted) && !registry.ensure_loaded(&d.model, &d.candidate_version) {
-        tracing::error!(rollout = %d.rollout_id, model = %d.model, version = %d.candidate_version, "candidate version could not be loaded; its documents report MODEL_UNAVAILABLE");
-    }
+/// Applies a decision to the routing. A decision that sends traffic to a version not loaded yet is
+/// applied by a loader thread once the version is loaded, so the follower goes straight on to the
+/// next decision: a slow load never delays an EMERGENCY_ROLLBACK behind it (decisions carry
+/// sequence numbers, so a rollback applied meanwhile is not undone by the late START).
+/// With `wait` (the catch-up before the first document) the load happens here, so the first
+/// document is already routed right.
+fn take(routing: &Arc<RwLock<Routing>>, registry: &Arc<ModelRegistry>, d: RolloutDecision, wait: bool) {
     tracing::info!(rollout = %d.rollout_id, seq = d.seq, action = %d.action, traffic_percent = d.traffic_percent, "routing follows decision");
-    routing.write().unwrap_or_else(|p| p.into_inner()).apply(d);
+    let needs_candidate = d.status.is_active() || d.status == Status::Promoted;
+    if !needs_candidate || registry.is_loaded(&d.model, &d.candidate_version) {
+        routing.write().unwrap_or_else(|p| p.into_inner()).apply(d);
+        return;
+    }
+    let load_then_apply = {
+        let (routing, registry) = (routing.clone(), registry.clone());
+        move || {
+            if !registry.ensure_loaded(&d.model, &d.candidate_version) {
+                tracing::error!(rollout = %d.rollout_id, model = %d.model, version = %d.candidate_version, "candidate version could not be loaded; its documents report MODEL_UNAVAILABLE");
+            }
+            routing.write().unwrap_or_else(|p| p.into_inner()).apply(d);
+        }
+    };
+    if wait {
+        load_then_apply();
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("candidate-loader".into()).spawn(load_then_apply);
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a loader thread; the decision waits for the next one");
+    }
 }
 
 impl Follower {
@@ -192,12 +198,7 @@ impl Follower {
     /// on a thread until dropped. Never fails: see the module doc for what happens when it cannot read.
     pub fn start(cfg: &PipelineConfig, brokers: &str, registry: Arc<ModelRegistry>) -> Self {
         let routing = Arc::new(RwLock::new(Routing::default()));
-        let open = |routing: &RwLock<Routing>, registry: &ModelRegistry| -> Result<BaseConsumer, String> {
-            let (consumer, ends) = decisions_consumer(cfg, brokers)?;
-            catch_up(&consumer, ends, &cfg.topics.decisions, |d| take(routing, registry, d))?;
-            Ok(consumer)
-        };
-        let first = open(&routing, &registry).map_err(|e| tracing::error!(error = %e, "cannot read the rollout decisions yet: routing every document to the baseline until it can"));
+        let first = catch_up(cfg, brokers, |d| take(&routing, &registry, d, true)).map_err(|e| tracing::error!(error = %e, "cannot read the rollout decisions yet: routing every document to the baseline until it can"));
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
             let (routing, stop, cfg, brokers) = (routing.clone(), stop.clone(), cfg.clone(), brokers.to_string());
@@ -206,12 +207,7 @@ impl Follower {
                 while !stop.load(Ordering::Relaxed) {
                     let Some(c) = &consumer else {
                         std::thread::sleep(Duration::from_secs(2));
-                        let retry = (|| -> Result<BaseConsumer, String> {
-                            let (c, ends) = decisions_consumer(&cfg, &brokers)?;
-                            catch_up(&c, ends, &cfg.topics.decisions, |d| take(&routing, &registry, d))?;
-                            Ok(c)
-                        })();
-                        match retry {
+                        match catch_up(&cfg, &brokers, |d| take(&routing, &registry, d, false)) {
                             Ok(c) => {
                                 tracing::info!("rollout decisions read: routing follows them again");
                                 consumer = Some(c);
@@ -223,7 +219,7 @@ impl Follower {
                     match c.poll(Duration::from_millis(100)) {
                         Some(Ok(m)) => {
                             if let Some(d) = decode(&m) {
-                                take(&routing, &registry, d);
+                                take(&routing, &registry, d, false);
                             }
                         }
                         Some(Err(e)) => tracing::warn!(error = %e, "decisions reader"),

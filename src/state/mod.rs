@@ -38,6 +38,13 @@ pub enum StateError {
     Decode { cf: &'static str, message: String },
 }
 
+impl StateError {
+    /// Never from inside the process: a full disk, a lock or corruption needs an operator.
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
 /// The monitor's RocksDB database.
 pub struct RocksStateStore {
     db: DB,

@@ -89,3 +89,56 @@ async fn bad_input_is_dead_lettered_and_valid_neighbours_get_results() {
     assert_eq!(summary.dead_letters, bad.len() as u64);
     assert_eq!(summary.results, valid_ids.len() as u64);
 }
+
+/// A message the broker accepted but whose dead letter is over the producer's `message.max.bytes`:
+/// it becomes a shortened dead letter (key, headers, reason, original size and sha256, the start of
+/// the payload) and the stage goes on; a later SIGTERM still drains at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_to_publish_is_shortened_and_the_stage_goes_on() {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+        producer::{FutureProducer, FutureRecord},
+    };
+    use sha2::{Digest, Sha256};
+
+    let mut cfg = isolated_config("dlq-huge").await;
+    // this deployment's documents topic accepts 3 MB messages (the default broker limit is 1 MB)
+    cfg.topics.documents = format!("{}.big", cfg.topics.documents);
+    let admin: AdminClient<DefaultClientContext> = payslip_stream::kafka::client_config(&brokers(), &Default::default()).create().unwrap();
+    let topic = NewTopic::new(&cfg.topics.documents, 3, TopicReplication::Fixed(1)).set("max.message.bytes", "3145728");
+    for r in admin.create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await.unwrap() {
+        r.expect("documents topic created");
+    }
+    let huge = vec![b'x'; 2_500_000];
+    let p: FutureProducer = payslip_stream::kafka::client_config(&brokers(), &Default::default()).set("message.max.bytes", "3145728").create().unwrap();
+    let hs = payslip_stream::kafka::headers::HeaderSet::new().with("content-type", "application/json").with("trace-id", "huge-1").build();
+    p.send(FutureRecord::to(&cfg.topics.documents).key("huge-1").payload(&huge).headers(hs), Duration::from_secs(60)).await.map_err(|(e, _)| e).expect("the broker accepts 2.5 MB");
+
+    let gen = Generator::new(GeneratorConfig { seed: 78, ..Default::default() });
+    let docs: Vec<_> = (0..100).map(|i| gen.document(i).document).collect();
+    let stage = RunningStage::start(&cfg, load_registry(&cfg));
+    produce_raw(&cfg.topics.documents, docs.iter().map(|d| (d.document_id.clone(), encode(d, WireFormat::Avro).unwrap(), vec![("content-type", "application/avro")])).collect()).await;
+    let (dlq_topic, res_topic) = (cfg.topics.documents_dlq.clone(), cfg.topics.inference.clone());
+    let (dead, results) = tokio::task::spawn_blocking(move || {
+        (read_topic(&dlq_topic, 1, Duration::from_secs(120), Duration::from_secs(1)), read_topic(&res_topic, 100, Duration::from_secs(120), Duration::from_secs(1)))
+    })
+    .await
+    .unwrap();
+    let stopping = std::time::Instant::now();
+    let summary = stage.stop().await;
+    assert!(stopping.elapsed() < Duration::from_secs(15), "drained in {:?}", stopping.elapsed());
+
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.key.as_deref(), Some("huge-1"));
+    assert_eq!(d.header(h::ERROR_CLASS), Some("oversized"));
+    assert_eq!(d.header("trace-id"), Some("huge-1"), "original headers kept");
+    assert_eq!(d.header("dlq.original-size"), Some("2500000"));
+    assert_eq!(d.header("dlq.original-sha256"), Some(hex::encode(Sha256::digest(&huge)).as_str()));
+    assert!(d.header("dlq.truncated-because").is_some_and(|r| r.contains("too large") || r.contains("MessageSizeTooLarge")), "{:?}", d.header("dlq.truncated-because"));
+    assert!(!d.payload.is_empty() && huge.starts_with(&d.payload), "the start of the payload is kept");
+    assert_eq!(results.len(), 100, "every later document has its result");
+    assert_eq!(summary.dead_letters, 1);
+    assert_eq!(summary.results, 100);
+}

@@ -23,7 +23,7 @@ async fn thousand_documents_give_exactly_thousand_results() {
     let ids: BTreeSet<String> = docs.iter().map(|d| d.document_id.clone()).collect();
     assert_eq!(ids.len(), 1000);
     for (half, format) in [(&docs[..500], WireFormat::Avro), (&docs[500..], WireFormat::Json)] {
-        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format, rate: None, progress: false, passthrough: Default::default() };
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format, rate: None, progress: None, passthrough: Default::default() };
         let s = produce::produce(&opts, Source::Documents(half.to_vec())).await.expect("produce");
         assert_eq!((s.sent, s.failed), (500, 0));
     }

@@ -46,7 +46,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     let ids: BTreeSet<String> = (0..n).map(|i| gen.document(i).document.document_id).collect();
 
     let mut child = spawn_stage(&prefix, &group, &log);
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(250.0), progress: false, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(250.0), progress: None, passthrough: Default::default() };
     let producer = tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 99, start: 0, count: n, golden_fraction: 1.0 }).await });
 
     // kill once a part of the stream is done

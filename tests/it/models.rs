@@ -48,9 +48,11 @@ async fn tampered_model_is_refused_and_the_rest_keep_serving() {
     assert!(reason.contains("sha256 mismatch") && reason.contains("table_detection") && reason.contains("refusing"), "{reason}");
     assert!(registry.status().iter().filter(|s| s.model != "table_detection").all(|s| s.state == "loaded"));
 
-    // the stage still answers every document; the refused model's output carries the error code
+    // allowed to serve degraded, the stage still answers every document; the refused model's output
+    // carries the error code
+    cfg.models.allow_degraded = vec!["table_detection".into()];
     let stage = RunningStage::start(&cfg, registry);
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: false, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
     produce::produce(&opts, Source::Synthetic { seed: 8, start: 0, count: 20, golden_fraction: 1.0 }).await.unwrap();
     let t = cfg.topics.inference.clone();
     let reads = tokio::task::spawn_blocking(move || read_topic(&t, 20, Duration::from_secs(90), Duration::from_secs(1))).await.unwrap();
@@ -98,4 +100,75 @@ fn unavailable_gpu_provider_falls_back_to_cpu_and_says_so() {
         assert_eq!(s.state, "refused");
         assert!(s.reason.as_deref().unwrap().contains("CUDAExecutionProvider"), "{:?}", s.reason);
     }
+}
+
+/// Runs `payslip-stream run --stage infer` and returns its exit status and stderr; fails the test if
+/// it does not exit by itself within 90 s (it must refuse, not hang).
+fn run_infer_expecting_exit(cfg_path: &Path, prefix: &str, group: &str, ort: Option<&str>) -> (std::process::ExitStatus, String) {
+    let log = std::env::temp_dir().join(format!("{}.log", unique("refuse")));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_payslip-stream"));
+    cmd.current_dir(repo())
+        .args(["run", "--stage", "infer", "--brokers", &brokers(), "--topic-prefix", prefix, "--group", group, "--config"])
+        .arg(cfg_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    if let Some(p) = ort {
+        cmd.env("ORT_DYLIB_PATH", p);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            panic!("the stage did not exit within 90 s; log: {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status, std::fs::read_to_string(&log).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_cannot_run_its_models_refuses_to_start_and_consumes_nothing() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let dir = tempfile::tempdir().unwrap();
+    copy_models(dir.path());
+    let tampered = dir.path().join("table_detection/1.0.0.onnx");
+    let mut bytes = std::fs::read(&tampered).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(&tampered, bytes).unwrap();
+    let serve = "{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}";
+    let tampered_cfg = dir.path().join("tampered.yaml");
+    std::fs::write(&tampered_cfg, format!("models:\n  metadata: {}\n  serve: {serve}\n", dir.path().join("model_metadata.json").display())).unwrap();
+    let good_cfg = dir.path().join("good.yaml");
+    std::fs::write(&good_cfg, format!("models:\n  metadata: {}\n  serve: {serve}\n", repo().join("models/model_metadata.json").display())).unwrap();
+
+    // documents are waiting: a stage that started would consume them
+    let (cfg, prefix) = isolated_config_with_prefix("refuse").await;
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    produce::produce(&opts, Source::Synthetic { seed: 3, start: 0, count: 5, golden_fraction: 1.0 }).await.unwrap();
+
+    let group = format!("{prefix}refusing");
+    let (status, log) = run_infer_expecting_exit(&tampered_cfg, &prefix, &group, None);
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("table_detection 1.0.0") && log.contains("sha256 mismatch") && log.contains("models.allow_degraded"), "{log}");
+
+    let (status, log) = run_infer_expecting_exit(&good_cfg, &prefix, &group, Some("/nonexistent/libonnxruntime.so"));
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("ORT_DYLIB_PATH") && log.contains("/nonexistent/libonnxruntime.so"), "{log}");
+
+    // nothing was consumed: the group has no committed offset on any partition
+    let c: BaseConsumer = payslip_stream::kafka::client_config(&brokers(), &Default::default()).set("group.id", &group).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..cfg.topics.partitions {
+        tpl.add_partition(&cfg.topics.documents, p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    for e in committed.elements() {
+        assert_eq!(e.offset(), rdkafka::Offset::Invalid, "partition {} has a committed offset", e.partition());
+    }
+    assert_eq!(read_all(&cfg.topics.inference).len(), 0, "no result was published");
 }

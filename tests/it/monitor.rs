@@ -424,3 +424,78 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     assert_eq!(keys.len(), alerts.len(), "an alert event was published twice");
     assert_eq!(alerts.iter().filter(|a| a.code == "ERROR_RATE_CRITICAL").count(), 24);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_results_feedback_and_commands_go_to_the_monitor_dead_letter_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _) = monitor_config("monitor-dlq", dir.path()).await;
+    let monitor = RunningMonitor::start(&cfg);
+    let json = ("content-type", "application/json");
+    produce_raw(&cfg.topics.inference, vec![("bad-result".into(), b"{\"result_id\": 7".to_vec(), vec![json])]).await;
+    produce_raw(&cfg.topics.feedback, vec![("bad-feedback".into(), vec![0xff; 16], vec![("content-type", "application/avro")])]).await;
+    produce_raw(&cfg.topics.commands, vec![("bad-command".into(), b"{\"action\": \"START\"}".to_vec(), vec![json])]).await;
+    // a good result after them is still applied
+    let good = result("ok-1", BASE + 1_000, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
+    produce_records(&cfg.topics.inference, "k", &[good]).await;
+    let dead = wait_for(&cfg.topics.monitor_dlq, 3, 60).await;
+    let summary = monitor.stop().await;
+
+    assert_eq!(dead.len(), 3, "one dead letter per undecodable message, none twice");
+    let by_key: BTreeMap<String, &Read> = dead.iter().map(|r| (r.key.clone().unwrap(), r)).collect();
+    for (key, topic, payload) in [
+        ("bad-result", &cfg.topics.inference, b"{\"result_id\": 7".to_vec()),
+        ("bad-feedback", &cfg.topics.feedback, vec![0xff; 16]),
+        ("bad-command", &cfg.topics.commands, b"{\"action\": \"START\"}".to_vec()),
+    ] {
+        let r = by_key.get(key).unwrap_or_else(|| panic!("no dead letter for {key}"));
+        assert_eq!(r.header(h::SOURCE_TOPIC), Some(topic.as_str()), "{key}");
+        assert!(r.header(h::ERROR_CLASS).is_some_and(|c| !c.is_empty()) && r.header(h::ERROR_MESSAGE).is_some_and(|m| !m.is_empty()), "{key}: reason");
+        assert_eq!(r.payload, payload, "{key}: original bytes kept");
+    }
+    assert_eq!(summary.undecodable, 3);
+    assert_eq!(summary.results_applied, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_added_to_the_results_topic_is_read_without_a_restart() {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, NewPartitions},
+        client::DefaultClientContext,
+        producer::{FutureProducer, FutureRecord},
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _) = monitor_config("grow", dir.path()).await;
+    let monitor = RunningMonitor::start(&cfg);
+    let mk = |id: &str, ts: i64| result(id, ts, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
+    produce_records(&cfg.topics.inference, "k", &[mk("before", BASE + 1_000)]).await;
+
+    let admin: AdminClient<DefaultClientContext> = payslip_stream::kafka::client_config(&brokers(), &Default::default()).create().unwrap();
+    let grown = admin.create_partitions(&[NewPartitions::new(&cfg.topics.inference, 4)], &AdminOptions::new().request_timeout(Some(Duration::from_secs(30)))).await.unwrap();
+    for r in grown {
+        r.expect("partition added");
+    }
+    // five results in window 0 and a tick in window 3, all on the new partition
+    let p: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).create().unwrap();
+    let mut on_new: Vec<InferenceResult> = (0..5).map(|i| mk(&format!("new-{i}"), BASE + 2_000 + i)).collect();
+    on_new.push(mk("tick", BASE + 3 * W));
+    for r in &on_new {
+        let payload = codec::encode(r, codec::WireFormat::Avro).unwrap();
+        let hs = payslip_stream::kafka::headers::HeaderSet::new().with("content-type", "application/avro").build();
+        p.send(FutureRecord::to(&cfg.topics.inference).partition(3).key(&r.document_id).payload(&payload).headers(hs), Duration::from_secs(30)).await.expect("delivered");
+    }
+
+    let started = Instant::now();
+    let window0 = loop {
+        let metrics = metrics_of(&read_all(&cfg.topics.metrics));
+        if let Some(m) = metrics.into_iter().find(|m| m.model == "pipeline" && m.window_start == BASE) {
+            break m;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "window 0 did not close in 90 s");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let summary = monitor.stop().await;
+    assert_eq!(window0.count, 6, "the result before and the five on the new partition");
+    assert_eq!(summary.results_applied, 7);
+    assert_eq!(summary.dropped_late, 0);
+}

@@ -89,7 +89,7 @@ async fn backfill_over_a_time_range_writes_one_result_per_document_in_range_and_
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--allow-production-topics"));
-    let opts = ReplayOptions { brokers: brokers(), from: Bound::Offset(0), to: Some(Bound::Offset(5)), group: None, progress: false };
+    let opts = ReplayOptions { brokers: brokers(), from: Bound::Offset(0), to: Some(Bound::Offset(5)), group: None, progress: None };
     let b = replay::BackfillOptions { output_topic: Some(format!("{}.offsets", cfg.topics.inference)), ..Default::default() };
     let s = tokio::task::spawn_blocking({
         let cfg = cfg.clone();
@@ -178,7 +178,7 @@ async fn monitor_replay_twice_gives_identical_events_and_a_changed_threshold_giv
     let run = |cfg: &payslip_stream::config::PipelineConfig, suffix: &str, dry_run: bool| {
         let cfg = cfg.clone();
         let m = MonitorReplayOptions { output_suffix: suffix.into(), dry_run, allow_production: false };
-        let opts = ReplayOptions { brokers: brokers(), from: Bound::Beginning, to: None, group: None, progress: false };
+        let opts = ReplayOptions { brokers: brokers(), from: Bound::Beginning, to: None, group: None, progress: None };
         tokio::task::spawn_blocking(move || replay::monitor_replay(&cfg, &opts, &m).unwrap())
     };
     let (s1, _) = run(&cfg, ".r1", false).await.unwrap();

@@ -19,7 +19,7 @@ use payslip_stream::{
     config::PipelineConfig,
     document::{InferenceResult, PayslipDocument},
     kafka::{self, headers as h, headers::HeaderSet},
-    rollout::{action, default_phases, ops, RolloutCommand, RolloutDecision},
+    rollout::{action, default_phases, ops, Action, RolloutCommand, RolloutDecision},
     synth::{Generator, GeneratorConfig},
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -228,7 +228,7 @@ async fn a_good_candidate_moves_through_every_phase_with_the_configured_split_an
     let monitor = s.spawn("monitor", 0);
     let feed = Feed::start(&s.cfg.topics.documents, 200.0, 11);
     let start = s.cli(&["start"]);
-    assert_eq!((start.action.as_str(), start.traffic_percent, start.operator.as_deref()), (action::START, 1.0, Some("alice")));
+    assert_eq!((start.action, start.traffic_percent, start.operator.as_deref()), (action::START, 1.0, Some("alice")));
     let promoted = s.wait_for("PROMOTE", 240, &[&infer, &monitor], |d| d.action == action::PROMOTE).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // a few documents under the promoted version
     let sent = feed.stop().await;
@@ -237,7 +237,7 @@ async fn a_good_candidate_moves_through_every_phase_with_the_configured_split_an
 
     // 1 → 10 → 25 → 50 → 100 %, each advance explained by passing criteria, then promotion
     let decisions = s.decisions();
-    let moves: Vec<(&str, f64)> = decisions.iter().filter(|d| d.action != action::HOLD).map(|d| (d.action.as_str(), d.traffic_percent)).collect();
+    let moves: Vec<(Action, f64)> = decisions.iter().filter(|d| d.action != action::HOLD).map(|d| (d.action, d.traffic_percent)).collect();
     assert_eq!(moves, vec![(action::START, 1.0), (action::ADVANCE, 10.0), (action::ADVANCE, 25.0), (action::ADVANCE, 50.0), (action::ADVANCE, 100.0), (action::PROMOTE, 100.0)]);
     let mut phase_start = start.phase_started_at;
     for d in decisions.iter().filter(|d| d.action == action::ADVANCE || d.action == action::PROMOTE) {

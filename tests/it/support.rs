@@ -14,7 +14,7 @@ use payslip_stream::{
     document::InferenceResult,
     inference::ModelRegistry,
     kafka::{self, headers as h},
-    pipeline::InferStage,
+    infer::InferStage,
     telemetry::InferSummary,
 };
 use rdkafka::{
@@ -71,7 +71,7 @@ pub fn load_registry(cfg: &PipelineConfig) -> Arc<ModelRegistry> {
 /// The infer stage running in this process.
 pub struct RunningStage {
     stop: watch::Sender<bool>,
-    handle: JoinHandle<Result<InferSummary, payslip_stream::pipeline::StageError>>,
+    handle: JoinHandle<Result<InferSummary, payslip_stream::infer::StageError>>,
 }
 
 impl RunningStage {

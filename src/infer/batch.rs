@@ -1,0 +1,102 @@
+//! One batch of the infer stage, on a blocking thread: decode and validate each message (bad ones
+//! become dead letters), route each document to its model versions, run each model once per set
+//! of versions, and build one answer per input message, in input order.
+
+use std::collections::BTreeMap;
+
+use rdkafka::message::{Message, OwnedMessage};
+
+use super::messages::{dead_letter, result_message, Processed};
+use crate::{
+    codec,
+    config::PipelineConfig,
+    document::PayslipDocument,
+    inference::ModelRegistry,
+    kafka::headers as h,
+    rollout::routing::{Route, Routing},
+    telemetry::InferCounters,
+};
+
+/// Decode, validate, route, infer and encode one batch. Runs on a blocking thread.
+pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, routing: &std::sync::RwLock<Routing>, counters: &InferCounters, batch: Vec<OwnedMessage>) -> Vec<Processed> {
+    let limits = cfg.limits.document_limits();
+    let mut docs: Vec<(usize, PayslipDocument)> = Vec::new();
+    let mut delay_ms = 0u64;
+    let mut forced_errors: BTreeMap<usize, String> = BTreeMap::new();
+    let mut slots: Vec<Option<Processed>> = Vec::with_capacity(batch.len());
+    for (i, m) in batch.iter().enumerate() {
+        match decode_document(m, cfg.limits.max_payload_bytes, &limits) {
+            Ok(d) => {
+                if cfg.faults.enabled {
+                    if let Some(ms) = h::get(m.headers(), "fault-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+                        delay_ms = delay_ms.max(ms.min(cfg.faults.max_delay_ms));
+                    }
+                    if let Some(model) = h::get(m.headers(), "fault-error") {
+                        forced_errors.insert(i, model);
+                    }
+                }
+                docs.push((i, d));
+                slots.push(None);
+            }
+            Err((class, message)) => {
+                counters.dead_letter(class);
+                tracing::warn!(class, %message, topic = m.topic(), partition = m.partition(), offset = m.offset(), "document dead-lettered");
+                slots.push(Some(Processed { out: dead_letter(cfg, m, class, &message), topic: m.topic().into(), partition: m.partition(), offset: m.offset() }));
+            }
+        }
+    }
+    if !docs.is_empty() {
+        // one route per document, then one model run per distinct set of versions
+        let routes: Vec<Route> = {
+            let r = routing.read().unwrap_or_else(|p| p.into_inner());
+            docs.iter().map(|(_, d)| r.route(registry.served_versions(), &d.user_id)).collect()
+        };
+        let mut groups: BTreeMap<&BTreeMap<String, String>, Vec<usize>> = BTreeMap::new();
+        for (k, r) in routes.iter().enumerate() {
+            groups.entry(&r.versions).or_default().push(k);
+        }
+        if delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        }
+        let mut outputs: Vec<Vec<crate::document::ModelOutput>> = vec![Vec::new(); docs.len()];
+        for (versions, members) in &groups {
+            let refs: Vec<&PayslipDocument> = members.iter().map(|&k| &docs[k].1).collect();
+            for (&k, outs) in members.iter().zip(registry.infer(&refs, versions)) {
+                outputs[k] = outs;
+            }
+        }
+        for ((i, _), outs) in docs.iter().zip(outputs.iter_mut()) {
+            if delay_ms > 0 {
+                for o in outs.iter_mut() {
+                    o.latency_ms += delay_ms as f64;
+                }
+            }
+            // `fault-error: MODEL` fails that model; `MODEL@VERSION` only when that version ran
+            if let Some(target) = forced_errors.get(i) {
+                let (model, version) = target.split_once('@').map(|(m, v)| (m, Some(v))).unwrap_or((target.as_str(), None));
+                for o in outs.iter_mut().filter(|o| o.model == model && version.is_none_or(|v| v == o.version)) {
+                    o.error_code = Some(crate::inference::codes::INFERENCE_FAILED.into());
+                }
+            }
+        }
+        let provider = registry.provider();
+        let sample = counters.process.sample();
+        for (((i, doc), outs), route) in docs.into_iter().zip(outputs).zip(routes) {
+            let m = &batch[i];
+            let out = result_message(cfg, m, doc, outs, &route, &provider, &sample);
+            slots[i] = Some(Processed { out, topic: m.topic().into(), partition: m.partition(), offset: m.offset() });
+        }
+    }
+    slots.into_iter().flatten().collect()
+}
+
+fn decode_document(m: &OwnedMessage, max_payload: usize, limits: &crate::document::DocumentLimits) -> Result<PayslipDocument, (&'static str, String)> {
+    let payload = m.payload().ok_or(("undecodable", "message has no value".to_string()))?;
+    if payload.len() > max_payload {
+        return Err(("oversized", format!("value is {} bytes; limits.max_payload_bytes is {max_payload}", payload.len())));
+    }
+    let ct = h::get(m.headers(), h::CONTENT_TYPE);
+    let doc: PayslipDocument = codec::decode(payload, ct.as_deref()).map_err(|e| (e.class(), e.to_string()))?;
+    doc.validate(limits).map_err(|e| (e.class(), e.to_string()))?;
+    Ok(doc)
+}

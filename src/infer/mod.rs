@@ -1,0 +1,287 @@
+//! The infer stage: `payslip.documents.v1` → decode, validate → batched ONNX Runtime inference →
+//! one `InferenceResult` per document on `payslip.inference.v1`; bad input → dead-letter topic.
+//!
+//! ```text
+//! consumer ──► batcher (max_batch / max_wait_ms) ──► blocking thread: decode, validate, infer, encode
+//!                                                          │
+//!     offsets stored ◄── ack task (delivery reports, FIFO) ◄── producer (results + dead letters)
+//! ```
+//!
+//! Delivery semantics: at least once. A message's offset is stored only after everything it caused
+//! (its result or its dead letter) has a successful delivery report; the ack task handles batches in
+//! consumption order, so stored offsets only move forward. If a delivery fails after librdkafka's own
+//! retries, the stage stops with an error without storing that offset, and the document is consumed
+//! again after restart. Redelivered documents produce results with the same `result_id`
+//! (derived from the document id), so duplicates are recognisable downstream.
+//!
+//! Shutdown (SIGTERM/SIGINT or the shutdown channel): stop consuming, finish the batch in hand, wait
+//! for every delivery report, store and synchronously commit offsets, then return.
+//!
+//! A dead letter too large for the producer is replaced by a shortened one (see [`send`]), so one
+//! oversized message never stops the stage; any other refused record stops it with an error before
+//! its offset is stored. A fatal consumer error (authentication, authorisation) stops it too.
+//!
+//! Files: [`batch`] (decode, validate, route, run the models, build the answers), [`messages`]
+//! (result and dead-letter records), [`ack`] (delivery reports → stored offsets).
+
+mod ack;
+mod batch;
+mod messages;
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    consumer::{CommitMode, Consumer, StreamConsumer},
+    message::OwnedMessage,
+    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
+    util::Timeout,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    config::PipelineConfig,
+    inference::ModelRegistry,
+    kafka::{self, KafkaError},
+    rollout::routing::Follower,
+    telemetry::{InferCounters, InferSummary},
+};
+use ack::{ack_loop, Delivery, Pending};
+pub(crate) use batch::process_batch;
+pub(crate) use messages::{Outgoing, Processed};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// Cannot reach or use Kafka.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// A result or dead letter could not be delivered; offsets after it were not stored, so a
+    /// restart reprocesses from the last durable point.
+    #[error("delivery failed, stopping without storing the offset: {0}")]
+    Delivery(KafkaError),
+    /// A served model version is not loaded and the model may not serve degraded: nothing is
+    /// consumed until it is fixed.
+    #[error("{0}")]
+    ModelsUnavailable(String),
+    /// A bug (e.g. a panic on a blocking thread).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl StageError {
+    /// Whether restarting the stage may succeed (the broker comes back); nothing was acknowledged
+    /// that was not delivered, so a restart loses nothing.
+    pub fn retryable(&self) -> bool {
+        match self {
+            StageError::Kafka(e) | StageError::Delivery(e) => e.retryable(),
+            StageError::ModelsUnavailable(_) | StageError::Internal(_) => false,
+        }
+    }
+}
+
+/// A configured infer stage.
+pub struct InferStage {
+    cfg: PipelineConfig,
+    brokers: String,
+    registry: Arc<ModelRegistry>,
+    counters: Arc<InferCounters>,
+}
+
+impl InferStage {
+    pub fn new(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegistry>) -> Self {
+        Self { cfg, brokers, registry, counters: Arc::new(InferCounters::default()) }
+    }
+
+    pub fn counters(&self) -> Arc<InferCounters> {
+        self.counters.clone()
+    }
+
+    /// Runs until `shutdown` turns true (or its sender is dropped), then drains and returns what it did.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<InferSummary, StageError> {
+        let cfg = &self.cfg;
+        // a stage never consumes what it cannot process: refuse before joining the group
+        check_served_models(cfg, &self.registry)?;
+        // the canary split: read the decisions topic to its end before the first document
+        let follower = {
+            let (cfg, brokers, registry) = (cfg.clone(), self.brokers.clone(), self.registry.clone());
+            tokio::task::spawn_blocking(move || Follower::start(&cfg, &brokers, registry)).await.map_err(|e| StageError::Internal(format!("decisions follower panicked: {e}")))?
+        };
+        let routing = follower.routing();
+        let consumer: StreamConsumer =
+            kafka::consumer_config(&self.brokers, &cfg.kafka.infer_group, &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the infer consumer"))?;
+        consumer.subscribe(&[&cfg.topics.documents]).map_err(KafkaError::broker(format!("subscribe to {}", cfg.topics.documents)))?;
+        let consumer = Arc::new(consumer);
+        let producer: FutureProducer = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms).create().map_err(KafkaError::client("the infer producer"))?;
+
+        tracing::info!(
+            topic = %cfg.topics.documents, group = %cfg.kafka.infer_group, provider = %self.registry.provider(),
+            max_batch = cfg.batching.max_batch, max_wait_ms = cfg.batching.max_wait_ms, "infer stage started"
+        );
+
+        let (ack_tx, ack_rx) = mpsc::channel::<Pending>(8);
+        let acker = tokio::spawn(ack_loop(ack_rx, consumer.clone(), self.counters.clone()));
+        let max_wait = Duration::from_millis(cfg.batching.max_wait_ms);
+        let mut last_log = Instant::now();
+        let mut stopping = false;
+        let mut failure: Option<StageError> = None;
+
+        while !stopping {
+            let mut batch: Vec<OwnedMessage> = Vec::with_capacity(cfg.batching.max_batch);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => { stopping = true; }
+                m = consumer.recv() => match m {
+                    Ok(m) => batch.push(m.detach()),
+                    Err(e) if kafka::error::is_fatal_consumer_error(&e) => {
+                        failure = Some(StageError::Kafka(KafkaError::Broker { what: format!("consuming {}", cfg.topics.documents), source: e }));
+                        break;
+                    }
+                    Err(e) => { tracing::warn!(error = %e, "consumer error"); continue; }
+                },
+            }
+            if !batch.is_empty() {
+                let deadline = tokio::time::Instant::now() + max_wait;
+                while batch.len() < cfg.batching.max_batch {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => { stopping = true; break; }
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        m = consumer.recv() => match m {
+                            Ok(m) => batch.push(m.detach()),
+                            Err(e) if kafka::error::is_fatal_consumer_error(&e) => {
+                                failure = Some(StageError::Kafka(KafkaError::Broker { what: format!("consuming {}", cfg.topics.documents), source: e }));
+                                stopping = true;
+                                break;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "consumer error"),
+                        },
+                    }
+                }
+            }
+            if *shutdown.borrow() {
+                stopping = true;
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            self.counters.consumed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.counters.batches.fetch_add(1, Ordering::Relaxed);
+            let registry = self.registry.clone();
+            let cfg2 = self.cfg.clone();
+            let counters = self.counters.clone();
+            let routing2 = routing.clone();
+            let processed = match tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &routing2, &counters, batch)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    failure = Some(StageError::Internal(format!("batch processing panicked: {e}")));
+                    break;
+                }
+            };
+            let mut pending = Pending { deliveries: Vec::with_capacity(processed.len()), positions: Vec::with_capacity(processed.len()) };
+            for p in processed {
+                match send(&producer, cfg, p).await {
+                    Ok((fut, topic, p)) => {
+                        pending.deliveries.push(Delivery { future: fut, topic, is_result: p.out.is_result, has_error: p.out.has_error });
+                        pending.positions.push((p.topic, p.partition, p.offset));
+                    }
+                    Err(e) => {
+                        failure = Some(StageError::Delivery(e));
+                        break;
+                    }
+                }
+            }
+            if failure.is_some() {
+                // what was queued before the failure is still acknowledged by the ack task
+                let _ = ack_tx.send(pending).await;
+                break;
+            }
+            if ack_tx.send(pending).await.is_err() {
+                break; // the ack task ended: it reports why below
+            }
+            if last_log.elapsed() > Duration::from_secs(10) {
+                last_log = Instant::now();
+                let s = self.counters.snapshot();
+                tracing::info!(consumed = s.consumed, results = s.results, dead_letters = s.dead_letters, batches = s.batches, "progress");
+            }
+        }
+        drop(ack_tx);
+        match acker.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(StageError::Internal(format!("ack task panicked: {e}")))),
+        }
+        if failure.is_none() {
+            // Offsets stored so far are durable work; commit them before leaving the group.
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "final commit (nothing to commit is fine)");
+            }
+        }
+        let _ = producer.flush(Timeout::After(Duration::from_secs(10)));
+        drop(follower);
+        let summary = self.counters.snapshot();
+        tracing::info!(?summary, "infer stage stopped");
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(summary),
+        }
+    }
+}
+
+/// Queues one record. A dead letter too large for the producer is replaced by a shortened one
+/// (key, headers, reason, original size and sha256, and as much of the payload as fits), so one
+/// oversized document never stops the stage; any other refusal is returned.
+async fn send(producer: &FutureProducer, cfg: &PipelineConfig, p: Processed) -> Result<(DeliveryFuture, String, Processed), KafkaError> {
+    let first = queue(producer, &p.out).await;
+    match first {
+        Ok(f) => Ok((f, p.out.topic.clone(), p)),
+        Err(e) if e.is_too_large() && !p.out.is_result => {
+            let short = messages::shortened_dead_letter(cfg, &p.out, &e);
+            tracing::warn!(topic = %p.topic, partition = p.partition, offset = p.offset, size = p.out.payload.len(), "dead letter too large for the producer: publishing a shortened one");
+            let f = queue(producer, &short).await?;
+            Ok((f, short.topic.clone(), Processed { out: short, ..p }))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn queue(producer: &FutureProducer, out: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
+    let hs = out.headers.build();
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).payload(&out.payload[..]).headers(hs);
+    if let Some(k) = &out.key {
+        record = record.key(&k[..]);
+    }
+    kafka::enqueue(producer, record).await
+}
+
+/// Every served version is loaded, or its model may serve degraded (`models.allow_degraded`).
+fn check_served_models(cfg: &PipelineConfig, registry: &ModelRegistry) -> Result<(), StageError> {
+    let status = registry.status();
+    let missing: Vec<String> = cfg
+        .models
+        .serve
+        .iter()
+        .filter(|(model, _)| !cfg.models.allow_degraded.contains(model))
+        .filter_map(|(model, version)| {
+            let s = status.iter().find(|s| &s.model == model && &s.version == version);
+            match s {
+                Some(s) if s.state == crate::inference::LoadState::Loaded => None,
+                Some(s) => Some(format!("{model} {version}: {}", s.reason.as_deref().unwrap_or("refused"))),
+                None => Some(format!("{model} {version}: not loaded")),
+            }
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (model, version) in cfg.models.serve.iter().filter(|(m, _)| cfg.models.allow_degraded.contains(m)) {
+        if status.iter().any(|s| &s.model == model && &s.version == version && s.state != crate::inference::LoadState::Loaded) {
+            tracing::warn!(%model, %version, "serving degraded (models.allow_degraded): its documents get MODEL_UNAVAILABLE");
+        }
+    }
+    Err(StageError::ModelsUnavailable(format!(
+        "not starting: served model versions cannot be loaded, so their documents could not be answered: {}. Fix what is named (`payslip-stream models verify` checks every model), or list the model in models.allow_degraded to answer its documents with MODEL_UNAVAILABLE",
+        missing.join("; ")
+    )))
+}

@@ -1,0 +1,71 @@
+//! Client configurations. Every client of the project starts from one of these functions, so the
+//! settings that carry the delivery guarantees (manual offset store, idempotent producer, acks from
+//! all replicas) are chosen in one place. The `kafka.librdkafka` passthrough from the pipeline config
+//! is applied last, so an operator can set security, timeouts or buffer sizes without code changes.
+
+use std::collections::BTreeMap;
+
+use rdkafka::ClientConfig;
+
+/// Base client configuration for `brokers` with the user's passthrough options applied.
+pub fn client_config(brokers: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+    with_passthrough(base(brokers), passthrough)
+}
+
+fn base(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers).set("client.id", "payslip-stream");
+    c
+}
+
+/// A consumer that reads partitions it assigns itself: no group commits, no offset store. Used by
+/// every reader that keeps its own positions (monitor, replay, inspect, decisions follower).
+pub fn reader_config(brokers: &str, group: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+    let mut c = base(brokers);
+    c.set("group.id", group).set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+    with_passthrough(c, passthrough)
+}
+
+/// Configuration for a consumer that stores offsets only when told to (at-least-once).
+pub fn consumer_config(brokers: &str, group: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+    let mut c = base(brokers);
+    c.set("group.id", group)
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "100")
+        .set("max.poll.interval.ms", "300000")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    with_passthrough(c, passthrough)
+}
+
+/// Configuration for a producer of results: idempotent, acks from all in-sync replicas. A record
+/// is retried for `outage_tolerance_ms` before its delivery counts as failed.
+pub fn producer_config(brokers: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+    producer_config_with(brokers, passthrough, DEFAULT_OUTAGE_TOLERANCE_MS)
+}
+
+/// The default of `kafka.outage_tolerance_ms`.
+pub const DEFAULT_OUTAGE_TOLERANCE_MS: u64 = 600_000;
+
+/// [`producer_config`] with an explicit outage tolerance.
+pub fn producer_config_with(brokers: &str, passthrough: &BTreeMap<String, String>, outage_tolerance_ms: u64) -> ClientConfig {
+    let mut c = base(brokers);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", outage_tolerance_ms.to_string());
+    with_passthrough(c, passthrough)
+}
+
+/// The passthrough goes last: it may set anything the config validation lets through.
+fn with_passthrough(mut c: ClientConfig, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+    for (k, v) in passthrough {
+        c.set(k, v);
+    }
+    c
+}

@@ -1,0 +1,95 @@
+//! Producing with backpressure, and waiting for delivery reports.
+//!
+//! [`enqueue`] (async) and [`enqueue_blocking`] (for stages on blocking threads) hand a record to
+//! librdkafka. Only a full local queue is waited out (librdkafka drains it as the broker acknowledges
+//! earlier records); every other refusal, such as a record over `message.max.bytes`, is returned at
+//! once as [`KafkaError::Rejected`], because sending the same record again fails the same way.
+//! [`delivered`] and [`wait_deliveries`] turn delivery reports into positions or typed errors.
+
+use std::time::Duration;
+
+use rdkafka::{
+    producer::{DeliveryFuture, FutureProducer, FutureRecord},
+    types::RDKafkaErrorCode,
+    message::ToBytes,
+};
+
+use super::KafkaError;
+
+/// How long to wait before offering a record to a full queue again.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
+
+/// Where a record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Either queued, or given back because the local queue is full.
+fn try_enqueue<'a, K, P>(producer: &FutureProducer, record: FutureRecord<'a, K, P>) -> Result<Result<DeliveryFuture, FutureRecord<'a, K, P>>, KafkaError>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    match producer.send_result(record) {
+        Ok(f) => Ok(Ok(f)),
+        Err((e, r)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => Ok(Err(r)),
+        Err((e, r)) => Err(KafkaError::Rejected { topic: r.topic.to_string(), source: e }),
+    }
+}
+
+/// Offers `record` until it is queued; `wait` is how to pass the time while the queue is full.
+async fn enqueue_with<'a, K, P, W>(producer: &FutureProducer, mut record: FutureRecord<'a, K, P>, wait: impl Fn() -> W) -> Result<DeliveryFuture, KafkaError>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+    W: std::future::Future<Output = ()>,
+{
+    loop {
+        match try_enqueue(producer, record)? {
+            Ok(f) => return Ok(f),
+            Err(r) => {
+                record = r;
+                wait().await;
+            }
+        }
+    }
+}
+
+/// Enqueues a record, waiting while librdkafka's local queue is full; the returned future resolves
+/// with the delivery report.
+pub async fn enqueue<'a, K, P>(producer: &FutureProducer, record: FutureRecord<'a, K, P>) -> Result<DeliveryFuture, KafkaError>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    enqueue_with(producer, record, || tokio::time::sleep(QUEUE_FULL_BACKOFF)).await
+}
+
+/// [`enqueue`] for callers on a blocking thread (no async runtime needed).
+pub fn enqueue_blocking<'a, K, P>(producer: &FutureProducer, record: FutureRecord<'a, K, P>) -> Result<DeliveryFuture, KafkaError>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    let block = || {
+        std::thread::sleep(QUEUE_FULL_BACKOFF);
+        std::future::ready(())
+    };
+    futures::executor::block_on(enqueue_with(producer, record, block))
+}
+
+/// Waits for one delivery report.
+pub async fn delivered(future: DeliveryFuture, topic: &str) -> Result<Delivered, KafkaError> {
+    match future.await {
+        Ok(Ok(d)) => Ok(Delivered { partition: d.partition, offset: d.offset }),
+        Ok(Err((e, _))) => Err(KafkaError::Delivery { topic: topic.to_string(), source: e }),
+        Err(_) => Err(KafkaError::Dropped { topic: topic.to_string() }),
+    }
+}
+
+/// Waits, on a blocking thread, for every delivery report in order; the first failure is returned.
+pub fn wait_deliveries<T: AsRef<str>>(futures: impl IntoIterator<Item = (DeliveryFuture, T)>) -> Result<Vec<Delivered>, KafkaError> {
+    futures.into_iter().map(|(f, topic)| futures::executor::block_on(delivered(f, topic.as_ref()))).collect()
+}
