@@ -103,6 +103,10 @@ pub struct MonitorConfig {
     /// (a standby takes over when the leader dies). Needs Kafka transactions.
     #[serde(default = "yes")]
     pub changelog: bool,
+    /// A firing alert whose subject has had no window for this many closed window ranges (a
+    /// rolled-back candidate, a retired version) resolves with the reason "no data"; 0: never.
+    #[serde(default = "default_resolve_silent_after")]
+    pub resolve_silent_after_windows: u32,
     /// Alert rules (default: the runbook's thresholds; see src/alert/mod.rs `default_rules`).
     #[serde(default = "crate::alert::default_rules")]
     pub alerts: Vec<crate::alert::AlertRule>,
@@ -114,6 +118,7 @@ fn default_lateness_ms() -> i64 { 5_000 }
 fn default_idle_ms() -> i64 { 10_000 }
 fn default_retention_ms() -> i64 { 7 * 24 * 3_600_000 }
 fn default_monitor_batch() -> usize { 1000 }
+fn default_resolve_silent_after() -> u32 { 5 }
 fn yes() -> bool { true }
 
 impl Default for MonitorConfig {
@@ -381,7 +386,19 @@ pub struct LimitsConfig {
     /// Largest raster, in pixels.
     #[serde(default = "default_max_raster")]
     pub max_raster_pixels: usize,
+    /// Oldest event time accepted from outside, ms before now: older documents are dead-lettered
+    /// (`bad_timestamp`), older commands go to the monitor's dead-letter topic (e.g. a command
+    /// stamped in seconds instead of milliseconds).
+    #[serde(default = "default_max_past_ms")]
+    pub max_past_ms: i64,
+    /// Latest event time accepted, ms after now (clock skew allowance): a far-future time would
+    /// move the monitor's watermark past every later event.
+    #[serde(default = "default_max_future_ms")]
+    pub max_future_ms: i64,
 }
+
+fn default_max_past_ms() -> i64 { 30 * 24 * 3_600_000 }
+fn default_max_future_ms() -> i64 { 600_000 }
 
 fn default_max_payload() -> usize { 2 * 1024 * 1024 }
 fn default_max_pages() -> usize { 16 }
@@ -390,11 +407,24 @@ fn default_max_raster() -> usize { 4_000_000 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_payload_bytes: default_max_payload(), max_pages: default_max_pages(), max_lines_per_page: default_max_lines(), max_raster_pixels: default_max_raster() }
+        serde_yaml::from_str("{}").expect("all limits have defaults")
     }
 }
 
 impl LimitsConfig {
+    /// Whether an event time taken from outside lies in `[now - max_past_ms, now + max_future_ms]`;
+    /// the error says which bound it broke. Checked arithmetic: any `i64` is safe here.
+    pub fn check_event_time(&self, what: &str, ts_ms: i64, now_ms: i64) -> Result<(), String> {
+        let (lo, hi) = (now_ms.saturating_sub(self.max_past_ms), now_ms.saturating_add(self.max_future_ms));
+        if ts_ms < lo {
+            return Err(format!("{what} {ts_ms} is more than limits.max_past_ms ({} ms) before now ({now_ms}); milliseconds since the epoch are expected", self.max_past_ms));
+        }
+        if ts_ms > hi {
+            return Err(format!("{what} {ts_ms} is more than limits.max_future_ms ({} ms) after now ({now_ms})", self.max_future_ms));
+        }
+        Ok(())
+    }
+
     pub fn document_limits(&self) -> DocumentLimits {
         DocumentLimits { max_pages: self.max_pages, max_lines_per_page: self.max_lines_per_page, max_raster_pixels: self.max_raster_pixels }
     }
@@ -451,6 +481,9 @@ impl PipelineConfig {
             return Err(invalid("topics.replication_factor", "must be at least 1"));
         }
         self.topics.check_names().map_err(|(k, m)| invalid(&k, m))?;
+        if self.limits.max_past_ms < 60_000 || self.limits.max_future_ms < 0 {
+            return Err(invalid("limits", "max_past_ms must be at least 60000 and max_future_ms at least 0"));
+        }
         if self.limits.max_payload_bytes < 1024 {
             return Err(invalid("limits.max_payload_bytes", "must be at least 1024"));
         }

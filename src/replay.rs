@@ -242,7 +242,7 @@ pub fn backfill(cfg: &PipelineConfig, opts: &ReplayOptions, b: &BackfillOptions)
     let mut s = ReplaySummary { mode: "infer".into(), outputs: vec![out_results, out_dlq], ..Default::default() };
     tracing::info!(%input, versions = %versions, outputs = ?s.outputs, "backfill started");
     while let Some(batch) = reader.next_batch(run_cfg.batching.max_batch)? {
-        let processed = crate::infer::process_batch(&run_cfg, &registry, &routing, &counters, batch);
+        let processed = crate::infer::process_batch(&run_cfg, &registry, &routing, &counters, batch, false);
         let mut futures = Vec::with_capacity(processed.len());
         for p in processed {
             let headers = p.out.headers.with("replay-id", &replay_id);
@@ -411,20 +411,20 @@ pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorRep
             let p = lookup(&predictions, &f.document_id, f.given_at);
             st.resolve_feedback(&f, p, &wcfg);
         }
-        emitted.extend(st.close_windows(&cfg.monitor.alerts, &cfg.rollout, &wcfg, last_ms));
+        emitted.extend(st.close_windows(&cfg.monitor.alerts, cfg.monitor.resolve_silent_after_windows, &cfg.rollout, &wcfg, last_ms));
         st.dirty_windows.clear();
         st.closed_windows.clear();
         st.dirty_alerts.clear();
     }
     // the end of the input closes every remaining window
     if last_ms != i64::MIN {
-        let end = last_ms + wcfg.size_ms + wcfg.allowed_lateness_ms + 1;
+        let end = last_ms.saturating_add(wcfg.size_ms).saturating_add(wcfg.allowed_lateness_ms).saturating_add(1);
         st.watermark.observe(&lane, end, end);
         for f in st.due_feedback(Some(end)) {
             let p = lookup(&predictions, &f.document_id, f.given_at);
             st.resolve_feedback(&f, p, &wcfg);
         }
-        emitted.extend(st.close_windows(&cfg.monitor.alerts, &cfg.rollout, &wcfg, end));
+        emitted.extend(st.close_windows(&cfg.monitor.alerts, cfg.monitor.resolve_silent_after_windows, &cfg.rollout, &wcfg, end));
     }
     let messages: Vec<OutboxMessage> = emitted.iter().map(|e| cfg.monitor.encode(&out_cfg, e)).collect();
     let report: Vec<ReplayedEvent> = emitted

@@ -137,6 +137,9 @@ pub struct AlertInstance {
     pub streak: u32,
     /// Start of the first window of the current episode.
     pub episode_start_ms: Option<i64>,
+    /// Window ranges closed, while firing, without a window of this subject (it gets no traffic).
+    #[serde(default)]
+    pub silent_windows: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +176,9 @@ pub struct AlertEvent {
     pub action: String,
     /// Event time of the decision: the end of the window that caused it.
     pub emitted_at: i64,
+    /// Why a RESOLVED event resolved, when not because the condition cleared (`no data: ...`).
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 pub fn alert_id(rule: &str, sev: Severity, subject: &Subject, episode_start_ms: i64) -> String {
@@ -234,11 +240,14 @@ pub fn evaluate(
             episode_start: episode,
             action: rule.action.clone(),
             emitted_at: window.end_ms,
+            reason: None,
         };
+        // a window of the subject closed: it is not silent
+        inst.silent_windows = 0;
         match (inst.state, cond) {
             (InstanceState::Firing, None) => {} // no data never resolves
             (_, None) => {
-                *inst = AlertInstance { state: InstanceState::NoData, streak: 0, episode_start_ms: None };
+                *inst = AlertInstance { state: InstanceState::NoData, ..AlertInstance::default() };
             }
             (InstanceState::Firing, Some(true)) => inst.streak = 0,
             (InstanceState::Firing, Some(false)) => {
@@ -254,9 +263,9 @@ pub fn evaluate(
                 let streak = if inst.state == InstanceState::Pending { inst.streak + 1 } else { 1 };
                 if streak >= rule.for_windows {
                     events.push(make("FIRING", episode));
-                    *inst = AlertInstance { state: InstanceState::Firing, streak: 0, episode_start_ms: Some(episode) };
+                    *inst = AlertInstance { state: InstanceState::Firing, episode_start_ms: Some(episode), ..AlertInstance::default() };
                 } else {
-                    *inst = AlertInstance { state: InstanceState::Pending, streak, episode_start_ms: Some(episode) };
+                    *inst = AlertInstance { state: InstanceState::Pending, streak, episode_start_ms: Some(episode), ..AlertInstance::default() };
                 }
             }
             (_, Some(false)) => *inst = AlertInstance::default(),
@@ -270,6 +279,42 @@ pub fn evaluate(
     events.extend(crit_events);
     events.sort_by_key(|e| (e.status != "RESOLVED", e.severity != "warning"));
     events
+}
+
+/// Counts one closed window range without a window of the subject of `inst` (key `rule|sev|subject`);
+/// after `after_windows` of them a FIRING alert resolves with the reason "no data" (a rolled-back
+/// candidate or a retired version gets no traffic, and its alert would otherwise fire forever).
+pub fn resolve_silent(rule: &AlertRule, sev: Severity, subject: &Subject, window: WindowRange, inst: &mut AlertInstance, after_windows: u32) -> Option<AlertEvent> {
+    if inst.state != InstanceState::Firing || after_windows == 0 {
+        return None;
+    }
+    inst.silent_windows += 1;
+    if inst.silent_windows < after_windows {
+        return None;
+    }
+    let tier = rule.tier(sev)?;
+    let episode = inst.episode_start_ms.unwrap_or(window.start_ms);
+    *inst = AlertInstance::default();
+    Some(AlertEvent {
+        alert_id: alert_id(&rule.name, sev, subject, episode),
+        code: tier.code.clone(),
+        severity: match sev { Severity::Warning => "warning", Severity::Critical => "critical" }.into(),
+        status: "RESOLVED".into(),
+        rule: rule.name.clone(),
+        metric: rule.metric.name().into(),
+        model: subject.model.clone(),
+        version: subject.version.clone(),
+        cohort: subject.cohort.clone(),
+        value: f64::NAN,
+        threshold: tier.threshold,
+        samples: 0,
+        window_start: window.start_ms,
+        window_end: window.end_ms,
+        episode_start: episode,
+        action: rule.action.clone(),
+        emitted_at: window.end_ms,
+        reason: Some(format!("no data: no window of {} for {after_windows} windows", subject.key())),
+    })
 }
 
 fn tier(code: &str, threshold: f64) -> Option<Tier> {
@@ -306,6 +351,7 @@ pub fn info_events(rules: &[AlertRule], subject: &Subject, window: WindowRange, 
         episode_start: window.start_ms,
         action: action.into(),
         emitted_at: window.end_ms,
+        reason: None,
     };
     if let Some((v, n)) = agg.metric(Metric::Satisfaction) {
         out.push(info("USER_FEEDBACK", Metric::Satisfaction, v, 0.0, n, "Review the ratings and corrections of this window"));
@@ -338,6 +384,7 @@ pub fn update_available(model: &str, served: &str, candidate: &str, at_ms: i64) 
         window_start: at_ms,
         window_end: at_ms,
         episode_start: at_ms,
+        reason: None,
         action: format!("Candidate {candidate} is available: plan a phased rollout"),
         emitted_at: at_ms,
     }

@@ -18,14 +18,17 @@ use crate::{
 };
 
 /// Decode, validate, route, infer and encode one batch. Runs on a blocking thread.
-pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, routing: &std::sync::RwLock<Routing>, counters: &InferCounters, batch: Vec<OwnedMessage>) -> Vec<Processed> {
+/// `live`: event times are checked against the wall clock (`limits.max_past_ms` / `max_future_ms`);
+/// a backfill of recorded documents passes false.
+pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, routing: &std::sync::RwLock<Routing>, counters: &InferCounters, batch: Vec<OwnedMessage>, live: bool) -> Vec<Processed> {
+    let now = live.then(|| chrono::Utc::now().timestamp_millis());
     let limits = cfg.limits.document_limits();
     let mut docs: Vec<(usize, PayslipDocument)> = Vec::new();
     let mut delay_ms = 0u64;
     let mut forced_errors: BTreeMap<usize, String> = BTreeMap::new();
     let mut slots: Vec<Option<Processed>> = Vec::with_capacity(batch.len());
     for (i, m) in batch.iter().enumerate() {
-        match decode_document(m, cfg.limits.max_payload_bytes, &limits) {
+        match decode_document(m, cfg, &limits, now) {
             Ok(d) => {
                 if cfg.faults.enabled {
                     if let Some(ms) = h::get(m.headers(), "fault-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
@@ -90,7 +93,8 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
     slots.into_iter().flatten().collect()
 }
 
-fn decode_document(m: &OwnedMessage, max_payload: usize, limits: &crate::document::DocumentLimits) -> Result<PayslipDocument, (&'static str, String)> {
+fn decode_document(m: &OwnedMessage, cfg: &PipelineConfig, limits: &crate::document::DocumentLimits, now: Option<i64>) -> Result<PayslipDocument, (&'static str, String)> {
+    let max_payload = cfg.limits.max_payload_bytes;
     let payload = m.payload().ok_or(("undecodable", "message has no value".to_string()))?;
     if payload.len() > max_payload {
         return Err(("oversized", format!("value is {} bytes; limits.max_payload_bytes is {max_payload}", payload.len())));
@@ -98,5 +102,8 @@ fn decode_document(m: &OwnedMessage, max_payload: usize, limits: &crate::documen
     let ct = h::get(m.headers(), h::CONTENT_TYPE);
     let doc: PayslipDocument = codec::decode(payload, ct.as_deref()).map_err(|e| (e.class(), e.to_string()))?;
     doc.validate(limits).map_err(|e| (e.class(), e.to_string()))?;
+    if let Some(now) = now {
+        cfg.limits.check_event_time("submitted_at", doc.submitted_at, now).map_err(|e| ("bad_timestamp", e))?;
+    }
     Ok(doc)
 }

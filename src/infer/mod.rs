@@ -172,7 +172,7 @@ impl InferStage {
             let cfg2 = self.cfg.clone();
             let counters = self.counters.clone();
             let routing2 = routing.clone();
-            let processed = match tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &routing2, &counters, batch)).await {
+            let processed = match tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &routing2, &counters, batch, true)).await {
                 Ok(p) => p,
                 Err(e) => {
                     failure = Some(StageError::Internal(format!("batch processing panicked: {e}")));

@@ -323,39 +323,48 @@ impl MonitorStage {
                 let ct = h::get(m.headers(), h::CONTENT_TYPE);
                 let payload = m.payload().unwrap_or_default();
                 let wall = now_ms();
-                if m.topic() == self.cfg.topics.commands {
+                // what cannot be used goes to the monitor's dead-letter topic with the reason
+                let limits = &self.cfg.limits;
+                let unusable: Option<(&str, String)> = if m.topic() == self.cfg.topics.commands {
                     match codec::decode::<crate::rollout::RolloutCommand>(payload, ct.as_deref()) {
-                        Ok(cmd) => {
-                            tracing::info!(rollout = %cmd.rollout_id, action = %cmd.action, operator = %cmd.operator, "rollout command");
-                            commanded.extend(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
-                        }
-                        Err(e) => {
-                            self.state.counters.undecodable += 1;
-                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable rollout command dead-lettered");
-                            dead.push(monitor_dead_letter(&self.cfg, &m, &e));
-                        }
+                        Ok(cmd) => match limits.check_event_time("issued_at", cmd.issued_at, wall) {
+                            Ok(()) => {
+                                tracing::info!(rollout = %cmd.rollout_id, action = %cmd.action, operator = %cmd.operator, "rollout command");
+                                commanded.extend(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
+                                None
+                            }
+                            Err(why) => Some(("bad_timestamp", why)),
+                        },
+                        Err(e) => Some((e.class(), e.to_string())),
                     }
                 } else if m.topic() == self.cfg.topics.inference {
                     match codec::decode::<InferenceResult>(payload, ct.as_deref()) {
-                        Ok(r) => self.state.apply_result(&r, &part, wall, &wcfg),
-                        Err(e) => {
-                            self.state.counters.undecodable += 1;
-                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable result dead-lettered");
-                            dead.push(monitor_dead_letter(&self.cfg, &m, &e));
-                        }
+                        Ok(r) => match limits.check_event_time("submitted_at", r.submitted_at, wall) {
+                            Ok(()) => {
+                                self.state.apply_result(&r, &part, wall, &wcfg);
+                                None
+                            }
+                            Err(why) => Some(("bad_timestamp", why)),
+                        },
+                        Err(e) => Some((e.class(), e.to_string())),
                     }
                 } else {
                     match codec::decode::<DocumentFeedback>(payload, ct.as_deref()) {
-                        Ok(f) => {
-                            let pred = self.lookup_prediction(&f.document_id, f.given_at)?;
-                            self.state.receive_feedback(f, pred, &part, wall, &wcfg);
-                        }
-                        Err(e) => {
-                            self.state.counters.undecodable += 1;
-                            tracing::warn!(error = %e, source = %part, offset = m.offset(), "undecodable feedback dead-lettered");
-                            dead.push(monitor_dead_letter(&self.cfg, &m, &e));
-                        }
+                        Ok(f) => match limits.check_event_time("given_at", f.given_at, wall) {
+                            Ok(()) => {
+                                let pred = self.lookup_prediction(&f.document_id, f.given_at)?;
+                                self.state.receive_feedback(f, pred, &part, wall, &wcfg);
+                                None
+                            }
+                            Err(why) => Some(("bad_timestamp", why)),
+                        },
+                        Err(e) => Some((e.class(), e.to_string())),
                     }
+                };
+                if let Some((class, why)) = unusable {
+                    self.state.counters.undecodable += 1;
+                    tracing::warn!(class, reason = %why, source = %part, offset = m.offset(), "monitor input dead-lettered");
+                    dead.push(monitor_dead_letter(&self.cfg, &m, class, &why));
                 }
             }
             let wall = now_ms();
@@ -367,7 +376,7 @@ impl MonitorStage {
                 self.state.resolve_feedback(&f, pred, &wcfg);
             }
             let mut emitted = commanded;
-            emitted.extend(self.state.close_windows(&self.cfg.monitor.alerts, &self.cfg.rollout, &wcfg, wall));
+            emitted.extend(self.state.close_windows(&self.cfg.monitor.alerts, self.cfg.monitor.resolve_silent_after_windows, &self.cfg.rollout, &wcfg, wall));
             if consumed.is_empty() && emitted.is_empty() && !resolved_any && dead.is_empty() {
                 continue;
             }
@@ -447,7 +456,7 @@ impl MonitorStage {
             Some(p) => Some(p.clone()),
             None => self.store.get_json::<Prediction>(CF_PREDICTIONS, document_id.as_bytes())?,
         };
-        Ok(p.filter(|p| at_ms - p.event_ms <= self.cfg.monitor.prediction_retention_ms))
+        Ok(p.filter(|p| at_ms.saturating_sub(p.event_ms) <= self.cfg.monitor.prediction_retention_ms))
     }
 
     /// Writes the batch's state changes, offsets and outbox atomically.
@@ -588,7 +597,7 @@ const DEAD_LETTER_PAYLOAD_BYTES: usize = 256 * 1024;
 /// A result, feedback or command the monitor could not use: its key, headers and (up to
 /// [`DEAD_LETTER_PAYLOAD_BYTES`] of) its bytes, with the reason and where it came from. It leaves
 /// through the outbox, so it is published exactly once like every other monitor output.
-fn monitor_dead_letter(cfg: &PipelineConfig, m: &rdkafka::message::BorrowedMessage<'_>, reason: &codec::DecodeError) -> OutboxMessage {
+fn monitor_dead_letter(cfg: &PipelineConfig, m: &rdkafka::message::BorrowedMessage<'_>, class: &str, reason: &str) -> OutboxMessage {
     use rdkafka::message::Headers;
     use sha2::Digest;
     let payload = m.payload().unwrap_or_default();
@@ -597,7 +606,7 @@ fn monitor_dead_letter(cfg: &PipelineConfig, m: &rdkafka::message::BorrowedMessa
         .map(|hs| hs.iter().filter(|x| x.key != EVENT_ID).map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
         .unwrap_or_default();
     headers.extend([
-        (h::ERROR_CLASS.to_string(), reason.class().to_string()),
+        (h::ERROR_CLASS.to_string(), class.to_string()),
         (h::ERROR_MESSAGE.to_string(), reason.to_string()),
         (h::SOURCE_TOPIC.to_string(), m.topic().to_string()),
         (h::SOURCE_PARTITION.to_string(), m.partition().to_string()),

@@ -43,6 +43,8 @@ pub struct MonitorCounters {
     pub feedback_applied: u64,
     pub dropped_late: u64,
     pub feedback_orphans: u64,
+    /// Inputs the monitor could not use (undecodable, or an event time outside the limits),
+    /// each dead-lettered to `litert.monitor.dlq.v1`.
     pub undecodable: u64,
     pub windows_closed: u64,
     pub alerts_emitted: u64,
@@ -208,7 +210,9 @@ impl MonitorState {
     /// Closes every window the watermark has passed, in (end, subject) order, evaluating the alert
     /// rules on each and, once all subjects of a window range are closed, the rollout criteria.
     /// Returns what to publish.
-    pub fn close_windows(&mut self, rules: &[AlertRule], rollout: &RolloutConfig, cfg: &WindowConfig, wall_ms: i64) -> Vec<Emitted> {
+    /// `resolve_silent_after`: window ranges without a window of a firing subject after which its
+    /// alert resolves as "no data" (0: never).
+    pub fn close_windows(&mut self, rules: &[AlertRule], resolve_silent_after: u32, rollout: &RolloutConfig, cfg: &WindowConfig, wall_ms: i64) -> Vec<Emitted> {
         let Some(wm) = self.watermark.advance(cfg, wall_ms) else { return vec![] };
         let due: Vec<(i64, Subject)> = self.windows.iter().filter(|(_, w)| w.range.end_ms <= wm).map(|(k, _)| k.clone()).collect();
         let mut out = Vec::new();
@@ -243,6 +247,10 @@ impl MonitorState {
             let range = w.range;
             group.push(w);
             if due.get(n + 1).is_none_or(|next| next.0 != key.0) {
+                let silent = self.resolve_silent_alerts(rules, &group, range, resolve_silent_after);
+                self.counters.alerts_emitted += silent.len() as u64;
+                group_alerts.extend(silent.iter().cloned());
+                out.extend(silent.into_iter().map(Emitted::Alert));
                 let closed: Vec<(&Subject, &WindowAggregate)> = group.iter().map(|w| (&w.subject, &w.agg)).collect();
                 let decisions = self.rollout.on_window(rollout, range, &closed, &group_alerts);
                 if !decisions.is_empty() || self.rollout.rollouts.values().any(|r| r.status.is_active()) {
@@ -252,6 +260,33 @@ impl MonitorState {
                 group.clear();
                 group_alerts.clear();
             }
+        }
+        out
+    }
+
+    /// Firing alerts whose subject has no window in the range that just closed count one silent
+    /// window; those silent long enough resolve with the reason "no data".
+    fn resolve_silent_alerts(&mut self, rules: &[AlertRule], group: &[StoredWindow], range: crate::window::WindowRange, after: u32) -> Vec<AlertEvent> {
+        let present: std::collections::BTreeSet<String> = group.iter().map(|w| w.subject.key()).collect();
+        let firing: Vec<String> = self.alerts.iter().filter(|(_, i)| i.state == alert::InstanceState::Firing).map(|(k, _)| k.clone()).collect();
+        let mut out = Vec::new();
+        for key in firing {
+            // instance keys are `rule|Severity|model/version/cohort`
+            let mut parts = key.splitn(3, '|');
+            let (Some(rule_name), Some(sev), Some(subject_key)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            if present.contains(subject_key) {
+                continue;
+            }
+            let mut s = subject_key.splitn(3, '/');
+            let (Some(model), Some(version), Some(cohort)) = (s.next(), s.next(), s.next()) else { continue };
+            let subject = Subject { model: model.into(), version: version.into(), cohort: cohort.into() };
+            let sev = if sev == "Critical" { Severity::Critical } else { Severity::Warning };
+            let Some(rule) = rules.iter().find(|r| r.name == rule_name) else { continue };
+            let Some(inst) = self.alerts.get_mut(&key) else { continue };
+            if let Some(e) = alert::resolve_silent(rule, sev, &subject, range, inst, after) {
+                out.push(e);
+            }
+            self.dirty_alerts.insert(key);
         }
         out
     }

@@ -662,6 +662,7 @@ mod tests {
             episode_start: 0,
             action: String::new(),
             emitted_at: 1000,
+            reason: None,
         };
         let d = window(&mut c, &cfg, 0, &agg(40, 5.0, 0, 1.0), &[alert]);
         assert_eq!(d[0].action, action::EMERGENCY_ROLLBACK);

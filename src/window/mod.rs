@@ -2,6 +2,8 @@
 //! no I/O; the monitor stage persists [`WatermarkTracker`] with its window state.
 //!
 //! - A window is `[start, start + size)`, `start = floor(ts / size) * size` (also for negative `ts`).
+//!   The arithmetic saturates, so no `i64` can overflow it: the outermost windows are clamped to
+//!   `i64::MIN` / `i64::MAX` (the stages reject such event times before they get here anyway).
 //! - The watermark is the lowest "highest event time seen" over the active input partitions, minus
 //!   the allowed lateness. It never moves backwards.
 //! - A window closes when the watermark reaches its end. An event whose window is still open is
@@ -33,8 +35,8 @@ pub struct WindowRange {
 
 /// The window an event at `ts_ms` belongs to.
 pub fn assign(ts_ms: i64, size_ms: i64) -> WindowRange {
-    let start = ts_ms.div_euclid(size_ms) * size_ms;
-    WindowRange { start_ms: start, end_ms: start + size_ms }
+    let start = ts_ms.saturating_sub(ts_ms.rem_euclid(size_ms));
+    WindowRange { start_ms: start, end_ms: start.saturating_add(size_ms) }
 }
 
 /// What to do with an event, given the current watermark.
@@ -101,12 +103,12 @@ impl WatermarkTracker {
         let active: Vec<i64> = self
             .partitions
             .values()
-            .filter(|c| wall_ms - c.last_input_wall_ms < cfg.idle_timeout_ms)
+            .filter(|c| wall_ms.saturating_sub(c.last_input_wall_ms) < cfg.idle_timeout_ms)
             .map(|c| c.max_event_ms)
             .collect();
         let basis = if active.is_empty() { self.partitions.values().map(|c| c.max_event_ms).max() } else { active.into_iter().min() };
         if let Some(b) = basis.filter(|&b| b != i64::MIN) {
-            let wm = b - cfg.allowed_lateness_ms;
+            let wm = b.saturating_sub(cfg.allowed_lateness_ms);
             self.emitted = Some(self.emitted.map_or(wm, |e| e.max(wm)));
         }
         self.emitted
@@ -120,7 +122,7 @@ impl WatermarkTracker {
     /// the lowest maximum among the active ones (the highest when all are idle), no lateness.
     pub fn frontier(&self, prefix: &str, cfg: &WindowConfig, wall_ms: i64) -> Option<i64> {
         let clocks: Vec<&PartitionClock> = self.partitions.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, c)| c).collect();
-        let active: Vec<i64> = clocks.iter().filter(|c| wall_ms - c.last_input_wall_ms < cfg.idle_timeout_ms).map(|c| c.max_event_ms).collect();
+        let active: Vec<i64> = clocks.iter().filter(|c| wall_ms.saturating_sub(c.last_input_wall_ms) < cfg.idle_timeout_ms).map(|c| c.max_event_ms).collect();
         let basis = if active.is_empty() { clocks.iter().map(|c| c.max_event_ms).max() } else { active.into_iter().min() };
         basis.filter(|&b| b != i64::MIN)
     }
@@ -184,6 +186,25 @@ mod tests {
             prop_assert!(r.start_ms <= ts && ts < r.end_ms);
             prop_assert_eq!(r.end_ms - r.start_ms, size);
             prop_assert_eq!(r.start_ms.rem_euclid(size), 0);
+        }
+
+        #[test]
+        fn window_arithmetic_holds_over_the_whole_i64_range(ts in any::<i64>(), size in 1i64..=i64::MAX, wm in any::<i64>()) {
+            let r = assign(ts, size);
+            prop_assert!(r.start_ms <= ts);
+            prop_assert!(ts < r.end_ms || r.end_ms == i64::MAX, "{ts} outside [{}, {})", r.start_ms, r.end_ms);
+            prop_assert!(r.end_ms >= r.start_ms);
+            // admission never panics and agrees with the window's end
+            match admit(ts, size, Some(wm)) {
+                Admission::TooLate => prop_assert!(r.end_ms <= wm),
+                Admission::Late => prop_assert!(ts < wm && r.end_ms > wm),
+                Admission::OnTime => prop_assert!(ts >= wm),
+            }
+            let mut w = WatermarkTracker::default();
+            w.observe("t/0", ts, 0);
+            let cfg = WindowConfig { size_ms: size, allowed_lateness_ms: size, idle_timeout_ms: 1 };
+            let advanced = w.advance(&cfg, i64::MAX);
+            prop_assert!(advanced.is_none_or(|v| v <= ts));
         }
 
         #[test]

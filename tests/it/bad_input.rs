@@ -142,3 +142,41 @@ async fn a_dead_letter_too_large_to_publish_is_shortened_and_the_stage_goes_on()
     assert_eq!(summary.dead_letters, 1);
     assert_eq!(summary.results, 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_stamped_outside_the_event_time_limits_are_dead_lettered() {
+    let cfg = isolated_config("dlq-time").await;
+    let gen = Generator::new(GeneratorConfig { seed: 79, ..Default::default() });
+    let now = chrono::Utc::now().timestamp_millis();
+    let stamped = |i: u64, ts: i64| {
+        let mut d = gen.document(i).document;
+        d.submitted_at = ts;
+        d
+    };
+    let bad = [stamped(0, i64::MAX), stamped(1, now + 365 * 24 * 3_600_000), stamped(2, now / 1000), stamped(3, i64::MIN)];
+    let good: Vec<_> = (10..20).map(|i| stamped(i, now)).collect();
+    let avro = ("content-type", "application/avro");
+    let messages = bad.iter().chain(&good).map(|d| (d.document_id.clone(), encode(d, WireFormat::Avro).unwrap(), vec![avro])).collect();
+    produce_raw(&cfg.topics.documents, messages).await;
+    let stage = RunningStage::start(&cfg, load_registry(&cfg));
+    let (dlq_topic, res_topic) = (cfg.topics.documents_dlq.clone(), cfg.topics.inference.clone());
+    let (dead, results) = tokio::task::spawn_blocking(move || {
+        (read_topic(&dlq_topic, 4, Duration::from_secs(120), Duration::from_secs(1)), read_topic(&res_topic, 10, Duration::from_secs(120), Duration::from_secs(1)))
+    })
+    .await
+    .unwrap();
+    let summary = stage.stop().await;
+
+    assert_eq!(dead.len(), 4);
+    for d in &dead {
+        assert_eq!(d.header(h::ERROR_CLASS), Some("bad_timestamp"), "{:?}", d.key);
+        assert!(d.header(h::ERROR_MESSAGE).is_some_and(|m| m.contains("submitted_at") && m.contains("limits.max_")), "{:?}", d.header(h::ERROR_MESSAGE));
+    }
+    let mut dead_ids: Vec<String> = dead.iter().filter_map(|d| d.key.clone()).collect();
+    dead_ids.sort();
+    let mut bad_ids: Vec<String> = bad.iter().map(|d| d.document_id.clone()).collect();
+    bad_ids.sort();
+    assert_eq!(dead_ids, bad_ids);
+    assert_eq!(results.len(), 10);
+    assert_eq!(summary.results, 10);
+}

@@ -18,8 +18,9 @@ use payslip_stream::{
 
 use crate::support::*;
 
-/// Aligned to the 10 s test windows.
-const BASE: i64 = 1_800_000_000_000;
+/// An hour ago (event times from outside must lie within limits.max_past_ms / max_future_ms of
+/// now), aligned to the 10 s test windows.
+static BASE: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| (chrono::Utc::now().timestamp_millis() - 3_600_000) / 60_000 * 60_000);
 const W: i64 = 10_000;
 
 fn output(model: &str, version: &str, latency_ms: f64, error: Option<&str>, label: Option<&str>) -> ModelOutput {
@@ -87,7 +88,7 @@ async fn injected_conditions_raise_and_resolve_the_right_alerts() {
     let mut ratings = Vec::new();
     for w in 0..7i64 {
         for i in 0..30i64 {
-            let ts = BASE + w * W + i * 300;
+            let ts = *BASE + w * W + i * 300;
             let id = format!("doc-{w}-{i}");
             // classifier 1.0.0: slow in windows 2-3 (warning), very slow in 4 (critical)
             let lat = match w { 2 | 3 => 800.0, 4 => 3000.0, _ => 5.0 };
@@ -112,7 +113,7 @@ async fn injected_conditions_raise_and_resolve_the_right_alerts() {
         }
     }
     let n_results = results.len();
-    results.push(result("flush", BASE + 10 * W, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("ARMY"))]));
+    results.push(result("flush", *BASE + 10 * W, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("ARMY"))]));
     produce_records(&cfg.topics.inference, "k", &results).await;
     produce_records(&cfg.topics.feedback, "k", &ratings).await;
 
@@ -138,7 +139,7 @@ async fn injected_conditions_raise_and_resolve_the_right_alerts() {
     let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 1, 30).await);
     monitor.stop().await;
     let (infos, alerts): (Vec<AlertEvent>, Vec<AlertEvent>) = events.into_iter().partition(|a| a.status == "INFO");
-    let mut info: Vec<(String, String, i64)> = infos.iter().map(|a| (a.code.clone(), a.model.clone(), if a.code == "USER_FEEDBACK" { (a.window_start - BASE) / W } else { -1 })).collect();
+    let mut info: Vec<(String, String, i64)> = infos.iter().map(|a| (a.code.clone(), a.model.clone(), if a.code == "USER_FEEDBACK" { (a.window_start - *BASE) / W } else { -1 })).collect();
     info.sort();
     assert_eq!(
         info,
@@ -152,7 +153,7 @@ async fn injected_conditions_raise_and_resolve_the_right_alerts() {
     );
 
     let mut got: Vec<(String, String, String, i64)> =
-        alerts.iter().map(|a| (format!("{}/{}/{}", a.model, a.version, a.cohort), a.code.clone(), a.status.clone(), (a.window_start - BASE) / W)).collect();
+        alerts.iter().map(|a| (format!("{}/{}/{}", a.model, a.version, a.cohort), a.code.clone(), a.status.clone(), (a.window_start - *BASE) / W)).collect();
     got.sort();
     let mut want: Vec<(String, String, String, i64)> = expected.iter().map(|(s, c, st, w)| (s.to_string(), c.to_string(), st.to_string(), *w)).collect();
     want.sort();
@@ -169,7 +170,7 @@ async fn injected_conditions_raise_and_resolve_the_right_alerts() {
     let pipeline: Vec<&WindowMetrics> = metrics.iter().filter(|m| m.model == "pipeline").collect();
     assert_eq!(pipeline.iter().map(|m| m.count).sum::<i64>() as usize, n_results);
     assert_eq!(pipeline.len(), 7);
-    let w2 = metrics.iter().find(|m| m.model == "document_classifier" && m.version == "1.0.0" && m.window_start == BASE + 2 * W).unwrap();
+    let w2 = metrics.iter().find(|m| m.model == "document_classifier" && m.version == "1.0.0" && m.window_start == *BASE + 2 * W).unwrap();
     assert_eq!((w2.count, w2.ratings, w2.satisfaction), (30, 20, Some(0.5)));
     assert!((w2.latency_p95_ms.unwrap() - 800.0).abs() < 1.0, "{:?}", w2.latency_p95_ms);
 }
@@ -181,23 +182,23 @@ async fn feedback_joins_its_prediction_and_late_or_orphan_feedback_is_counted() 
     cfg.monitor.prediction_retention_ms = 35_000;
     let monitor = RunningMonitor::start(&cfg);
     let mk = |id: &str, ts: i64| result(id, ts, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
-    produce_records(&cfg.topics.inference, "k", &[mk("a", BASE + 1_000), mk("b", BASE + 2_000), mk("tick", BASE + 3 * W)]).await;
-    let mut fa = feedback("a", BASE + W + 500, 5);
+    produce_records(&cfg.topics.inference, "k", &[mk("a", *BASE + 1_000), mk("b", *BASE + 2_000), mk("tick", *BASE + 3 * W)]).await;
+    let mut fa = feedback("a", *BASE + W + 500, 5);
     fa.corrected_format = Some("PCDA".into());
-    let mut fb = feedback("b", BASE + W + 600, 2);
+    let mut fb = feedback("b", *BASE + W + 600, 2);
     fb.corrected_format = Some("NAVY".into());
-    produce_records(&cfg.topics.feedback, "k", &[fa, fb, feedback("nobody", BASE + W + 700, 5)]).await;
+    produce_records(&cfg.topics.feedback, "k", &[fa, fb, feedback("nobody", *BASE + W + 700, 5)]).await;
     // windows 0-2 close (after the idle timeout lets the feedback partition go):
     // pipeline w0, classifier w0, classifier w1 (opened by feedback)
     wait_for(&cfg.topics.metrics, 3, 60).await;
     // late: window 0 has closed
-    produce_records(&cfg.topics.feedback, "k", &[feedback("a", BASE + 900, 1)]).await;
+    produce_records(&cfg.topics.feedback, "k", &[feedback("a", *BASE + 900, 1)]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    produce_records(&cfg.topics.inference, "k", &[mk("tick2", BASE + 5 * W)]).await;
+    produce_records(&cfg.topics.inference, "k", &[mk("tick2", *BASE + 5 * W)]).await;
     let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 5, 60).await);
     let summary = monitor.stop().await;
 
-    let w1 = metrics.iter().find(|m| m.model == "document_classifier" && m.window_start == BASE + W).expect("feedback opened window 1 of the predicting model");
+    let w1 = metrics.iter().find(|m| m.model == "document_classifier" && m.window_start == *BASE + W).expect("feedback opened window 1 of the predicting model");
     assert_eq!((w1.count, w1.ratings, w1.labelled), (0, 2, 2));
     assert_eq!(w1.satisfaction, Some(0.5));
     assert_eq!(w1.accuracy, Some(0.5), "a was PCDA (right), b was NAVY (predicted PCDA)");
@@ -252,7 +253,7 @@ fn stream(n_windows: i64, per_window: i64) -> Vec<InferenceResult> {
     for w in 0..n_windows {
         for i in 0..per_window {
             let err = w % 5 == 2 && i < per_window / 5;
-            v.push(result(&format!("d-{w}-{i}"), BASE + w * 1000 + i, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, err.then_some(codes::INFERENCE_FAILED), Some("ARMY"))]));
+            v.push(result(&format!("d-{w}-{i}"), *BASE + w * 1000 + i, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, err.then_some(codes::INFERENCE_FAILED), Some("ARMY"))]));
         }
     }
     v
@@ -276,7 +277,7 @@ async fn kill_9_and_restart_keeps_window_totals_exact_without_duplicate_events()
     let mut results = stream(80, 40);
     let n = results.len() as i64;
     results.push(stream(1, 1).remove(0));
-    results.last_mut().unwrap().submitted_at = BASE + 200_000; // closes window 79; its own stays open
+    results.last_mut().unwrap().submitted_at = *BASE + 200_000; // closes window 79; its own stays open
     let mut child = spawn();
     let producer = tokio::spawn(trickle(cfg.topics.inference.clone(), results));
     let started = Instant::now();
@@ -324,7 +325,7 @@ async fn checkpoint_wipe_restore_then_continue_with_identical_totals() {
     let mut all = stream(20, 30);
     let mut second = all.split_off(300); // windows 0-9 | 10-19
     let mut flush = stream(1, 1).remove(0);
-    flush.submitted_at = BASE + 100_000; // closes window 19; its own stays open
+    flush.submitted_at = *BASE + 100_000; // closes window 19; its own stays open
     flush.document_id = "flush".into();
     let first_n = all.len();
     let monitor = RunningMonitor::start(&cfg);
@@ -396,7 +397,7 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     let mut results = stream(60, 40);
     let n = results.len() as i64;
     results.push(stream(1, 1).remove(0));
-    results.last_mut().unwrap().submitted_at = BASE + 200_000;
+    results.last_mut().unwrap().submitted_at = *BASE + 200_000;
     let producer = tokio::spawn(trickle(cfg.topics.inference.clone(), results));
     let started = Instant::now();
     while read_all(&cfg.topics.metrics).len() < 10 {
@@ -435,7 +436,7 @@ async fn undecodable_results_feedback_and_commands_go_to_the_monitor_dead_letter
     produce_raw(&cfg.topics.feedback, vec![("bad-feedback".into(), vec![0xff; 16], vec![("content-type", "application/avro")])]).await;
     produce_raw(&cfg.topics.commands, vec![("bad-command".into(), b"{\"action\": \"START\"}".to_vec(), vec![json])]).await;
     // a good result after them is still applied
-    let good = result("ok-1", BASE + 1_000, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
+    let good = result("ok-1", *BASE + 1_000, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
     produce_records(&cfg.topics.inference, "k", &[good]).await;
     let dead = wait_for(&cfg.topics.monitor_dlq, 3, 60).await;
     let summary = monitor.stop().await;
@@ -468,7 +469,7 @@ async fn a_partition_added_to_the_results_topic_is_read_without_a_restart() {
     let (cfg, _) = monitor_config("grow", dir.path()).await;
     let monitor = RunningMonitor::start(&cfg);
     let mk = |id: &str, ts: i64| result(id, ts, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
-    produce_records(&cfg.topics.inference, "k", &[mk("before", BASE + 1_000)]).await;
+    produce_records(&cfg.topics.inference, "k", &[mk("before", *BASE + 1_000)]).await;
 
     let admin: AdminClient<DefaultClientContext> = payslip_stream::kafka::client_config(&brokers(), &Default::default()).create().unwrap();
     let grown = admin.create_partitions(&[NewPartitions::new(&cfg.topics.inference, 4)], &AdminOptions::new().request_timeout(Some(Duration::from_secs(30)))).await.unwrap();
@@ -477,8 +478,8 @@ async fn a_partition_added_to_the_results_topic_is_read_without_a_restart() {
     }
     // five results in window 0 and a tick in window 3, all on the new partition
     let p: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).create().unwrap();
-    let mut on_new: Vec<InferenceResult> = (0..5).map(|i| mk(&format!("new-{i}"), BASE + 2_000 + i)).collect();
-    on_new.push(mk("tick", BASE + 3 * W));
+    let mut on_new: Vec<InferenceResult> = (0..5).map(|i| mk(&format!("new-{i}"), *BASE + 2_000 + i)).collect();
+    on_new.push(mk("tick", *BASE + 3 * W));
     for r in &on_new {
         let payload = codec::encode(r, codec::WireFormat::Avro).unwrap();
         let hs = payslip_stream::kafka::headers::HeaderSet::new().with("content-type", "application/avro").build();
@@ -488,7 +489,7 @@ async fn a_partition_added_to_the_results_topic_is_read_without_a_restart() {
     let started = Instant::now();
     let window0 = loop {
         let metrics = metrics_of(&read_all(&cfg.topics.metrics));
-        if let Some(m) = metrics.into_iter().find(|m| m.model == "pipeline" && m.window_start == BASE) {
+        if let Some(m) = metrics.into_iter().find(|m| m.model == "pipeline" && m.window_start == *BASE) {
             break m;
         }
         assert!(started.elapsed() < Duration::from_secs(90), "window 0 did not close in 90 s");
@@ -498,4 +499,81 @@ async fn a_partition_added_to_the_results_topic_is_read_without_a_restart() {
     assert_eq!(window0.count, 6, "the result before and the five on the new partition");
     assert_eq!(summary.results_applied, 7);
     assert_eq!(summary.dropped_late, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_times_outside_the_limits_cannot_move_the_watermark_or_poison_the_monitor() {
+    use payslip_stream::rollout::{action, RolloutCommand};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _) = monitor_config("monitor-time", dir.path()).await;
+    let monitor = RunningMonitor::start(&cfg);
+    let now = chrono::Utc::now().timestamp_millis();
+    let t0 = now / W * W - 5 * W;
+    let mk = |id: &str, ts: i64| result(id, ts, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
+    // the poison comes first: a far-future and an i64::MAX result would end every later window
+    let stamped = |id: &str, ts: i64| InferenceResult { submitted_at: ts, ..mk(id, t0) };
+    produce_records(&cfg.topics.inference, "k", &[stamped("max", i64::MAX), stamped("next-year", now + 365 * 24 * 3_600_000), mk("a", t0 + 1_000), mk("b", t0 + 2_000), mk("tick", t0 + 3 * W)]).await;
+    produce_records(&cfg.topics.feedback, "k", &[feedback("a", i64::MIN, 5)]).await;
+    // a command stamped in seconds instead of milliseconds
+    let cmd = RolloutCommand { command_id: "secs".into(), rollout_id: "document_classifier-1.1.0".into(), action: action::START.into(), operator: "alice".into(), reason: None, model: None, version: None, issued_at: now / 1000 };
+    produce_records(&cfg.topics.commands, "k", &[cmd]).await;
+
+    let dead = wait_for(&cfg.topics.monitor_dlq, 4, 60).await;
+    let started = Instant::now();
+    let window0 = loop {
+        if let Some(m) = metrics_of(&read_all(&cfg.topics.metrics)).into_iter().find(|m| m.model == "pipeline" && m.window_start == t0) {
+            break m;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the window of a and b did not close");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let summary = monitor.stop().await;
+
+    assert_eq!(dead.len(), 4, "the two results, the feedback and the command, once each");
+    assert!(dead.iter().all(|d| d.header(h::ERROR_CLASS) == Some("bad_timestamp")));
+    let keys: BTreeSet<&str> = dead.iter().filter_map(|d| d.header(h::SOURCE_TOPIC)).collect();
+    assert_eq!(keys.len(), 3, "from results, feedback and commands");
+    assert_eq!(window0.count, 2, "a and b counted, nothing dropped as late");
+    assert_eq!(summary.dropped_late, 0);
+    assert_eq!(summary.undecodable, 4);
+    assert!(read_all(&cfg.topics.decisions).is_empty(), "the command in seconds started nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firing_alert_of_a_subject_without_traffic_resolves_as_no_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = monitor_config("no-data", dir.path()).await;
+    cfg.monitor.resolve_silent_after_windows = 3;
+    let monitor = RunningMonitor::start(&cfg);
+    let mut results = Vec::new();
+    // window 0: the candidate fails every document (ERROR_RATE_CRITICAL); then it is rolled back and
+    // gets no traffic while the baseline goes on in windows 1-5
+    for i in 0..30i64 {
+        results.push(result(&format!("cand-{i}"), *BASE + i * 100, "canary", None, vec![output("document_classifier", "1.1.0", 5.0, Some(codes::INFERENCE_FAILED), None)]));
+    }
+    for w in 0..6i64 {
+        for i in 0..5i64 {
+            results.push(result(&format!("base-{w}-{i}"), *BASE + w * W + 5_000 + i, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]));
+        }
+    }
+    results.push(result("flush", *BASE + 8 * W, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]));
+    produce_records(&cfg.topics.inference, "k", &results).await;
+    let started = Instant::now();
+    let alerts = loop {
+        let alerts = alerts_of(&read_all(&cfg.topics.alerts));
+        if alerts.iter().any(|a| a.status == "RESOLVED" && a.version == "1.1.0") {
+            break alerts;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no RESOLVED for the candidate in 60 s: {alerts:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    monitor.stop().await;
+
+    let candidate: Vec<&AlertEvent> = alerts.iter().filter(|a| a.version == "1.1.0" && a.code == "ERROR_RATE_CRITICAL").collect();
+    assert_eq!(candidate.iter().map(|a| a.status.as_str()).collect::<Vec<_>>(), vec!["FIRING", "RESOLVED"], "{alerts:?}");
+    let (firing, resolved) = (candidate[0], candidate[1]);
+    assert_eq!(resolved.alert_id, firing.alert_id, "the same episode resolves");
+    assert!(resolved.reason.as_deref().is_some_and(|r| r.starts_with("no data")), "{:?}", resolved.reason);
+    assert_eq!(resolved.window_start, *BASE + 3 * W, "after windows 1, 2 and 3 without the candidate");
 }

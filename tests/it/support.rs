@@ -206,7 +206,7 @@ pub fn read_all(topic: &str) -> Vec<Read> {
 /// The monitor stage running in this process (on a blocking thread).
 pub struct RunningMonitor {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    handle: JoinHandle<Result<payslip_stream::monitor::MonitorSummary, payslip_stream::monitor::MonitorError>>,
+    handle: Option<JoinHandle<Result<payslip_stream::monitor::MonitorSummary, payslip_stream::monitor::MonitorError>>>,
 }
 
 impl RunningMonitor {
@@ -214,12 +214,21 @@ impl RunningMonitor {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (cfg, flag) = (cfg.clone(), stop.clone());
         let handle = tokio::task::spawn_blocking(move || payslip_stream::monitor::MonitorStage::open(cfg, brokers())?.run(flag));
-        Self { stop, handle }
+        Self { stop, handle: Some(handle) }
     }
 
-    pub async fn stop(self) -> payslip_stream::monitor::MonitorSummary {
+    pub async fn stop(mut self) -> payslip_stream::monitor::MonitorSummary {
         self.stop.store(true, Ordering::Relaxed);
-        tokio::time::timeout(Duration::from_secs(60), self.handle).await.expect("monitor stops within 60 s").expect("monitor task").expect("monitor ok")
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(60), handle).await.expect("monitor stops within 60 s").expect("monitor task").expect("monitor ok")
+    }
+}
+
+/// A test that fails before `stop` still stops the monitor, so the runtime can shut down (it waits
+/// for blocking threads) and the failure is reported instead of hanging the run.
+impl Drop for RunningMonitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
