@@ -1,0 +1,172 @@
+//! A broker outage longer than every session timeout: the broker of this test (its own, on its own
+//! port, so the other tests keep theirs) is stopped for 30 s while documents flow and then started
+//! again. Both stages, in one `run --stage all` process, must wait it out without a restart of their
+//! own, and afterwards every document has a result and the windows count exactly what was published.
+
+use std::{
+    collections::BTreeSet,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use payslip_stream::{
+    codec::WireFormat,
+    config::PipelineConfig,
+    kafka,
+    monitor::records::WindowMetrics,
+    produce::{self, ProduceOptions, Source},
+};
+
+use crate::support::*;
+
+/// This test's own broker.
+struct Broker {
+    port: u16,
+}
+
+impl Broker {
+    fn cmd(&self, what: &str) {
+        let out = Command::new(repo().join("scripts/kafka")).arg(what).env("KAFKA_PORT", self.port.to_string()).output().expect("scripts/kafka");
+        assert!(out.status.success(), "scripts/kafka {what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/kafka")).arg("wipe").env("KAFKA_PORT", self.port.to_string()).output();
+    }
+}
+
+struct Stages(Child);
+
+impl Drop for Stages {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn read_all_on(brokers: &str, topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = kafka::reader_config(brokers, &unique("outage-reader"), &Default::default()).create().unwrap();
+    let cursor = kafka::RangeCursor::to_end(consumer, topic, |_, lo, _| lo, "test read").unwrap();
+    let mut out = Vec::new();
+    cursor
+        .for_each(Duration::from_secs(30), |m| {
+            out.push(m.detach());
+            Ok::<(), kafka::KafkaError>(())
+        })
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stopped_for_30_s_is_waited_out_by_both_stages() {
+    // a port of this process's own, away from the shared broker's
+    let broker = Broker { port: 19_400 + (std::process::id() % 200) as u16 * 2 };
+    broker.cmd("wipe");
+    broker.cmd("start");
+    let brokers = broker.address();
+
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("{}.", unique("outage"));
+    let mut cfg: PipelineConfig = repo_config();
+    cfg.topics = cfg.topics.clone().with_prefix(&prefix);
+    cfg.topics.partitions = 3;
+    kafka::admin::ensure_topics(&brokers, &cfg.kafka, &cfg.topics).await.unwrap();
+    let yaml = dir.path().join("pipeline.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 5000\n  allowed_lateness_ms: 0\n  idle_timeout_ms: 15000\n",
+            repo().join("models/model_metadata.json").display(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let log = std::env::temp_dir().join(format!("{}.log", unique("outage-stages")));
+    let mut stages = Stages(
+        Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+            .current_dir(repo())
+            .args(["run", "--stage", "all", "--brokers", &brokers, "--topic-prefix", &prefix, "--group", &format!("{prefix}infer"), "--config"])
+            .arg(&yaml)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let alive = |s: &mut Stages, when: &str| {
+        if let Some(status) = s.0.try_wait().unwrap() {
+            panic!("the stages exited {when} ({status}); log: {}", log.display());
+        }
+    };
+
+    let n = 300u64;
+    let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(20.0), progress: None, passthrough: Default::default() };
+    let producer = tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 404, start: 0, count: n, golden_fraction: 1.0 }).await });
+    // both stages are at work before the outage: results are flowing and the monitor leads and has
+    // closed a window
+    let started = Instant::now();
+    while read_all_on(&brokers, &cfg.topics.inference).len() < 40 || read_all_on(&brokers, &cfg.topics.metrics).is_empty() {
+        alive(&mut stages, "before the outage");
+        assert!(started.elapsed() < Duration::from_secs(120), "no results before the outage; log: {}", log.display());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    broker.cmd("stop");
+    // the outage: 30 s, longer than the infer group's (10 s) and the monitor leadership's (6 s)
+    // session timeouts; both stages must still be running all along
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(30) {
+        alive(&mut stages, "during the outage");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    broker.cmd("start");
+
+    let summary = producer.await.unwrap().unwrap();
+    assert_eq!((summary.sent, summary.failed), (n, 0), "the producer waited the outage out too");
+    // every document gets a result
+    let started = Instant::now();
+    let results = loop {
+        alive(&mut stages, "after the outage");
+        let results = read_all_on(&brokers, &cfg.topics.inference);
+        let distinct: BTreeSet<Vec<u8>> = results.iter().filter_map(|m| rdkafka::message::Message::key(m).map(<[u8]>::to_vec)).collect();
+        if distinct.len() as u64 >= n {
+            break results;
+        }
+        assert!(started.elapsed() < Duration::from_secs(180), "{} of {n} documents have results 180 s after the outage; log: {}", distinct.len(), log.display());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // a document well after the others closes their windows
+    let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    let gen = payslip_stream::synth::Generator::new(Default::default());
+    let mut flush = gen.document(9_999).document;
+    flush.document_id = "flush".into();
+    flush.submitted_at = chrono::Utc::now().timestamp_millis() + 30_000;
+    produce::produce(&opts, Source::Documents(vec![flush])).await.unwrap();
+    let expected = results.len() as i64;
+    let started = Instant::now();
+    loop {
+        alive(&mut stages, "while the windows close");
+        let metrics: Vec<WindowMetrics> = read_all_on(&brokers, &cfg.topics.metrics)
+            .iter()
+            .filter_map(|m| payslip_stream::codec::decode(rdkafka::message::Message::payload(m)?, Some("application/avro")).ok())
+            .collect();
+        // a result whose window had closed (its partition went quiet during the recovery) is dropped
+        // as late and counted: every published result is in exactly one of the two
+        let total: i64 = metrics.iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+        let late = metrics.iter().map(|m| m.dropped_late_total).max().unwrap_or(0);
+        if total + late >= expected {
+            assert_eq!(total + late, expected, "every published result counted once: {total} in windows, {late} too late");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "windows hold {total} (+{late} late) of {expected} results; log: {}", log.display());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(stages);
+}
