@@ -100,6 +100,9 @@ pub enum InvalidDocument {
     Oversized(String),
     #[error("invalid raster at {location}: {reason}")]
     InvalidRaster { location: String, reason: RasterError },
+    /// A number that is NaN or infinite (it would come out as NaN coordinates or amounts).
+    #[error("{field} is not a finite number ({value})")]
+    NotFinite { field: String, value: f64 },
 }
 
 /// Why a raster's pixels cannot be used.
@@ -133,6 +136,7 @@ impl InvalidDocument {
             InvalidDocument::MissingField(_) => "missing_field",
             InvalidDocument::Oversized(_) => "oversized",
             InvalidDocument::InvalidRaster { .. } => "invalid_raster",
+            InvalidDocument::NotFinite { .. } => "not_finite",
         }
     }
 }
@@ -175,6 +179,38 @@ impl Raster {
 impl PayslipDocument {
     /// Checks everything inference relies on. Rasters are fully checked here (NaN, sizes), so the
     /// inference stage never sees a malformed tensor.
+    /// Every floating-point field is finite: page sizes, line boxes, labelled tables and amounts.
+    fn check_finite(&self) -> Result<(), InvalidDocument> {
+        let bad = |field: String, value: f64| Err(InvalidDocument::NotFinite { field, value });
+        let check_box = |field: &str, b: &BoundingBox| -> Result<(), InvalidDocument> {
+            for (name, v) in [("x", b.x), ("y", b.y), ("w", b.w), ("h", b.h)] {
+                if !v.is_finite() {
+                    return bad(format!("{field}.{name}"), v as f64);
+                }
+            }
+            Ok(())
+        };
+        for page in &self.pages {
+            for (name, v) in [("width", page.width), ("height", page.height)] {
+                if !v.is_finite() {
+                    return bad(format!("page {} {name}", page.number), v as f64);
+                }
+            }
+            for (i, line) in page.lines.iter().enumerate() {
+                check_box(&format!("page {} line {i} bbox", page.number), &line.bbox)?;
+            }
+        }
+        if let Some(l) = &self.labels {
+            for (i, t) in l.tables.iter().enumerate() {
+                check_box(&format!("labels.tables[{i}]"), t)?;
+            }
+            if let Some(v) = l.net_pay.filter(|v| !v.is_finite()) {
+                return bad("labels.net_pay".into(), v);
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self, limits: &DocumentLimits) -> Result<(), InvalidDocument> {
         if self.document_id.trim().is_empty() {
             return Err(InvalidDocument::MissingField("document_id"));
@@ -188,6 +224,7 @@ impl PayslipDocument {
         if self.pages.len() > limits.max_pages {
             return Err(InvalidDocument::Oversized(format!("{} pages (limit {})", self.pages.len(), limits.max_pages)));
         }
+        self.check_finite()?;
         for page in &self.pages {
             if page.lines.len() > limits.max_lines_per_page {
                 return Err(InvalidDocument::Oversized(format!(
@@ -318,6 +355,26 @@ mod tests {
 
     fn raster(enc: RasterEncoding, pixels: Vec<u8>) -> Raster {
         Raster { width: 2, height: 1, encoding: enc, pixels }
+    }
+
+    #[test]
+    fn non_finite_numbers_are_refused_with_the_field_named() {
+        let limits = DocumentLimits { max_pages: 16, max_lines_per_page: 400, max_raster_pixels: 4_000_000 };
+        let good = crate::synth::Generator::new(Default::default()).document(0).document;
+        good.validate(&limits).unwrap();
+        let mut d = good.clone();
+        d.pages[0].width = f32::NAN;
+        let e = d.validate(&limits).unwrap_err();
+        assert_eq!(e.class(), "not_finite");
+        assert!(e.to_string().contains("width"), "{e}");
+        let mut d = good.clone();
+        d.pages[0].lines[0].bbox.h = f32::INFINITY;
+        assert!(d.validate(&limits).unwrap_err().to_string().contains("line 0 bbox.h"));
+        let mut d = good;
+        if let Some(l) = d.labels.as_mut() {
+            l.net_pay = Some(f64::NEG_INFINITY);
+            assert_eq!(d.validate(&limits).unwrap_err().class(), "not_finite");
+        }
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct InferCounters {
 /// Resident memory and CPU use of this process, from `/proc/self` (None elsewhere).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessSample {
+    /// The highest resident memory since the previous sample (the kernel's high-water mark, reset
+    /// at each sample), so a batch that peaked between two samples is reported at its peak; where
+    /// the mark cannot be reset, the resident memory now.
     pub rss_bytes: Option<u64>,
     pub cpu_percent: Option<f64>,
 }
@@ -66,6 +69,15 @@ fn rss_bytes_of_self() -> Option<u64> {
     Some(pages * 4096)
 }
 
+/// The peak resident memory since the last reset (`VmHWM`), and resets it to the current one
+/// (`/proc/self/clear_refs` ← 5, Linux 4.0+). None when either step is not possible here.
+fn peak_rss_bytes_since_last() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse().ok()?;
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    Some(kib * 1024)
+}
+
 impl ProcessSampler {
     pub fn sample(&self) -> ProcessSample {
         let now = std::time::Instant::now();
@@ -83,7 +95,29 @@ impl ProcessSampler {
                 *last = Some((now, k));
             }
         }
-        ProcessSample { rss_bytes: rss_bytes_of_self(), cpu_percent }
+        ProcessSample { rss_bytes: peak_rss_bytes_since_last().or_else(rss_bytes_of_self), cpu_percent }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_sample_is_the_peak_since_the_previous_one() {
+        let sampler = ProcessSampler::default();
+        let before = sampler.sample().rss_bytes;
+        if peak_rss_bytes_since_last().is_none() {
+            return; // no /proc or no clear_refs here: the current RSS is reported instead
+        }
+        // 64 MiB touched and freed between two samples
+        let big = vec![1u8; 64 << 20];
+        std::hint::black_box(&big);
+        drop(big);
+        let peak = sampler.sample().rss_bytes.unwrap();
+        assert!(peak >= before.unwrap_or(0) + (60 << 20) || peak >= 64 << 20, "peak {peak} after a 64 MiB buffer");
+        let after = sampler.sample().rss_bytes.unwrap();
+        assert!(after < peak, "the mark was reset: {after} < {peak}");
     }
 }
 
