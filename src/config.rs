@@ -362,14 +362,20 @@ pub struct BatchingConfig {
     /// Longest a document waits for its batch to fill, in milliseconds.
     #[serde(default = "default_max_wait_ms")]
     pub max_wait_ms: u64,
+    /// Most text lines in one model run: a batch whose documents hold more is run in several
+    /// (each line is a 48 x 64 float input, about 12 KiB), so memory follows this bound rather
+    /// than the documents' size.
+    #[serde(default = "default_max_lines_per_run")]
+    pub max_lines_per_run: usize,
 }
 
 fn default_max_batch() -> usize { 32 }
 fn default_max_wait_ms() -> u64 { 20 }
+fn default_max_lines_per_run() -> usize { 1024 }
 
 impl Default for BatchingConfig {
     fn default() -> Self {
-        Self { max_batch: default_max_batch(), max_wait_ms: default_max_wait_ms() }
+        serde_yaml::from_str("{}").expect("all batching fields have defaults")
     }
 }
 
@@ -386,6 +392,11 @@ pub struct LimitsConfig {
     /// Largest raster, in pixels.
     #[serde(default = "default_max_raster")]
     pub max_raster_pixels: usize,
+    /// Most text lines in one document, over all its pages; a document with more is dead-lettered
+    /// as `too_large_for_models` (it would need a model run of its own beyond
+    /// `batching.max_lines_per_run`).
+    #[serde(default = "default_max_lines_per_document")]
+    pub max_lines_per_document: usize,
     /// Oldest event time accepted from outside, ms before now: older documents are dead-lettered
     /// (`bad_timestamp`), older commands go to the monitor's dead-letter topic (e.g. a command
     /// stamped in seconds instead of milliseconds).
@@ -404,6 +415,7 @@ fn default_max_payload() -> usize { 2 * 1024 * 1024 }
 fn default_max_pages() -> usize { 16 }
 fn default_max_lines() -> usize { 400 }
 fn default_max_raster() -> usize { 4_000_000 }
+fn default_max_lines_per_document() -> usize { 1024 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -460,6 +472,15 @@ impl PipelineConfig {
         self.kafka.validate()?;
         if self.batching.max_batch == 0 || self.batching.max_batch > 4096 {
             return Err(invalid("batching.max_batch", format!("is {}; use a value from 1 to 4096", self.batching.max_batch)));
+        }
+        if self.batching.max_lines_per_run == 0 {
+            return Err(invalid("batching.max_lines_per_run", "must be at least 1"));
+        }
+        if self.limits.max_lines_per_document > self.batching.max_lines_per_run {
+            return Err(invalid(
+                "limits.max_lines_per_document",
+                format!("is {}, above batching.max_lines_per_run ({}): one document must fit one model run", self.limits.max_lines_per_document, self.batching.max_lines_per_run),
+            ));
         }
         if self.batching.max_wait_ms > 60_000 {
             return Err(invalid("batching.max_wait_ms", format!("is {} ms; use at most 60000", self.batching.max_wait_ms)));

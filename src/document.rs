@@ -142,6 +142,40 @@ impl InvalidDocument {
 }
 
 impl Raster {
+    /// Checks that the size is positive and the byte count matches it.
+    pub fn check_size(&self) -> Result<(), RasterError> {
+        if self.width <= 0 || self.height <= 0 {
+            return Err(RasterError::Size { width: self.width, height: self.height });
+        }
+        let n = self.width as usize * self.height as usize;
+        let (encoding, expected) = match self.encoding {
+            RasterEncoding::GRAY8 => ("GRAY8", n),
+            RasterEncoding::GRAYF32LE => ("GRAYF32LE", n * 4),
+        };
+        if self.pixels.len() != expected {
+            return Err(RasterError::Length { bytes: self.pixels.len(), width: self.width, height: self.height, encoding, expected });
+        }
+        Ok(())
+    }
+
+    /// The intensity of pixel `i` (row-major) of a raster whose size was checked, in `[0, 1]`.
+    pub fn intensity_at(&self, i: usize) -> Result<f32, RasterError> {
+        match self.encoding {
+            RasterEncoding::GRAY8 => Ok(self.pixels[i] as f32 / 255.0),
+            RasterEncoding::GRAYF32LE => {
+                let c = &self.pixels[i * 4..i * 4 + 4];
+                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                if !v.is_finite() {
+                    return Err(RasterError::NotFinite { index: i, value: v });
+                }
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(RasterError::OutOfRange { index: i, value: v });
+                }
+                Ok(v)
+            }
+        }
+    }
+
     /// Pixel intensities in `[0, 1]` (1 = ink), checked: sizes agree, values finite and in range.
     pub fn intensities(&self) -> Result<Vec<f32>, RasterError> {
         if self.width <= 0 || self.height <= 0 {

@@ -63,9 +63,12 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
         }
         let mut outputs: Vec<Vec<crate::document::ModelOutput>> = vec![Vec::new(); docs.len()];
         for (versions, members) in &groups {
-            let refs: Vec<&PayslipDocument> = members.iter().map(|&k| &docs[k].1).collect();
-            for (&k, outs) in members.iter().zip(registry.infer(&refs, versions)) {
-                outputs[k] = outs;
+            // runs of at most `max_lines_per_run` text lines (a document always fits one run)
+            for run in runs_by_lines(members, |k| lines_of(&docs[k].1), cfg.batching.max_lines_per_run) {
+                let refs: Vec<&PayslipDocument> = run.iter().map(|&k| &docs[k].1).collect();
+                for (&k, outs) in run.iter().zip(registry.infer(&refs, versions)) {
+                    outputs[k] = outs;
+                }
             }
         }
         for ((i, _), outs) in docs.iter().zip(outputs.iter_mut()) {
@@ -102,8 +105,47 @@ fn decode_document(m: &OwnedMessage, cfg: &PipelineConfig, limits: &crate::docum
     let ct = h::get(m.headers(), h::CONTENT_TYPE);
     let doc: PayslipDocument = codec::decode(payload, ct.as_deref()).map_err(|e| (e.class(), e.to_string()))?;
     doc.validate(limits).map_err(|e| (e.class(), e.to_string()))?;
+    let lines = lines_of(&doc);
+    if lines > cfg.limits.max_lines_per_document {
+        return Err(("too_large_for_models", format!("{lines} text lines; limits.max_lines_per_document is {}", cfg.limits.max_lines_per_document)));
+    }
     if let Some(now) = now {
         cfg.limits.check_event_time("submitted_at", doc.submitted_at, now).map_err(|e| ("bad_timestamp", e))?;
     }
     Ok(doc)
+}
+
+/// Text lines of a document, over all its pages (what the text model's input grows with).
+fn lines_of(doc: &PayslipDocument) -> usize {
+    doc.pages.iter().map(|p| p.lines.len()).sum()
+}
+
+/// Splits `members` into consecutive runs whose lines add up to at most `max_lines`; a member
+/// larger than that on its own gets a run of its own.
+fn runs_by_lines(members: &[usize], lines: impl Fn(usize) -> usize, max_lines: usize) -> Vec<Vec<usize>> {
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    let mut total = 0;
+    for &k in members {
+        let n = lines(k);
+        if runs.is_empty() || total + n > max_lines && !runs.last().is_some_and(Vec::is_empty) {
+            runs.push(Vec::new());
+            total = 0;
+        }
+        runs.last_mut().expect("pushed above").push(k);
+        total += n;
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_by_lines;
+
+    #[test]
+    fn runs_hold_at_most_the_line_bound_and_keep_every_document_once() {
+        let lines = [300, 500, 300, 1200, 10, 10];
+        let runs = runs_by_lines(&[0, 1, 2, 3, 4, 5], |k| lines[k], 1024);
+        assert_eq!(runs, vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]);
+        assert_eq!(runs_by_lines(&[], |k| lines[k], 1024), Vec::<Vec<usize>>::new());
+    }
 }

@@ -57,40 +57,45 @@ pub fn classifier_features(text: &str) -> Vec<f32> {
     v
 }
 
-/// Nearest-neighbour resample of validated intensities to `out_w x out_h`.
-fn resample(src: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
-    if w == out_w && h == out_h {
-        return src.to_vec();
-    }
-    let mut out = vec![0f32; out_w * out_h];
+/// Nearest-neighbour sample of `raster` onto an `out_w x out_h` grid, computing only the first
+/// `cols` output columns (row-major, `cols` wide). Pixels are read where they are sampled, so a
+/// large raster costs its sampled pixels, not its size: nothing the size of the input (or of the
+/// resampled image before cropping) is allocated. The source pixel of output `(x, y)` is
+/// `(x * w / out_w, y * h / out_h)`, clamped: the same as resampling the whole image first.
+fn sample(raster: &Raster, out_w: usize, out_h: usize, cols: usize) -> Result<Vec<f32>, RasterError> {
+    raster.check_size()?;
+    let (w, h) = (raster.width as usize, raster.height as usize);
+    let cols = cols.min(out_w);
+    let mut out = Vec::with_capacity(cols * out_h);
     for y in 0..out_h {
         let sy = (y * h / out_h).min(h - 1);
-        for x in 0..out_w {
+        for x in 0..cols {
             let sx = (x * w / out_w).min(w - 1);
-            out[y * out_w + x] = src[sy * w + sx];
+            out.push(raster.intensity_at(sy * w + sx)?);
         }
     }
-    out
+    Ok(out)
 }
 
 /// Table detection input for a page raster.
 pub fn page_tensor(raster: &Raster) -> Result<Vec<f32>, RasterError> {
-    let px = raster.intensities()?;
-    Ok(resample(&px, raster.width as usize, raster.height as usize, PAGE_RASTER_W, PAGE_RASTER_H))
+    sample(raster, PAGE_RASTER_W, PAGE_RASTER_H, PAGE_RASTER_W)
 }
 
-/// Text recognition input for a line raster.
+/// Text recognition input for a line raster: scaled to glyph height, then cut into glyph cells;
+/// only the columns that fit `MAX_LINE_CHARS` cells are computed (the line is cropped before it
+/// is resampled).
 pub fn line_cells(raster: &Raster) -> Result<Vec<f32>, RasterError> {
-    let px = raster.intensities()?;
+    raster.check_size()?;
     let (w, h) = (raster.width as usize, raster.height as usize);
     let out_w = if h == GLYPH_H { w } else { ((w * GLYPH_H) as f64 / h as f64).round().max(1.0) as usize };
-    let img = resample(&px, w, h, out_w, GLYPH_H);
+    let cols = (out_w.min(MAX_LINE_CHARS * GLYPH_W) / GLYPH_W) * GLYPH_W;
+    let img = sample(raster, out_w, GLYPH_H, cols)?;
     let mut cells = vec![0f32; MAX_LINE_CHARS * GLYPH_H * GLYPH_W];
-    let n = (out_w / GLYPH_W).min(MAX_LINE_CHARS);
-    for c in 0..n {
+    for c in 0..cols / GLYPH_W {
         for r in 0..GLYPH_H {
             for k in 0..GLYPH_W {
-                cells[c * GLYPH_H * GLYPH_W + r * GLYPH_W + k] = img[r * out_w + c * GLYPH_W + k];
+                cells[c * GLYPH_H * GLYPH_W + r * GLYPH_W + k] = img[r * cols + c * GLYPH_W + k];
             }
         }
     }
@@ -160,6 +165,49 @@ pub fn regions_from_cells(probs: &[f32], page: i32, page_w: f32, page_h: f32, th
 mod tests {
     use super::*;
     use crate::document::RasterEncoding;
+    use proptest::prelude::*;
+
+    /// The preprocessing as it was before it learnt to crop first: resample the whole raster, then
+    /// cut cells. Kept here as the reference the cropping version must match bit for bit.
+    fn reference_line_cells(raster: &Raster) -> Vec<f32> {
+        let px = raster.intensities().unwrap();
+        let (w, h) = (raster.width as usize, raster.height as usize);
+        let out_w = if h == GLYPH_H { w } else { ((w * GLYPH_H) as f64 / h as f64).round().max(1.0) as usize };
+        let mut img = vec![0f32; out_w * GLYPH_H];
+        for y in 0..GLYPH_H {
+            for x in 0..out_w {
+                img[y * out_w + x] = px[(y * h / GLYPH_H).min(h - 1) * w + (x * w / out_w).min(w - 1)];
+            }
+        }
+        let mut cells = vec![0f32; MAX_LINE_CHARS * GLYPH_H * GLYPH_W];
+        for c in 0..(out_w / GLYPH_W).min(MAX_LINE_CHARS) {
+            for r in 0..GLYPH_H {
+                for k in 0..GLYPH_W {
+                    cells[c * GLYPH_H * GLYPH_W + r * GLYPH_W + k] = img[r * out_w + c * GLYPH_W + k];
+                }
+            }
+        }
+        cells
+    }
+
+    proptest! {
+        #[test]
+        fn cropping_before_resampling_gives_the_same_cells(w in 1i32..1200, h in 1i32..40, seed in any::<u64>()) {
+            let n = (w * h) as usize;
+            let pixels: Vec<u8> = (0..n).map(|i| (seed.wrapping_mul(i as u64 + 1) >> 17) as u8).collect();
+            let r = Raster { width: w, height: h, encoding: RasterEncoding::GRAY8, pixels };
+            prop_assert_eq!(line_cells(&r).unwrap(), reference_line_cells(&r));
+        }
+    }
+
+    #[test]
+    fn a_very_long_line_costs_its_cells_not_its_length() {
+        // 1 x 999,000: resampled whole it would be an 8 x 7,992,000 image (256 MB of f32)
+        let r = Raster { width: 999_000, height: 1, encoding: RasterEncoding::GRAY8, pixels: vec![200; 999_000] };
+        let cells = line_cells(&r).unwrap();
+        assert_eq!(cells.len(), MAX_LINE_CHARS * GLYPH_H * GLYPH_W);
+        assert!(cells.iter().all(|&v| (v - 200.0 / 255.0).abs() < 1e-6));
+    }
 
     #[test]
     fn features_are_unit_length_and_ignore_amounts() {
