@@ -73,7 +73,7 @@ fn main() {
             let prefix = format!("bench-{}-{}.", std::process::id(), chrono::Utc::now().timestamp_millis());
             cfg.topics = base_topics.clone().with_prefix(&prefix);
             cfg.kafka.infer_group = format!("{prefix}infer");
-            kafka::admin::ensure_topics(&brokers, &cfg.kafka, &cfg.topics).await.expect("topics");
+            kafka::admin::ensure_topics(&brokers, &cfg).await.expect("topics");
             if let Some(pct) = split {
                 publish_split(&cfg, &brokers, pct).await;
             }

@@ -174,6 +174,10 @@ pub struct KafkaConfig {
     /// `message.timeout.ms`). A stage keeps its work in memory meanwhile and loses nothing.
     #[serde(default = "default_outage_tolerance_ms")]
     pub outage_tolerance_ms: u64,
+    /// Set by `run --embedded`, not in the file: the in-process broker cannot describe topic
+    /// configurations, so checks that need it are skipped.
+    #[serde(skip)]
+    pub embedded: bool,
 }
 
 fn default_outage_tolerance_ms() -> u64 {
@@ -411,7 +415,7 @@ pub struct LimitsConfig {
 fn default_max_past_ms() -> i64 { 30 * 24 * 3_600_000 }
 fn default_max_future_ms() -> i64 { 600_000 }
 
-fn default_max_payload() -> usize { 2 * 1024 * 1024 }
+fn default_max_payload() -> usize { 1_000_000 }
 fn default_max_pages() -> usize { 16 }
 fn default_max_lines() -> usize { 400 }
 fn default_max_raster() -> usize { 4_000_000 }

@@ -147,7 +147,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Topics { common } => {
             let cfg = load_config(&common)?;
             let brokers = brokers_of(&common, &cfg).context("no brokers: pass --brokers, set PAYSLIP_BROKERS or kafka.brokers")?;
-            let created = kafka::admin::ensure_topics(&brokers, &cfg.kafka, &cfg.topics).await.map_err(|e| anyhow!(e))?;
+            let created = kafka::admin::ensure_topics(&brokers, &cfg).await.map_err(|e| anyhow!(e))?;
             println!("{}", serde_json::json!({ "created": created }));
             Ok(())
         }

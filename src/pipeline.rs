@@ -138,7 +138,7 @@ pub async fn load_models(cfg: &PipelineConfig) -> Result<Arc<ModelRegistry>, Pip
 pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts: RunOptions, shutdown: watch::Receiver<bool>, mut show: impl FnMut(Started<'_>)) -> Result<RunSummary, PipelineError> {
     let (brokers, _embedded) = match brokers {
         Brokers::Cluster(b) => {
-            crate::kafka::admin::ensure_topics(&b, &cfg.kafka, &cfg.topics).await?;
+            crate::kafka::admin::ensure_topics(&b, &cfg).await?;
             (b, None)
         }
         Brokers::Embedded => {
@@ -146,6 +146,7 @@ pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts
             // the embedded broker forgets everything at exit, so the monitor's offsets must too
             cfg.monitor.state_dir = std::env::temp_dir().join(format!("payslip-embedded-state-{}", std::process::id()));
             cfg.monitor.changelog = false;
+            cfg.kafka.embedded = true;
             let b = e.bootstrap_servers();
             show(Started::EmbeddedBroker(&b));
             (b, Some(e))

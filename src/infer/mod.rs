@@ -65,6 +65,9 @@ pub enum StageError {
     /// consumed until it is fixed.
     #[error("{0}")]
     ModelsUnavailable(String),
+    /// The configuration cannot work with the cluster as it is (the message says what to change).
+    #[error("{0}")]
+    Config(String),
     /// A bug (e.g. a panic on a blocking thread).
     #[error("internal: {0}")]
     Internal(String),
@@ -76,7 +79,7 @@ impl StageError {
     pub fn retryable(&self) -> bool {
         match self {
             StageError::Kafka(e) | StageError::Delivery(e) => e.retryable(),
-            StageError::ModelsUnavailable(_) | StageError::Internal(_) => false,
+            StageError::ModelsUnavailable(_) | StageError::Config(_) | StageError::Internal(_) => false,
         }
     }
 }
@@ -103,6 +106,7 @@ impl InferStage {
         let cfg = &self.cfg;
         // a stage never consumes what it cannot process: refuse before joining the group
         check_served_models(cfg, &self.registry)?;
+        check_dead_letter_size(cfg, &self.brokers).await?;
         // the canary split: read the decisions topic to its end before the first document
         let follower = {
             let (cfg, brokers, registry) = (cfg.clone(), self.brokers.clone(), self.registry.clone());
@@ -113,7 +117,12 @@ impl InferStage {
             kafka::consumer_config(&self.brokers, &cfg.kafka.infer_group, &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the infer consumer"))?;
         consumer.subscribe(&[&cfg.topics.documents]).map_err(KafkaError::broker(format!("subscribe to {}", cfg.topics.documents)))?;
         let consumer = Arc::new(consumer);
-        let producer: FutureProducer = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms).create().map_err(KafkaError::client("the infer producer"))?;
+        // a dead letter of any document within limits.max_payload_bytes fits the producer's limit
+        let max_record = kafka::admin::dead_letter_max_bytes(cfg).max(1_000_000);
+        let producer: FutureProducer = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms)
+            .set("message.max.bytes", max_record.to_string())
+            .create()
+            .map_err(KafkaError::client("the infer producer"))?;
 
         tracing::info!(
             topic = %cfg.topics.documents, group = %cfg.kafka.infer_group, provider = %self.registry.provider(),
@@ -284,4 +293,35 @@ fn check_served_models(cfg: &PipelineConfig, registry: &ModelRegistry) -> Result
         "not starting: served model versions cannot be loaded, so their documents could not be answered: {}. Fix what is named (`payslip-stream models verify` checks every model), or list the model in models.allow_degraded to answer its documents with MODEL_UNAVAILABLE",
         missing.join("; ")
     )))
+}
+
+/// The dead-letter topic accepts a dead letter of any document within `limits.max_payload_bytes`;
+/// otherwise the stage refuses to start, naming both settings. A cluster that cannot describe the
+/// topic (the embedded broker) is not checked; the shortened dead letter remains the safety net.
+async fn check_dead_letter_size(cfg: &PipelineConfig, brokers: &str) -> Result<(), StageError> {
+    if cfg.kafka.embedded {
+        return Ok(());
+    }
+    let topic = &cfg.topics.documents_dlq;
+    let needed = kafka::admin::dead_letter_max_bytes(cfg);
+    // a topic created a moment ago may not be describable yet: passing errors are retried briefly
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let described = loop {
+        match kafka::admin::max_message_bytes(brokers, &cfg.kafka, topic).await {
+            Err(e) if e.retryable() && tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(300)).await,
+            other => break other,
+        }
+    };
+    match described {
+        Ok(accepted) if accepted < needed => Err(StageError::Config(format!(
+            "limits.max_payload_bytes ({}) could not be dead-lettered whole: {topic} accepts records of up to {accepted} bytes (its max.message.bytes) and a dead letter needs up to {needed}; lower limits.max_payload_bytes to at most {} or raise max.message.bytes of {topic} to at least {needed}",
+            cfg.limits.max_payload_bytes,
+            accepted.saturating_sub(kafka::admin::DEAD_LETTER_HEADROOM_BYTES)
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(%topic, error = %e, "cannot read the dead-letter topic's max.message.bytes; not checked");
+            Ok(())
+        }
+    }
 }

@@ -11,12 +11,33 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 
-use super::{topics::REGISTRY, KafkaError};
-use crate::config::{KafkaConfig, TopicsConfig};
+use super::{
+    topics::{TopicRole, REGISTRY},
+    KafkaError,
+};
+use crate::config::{KafkaConfig, PipelineConfig, TopicsConfig};
 
-/// Creates the project's topics that do not exist yet. Returns the names created.
-pub async fn ensure_topics(brokers: &str, kafka: &KafkaConfig, topics: &TopicsConfig) -> Result<Vec<String>, KafkaError> {
-    let specs: Vec<(String, i32, bool)> = REGISTRY.iter().map(|s| (topics.name(s.role).to_string(), s.partition_count(topics), s.compacted)).collect();
+/// Room a dead letter needs beyond its payload: the original headers plus the failure headers.
+pub const DEAD_LETTER_HEADROOM_BYTES: usize = 64 * 1024;
+
+/// Largest record a dead-letter topic must accept so that any document within
+/// `limits.max_payload_bytes` can be dead-lettered whole.
+pub fn dead_letter_max_bytes(cfg: &PipelineConfig) -> usize {
+    cfg.limits.max_payload_bytes + DEAD_LETTER_HEADROOM_BYTES
+}
+
+/// Creates the project's topics that do not exist yet. Returns the names created. The dead-letter
+/// topics are created to accept [`dead_letter_max_bytes`].
+pub async fn ensure_topics(brokers: &str, cfg: &PipelineConfig) -> Result<Vec<String>, KafkaError> {
+    let (kafka, topics) = (&cfg.kafka, &cfg.topics);
+    let dlq_bytes = dead_letter_max_bytes(cfg).to_string();
+    let specs: Vec<(String, i32, bool, Option<String>)> = REGISTRY
+        .iter()
+        .map(|s| {
+            let max_bytes = matches!(s.role, TopicRole::DocumentsDlq | TopicRole::MonitorDlq).then(|| dlq_bytes.clone());
+            (topics.name(s.role).to_string(), s.partition_count(topics), s.compacted, max_bytes)
+        })
+        .collect();
     let created = create(brokers, kafka, topics, &specs).await?;
     if !created.is_empty() {
         tracing::info!(?created, "topics created");
@@ -27,21 +48,22 @@ pub async fn ensure_topics(brokers: &str, kafka: &KafkaConfig, topics: &TopicsCo
 /// Creates the named topics that do not exist yet (replay and backfill outputs), with the configured
 /// partitions and retention; those listed in `compacted` are compacted instead. Blocking.
 pub fn ensure_named(brokers: &str, kafka: &KafkaConfig, topics: &TopicsConfig, names: &[String], compacted: &[String]) -> Result<Vec<String>, KafkaError> {
-    let specs: Vec<(String, i32, bool)> = names.iter().map(|t| (t.clone(), topics.partitions, compacted.contains(t))).collect();
+    let specs: Vec<(String, i32, bool, Option<String>)> = names.iter().map(|t| (t.clone(), topics.partitions, compacted.contains(t), None)).collect();
     futures::executor::block_on(create(brokers, kafka, topics, &specs))
 }
 
-async fn create(brokers: &str, kafka: &KafkaConfig, topics: &TopicsConfig, specs: &[(String, i32, bool)]) -> Result<Vec<String>, KafkaError> {
+/// (name, partitions, compacted, max.message.bytes) of each topic to create.
+async fn create(brokers: &str, kafka: &KafkaConfig, topics: &TopicsConfig, specs: &[(String, i32, bool, Option<String>)]) -> Result<Vec<String>, KafkaError> {
     let admin: AdminClient<DefaultClientContext> = super::client_config(brokers, &kafka.librdkafka).create().map_err(KafkaError::client(format!("admin client for {brokers}")))?;
     let retention_ms = (topics.retention_hours as u64 * 3_600_000).to_string();
     let new: Vec<NewTopic> = specs
         .iter()
-        .map(|(name, partitions, compacted)| {
-            let n = NewTopic::new(name, *partitions, TopicReplication::Fixed(topics.replication_factor));
-            if *compacted {
-                n.set("cleanup.policy", "compact")
-            } else {
-                n.set("retention.ms", &retention_ms)
+        .map(|(name, partitions, compacted, max_bytes)| {
+            let mut n = NewTopic::new(name, *partitions, TopicReplication::Fixed(topics.replication_factor));
+            n = if *compacted { n.set("cleanup.policy", "compact") } else { n.set("retention.ms", &retention_ms) };
+            match max_bytes {
+                Some(b) => n.set("max.message.bytes", b),
+                None => n,
             }
         })
         .collect();
@@ -57,4 +79,23 @@ async fn create(brokers: &str, kafka: &KafkaConfig, topics: &TopicsConfig, specs
         }
     }
     Ok(out)
+}
+
+/// The `max.message.bytes` a topic accepts (its own setting, or the broker's default it inherits).
+pub async fn max_message_bytes(brokers: &str, kafka: &KafkaConfig, topic: &str) -> Result<usize, KafkaError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = super::client_config(brokers, &kafka.librdkafka).create().map_err(KafkaError::client(format!("admin client for {brokers}")))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let what = format!("describing the configuration of {topic}");
+    // a topic created a moment ago may be described without its entries yet: ask again briefly
+    for _ in 0..30 {
+        let found = admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await.map_err(KafkaError::broker(what.clone()))?;
+        let resource = found.into_iter().next().ok_or_else(|| KafkaError::MissingTopic { topic: topic.to_string() })?;
+        let resource = resource.map_err(|code| KafkaError::Broker { what: what.clone(), source: rdkafka::error::KafkaError::AdminOp(code) })?;
+        if let Some(v) = resource.get("max.message.bytes").and_then(|e| e.value.as_deref()).and_then(|v| v.parse().ok()) {
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Err(KafkaError::Timeout { what: format!("{what}: max.message.bytes"), seconds: 9 })
 }

@@ -21,6 +21,9 @@ use rdkafka::{
 use super::{range::PartitionRange, KafkaError};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a bounded read must go without a record before the consumer's positions may finish a
+/// partition whose last offsets hold no record (transaction markers, compacted records).
+const QUIET_BEFORE_POSITIONS: Duration = Duration::from_millis(500);
 
 /// Partition ids of `topic`, waiting up to `wait` for it to appear in the cluster metadata (a topic
 /// created a moment ago may not be known to every broker yet).
@@ -87,6 +90,8 @@ pub struct RangeCursor {
     what: String,
     /// Return records past a finished partition's end too (a reader that goes on following).
     past_end: bool,
+    /// Since when nothing arrived (the consumer's positions are consulted only after a quiet spell).
+    quiet_since: Option<Instant>,
 }
 
 impl RangeCursor {
@@ -106,7 +111,7 @@ impl RangeCursor {
         if tpl.count() > 0 {
             consumer.assign(&tpl).map_err(KafkaError::broker(format!("{what}: assign")))?;
         }
-        Ok(Self { consumer, remaining, what, past_end: false })
+        Ok(Self { consumer, remaining, what, past_end: false, quiet_since: None })
     }
 
     /// Also returns records that arrive past a finished partition's end while other partitions
@@ -153,12 +158,13 @@ impl RangeCursor {
     /// The next record inside the range, or `None` when none came within `timeout` (or the range
     /// is done). Records past a partition's end are skipped.
     pub fn next(&mut self, timeout: Duration) -> Result<Option<BorrowedMessage<'_>>, KafkaError> {
-        let (consumer, remaining, past_end) = (&self.consumer, &mut self.remaining, self.past_end);
+        let (consumer, remaining, past_end, quiet_since) = (&self.consumer, &mut self.remaining, self.past_end, &mut self.quiet_since);
         let deadline = Instant::now() + timeout;
         while !remaining.is_empty() {
             match consumer.poll(deadline.saturating_duration_since(Instant::now())) {
                 Some(Err(e)) => return Err(KafkaError::Broker { what: format!("{}: consume", self.what), source: e }),
                 Some(Ok(m)) => {
+                    *quiet_since = None;
                     let key = (m.topic().to_string(), m.partition());
                     match remaining.get(&key) {
                         Some(&end) if m.offset() < end => {
@@ -178,7 +184,13 @@ impl RangeCursor {
                         None => {}
                     }
                 }
-                None => finish_passed(consumer, remaining),
+                // what lies before an end that no record reaches is only known once the records
+                // in flight have been handed over: consult the positions after a quiet spell
+                None => {
+                    if quiet_since.get_or_insert_with(Instant::now).elapsed() >= QUIET_BEFORE_POSITIONS {
+                        finish_passed(consumer, remaining);
+                    }
+                }
             }
             if Instant::now() >= deadline {
                 break;

@@ -180,3 +180,31 @@ async fn documents_stamped_outside_the_event_time_limits_are_dead_lettered() {
     assert_eq!(results.len(), 10);
     assert_eq!(summary.results, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_limit_the_dead_letter_topic_cannot_hold_stops_start_up_naming_both_settings() {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+    };
+
+    let mut cfg = isolated_config("dlq-small").await;
+    // an operator's dead-letter topic that takes records of 100 kB at most
+    cfg.topics.documents_dlq = format!("{}.small", cfg.topics.documents_dlq);
+    let admin: AdminClient<DefaultClientContext> = payslip_stream::kafka::client_config(&brokers(), &Default::default()).create().unwrap();
+    let topic = NewTopic::new(&cfg.topics.documents_dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "100000");
+    for r in admin.create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await.unwrap() {
+        r.expect("created");
+    }
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let stage = payslip_stream::infer::InferStage::new(cfg.clone(), brokers(), load_registry(&cfg));
+    let err = tokio::time::timeout(Duration::from_secs(60), stage.run(rx)).await.expect("refuses at once instead of running").expect_err("refuses to start");
+    let msg = err.to_string();
+    assert!(msg.contains("limits.max_payload_bytes") && msg.contains("max.message.bytes") && msg.contains(&cfg.topics.documents_dlq), "{msg}");
+    assert!(!err.retryable());
+
+    // within what the topic holds, it starts
+    cfg.limits.max_payload_bytes = 30_000;
+    let stage = RunningStage::start(&cfg, load_registry(&cfg));
+    stage.stop().await;
+}

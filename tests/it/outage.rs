@@ -77,7 +77,7 @@ async fn a_broker_stopped_for_30_s_is_waited_out_by_both_stages() {
     let mut cfg: PipelineConfig = repo_config();
     cfg.topics = cfg.topics.clone().with_prefix(&prefix);
     cfg.topics.partitions = 3;
-    kafka::admin::ensure_topics(&brokers, &cfg.kafka, &cfg.topics).await.unwrap();
+    kafka::admin::ensure_topics(&brokers, &cfg).await.unwrap();
     let yaml = dir.path().join("pipeline.yaml");
     std::fs::write(
         &yaml,

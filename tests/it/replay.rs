@@ -98,7 +98,7 @@ async fn backfill_over_a_time_range_writes_one_result_per_document_in_range_and_
     .await
     .unwrap()
     .unwrap();
-    assert_eq!(s.written, 15, "offsets [0, 5) of each of 3 partitions");
+    assert_eq!(s.written, 15, "offsets [0, 5) of each of 3 partitions: {}", serde_json::to_string(&s).unwrap());
 }
 
 /// Aligned to 1 s windows.

@@ -60,7 +60,7 @@ pub async fn isolated_config_with_prefix(name: &str) -> (PipelineConfig, String)
     cfg.topics.partitions = 3;
     cfg.kafka.infer_group = format!("{prefix}infer");
     cfg.kafka.brokers = Some(brokers());
-    kafka::admin::ensure_topics(&brokers(), &cfg.kafka, &cfg.topics).await.expect("topics created");
+    kafka::admin::ensure_topics(&brokers(), &cfg).await.expect("topics created");
     (cfg, prefix)
 }
 
