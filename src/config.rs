@@ -8,6 +8,22 @@ use serde::Deserialize;
 
 use crate::document::DocumentLimits;
 
+/// An event time from outside that the limits refuse (the record goes to a dead-letter topic).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventTimeError {
+    #[error("{what} {ts_ms} is more than limits.max_past_ms ({max_past_ms} ms) before now ({now_ms}); milliseconds since the epoch are expected")]
+    TooOld { what: &'static str, ts_ms: i64, now_ms: i64, max_past_ms: i64 },
+    #[error("{what} {ts_ms} is more than limits.max_future_ms ({max_future_ms} ms) after now ({now_ms})")]
+    TooFarAhead { what: &'static str, ts_ms: i64, now_ms: i64, max_future_ms: i64 },
+}
+
+impl EventTimeError {
+    /// Never: the record carries the time (it goes to a dead-letter topic).
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
 /// Why the configuration cannot be used; never retryable: the file must be fixed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -17,6 +33,13 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    /// Never: the file must be fixed (except a file that could not be read, which may appear).
+    pub fn retryable(&self) -> bool {
+        matches!(self, ConfigError::Read { .. })
+    }
 }
 
 /// A [`ConfigError::Invalid`] for `key`.
@@ -430,13 +453,13 @@ impl Default for LimitsConfig {
 impl LimitsConfig {
     /// Whether an event time taken from outside lies in `[now - max_past_ms, now + max_future_ms]`;
     /// the error says which bound it broke. Checked arithmetic: any `i64` is safe here.
-    pub fn check_event_time(&self, what: &str, ts_ms: i64, now_ms: i64) -> Result<(), String> {
+    pub fn check_event_time(&self, what: &'static str, ts_ms: i64, now_ms: i64) -> Result<(), EventTimeError> {
         let (lo, hi) = (now_ms.saturating_sub(self.max_past_ms), now_ms.saturating_add(self.max_future_ms));
         if ts_ms < lo {
-            return Err(format!("{what} {ts_ms} is more than limits.max_past_ms ({} ms) before now ({now_ms}); milliseconds since the epoch are expected", self.max_past_ms));
+            return Err(EventTimeError::TooOld { what, ts_ms, now_ms, max_past_ms: self.max_past_ms });
         }
         if ts_ms > hi {
-            return Err(format!("{what} {ts_ms} is more than limits.max_future_ms ({} ms) after now ({now_ms})", self.max_future_ms));
+            return Err(EventTimeError::TooFarAhead { what, ts_ms, now_ms, max_future_ms: self.max_future_ms });
         }
         Ok(())
     }

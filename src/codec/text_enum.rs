@@ -12,6 +12,13 @@ pub struct UnknownVariant {
     pub expected: &'static [&'static str],
 }
 
+impl UnknownVariant {
+    /// Never: the text is what it is.
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
 macro_rules! text_enum {
     ($(#[$m:meta])* $vis:vis enum $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$m])*

@@ -110,7 +110,7 @@ fn decode_document(m: &OwnedMessage, cfg: &PipelineConfig, limits: &crate::docum
         return Err(("too_large_for_models", format!("{lines} text lines; limits.max_lines_per_document is {}", cfg.limits.max_lines_per_document)));
     }
     if let Some(now) = now {
-        cfg.limits.check_event_time("submitted_at", doc.submitted_at, now).map_err(|e| ("bad_timestamp", e))?;
+        cfg.limits.check_event_time("submitted_at", doc.submitted_at, now).map_err(|e| ("bad_timestamp", e.to_string()))?;
     }
     Ok(doc)
 }

@@ -93,6 +93,12 @@ pub const ANSWERED_KEPT: usize = 1000;
 #[error("{0}")]
 pub struct Refused(pub String);
 
+impl Refused {
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
 /// What a decision does to a rollout.
 struct Change {
     action: Action,

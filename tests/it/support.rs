@@ -134,10 +134,9 @@ fn reader() -> BaseConsumer {
 /// `settle` more so that extra (duplicate) messages would be seen too. Panics after `timeout`.
 pub fn read_topic(topic: &str, expected: usize, timeout: Duration, settle: Duration) -> Vec<Read> {
     let consumer = reader();
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
     let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).expect("tpl");
+    for p in kafka::partitions_of(&consumer, topic, Duration::from_secs(30)).expect("metadata") {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
     }
     consumer.assign(&tpl).expect("assign");
     let start = Instant::now();
@@ -175,14 +174,13 @@ pub async fn produce_raw(topic: &str, messages: Vec<(String, Vec<u8>, Vec<(&str,
 /// Reads everything on `topic` up to the end offsets at the time of the call.
 pub fn read_all(topic: &str) -> Vec<Read> {
     let consumer = reader();
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
-    for p in md.topics()[0].partitions() {
-        let (lo, hi) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks");
+    // a partition of a topic created a moment ago may have no leader yet: the library's reads retry
+    for (p, (lo, hi)) in kafka::read::watermarks(&consumer, topic, Duration::from_secs(30)).expect("watermarks") {
         if hi > lo {
-            ends.insert(p.id(), hi);
-            tpl.add_partition_offset(topic, p.id(), Offset::Offset(lo)).expect("tpl");
+            ends.insert(p, hi);
+            tpl.add_partition_offset(topic, p, Offset::Offset(lo)).expect("tpl");
         }
     }
     let mut out = Vec::new();
