@@ -113,6 +113,11 @@ pub struct MonitorConfig {
     /// How long predictions are kept to join feedback, milliseconds (event time).
     #[serde(default = "default_retention_ms")]
     pub prediction_retention_ms: i64,
+    /// At most this many feedbacks wait for a prediction not seen yet; more count as orphans at
+    /// once (`WindowMetrics.feedback_orphan_total`), so a feedback stream without results cannot
+    /// grow the state without bound.
+    #[serde(default = "default_max_pending_feedback")]
+    pub max_pending_feedback: usize,
     /// Largest number of input messages applied in one state batch.
     #[serde(default = "default_monitor_batch")]
     pub max_batch: usize,
@@ -137,6 +142,7 @@ pub struct MonitorConfig {
 
 fn default_state_dir() -> PathBuf { ".state/monitor".into() }
 fn default_window_ms() -> i64 { 60_000 }
+fn default_max_pending_feedback() -> usize { crate::monitor::state::DEFAULT_MAX_PENDING_FEEDBACK }
 fn default_lateness_ms() -> i64 { 5_000 }
 fn default_idle_ms() -> i64 { 10_000 }
 fn default_retention_ms() -> i64 { 7 * 24 * 3_600_000 }
@@ -164,6 +170,9 @@ impl MonitorConfig {
         }
         if self.idle_timeout_ms < 1 {
             return Err(invalid("monitor.idle_timeout_ms", "must be at least 1"));
+        }
+        if self.max_pending_feedback == 0 {
+            return Err(invalid("monitor.max_pending_feedback", "must be at least 1"));
         }
         if self.max_batch == 0 {
             return Err(invalid("monitor.max_batch", "must be at least 1"));
@@ -367,16 +376,23 @@ pub struct InferenceConfig {
     /// Threads ONNX Runtime uses inside one model run (0 = its default).
     #[serde(default = "default_intra_threads")]
     pub intra_threads: usize,
+    /// Tries of a model run ONNX Runtime fails (the input is valid, so the failure is the
+    /// runtime's: a device error, memory): each retry waits (200 ms, then 4 times longer each
+    /// time) and runs on a rebuilt session. When every try fails the batch is not answered and
+    /// the infer stage stops without storing its offsets.
+    #[serde(default = "default_run_attempts")]
+    pub run_attempts: u32,
 }
 
 fn default_providers() -> Vec<Provider> {
     vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu]
 }
 fn default_intra_threads() -> usize { 1 }
+fn default_run_attempts() -> u32 { 3 }
 
 impl Default for InferenceConfig {
     fn default() -> Self {
-        Self { ort_dylib_path: None, providers: default_providers(), on_provider_failure: ProviderFailure::Fallback, intra_threads: default_intra_threads() }
+        Self { ort_dylib_path: None, providers: default_providers(), on_provider_failure: ProviderFailure::Fallback, intra_threads: default_intra_threads(), run_attempts: default_run_attempts() }
     }
 }
 
@@ -499,6 +515,9 @@ impl PipelineConfig {
         self.kafka.validate()?;
         if self.batching.max_batch == 0 || self.batching.max_batch > 4096 {
             return Err(invalid("batching.max_batch", format!("is {}; use a value from 1 to 4096", self.batching.max_batch)));
+        }
+        if !(1..=10).contains(&self.inference.run_attempts) {
+            return Err(invalid("inference.run_attempts", format!("is {}; use 1 to 10", self.inference.run_attempts)));
         }
         if self.batching.max_lines_per_run == 0 {
             return Err(invalid("batching.max_lines_per_run", "must be at least 1"));

@@ -164,8 +164,7 @@ mod tests {
             &crate::window::aggregate::Subject::pipeline(),
             crate::window::WindowRange { start_ms: 0, end_ms: 10 },
             &Default::default(),
-            0,
-            0,
+            &Default::default(),
             10,
         );
         for f in [WireFormat::Avro, WireFormat::Json] {

@@ -58,6 +58,9 @@ pub enum ReplayError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Models(#[from] ModelError),
+    /// ONNX Runtime failed a batch on every try: the backfill stops before publishing it.
+    #[error(transparent)]
+    Run(#[from] crate::inference::RunFailure),
     /// What was asked cannot be done as asked (a production output, an unknown model).
     #[error("{0}")]
     Refused(String),
@@ -72,6 +75,7 @@ impl ReplayError {
         match self {
             ReplayError::Kafka(e) => e.retryable(),
             ReplayError::Models(e) => e.retryable(),
+            ReplayError::Run(e) => e.retryable(),
             ReplayError::Refused(_) | ReplayError::Internal(_) => false,
         }
     }
@@ -242,7 +246,7 @@ pub fn backfill(cfg: &PipelineConfig, opts: &ReplayOptions, b: &BackfillOptions)
     let mut s = ReplaySummary { mode: "infer".into(), outputs: vec![out_results, out_dlq], ..Default::default() };
     tracing::info!(%input, versions = %versions, outputs = ?s.outputs, "backfill started");
     while let Some(batch) = reader.next_batch(run_cfg.batching.max_batch)? {
-        let processed = crate::infer::process_batch(&run_cfg, &registry, &routing, &counters, batch, false);
+        let processed = crate::infer::process_batch(&run_cfg, &registry, &routing, &counters, batch, false)?;
         let mut futures = Vec::with_capacity(processed.len());
         for p in processed {
             let headers = p.out.headers.with("replay-id", &replay_id);
@@ -374,7 +378,7 @@ pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorRep
     events.sort_by_key(|(k, _)| *k);
     let wcfg = cfg.monitor.window();
     let lane = format!("{}/replay", t.inference);
-    let mut st = MonitorState::default();
+    let mut st = MonitorState { max_pending_feedback: cfg.monitor.max_pending_feedback, ..Default::default() };
     let mut predictions: BTreeMap<String, Prediction> = BTreeMap::new();
     let mut emitted: Vec<Emitted> = Vec::new();
     let retention = cfg.monitor.prediction_retention_ms;
@@ -415,6 +419,7 @@ pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorRep
         st.dirty_windows.clear();
         st.closed_windows.clear();
         st.dirty_alerts.clear();
+        st.dirty_pending.clear();
     }
     // the end of the input closes every remaining window
     if last_ms != i64::MIN {

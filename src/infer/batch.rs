@@ -11,7 +11,7 @@ use crate::{
     codec,
     config::PipelineConfig,
     document::PayslipDocument,
-    inference::ModelRegistry,
+    inference::{ModelRegistry, RunFailure},
     kafka::headers as h,
     rollout::routing::{Route, Routing},
     telemetry::InferCounters,
@@ -20,12 +20,16 @@ use crate::{
 /// Decode, validate, route, infer and encode one batch. Runs on a blocking thread.
 /// `live`: event times are checked against the wall clock (`limits.max_past_ms` / `max_future_ms`);
 /// a backfill of recorded documents passes false.
-pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, routing: &std::sync::RwLock<Routing>, counters: &InferCounters, batch: Vec<OwnedMessage>, live: bool) -> Vec<Processed> {
+///
+/// Returns [`RunFailure`] when ONNX Runtime failed a model run every time it was tried: then nothing
+/// of the batch may be published or acknowledged.
+pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, routing: &std::sync::RwLock<Routing>, counters: &InferCounters, batch: Vec<OwnedMessage>, live: bool) -> Result<Vec<Processed>, RunFailure> {
     let now = live.then(|| chrono::Utc::now().timestamp_millis());
     let limits = cfg.limits.document_limits();
     let mut docs: Vec<(usize, PayslipDocument)> = Vec::new();
     let mut delay_ms = 0u64;
     let mut forced_errors: BTreeMap<usize, String> = BTreeMap::new();
+    let mut runtime_failures = 0u32;
     let mut slots: Vec<Option<Processed>> = Vec::with_capacity(batch.len());
     for (i, m) in batch.iter().enumerate() {
         match decode_document(m, cfg, &limits, now) {
@@ -36,6 +40,10 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
                     }
                     if let Some(model) = h::get(m.headers(), "fault-error") {
                         forced_errors.insert(i, model);
+                    }
+                    // the batch's next N model runs fail inside ONNX Runtime's place
+                    if let Some(n) = h::get(m.headers(), "fault-ort-failures").and_then(|v| v.parse::<u32>().ok()) {
+                        runtime_failures = runtime_failures.max(n.min(100));
                     }
                 }
                 docs.push((i, d));
@@ -66,7 +74,7 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
             // runs of at most `max_lines_per_run` text lines (a document always fits one run)
             for run in runs_by_lines(members, |k| lines_of(&docs[k].1), cfg.batching.max_lines_per_run) {
                 let refs: Vec<&PayslipDocument> = run.iter().map(|&k| &docs[k].1).collect();
-                for (&k, outs) in run.iter().zip(registry.infer(&refs, versions)) {
+                for (&k, outs) in run.iter().zip(registry.infer_with_faults(&refs, versions, &mut runtime_failures)?) {
                     outputs[k] = outs;
                 }
             }
@@ -93,7 +101,7 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
             slots[i] = Some(Processed { out, topic: m.topic().into(), partition: m.partition(), offset: m.offset() });
         }
     }
-    slots.into_iter().flatten().collect()
+    Ok(slots.into_iter().flatten().collect())
 }
 
 fn decode_document(m: &OwnedMessage, cfg: &PipelineConfig, limits: &crate::document::DocumentLimits, now: Option<i64>) -> Result<PayslipDocument, (&'static str, String)> {

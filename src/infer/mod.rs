@@ -19,7 +19,9 @@
 //!
 //! A dead letter too large for the producer is replaced by a shortened one (see [`send`]), so one
 //! oversized message never stops the stage; any other refused record stops it with an error before
-//! its offset is stored. A fatal consumer error (authentication, authorisation) stops it too.
+//! its offset is stored. A fatal consumer error (authentication, authorisation) stops it too, and so
+//! does a batch ONNX Runtime failed on every try (see `inference`): that batch is neither answered
+//! nor acknowledged.
 //!
 //! Files: [`batch`] (decode, validate, route, run the models, build the answers), [`messages`]
 //! (result and dead-letter records), [`ack`] (delivery reports → stored offsets).
@@ -68,6 +70,10 @@ pub enum StageError {
     /// The configuration cannot work with the cluster as it is (the message says what to change).
     #[error("{0}")]
     Config(String),
+    /// ONNX Runtime failed a batch's model run on every try: the batch was not answered and its
+    /// offsets not stored, so a restart processes it again.
+    #[error("{0}; stopping without answering the batch or storing its offsets")]
+    Inference(#[from] crate::inference::RunFailure),
     /// A bug (e.g. a panic on a blocking thread).
     #[error("internal: {0}")]
     Internal(String),
@@ -79,6 +85,7 @@ impl StageError {
     pub fn retryable(&self) -> bool {
         match self {
             StageError::Kafka(e) | StageError::Delivery(e) => e.retryable(),
+            StageError::Inference(e) => e.retryable(),
             StageError::ModelsUnavailable(_) | StageError::Config(_) | StageError::Internal(_) => false,
         }
     }
@@ -182,7 +189,11 @@ impl InferStage {
             let counters = self.counters.clone();
             let routing2 = routing.clone();
             let processed = match tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &routing2, &counters, batch, true)).await {
-                Ok(p) => p,
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    failure = Some(StageError::Inference(e));
+                    break;
+                }
                 Err(e) => {
                     failure = Some(StageError::Internal(format!("batch processing panicked: {e}")));
                     break;
@@ -206,6 +217,9 @@ impl InferStage {
                 let _ = ack_tx.send(pending).await;
                 break;
             }
+            if ack_tx.capacity() == 0 {
+                tracing::debug!("every ack slot is taken: waiting for delivery reports before consuming more");
+            }
             if ack_tx.send(pending).await.is_err() {
                 break; // the ack task ended: it reports why below
             }
@@ -221,11 +235,11 @@ impl InferStage {
             Ok(Err(e)) => failure = failure.or(Some(e)),
             Err(e) => failure = failure.or(Some(StageError::Internal(format!("ack task panicked: {e}")))),
         }
-        if failure.is_none() {
-            // Offsets stored so far are durable work; commit them before leaving the group.
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(error = %e, "final commit (nothing to commit is fine)");
-            }
+        // Offsets stored so far are durable work (the ack task stores an offset only after its
+        // records are delivered, and stops at the first failure): commit them before leaving the
+        // group, also when stopping for a failure.
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %e, "final commit (nothing to commit is fine)");
         }
         let _ = producer.flush(Timeout::After(Duration::from_secs(10)));
         drop(follower);

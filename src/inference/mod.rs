@@ -9,6 +9,12 @@
 //! [`ModelRegistry::infer`] runs a batch of documents through every served model with one
 //! ONNX Runtime call per model (documents' pages and lines stacked along the batch axis). It blocks:
 //! callers run it on a blocking thread.
+//!
+//! Failures are told apart by cause. Input that the preprocessing cannot use, or a model output of
+//! the wrong shape, is an answer (`INFERENCE_FAILED` / `BAD_OUTPUT` in the result). A failed
+//! ONNX Runtime run on valid input is the runtime's (device, memory): it is tried again
+//! (`inference.run_attempts`, with backoff, each retry on a rebuilt session), and if every try fails
+//! `infer` returns [`RunFailure`] instead of answers, so the caller acknowledges nothing.
 
 pub mod metadata;
 pub mod preprocess;
@@ -16,8 +22,11 @@ pub mod runtime;
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex, RwLock},
-    time::Instant,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant},
 };
 
 use ort::{session::Session, value::Tensor};
@@ -44,6 +53,27 @@ pub mod codes {
     pub const INFERENCE_FAILED: &str = "INFERENCE_FAILED";
     /// The model produced output of an unexpected shape.
     pub const BAD_OUTPUT: &str = "BAD_OUTPUT";
+}
+
+/// Marks a failed `Session::run` inside this module (never written into a result): retried, then
+/// reported as [`RunFailure`].
+const RUNTIME_FAILED: &str = "ONNX_RUNTIME_FAILED";
+
+/// ONNX Runtime failed every try of a model run on valid input: nothing may be answered for the
+/// batch. Retryable: restarting (a fresh runtime, a recovered device) may succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{model} {version}: ONNX Runtime failed {attempts} tries of a run (retries on rebuilt sessions): {message}")]
+pub struct RunFailure {
+    pub model: String,
+    pub version: String,
+    pub attempts: u32,
+    pub message: String,
+}
+
+impl RunFailure {
+    pub fn retryable(&self) -> bool {
+        true
+    }
 }
 
 text_enum! {
@@ -118,7 +148,12 @@ pub struct ModelRegistry {
     retry: Mutex<BTreeMap<(String, String), (Instant, u32)>>,
     /// One load at a time (loads are rare and heavy; two threads must not load the same version).
     load_lock: Mutex<()>,
+    /// Model runs tried again after ONNX Runtime failed them.
+    run_retries: AtomicU64,
 }
+
+/// Wait before the first retry of a failed run; each further retry waits 4 times longer.
+const RUN_RETRY_FIRST: Duration = Duration::from_millis(200);
 
 /// First wait before a refused version is tried again; doubles per refusal up to [`RETRY_MAX`].
 const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
@@ -151,6 +186,7 @@ impl ModelRegistry {
             inference: inference.clone(),
             retry: Mutex::new(BTreeMap::new()),
             load_lock: Mutex::new(()),
+            run_retries: AtomicU64::new(0),
         };
         for (name, version) in wanted {
             registry.ensure_loaded(&name, &version);
@@ -237,9 +273,40 @@ impl ModelRegistry {
         self.loaded.read().unwrap_or_else(|p| p.into_inner()).values().next().map(|m| m.provider.to_string()).unwrap_or_else(|| "none".into())
     }
 
+    /// Model runs tried again after ONNX Runtime failed them (since start).
+    pub fn run_retries(&self) -> u64 {
+        self.run_retries.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the session of a loaded version with a fresh one (after a failed run). Keeps the
+    /// old one when the rebuild fails.
+    fn rebuild(&self, name: &str, version: &str) -> Option<Arc<LoadedModel>> {
+        let _one_at_a_time = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let started = Instant::now();
+        match Self::load_one(&self.metadata, &self.inference, name, version) {
+            Ok((mut model, _)) => {
+                model.load_ms = started.elapsed().as_secs_f64() * 1e3;
+                let model = Arc::new(model);
+                self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert((name.to_string(), version.to_string()), model.clone());
+                tracing::info!(model = %name, %version, load_ms = model.load_ms, "session rebuilt");
+                Some(model)
+            }
+            Err(e) => {
+                tracing::warn!(model = %name, %version, error = %e, "session rebuild failed; retrying on the old session");
+                None
+            }
+        }
+    }
+
     /// Runs `docs` through each model at the version given in `versions`. Returns, per document, one
     /// output per model, in `versions` order. Documents must have passed `validate`.
-    pub fn infer(&self, docs: &[&PayslipDocument], versions: &BTreeMap<String, String>) -> Vec<Vec<ModelOutput>> {
+    pub fn infer(&self, docs: &[&PayslipDocument], versions: &BTreeMap<String, String>) -> Result<Vec<Vec<ModelOutput>>, RunFailure> {
+        self.infer_with_faults(docs, versions, &mut 0)
+    }
+
+    /// [`infer`](Self::infer) where the next `injected_failures` model runs fail as if ONNX Runtime
+    /// had failed them (the `fault-ort-failures` test seam).
+    pub fn infer_with_faults(&self, docs: &[&PayslipDocument], versions: &BTreeMap<String, String>, injected_failures: &mut u32) -> Result<Vec<Vec<ModelOutput>>, RunFailure> {
         let mut out: Vec<Vec<ModelOutput>> = vec![Vec::with_capacity(versions.len()); docs.len()];
         for (name, version) in versions {
             let get = || self.loaded.read().unwrap_or_else(|p| p.into_inner()).get(&(name.clone(), version.clone())).cloned();
@@ -251,14 +318,40 @@ impl ModelRegistry {
                 }
                 continue;
             };
-            let started = Instant::now();
-            let per_doc = match name.as_str() {
-                CLASSIFIER => run_classifier(&model, docs),
-                TABLES => run_tables(&model, docs),
-                TEXT => run_text(&model, docs),
-                _ => Err((codes::MODEL_UNAVAILABLE, format!("no runner for {name}"))),
+            let mut model = model;
+            let mut attempt = 1u32;
+            let (per_doc, latency_ms) = loop {
+                let started = Instant::now();
+                let r = if *injected_failures > 0 {
+                    *injected_failures -= 1;
+                    Err((RUNTIME_FAILED, "injected failure (fault-ort-failures)".to_string()))
+                } else {
+                    match name.as_str() {
+                        CLASSIFIER => run_classifier(&model, docs),
+                        TABLES => run_tables(&model, docs),
+                        TEXT => run_text(&model, docs),
+                        _ => Err((codes::MODEL_UNAVAILABLE, format!("no runner for {name}"))),
+                    }
+                };
+                let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+                match r {
+                    Err((RUNTIME_FAILED, message)) => {
+                        if attempt >= self.inference.run_attempts {
+                            tracing::error!(model = %name, %version, attempts = attempt, %message, "ONNX Runtime failed every try; the batch is not answered");
+                            return Err(RunFailure { model: name.clone(), version: version.clone(), attempts: attempt, message });
+                        }
+                        let wait = RUN_RETRY_FIRST.saturating_mul(4u32.saturating_pow(attempt - 1));
+                        tracing::warn!(model = %name, %version, attempt, %message, retry_in_ms = wait.as_millis() as u64, "ONNX Runtime run failed; retrying on a rebuilt session");
+                        self.run_retries.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(wait);
+                        if let Some(m) = self.rebuild(name, version) {
+                            model = m;
+                        }
+                        attempt += 1;
+                    }
+                    other => break (other, latency_ms),
+                }
             };
-            let latency_ms = started.elapsed().as_secs_f64() * 1e3;
             let base = ModelOutput {
                 model: name.clone(),
                 version: version.clone(),
@@ -288,7 +381,7 @@ impl ModelRegistry {
                 }
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -315,7 +408,7 @@ type RunResult = Result<Vec<Fill>, (&'static str, String)>;
 fn run_model(model: &LoadedModel, shape: Vec<i64>, data: Vec<f32>) -> Result<(Vec<i64>, Vec<f32>), (&'static str, String)> {
     let input = Tensor::from_array((shape, data)).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
     let mut session = model.session.lock().unwrap_or_else(|p| p.into_inner());
-    let outputs = session.run(ort::inputs![input]).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
+    let outputs = session.run(ort::inputs![input]).map_err(|e| (RUNTIME_FAILED, e.to_string()))?;
     let (shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(|e| (codes::BAD_OUTPUT, e.to_string()))?;
     Ok((shape.to_vec(), values.to_vec()))
 }

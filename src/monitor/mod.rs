@@ -48,12 +48,12 @@ use crate::{
     config::PipelineConfig,
     document::{DocumentFeedback, InferenceResult},
     kafka::{self, headers as h, KafkaError},
-    state::{RocksStateStore, StateBatch, StateError, CF_ALERTS, CF_META, CF_OFFSETS, CF_OUTBOX, CF_PREDICTIONS, CF_PREDICTION_EXPIRY, CF_WINDOWS},
+    state::{RocksStateStore, StateBatch, StateError, CF_ALERTS, CF_META, CF_OFFSETS, CF_OUTBOX, CF_PENDING_FEEDBACK, CF_PREDICTIONS, CF_PREDICTION_EXPIRY, CF_ROLLOUTS, CF_WINDOWS},
     window::WindowConfig,
 };
 use outbox::monitor_dead_letter;
 pub(crate) use outbox::OutboxMessage;
-use state::{window_key, Emitted, MonitorCounters, MonitorState, Prediction, StoredWindow};
+use state::{pending_key, window_key, Emitted, MonitorCounters, MonitorState, Prediction, StoredWindow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -93,7 +93,9 @@ const META_WATERMARK: &[u8] = b"watermark";
 const META_COUNTERS: &[u8] = b"counters";
 const META_PENDING_FEEDBACK: &[u8] = b"pending_feedback";
 const META_ANNOUNCED: &[u8] = b"announced";
+/// Before one key per rollout: the whole controller as one value (read once, then deleted).
 const META_ROLLOUT: &[u8] = b"rollout";
+const META_ROLLOUT_BOOK: &[u8] = b"rollout_book";
 const META_PUBLISHED_PREFIX: &str = "published:";
 const EVENT_ID: &str = "event-id";
 /// How often the monitor looks for partitions added to its inputs.
@@ -113,6 +115,10 @@ pub struct MonitorStage {
     /// starts here (a minute before the last answered command) instead of at its beginning; commands
     /// answered already are recognised by id and skipped.
     commands_from: Option<i64>,
+    /// Rollouts (and the controller's book) as last written, so a batch writes only those that changed.
+    written_rollouts: BTreeMap<String, Vec<u8>>,
+    /// Keys of an older state layout to delete with the next batch.
+    legacy_keys: Vec<&'static [u8]>,
 }
 
 fn now_ms() -> i64 {
@@ -126,7 +132,7 @@ impl MonitorStage {
         let store = RocksStateStore::open(&cfg.monitor.state_dir)?;
         let producer: FutureProducer = kafka::producer_config_with(&brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms).create().map_err(KafkaError::client("the monitor producer"))?;
         let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::new(&cfg, &brokers)?) } else { None };
-        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None })
+        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new() })
     }
 
     fn load(&mut self) -> Result<(), MonitorError> {
@@ -140,9 +146,41 @@ impl MonitorStage {
         }
         state.watermark = store.get_json(CF_META, META_WATERMARK)?.unwrap_or_default();
         state.counters = store.get_json(CF_META, META_COUNTERS)?.unwrap_or_default();
-        state.pending_feedback = store.get_json(CF_META, META_PENDING_FEEDBACK)?.unwrap_or_default();
+        for (_, (part, f)) in store.scan_json::<(String, DocumentFeedback)>(CF_PENDING_FEEDBACK)? {
+            state.pending_feedback.insert((f.given_at, f.document_id.clone()), (part, f));
+        }
+        // a state written before pending feedback had one key per entry
+        if let Some(old) = store.get_json::<Vec<(String, DocumentFeedback)>>(CF_META, META_PENDING_FEEDBACK)? {
+            for (part, f) in old {
+                let key = (f.given_at, f.document_id.clone());
+                state.dirty_pending.insert(key.clone());
+                state.pending_feedback.insert(key, (part, f));
+            }
+            self.legacy_keys.push(META_PENDING_FEEDBACK);
+        }
+        state.max_pending_feedback = self.cfg.monitor.max_pending_feedback;
         state.announced = store.get_json(CF_META, META_ANNOUNCED)?.unwrap_or_default();
-        match store.get_json::<crate::rollout::Controller>(CF_META, META_ROLLOUT)? {
+        let rollouts: Vec<crate::rollout::RolloutState> = store.scan_json(CF_ROLLOUTS)?.into_iter().map(|(_, r)| r).collect();
+        let book: Option<crate::rollout::ControllerBook> = store.get_json(CF_META, META_ROLLOUT_BOOK)?;
+        let legacy: Option<crate::rollout::Controller> = store.get_json(CF_META, META_ROLLOUT)?;
+        self.written_rollouts.clear();
+        let stored = match (book, legacy) {
+            (Some(book), _) => {
+                // what is stored now is what was written: later batches write only changes
+                for r in &rollouts {
+                    self.written_rollouts.insert(r.rollout_id.clone(), serde_json::to_vec(r).expect("rollouts serialise"));
+                }
+                self.written_rollouts.insert(String::new(), serde_json::to_vec(&book).expect("rollouts serialise"));
+                Some(crate::rollout::Controller::from_parts(rollouts, book))
+            }
+            (None, Some(c)) => {
+                self.legacy_keys.push(META_ROLLOUT);
+                state.rollout_dirty = true;
+                Some(c)
+            }
+            (None, None) => None,
+        };
+        match stored {
             Some(c) => state.rollout = c,
             None => {
                 // no rollout state here: the decisions topic is the truth (soak clocks included)
@@ -494,10 +532,31 @@ impl MonitorStage {
             outbox.push((key, msg));
         }
         b.put_json(store, CF_META, META_WATERMARK, &st.watermark);
-        b.put_json(store, CF_META, META_PENDING_FEEDBACK, &st.pending_feedback);
+        for key in std::mem::take(&mut st.dirty_pending) {
+            let k = pending_key(key.0, &key.1);
+            match st.pending_feedback.get(&key) {
+                Some(v) => b.put_json(store, CF_PENDING_FEEDBACK, &k, v),
+                None => b.delete(store, CF_PENDING_FEEDBACK, &k),
+            }
+        }
+        for key in std::mem::take(&mut self.legacy_keys) {
+            b.delete(store, CF_META, key);
+        }
         b.put_json(store, CF_META, META_ANNOUNCED, &st.announced);
         if std::mem::take(&mut st.rollout_dirty) {
-            b.put_json(store, CF_META, META_ROLLOUT, &st.rollout);
+            // one value per rollout, written only when it changed ("" is the controller's book)
+            let values = st.rollout.rollouts.iter().map(|(id, r)| (id.clone(), serde_json::to_vec(r))).chain([(String::new(), serde_json::to_vec(&st.rollout.book()))]);
+            for (id, v) in values {
+                let v = v.expect("rollouts serialise");
+                if self.written_rollouts.get(&id) != Some(&v) {
+                    if id.is_empty() {
+                        b.put_raw(store, CF_META, META_ROLLOUT_BOOK, &v);
+                    } else {
+                        b.put_raw(store, CF_ROLLOUTS, id.as_bytes(), &v);
+                    }
+                    self.written_rollouts.insert(id, v);
+                }
+            }
         }
         b.put_json(store, CF_META, META_COUNTERS, &st.counters);
         self.write(b)?;

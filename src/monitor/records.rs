@@ -50,6 +50,9 @@ pub struct WindowMetrics {
     pub max_load_ms: Option<f64>,
     pub dropped_late_total: i64,
     pub feedback_orphan_total: i64,
+    /// Monitor inputs dead-lettered so far (undecodable, or an event time outside the limits).
+    #[serde(default)]
+    pub dead_lettered_total: i64,
     pub emitted_at: i64,
 }
 
@@ -68,7 +71,8 @@ impl WindowMetrics {
         format!("{}|{}", subject.key(), range.start_ms)
     }
 
-    pub fn from_window(subject: &Subject, range: WindowRange, a: &WindowAggregate, dropped_late: u64, orphans: u64, watermark: i64) -> Self {
+    /// The published record of a closed window; the `_total` fields are the monitor's counters.
+    pub fn from_window(subject: &Subject, range: WindowRange, a: &WindowAggregate, totals: &super::state::MonitorCounters, watermark: i64) -> Self {
         let m = |x: Metric| a.metric(x).map(|(v, _)| v);
         WindowMetrics {
             metrics_id: Self::id(subject, range),
@@ -94,8 +98,9 @@ impl WindowMetrics {
             max_rss_mb: m(Metric::MemoryMb),
             max_cpu_percent: m(Metric::CpuPercent),
             max_load_ms: m(Metric::ModelLoadMs),
-            dropped_late_total: dropped_late as i64,
-            feedback_orphan_total: orphans as i64,
+            dropped_late_total: totals.dropped_late as i64,
+            feedback_orphan_total: totals.feedback_orphans as i64,
+            dead_lettered_total: totals.undecodable as i64,
             emitted_at: watermark,
         }
     }

@@ -49,6 +49,19 @@ pub struct MonitorCounters {
     pub windows_closed: u64,
     pub alerts_emitted: u64,
     pub outbox_seq: u64,
+    /// Feedback counted as orphan because `monitor.max_pending_feedback` were already waiting
+    /// (also included in `feedback_orphans`).
+    #[serde(default)]
+    pub feedback_overflow: u64,
+}
+
+/// Default cap of feedback waiting for its prediction.
+pub const DEFAULT_MAX_PENDING_FEEDBACK: usize = 100_000;
+
+/// RocksDB key of a pending feedback: `given_at (16 hex digits, order-preserving) | document id`,
+/// so the due ones are a prefix of the column family.
+pub fn pending_key(given_at: i64, document_id: &str) -> Vec<u8> {
+    format!("{:016x}|{document_id}", (given_at as u64) ^ 0x8000_0000_0000_0000).into_bytes()
 }
 
 /// What closing windows produced, in publication order.
@@ -87,9 +100,15 @@ pub struct MonitorState {
     pub closed_windows: Vec<(i64, Subject)>,
     pub dirty_alerts: BTreeSet<String>,
     pub new_predictions: BTreeMap<String, Prediction>,
-    /// Feedback whose prediction was not seen yet, with its input partition; resolved once the
-    /// results topic is complete up to the feedback's time (then applied, or counted as orphan).
-    pub pending_feedback: Vec<(String, DocumentFeedback)>,
+    /// Feedback whose prediction was not seen yet, with its input partition, by (given_at,
+    /// document id); resolved once the results topic is complete up to the feedback's time (then
+    /// applied, or counted as orphan). Stored one key per entry (see [`pending_key`]).
+    pub pending_feedback: BTreeMap<(i64, String), (String, DocumentFeedback)>,
+    /// Pending entries added or removed since the last write.
+    pub dirty_pending: BTreeSet<(i64, String)>,
+    /// At most this many feedbacks wait for their prediction; more are counted as orphans at once
+    /// (0: the default, [`DEFAULT_MAX_PENDING_FEEDBACK`]).
+    pub max_pending_feedback: usize,
     /// The rollout controller (its decisions are evaluated as windows close).
     pub rollout: Controller,
     pub rollout_dirty: bool,
@@ -158,16 +177,34 @@ impl MonitorState {
         self.watermark.observe(partition, f.given_at, wall_ms);
         match prediction {
             Some(p) => self.apply_feedback(&f, p, cfg),
-            None => self.pending_feedback.push((partition.to_string(), f)),
+            None => {
+                let key = (f.given_at, f.document_id.clone());
+                let cap = if self.max_pending_feedback == 0 { DEFAULT_MAX_PENDING_FEEDBACK } else { self.max_pending_feedback };
+                // the same feedback delivered twice waits once
+                if !self.pending_feedback.contains_key(&key) && self.pending_feedback.len() >= cap {
+                    self.counters.feedback_orphans += 1;
+                    self.counters.feedback_overflow += 1;
+                    return;
+                }
+                self.dirty_pending.insert(key.clone());
+                self.pending_feedback.insert(key, (partition.to_string(), f));
+            }
         }
     }
 
-    /// Pending feedback the results are complete for (`results_frontier` ≥ its time), in arrival order.
+    /// Pending feedback the results are complete for (`results_frontier` ≥ its time), oldest first.
     pub fn due_feedback(&mut self, results_frontier: Option<i64>) -> Vec<DocumentFeedback> {
         let Some(fr) = results_frontier else { return vec![] };
-        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_feedback).into_iter().partition(|(_, f)| f.given_at <= fr);
-        self.pending_feedback = keep;
-        due.into_iter().map(|(_, f)| f).collect()
+        let mut due = Vec::new();
+        while let Some(entry) = self.pending_feedback.first_entry() {
+            if entry.key().0 > fr {
+                break;
+            }
+            let (key, (_, f)) = entry.remove_entry();
+            self.dirty_pending.insert(key);
+            due.push(f);
+        }
+        due
     }
 
     /// Resolves due feedback: applied with its prediction, or counted as an orphan.
@@ -224,7 +261,7 @@ impl MonitorState {
             self.dirty_windows.remove(key);
             self.closed_windows.push(key.clone());
             self.counters.windows_closed += 1;
-            out.push(Emitted::Metrics(WindowMetrics::from_window(&w.subject, w.range, &w.agg, self.counters.dropped_late, self.counters.feedback_orphans, wm)));
+            out.push(Emitted::Metrics(WindowMetrics::from_window(&w.subject, w.range, &w.agg, &self.counters, wm)));
             for rule in rules.iter().filter(|r| r.applies_to(&w.subject)) {
                 let wk = alert::instance_key(&rule.name, Severity::Warning, &w.subject);
                 let ck = alert::instance_key(&rule.name, Severity::Critical, &w.subject);
@@ -299,5 +336,43 @@ impl MonitorState {
         }
         self.rollout_dirty = true;
         Some(Emitted::Decision(self.rollout.apply_command(rollout, serve, cmd)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: WindowConfig = WindowConfig { size_ms: 10_000, allowed_lateness_ms: 0, idle_timeout_ms: 3_000 };
+
+    fn fb(doc: &str, at: i64) -> DocumentFeedback {
+        DocumentFeedback { document_id: doc.into(), user_id: "u".into(), given_at: at, corrected_format: None, corrected_net_pay: None, rating: Some(5) }
+    }
+
+    #[test]
+    fn pending_feedback_is_capped_deduplicated_and_released_oldest_first() {
+        let mut st = MonitorState { max_pending_feedback: 3, ..Default::default() };
+        for (doc, at) in [("c", 300), ("a", 100), ("b", 200), ("a", 100), ("d", 400)] {
+            st.receive_feedback(fb(doc, at), None, "fb/0", 0, &CFG);
+        }
+        // "a" twice waits once; "d" finds the three places taken
+        assert_eq!(st.pending_feedback.len(), 3);
+        assert_eq!((st.counters.feedback_orphans, st.counters.feedback_overflow), (1, 1));
+        assert_eq!(st.dirty_pending.len(), 3);
+        st.dirty_pending.clear();
+        let due: Vec<String> = st.due_feedback(Some(250)).into_iter().map(|f| f.document_id).collect();
+        assert_eq!(due, vec!["a", "b"]);
+        assert_eq!(st.dirty_pending.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>(), vec!["a", "b"], "both deleted with the next write");
+        assert!(st.due_feedback(None).is_empty());
+        assert_eq!(st.pending_feedback.len(), 1);
+    }
+
+    #[test]
+    fn pending_keys_sort_by_time_over_the_whole_range() {
+        let times = [i64::MIN, -1, 0, 1, 1_700_000_000_000, i64::MAX];
+        let keys: Vec<Vec<u8>> = times.iter().map(|t| pending_key(*t, "x")).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
     }
 }

@@ -87,6 +87,30 @@ pub struct Controller {
 
 pub const ANSWERED_KEPT: usize = 1000;
 
+/// The controller without its rollouts. The monitor stores it as one value and each rollout as a
+/// value of its own, so no stored value grows with the number of rollouts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControllerBook {
+    pub quarantine: BTreeMap<String, String>,
+    pub promoted: BTreeMap<String, String>,
+    pub answered: VecDeque<String>,
+}
+
+impl Controller {
+    pub fn book(&self) -> ControllerBook {
+        ControllerBook { quarantine: self.quarantine.clone(), promoted: self.promoted.clone(), answered: self.answered.clone() }
+    }
+
+    pub fn from_parts(rollouts: impl IntoIterator<Item = RolloutState>, book: ControllerBook) -> Self {
+        Controller {
+            rollouts: rollouts.into_iter().map(|r| (r.rollout_id.clone(), r)).collect(),
+            quarantine: book.quarantine,
+            promoted: book.promoted,
+            answered: book.answered,
+        }
+    }
+}
+
 /// Why a command was refused (answered with a REJECTED decision). Never retryable: the same
 /// command against the same state is refused again.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

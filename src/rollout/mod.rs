@@ -37,7 +37,7 @@ pub mod routing;
 pub mod stats;
 
 pub use config::{default_phases, default_rollout_id, CandidateSpec, EmergencyConfig, PhaseSpec, RolloutConfig};
-pub use controller::{fmt_dur, Controller, PhaseAggregate, RolloutState, ANSWERED_KEPT};
+pub use controller::{fmt_dur, Controller, ControllerBook, PhaseAggregate, RolloutState, ANSWERED_KEPT};
 pub use criteria::{Criterion, CriterionMetric, CriterionResult, PhaseMetric, Verdict};
 pub use records::{action, Action, RolloutCommand, RolloutDecision, Status, COHORT_BASELINE, COHORT_CANARY};
 

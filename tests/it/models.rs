@@ -172,3 +172,59 @@ async fn a_stage_that_cannot_run_its_models_refuses_to_start_and_consumes_nothin
     }
     assert_eq!(read_all(&cfg.topics.inference).len(), 0, "no result was published");
 }
+
+/// Documents with headers, keyed by their id.
+async fn produce_with_headers(topic: &str, docs: &[(payslip_stream::document::PayslipDocument, Vec<(&str, String)>)]) {
+    let msgs = docs
+        .iter()
+        .map(|(d, hs)| {
+            let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/avro")];
+            headers.extend(hs.iter().map(|(k, v)| (*k, v.as_str())));
+            (d.document_id.clone(), payslip_stream::codec::encode(d, WireFormat::Avro).unwrap(), headers)
+        })
+        .collect();
+    produce_raw(topic, msgs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_onnx_runtime_failure_is_retried_on_a_rebuilt_session_and_never_published_as_an_answer() {
+    let mut cfg = isolated_config("ort-fault").await;
+    cfg.faults.enabled = true;
+    let registry = load_registry(&cfg);
+    let gen = payslip_stream::synth::Generator::new(Default::default());
+    let doc = |i: u64, id: &str| {
+        let mut d = gen.document(i).document;
+        d.document_id = id.into();
+        d
+    };
+
+    // a batch whose first two model runs fail in ONNX Runtime: retried (3 tries by default), answered
+    let stage = RunningStage::start(&cfg, registry.clone());
+    let mut docs: Vec<_> = (0..5u64).map(|i| (doc(i, &format!("plain-{i}")), vec![])).collect();
+    docs.push((doc(5, "flaky"), vec![("fault-ort-failures", "2".to_string())]));
+    produce_with_headers(&cfg.topics.documents, &docs).await;
+    let t = cfg.topics.inference.clone();
+    let reads = tokio::task::spawn_blocking(move || read_topic(&t, 6, Duration::from_secs(60), Duration::from_secs(1))).await.unwrap();
+    stage.stop().await;
+    assert_eq!(reads.len(), 6);
+    assert!(reads.iter().all(|r| r.result().error_code.is_none()), "no failed answer: {:?}", reads.iter().map(|r| r.result().error_code).collect::<Vec<_>>());
+    assert_eq!(registry.run_retries(), 2, "the failed runs were tried again");
+
+    // a batch ONNX Runtime fails on every try: the stage stops, nothing is published for it, and it
+    // is answered once after the restart
+    let stage = RunningStage::start(&cfg, registry.clone());
+    produce_with_headers(&cfg.topics.documents, &[(doc(6, "poison"), vec![("fault-ort-failures", "3".to_string())])]).await;
+    let err = stage.failure().await;
+    assert!(matches!(err, payslip_stream::infer::StageError::Inference(_)) && err.retryable(), "{err}");
+    assert!(err.to_string().contains("ONNX Runtime failed 3 tries"), "{err}");
+    assert_eq!(read_all(&cfg.topics.inference).len(), 6, "nothing published for the failed batch");
+    assert!(read_all(&cfg.topics.documents_dlq).is_empty());
+    cfg.faults.enabled = false;
+    let stage = RunningStage::start(&cfg, registry);
+    let t = cfg.topics.inference.clone();
+    let reads = tokio::task::spawn_blocking(move || read_topic(&t, 7, Duration::from_secs(60), Duration::from_secs(2))).await.unwrap();
+    stage.stop().await;
+    let poison: Vec<_> = reads.iter().map(|r| r.result()).filter(|r| r.document_id == "poison").collect();
+    assert_eq!(poison.len(), 1, "answered once, after the restart");
+    assert!(poison[0].error_code.is_none());
+}

@@ -439,8 +439,14 @@ async fn undecodable_results_feedback_and_commands_go_to_the_monitor_dead_letter
     let good = result("ok-1", *BASE + 1_000, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
     produce_records(&cfg.topics.inference, "k", &[good]).await;
     let dead = wait_for(&cfg.topics.monitor_dlq, 3, 60).await;
+    // the published windows count them too
+    let tick = result("tick", *BASE + 2 * W, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
+    produce_records(&cfg.topics.inference, "k", &[tick]).await;
+    let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 2, 60).await);
     let summary = monitor.stop().await;
 
+    let w0 = metrics.iter().find(|m| m.model == "pipeline" && m.window_start == *BASE).expect("window 0 closed");
+    assert_eq!((w0.count, w0.dead_lettered_total), (1, 3));
     assert_eq!(dead.len(), 3, "one dead letter per undecodable message, none twice");
     let by_key: BTreeMap<String, &Read> = dead.iter().map(|r| (r.key.clone().unwrap(), r)).collect();
     for (key, topic, payload) in [
@@ -454,7 +460,7 @@ async fn undecodable_results_feedback_and_commands_go_to_the_monitor_dead_letter
         assert_eq!(r.payload, payload, "{key}: original bytes kept");
     }
     assert_eq!(summary.undecodable, 3);
-    assert_eq!(summary.results_applied, 1);
+    assert_eq!(summary.results_applied, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -576,4 +582,54 @@ async fn a_firing_alert_of_a_subject_without_traffic_resolves_as_no_data() {
     assert_eq!(resolved.alert_id, firing.alert_id, "the same episode resolves");
     assert!(resolved.reason.as_deref().is_some_and(|r| r.starts_with("no data")), "{:?}", resolved.reason);
     assert_eq!(resolved.window_start, *BASE + 3 * W, "after windows 1, 2 and 3 without the candidate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_pending_feedbacks_are_held_one_key_each_and_resolve_as_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = monitor_config("pending", dir.path()).await;
+    cfg.monitor.max_pending_feedback = 50_000;
+    // feedback for 50,001 documents none of which has a result: with no result at all the results
+    // are complete up to no time, so they wait; the one past the cap is an orphan at once
+    let n = 50_001usize;
+    let fbs: Vec<DocumentFeedback> = (0..n as i64).map(|i| feedback(&format!("doc-{i}"), *BASE + 1_000 + i % 5_000, 5)).collect();
+    produce_many(&cfg.topics.feedback, "k", &fbs).await;
+    let monitor = RunningMonitor::start(&cfg);
+    let pending_prefix = format!("{}\u{0}", payslip_stream::state::CF_PENDING_FEEDBACK);
+    let pending_records = |reads: &[Read]| reads.iter().filter(|r| r.key.as_deref().is_some_and(|k| k.starts_with(&pending_prefix))).cloned().collect::<Vec<Read>>();
+    // the changelog shows them held: one small record per pending feedback
+    let started = Instant::now();
+    let held = loop {
+        let held = pending_records(&read_all(&cfg.topics.monitor_changelog));
+        if held.len() >= n - 1 {
+            break held;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{} of {} pending feedbacks in the changelog after 120 s", held.len(), n - 1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let keys: BTreeSet<&str> = held.iter().filter_map(|r| r.key.as_deref()).collect();
+    assert_eq!(keys.len(), n - 1, "one key per pending feedback, the one past the cap is not held");
+    let largest = held.iter().map(|r| r.payload.len()).max().unwrap();
+    assert!(largest < 1_024, "a pending feedback's record is small ({largest} bytes)");
+    // the monitor keeps working: results after the feedback close their windows, and every pending
+    // feedback resolves as an orphan (no prediction), counted exactly once
+    let mk = |id: &str, ts: i64| result(id, ts, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
+    produce_records(&cfg.topics.inference, "r", &[mk("after", *BASE + 2 * W), mk("tick", *BASE + 4 * W)]).await;
+    let started = Instant::now();
+    let metrics = loop {
+        let metrics = metrics_of(&read_all(&cfg.topics.metrics));
+        if metrics.iter().any(|m| m.model == "pipeline" && m.window_start == *BASE + 2 * W) {
+            break metrics;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the window after the feedback did not close in 60 s: {metrics:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let summary = monitor.stop().await;
+    let w2 = metrics.iter().find(|m| m.model == "pipeline" && m.window_start == *BASE + 2 * W).unwrap();
+    assert_eq!(w2.count, 1);
+    assert_eq!(w2.feedback_orphan_total, n as i64, "every feedback an orphan, once");
+    assert_eq!((summary.feedback_orphans, summary.feedback_overflow, summary.feedback_applied), (n as u64, 1, 0));
+    // and nothing is held any more: a tombstone for every pending key
+    let store = payslip_stream::state::RocksStateStore::open(dir.path()).unwrap();
+    assert_eq!(store.scan_raw(payslip_stream::state::CF_PENDING_FEEDBACK).unwrap().len(), 0);
 }

@@ -421,4 +421,9 @@ async fn restart_mid_rollout(name: &str, keep_state: bool) {
     let unique_ids: BTreeSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique_ids.len(), "no decision published twice across the crash");
     assert_eq!(all.iter().map(|d| d.seq).collect::<Vec<_>>(), (1..=all.len() as i64).collect::<Vec<_>>());
+    // the rollout is stored as a value of its own, not inside one value holding every rollout
+    let store = payslip_stream::state::RocksStateStore::open(&s.dir.path().join("state")).unwrap();
+    let stored: Vec<String> = store.scan_raw(payslip_stream::state::CF_ROLLOUTS).unwrap().into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect();
+    assert_eq!(stored, vec![p3.rollout_id.clone()]);
+    assert!(store.get_raw(payslip_stream::state::CF_META, b"rollout").unwrap().is_none());
 }

@@ -89,6 +89,14 @@ impl RunningStage {
         Self { stop, handle }
     }
 
+    /// Waits for the stage to stop by itself with an error (at most 60 s).
+    pub async fn failure(self) -> payslip_stream::infer::StageError {
+        match tokio::time::timeout(Duration::from_secs(60), self.handle).await.expect("the stage stops within 60 s").expect("stage task") {
+            Ok(s) => panic!("the stage stopped without an error: {s:?}"),
+            Err(e) => e,
+        }
+    }
+
     /// Asks for a graceful stop and returns the stage's summary.
     pub async fn stop(self) -> InferSummary {
         let _ = self.stop.send(true);
@@ -171,33 +179,34 @@ pub async fn produce_raw(topic: &str, messages: Vec<(String, Vec<u8>, Vec<(&str,
     }
 }
 
-/// Reads everything on `topic` up to the end offsets at the time of the call.
+/// Produces many records of one type (Avro, one key, so one partition in order): all are queued
+/// first and the deliveries awaited together.
+pub async fn produce_many<T: payslip_stream::codec::Record>(topic: &str, key: &str, records: &[T]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = kafka::producer_config(&brokers(), &Default::default()).set("queue.buffering.max.messages", "1000000").create().expect("producer");
+    let hs = kafka::headers::HeaderSet::new().with("content-type", "application/avro").build();
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let payload = payslip_stream::codec::encode(r, payslip_stream::codec::WireFormat::Avro).unwrap();
+        let record = FutureRecord::to(topic).key(key).payload(&payload).headers(hs.clone());
+        pending.push(kafka::enqueue(&p, record).await.expect("queued"));
+    }
+    for f in pending {
+        kafka::delivered(f, topic).await.expect("delivered");
+    }
+}
+
+/// Reads everything on `topic` up to the end offsets at the time of the call (transaction markers
+/// and aborted records included in the range are stepped over by the library's cursor).
 pub fn read_all(topic: &str) -> Vec<Read> {
-    let consumer = reader();
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    // a partition of a topic created a moment ago may have no leader yet: the library's reads retry
-    for (p, (lo, hi)) in kafka::read::watermarks(&consumer, topic, Duration::from_secs(30)).expect("watermarks") {
-        if hi > lo {
-            ends.insert(p, hi);
-            tpl.add_partition_offset(topic, p, Offset::Offset(lo)).expect("tpl");
-        }
-    }
+    let cursor = kafka::RangeCursor::to_end(reader(), topic, |_, lo, _| lo, "test read").expect("watermarks");
     let mut out = Vec::new();
-    if ends.is_empty() {
-        return out;
-    }
-    consumer.assign(&tpl).expect("assign");
-    let start = Instant::now();
-    while !ends.is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(60), "reading {topic} to its end took over 60 s");
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
-        let m = m.expect("consume");
-        if ends.get(&m.partition()).is_some_and(|&end| m.offset() + 1 >= end) {
-            ends.remove(&m.partition());
-        }
-        out.push(Read::of(&m));
-    }
+    cursor
+        .for_each(Duration::from_secs(30), |m| {
+            out.push(Read::of(m));
+            Ok::<(), kafka::KafkaError>(())
+        })
+        .expect("read to the end");
     out
 }
 
