@@ -57,7 +57,7 @@ fn main() {
     let t = Instant::now();
     for chunk in docs.chunks(cfg.batching.max_batch) {
         let refs: Vec<&PayslipDocument> = chunk.iter().collect();
-        let out = registry.infer(&refs, &versions);
+        let out = registry.infer(&refs, &versions).expect("ONNX Runtime runs");
         assert_eq!(out.len(), chunk.len());
     }
     let raw_s = t.elapsed().as_secs_f64();

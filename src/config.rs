@@ -410,9 +410,15 @@ pub struct BatchingConfig {
     /// than the documents' size.
     #[serde(default = "default_max_lines_per_run")]
     pub max_lines_per_run: usize,
+    /// A batch stops taking documents once their values add up to this many bytes (a document is
+    /// never split: one larger than this is a batch of its own), so a burst of large documents is
+    /// decoded and held a few at a time.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
 }
 
 fn default_max_batch() -> usize { 32 }
+fn default_max_batch_bytes() -> usize { 4_000_000 }
 fn default_max_wait_ms() -> u64 { 20 }
 fn default_max_lines_per_run() -> usize { 1024 }
 
@@ -518,6 +524,9 @@ impl PipelineConfig {
         }
         if !(1..=10).contains(&self.inference.run_attempts) {
             return Err(invalid("inference.run_attempts", format!("is {}; use 1 to 10", self.inference.run_attempts)));
+        }
+        if self.batching.max_batch_bytes == 0 {
+            return Err(invalid("batching.max_batch_bytes", "must be at least 1"));
         }
         if self.batching.max_lines_per_run == 0 {
             return Err(invalid("batching.max_lines_per_run", "must be at least 1"));

@@ -159,7 +159,8 @@ impl InferStage {
             }
             if !batch.is_empty() {
                 let deadline = tokio::time::Instant::now() + max_wait;
-                while batch.len() < cfg.batching.max_batch {
+                let bytes = |b: &[OwnedMessage]| b.iter().map(|m| <OwnedMessage as rdkafka::message::Message>::payload(m).map_or(0, <[u8]>::len)).sum::<usize>();
+                while batch.len() < cfg.batching.max_batch && bytes(&batch) < cfg.batching.max_batch_bytes {
                     tokio::select! {
                         biased;
                         _ = shutdown.changed() => { stopping = true; break; }

@@ -37,6 +37,10 @@ pub fn consumer_config(brokers: &str, group: &str, passthrough: &BTreeMap<String
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "100")
+        // documents fetched ahead of the stage: at most 16 MB (librdkafka's default is 64 MB), so
+        // memory does not grow with the documents' size
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.max.bytes", "16777216")
         .set("max.poll.interval.ms", "300000")
         .set("partition.assignment.strategy", "cooperative-sticky");
     with_passthrough(c, passthrough)

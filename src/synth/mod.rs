@@ -139,6 +139,47 @@ impl Generator {
         self.build(index, label.min(FORMATS.len() - 1), &mut rng)
     }
 
+    /// Document `index` made as heavy for the infer stage as `limits` allow: the most text lines a
+    /// document may have (`max_lines_per_document`, spread over as few pages as
+    /// `max_lines_per_page` allows), every line and page carrying a raster, the rasters as large as
+    /// the payload limit leaves room for (Avro-encoded it stays just under `max_payload_bytes`).
+    /// Used to measure the memory bound (BENCHMARKS.md) and by the burst test.
+    pub fn worst_case(&self, index: u64, limits: &crate::config::LimitsConfig) -> PayslipDocument {
+        use crate::document::{Raster, RasterEncoding};
+        let mut doc = self.document(index).document;
+        let lines = limits.max_lines_per_document.min(limits.max_pages * limits.max_lines_per_page).max(1);
+        let pages = lines.div_ceil(limits.max_lines_per_page.max(1)).clamp(1, limits.max_pages);
+        // about 120 bytes of text, box and framing per line; the rest of 90 % of the limit is pixels,
+        // a third of them page rasters and two thirds line rasters (8 rows each)
+        let budget = (limits.max_payload_bytes * 9 / 10).saturating_sub(lines * 120 + 4_096);
+        let line_w = (budget * 2 / 3 / lines / 8).clamp(1, limits.max_raster_pixels / 8);
+        let page_px = (budget / 3 / pages).clamp(1, limits.max_raster_pixels);
+        let page_w = (page_px as f64).sqrt().max(1.0) as usize;
+        let page_h = (page_px / page_w).max(1);
+        let mut rng = self.rng(index);
+        let mut fill = |n: usize| (0..n).map(|_| rng.random::<u8>()).collect::<Vec<u8>>();
+        doc.pages = (0..pages)
+            .map(|p| {
+                let per = lines.div_ceil(pages);
+                let here = per.min(lines.saturating_sub(p * per));
+                Page {
+                    number: p as i32 + 1,
+                    width: 595.0,
+                    height: 842.0,
+                    lines: (0..here)
+                        .map(|l| TextLine {
+                            text: format!("LINE {l:04} OF PAGE {}", p + 1),
+                            bbox: BoundingBox { x: 10.0, y: 10.0 + l as f32, w: 500.0, h: 1.0 },
+                            raster: Some(Raster { width: line_w as i32, height: 8, encoding: RasterEncoding::GRAY8, pixels: fill(line_w * 8) }),
+                        })
+                        .collect(),
+                    raster: Some(Raster { width: page_w as i32, height: page_h as i32, encoding: RasterEncoding::GRAY8, pixels: fill(page_w * page_h) }),
+                }
+            })
+            .collect();
+        doc
+    }
+
     fn rng(&self, index: u64) -> ChaCha8Rng {
         let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed);
         rng.set_stream(index);
@@ -321,5 +362,21 @@ mod tests {
             seen[g.document(i).label] += 1;
         }
         assert!(seen.iter().all(|&n| n > 20), "{seen:?}");
+    }
+}
+
+#[cfg(test)]
+mod worst_case_tests {
+    use super::*;
+
+    #[test]
+    fn the_worst_case_document_fills_the_limits_and_passes_them() {
+        let limits = crate::config::LimitsConfig::default();
+        let doc = Generator::new(Default::default()).worst_case(3, &limits);
+        doc.validate(&limits.document_limits()).expect("within limits");
+        let lines: usize = doc.pages.iter().map(|p| p.lines.len()).sum();
+        assert_eq!(lines, limits.max_lines_per_document);
+        let bytes = crate::codec::encode(&doc, crate::codec::WireFormat::Avro).unwrap().len();
+        assert!(bytes <= limits.max_payload_bytes && bytes > limits.max_payload_bytes * 3 / 4, "{bytes} bytes");
     }
 }

@@ -208,3 +208,28 @@ async fn a_payload_limit_the_dead_letter_topic_cannot_hold_stops_start_up_naming
     let stage = RunningStage::start(&cfg, load_registry(&cfg));
     stage.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_the_heaviest_documents_within_limits_is_answered_in_full() {
+    // the default limits (1 MB values, 1,024 text lines): 40 documents as heavy as they allow, with
+    // ordinary ones between them; the stage answers every one and keeps running
+    let cfg = isolated_config("heavy-burst").await;
+    let gen = Generator::new(GeneratorConfig { seed: 79, ..Default::default() });
+    let mut docs = Vec::new();
+    for i in 0..40u64 {
+        docs.push(gen.worst_case(i, &cfg.limits));
+        docs.push(gen.document(1_000 + i).document);
+    }
+    let stage = RunningStage::start(&cfg, load_registry(&cfg));
+    produce_raw(&cfg.topics.documents, docs.iter().map(|d| (d.document_id.clone(), encode(d, WireFormat::Avro).unwrap(), vec![("content-type", "application/avro")])).collect()).await;
+    let res_topic = cfg.topics.inference.clone();
+    let results = tokio::task::spawn_blocking(move || read_topic(&res_topic, 80, Duration::from_secs(180), Duration::from_secs(1))).await.unwrap();
+    let summary = stage.stop().await;
+    let answered: std::collections::BTreeSet<String> = results.iter().map(|r| r.result().document_id).collect();
+    assert_eq!(answered, docs.iter().map(|d| d.document_id.clone()).collect(), "every document answered");
+    assert_eq!((summary.results, summary.dead_letters), (80, 0));
+    assert!(results.iter().all(|r| r.result().error_code.is_none()), "no document failed");
+    let heavy = results.iter().map(|r| r.result()).find(|r| r.document_id == docs[0].document_id).unwrap();
+    let text = heavy.outputs.iter().find(|o| o.model == "text_recognition").unwrap();
+    assert_eq!(text.lines.len(), cfg.limits.max_lines_per_document, "every line of a heavy document read");
+}

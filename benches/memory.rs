@@ -1,0 +1,128 @@
+//! Memory harness (not a test): the infer stage's peak resident memory on a burst of the heaviest
+//! documents `limits` allow, against a burst of ordinary synthetic payslips, in one invocation.
+//!
+//!   scripts/kafka start
+//!   eval "$(scripts/env)"; cargo build
+//!   PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 cargo run --example memory
+//!
+//! For each stream it produces the documents to fresh topics, starts `payslip-stream run --stage
+//! infer` (the real binary, pipelines/payslip.yaml) as a child process, waits until every document
+//! has a result or a dead letter, and stops it. Two figures per stream:
+//! - `peak_rss_mb`: the highest `process_rss_bytes` in the results, which the stage takes from the
+//!   kernel's high-water mark (VmHWM) and resets after each batch, so no peak between samples is missed;
+//! - `sampled_rss_mb`: the highest VmRSS this harness saw polling the child every 20 ms (a cross-check).
+//!
+//! Environment: `BENCH_DOCS` (default 200 per stream). Prints one JSON object; BENCHMARKS.md records it.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use payslip_stream::{
+    codec::{self, WireFormat},
+    config::PipelineConfig,
+    document::{InferenceResult, PayslipDocument},
+    kafka,
+    produce::{self, ProduceOptions, Source},
+    synth::{Generator, GeneratorConfig},
+};
+use rdkafka::{consumer::BaseConsumer, Message};
+
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/payslip.yaml");
+
+fn count(brokers: &str, topic: &str) -> i64 {
+    let c: BaseConsumer = kafka::client_config(brokers, &Default::default()).create().expect("consumer");
+    kafka::read::watermarks(&c, topic, Duration::from_secs(10)).expect("watermarks").values().map(|(lo, hi)| hi - lo).sum()
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The highest memory figure the stage reported in its results, MB.
+fn reported_peak_mb(brokers: &str, topic: &str) -> f64 {
+    let c: BaseConsumer = kafka::reader_config(brokers, &format!("bench-memory-{}", std::process::id()), &Default::default()).create().expect("reader");
+    let cursor = kafka::RangeCursor::to_end(c, topic, |_, lo, _| lo, "results").expect("cursor");
+    let mut peak = 0i64;
+    cursor
+        .for_each(Duration::from_secs(30), |m| {
+            let ct = kafka::headers::get(m.headers(), kafka::headers::CONTENT_TYPE);
+            if let Ok(r) = codec::decode::<InferenceResult>(m.payload().unwrap_or_default(), ct.as_deref()) {
+                peak = peak.max(r.process_rss_bytes.unwrap_or(0));
+            }
+            Ok::<(), kafka::KafkaError>(())
+        })
+        .expect("results read");
+    (peak as f64 / 1_048_576.0).round()
+}
+
+fn run_stream(cfg: &PipelineConfig, brokers: &str, name: &str, docs: Vec<PayslipDocument>, rt: &tokio::runtime::Runtime) -> serde_json::Value {
+    let n = docs.len() as i64;
+    let avg_bytes = docs.iter().map(|d| codec::encode(d, WireFormat::Avro).map(|b| b.len()).unwrap_or(0)).sum::<usize>() / docs.len().max(1);
+    let prefix = format!("bench-mem-{name}-{}-{}.", std::process::id(), chrono::Utc::now().timestamp_millis());
+    let mut cfg = cfg.clone();
+    cfg.topics = cfg.topics.clone().with_prefix(&prefix);
+    rt.block_on(async {
+        kafka::admin::ensure_topics(brokers, &cfg).await.expect("topics");
+        let opts = ProduceOptions { brokers: brokers.into(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+        produce::produce(&opts, Source::Documents(docs)).await.expect("produce");
+    });
+    // the binary next to this example's directory (target/<profile>/payslip-stream)
+    let exe = std::env::current_exe().expect("exe").parent().and_then(|d| d.parent()).expect("target dir").join("payslip-stream");
+    let mut child = Command::new(&exe)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--stage", "infer", "--config", CONFIG, "--brokers", brokers, "--topic-prefix", &prefix, "--group", &format!("{prefix}infer")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} (run `cargo build` first): {e}", exe.display()));
+    let started = Instant::now();
+    let mut sampled = 0u64;
+    loop {
+        sampled = sampled.max(rss_kb(child.id()).unwrap_or(0));
+        if let Some(status) = child.try_wait().expect("child") {
+            panic!("the infer stage exited ({status}) before answering every document");
+        }
+        if count(brokers, &cfg.topics.inference) + count(brokers, &cfg.topics.documents_dlq) >= n {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "not every document answered in 10 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = child.kill();
+    let _ = child.wait();
+    serde_json::json!({
+        "documents": n,
+        "avg_document_bytes_avro": avg_bytes,
+        "results": count(brokers, &cfg.topics.inference),
+        "dead_letters": count(brokers, &cfg.topics.documents_dlq),
+        "seconds": (seconds * 10.0).round() / 10.0,
+        "peak_rss_mb": reported_peak_mb(brokers, &cfg.topics.inference),
+        "sampled_rss_mb": (sampled as f64 / 1024.0).round(),
+    })
+}
+
+fn main() {
+    let brokers = std::env::var("PAYSLIP_BENCH_BROKERS").expect("set PAYSLIP_BENCH_BROKERS to a running broker (scripts/kafka start)");
+    let n: u64 = std::env::var("BENCH_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let cfg = PipelineConfig::load(std::path::Path::new(CONFIG)).expect("config");
+    let gen = Generator::new(GeneratorConfig { seed: 909, ..Default::default() });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let ordinary = run_stream(&cfg, &brokers, "ordinary", (0..n).map(|i| gen.document(i).document).collect(), &rt);
+    let worst = run_stream(&cfg, &brokers, "worst", (0..n).map(|i| gen.worst_case(i, &cfg.limits)).collect(), &rt);
+    let ratio = worst["peak_rss_mb"].as_f64().unwrap_or(0.0) / ordinary["peak_rss_mb"].as_f64().unwrap_or(1.0).max(1.0);
+    let report = serde_json::json!({
+        "max_batch": cfg.batching.max_batch,
+        "max_lines_per_run": cfg.batching.max_lines_per_run,
+        "max_payload_bytes": cfg.limits.max_payload_bytes,
+        "max_lines_per_document": cfg.limits.max_lines_per_document,
+        "ordinary": ordinary,
+        "worst_case": worst,
+        "worst_over_ordinary_peak": (ratio * 100.0).round() / 100.0,
+        "cpus": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
+    });
+    println!("{report}");
+}
