@@ -206,6 +206,22 @@ pub struct KafkaConfig {
     /// `message.timeout.ms`). A stage keeps its work in memory meanwhile and loses nothing.
     #[serde(default = "default_outage_tolerance_ms")]
     pub outage_tolerance_ms: u64,
+    /// `exactly_once` (default): the infer stage writes each batch's results, dead letters and input
+    /// offsets in one Kafka transaction, so a crash or rebalance never publishes a result twice.
+    /// `at_least_once`: offsets are committed after delivery; a redelivered document gets its
+    /// result again (the monitor still counts it once).
+    #[serde(default)]
+    pub processing_guarantee: Guarantee,
+    /// This process's stable identity in the infer group (`group.instance.id`, static membership:
+    /// a restarted process gets its partitions back at once) and in its transactional id. Default:
+    /// the host name. Processes of one group on one host need distinct values
+    /// (`--instance-id` / `PAYSLIP_INSTANCE_ID`).
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// Join the infer group as a static member (`group.instance.id` = the instance id). Off: a
+    /// restarted process waits for a rebalance (the session timeout) before it gets partitions.
+    #[serde(default = "yes")]
+    pub static_membership: bool,
     /// Set by `run --embedded`, not in the file: the in-process broker cannot describe topic
     /// configurations, so checks that need it are skipped.
     #[serde(skip)]
@@ -214,6 +230,28 @@ pub struct KafkaConfig {
 
 fn default_outage_tolerance_ms() -> u64 {
     600_000
+}
+
+/// How the infer stage hands its work to Kafka (`kafka.processing_guarantee`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+impl KafkaConfig {
+    /// `kafka.instance_id`, else the host name (`/proc/sys/kernel/hostname`, `$HOSTNAME`), else
+    /// `payslip-stream`.
+    pub fn instance_id(&self) -> String {
+        self.instance_id
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()))
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "payslip-stream".into())
+    }
 }
 
 /// Passthrough keys the project sets itself because the delivery guarantees rest on them, with the
@@ -226,7 +264,8 @@ const GUARDED_KEYS: &[(&str, &[&str], &str)] = &[
     ("enable.auto.commit", &[], "each client commits as its delivery semantics require"),
     ("isolation.level", &["read_committed"], "readers must not see aborted transactions"),
     ("group.id", &[], "set kafka.infer_group instead; the other readers choose their own"),
-    ("transactional.id", &[], "the monitor's changelog sets its own to fence stale leaders"),
+    ("transactional.id", &[], "the infer stage and the monitor's changelog set their own to fence stale processes"),
+    ("group.instance.id", &[], "set kafka.instance_id instead"),
     ("message.timeout.ms", &[], "set kafka.outage_tolerance_ms instead"),
     ("delivery.timeout.ms", &[], "set kafka.outage_tolerance_ms instead"),
 ];

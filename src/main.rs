@@ -51,8 +51,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&s)?);
             Ok(())
         }
-        Command::Run { common, embedded, stage, group, demo, demo_count, demo_rate, demo_candidate } => {
-            run(common, embedded, stage, group, demo.then_some(DemoRun { count: demo_count, rate: demo_rate, candidate: demo_candidate })).await
+        Command::Run { common, embedded, stage, group, instance_id, demo, demo_count, demo_rate, demo_candidate } => {
+            run(common, embedded, stage, group, instance_id, demo.then_some(DemoRun { count: demo_count, rate: demo_rate, candidate: demo_candidate })).await
         }
         Command::State { command } => match command {
             StateCommand::Checkpoint { common, to } => {
@@ -154,10 +154,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-async fn run(common: Common, embedded: bool, stage_sel: Stage, group: Option<String>, demo: Option<DemoRun>) -> Result<()> {
+async fn run(common: Common, embedded: bool, stage_sel: Stage, group: Option<String>, instance_id: Option<String>, demo: Option<DemoRun>) -> Result<()> {
     let mut cfg = load_config(&common)?;
     if let Some(g) = group {
         cfg.kafka.infer_group = g;
+    }
+    if let Some(id) = instance_id {
+        cfg.kafka.instance_id = Some(id);
     }
     let brokers = match (brokers_of(&common, &cfg), embedded) {
         (Some(b), true) => {

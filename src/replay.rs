@@ -401,6 +401,10 @@ pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorRep
         last_ms = last_ms.max(ts);
         match ev {
             Event::Result(r) => {
+                if lookup(&predictions, &r.document_id, r.submitted_at).is_some_and(|p| p.is_from(&r)) {
+                    st.counters.duplicates_ignored += 1;
+                    continue;
+                }
                 st.apply_result(&r, &lane, ts, &wcfg);
                 predictions.extend(std::mem::take(&mut st.new_predictions));
             }

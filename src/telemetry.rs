@@ -33,8 +33,10 @@ pub struct InferCounters {
     pub dead_letters: Mutex<BTreeMap<&'static str, u64>>,
     /// payslip_infer_batches_total
     pub batches: AtomicU64,
-    /// payslip_infer_offsets_stored_total
+    /// payslip_infer_offsets_stored_total (exactly once: batches committed with their offsets)
     pub offsets_stored: AtomicU64,
+    /// payslip_infer_transactions_aborted_total (exactly once: batches rolled back and read again)
+    pub transactions_aborted: AtomicU64,
     /// Memory and CPU of this process, sampled once per batch.
     pub process: ProcessSampler,
 }

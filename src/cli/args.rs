@@ -45,6 +45,10 @@ pub enum Command {
         /// Consumer group of the infer stage; overrides `kafka.infer_group`.
         #[arg(long)]
         group: Option<String>,
+        /// This process's identity in the infer group (static membership) and transactional id;
+        /// overrides `kafka.instance_id` (default: the host name). Distinct per process on one host.
+        #[arg(long, env = "PAYSLIP_INSTANCE_ID")]
+        instance_id: Option<String>,
         /// Demo: also produce synthetic documents (some of them broken) and print each result.
         #[arg(long)]
         demo: bool,

@@ -7,7 +7,12 @@
 //!     offsets stored ◄── ack task (delivery reports, FIFO) ◄── producer (results + dead letters)
 //! ```
 //!
-//! Delivery semantics: at least once. A message's offset is stored only after everything it caused
+//! Delivery semantics: exactly once by default (`kafka.processing_guarantee`): each batch's records
+//! and input offsets are committed in one Kafka transaction ([`txn`]); the ack task below is then
+//! idle. The consumer joins as a static member (`kafka.instance_id`), so a restarted process gets
+//! its partitions back without a rebalance.
+//!
+//! With `at_least_once`: a message's offset is stored only after everything it caused
 //! (its result or its dead letter) has a successful delivery report; the ack task handles batches in
 //! consumption order, so stored offsets only move forward. If a delivery fails after librdkafka's own
 //! retries, the stage stops with an error without storing that offset, and the document is consumed
@@ -29,6 +34,7 @@
 mod ack;
 mod batch;
 mod messages;
+mod txn;
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -44,7 +50,7 @@ use rdkafka::{
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    config::PipelineConfig,
+    config::{Guarantee, PipelineConfig},
     inference::ModelRegistry,
     kafka::{self, KafkaError},
     rollout::routing::Follower,
@@ -120,19 +126,36 @@ impl InferStage {
             tokio::task::spawn_blocking(move || Follower::start(&cfg, &brokers, registry)).await.map_err(|e| StageError::Internal(format!("decisions follower panicked: {e}")))?
         };
         let routing = follower.routing();
-        let consumer: StreamConsumer =
-            kafka::consumer_config(&self.brokers, &cfg.kafka.infer_group, &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the infer consumer"))?;
+        let exactly_once = cfg.kafka.processing_guarantee == Guarantee::ExactlyOnce && !cfg.kafka.embedded;
+        let instance = cfg.kafka.instance_id();
+        let mut cc = kafka::consumer_config(&self.brokers, &cfg.kafka.infer_group, &cfg.kafka.librdkafka);
+        if !cfg.kafka.embedded && cfg.kafka.static_membership {
+            // static membership: a restarted process with the same id gets its partitions back at once
+            cc.set("group.instance.id", &instance);
+        }
+        if exactly_once {
+            // offsets move only inside the batches' transactions
+            cc.set("enable.auto.commit", "false");
+        }
+        let consumer: StreamConsumer = cc.create().map_err(KafkaError::client("the infer consumer"))?;
         consumer.subscribe(&[&cfg.topics.documents]).map_err(KafkaError::broker(format!("subscribe to {}", cfg.topics.documents)))?;
         let consumer = Arc::new(consumer);
         // a dead letter of any document within limits.max_payload_bytes fits the producer's limit
         let max_record = kafka::admin::dead_letter_max_bytes(cfg).max(1_000_000);
-        let producer: FutureProducer = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms)
-            .set("message.max.bytes", max_record.to_string())
-            .create()
-            .map_err(KafkaError::client("the infer producer"))?;
+        let mut pc = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms);
+        pc.set("message.max.bytes", max_record.to_string());
+        if exactly_once {
+            // a message may not outlive its transaction: both are the outage tolerance
+            pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.outage_tolerance_ms.to_string());
+        }
+        let producer: FutureProducer = pc.create().map_err(KafkaError::client("the infer producer"))?;
+        if exactly_once {
+            let tolerance = Duration::from_millis(cfg.kafka.outage_tolerance_ms);
+            tokio::task::block_in_place(|| txn::init(&producer, tolerance))?;
+        }
 
         tracing::info!(
-            topic = %cfg.topics.documents, group = %cfg.kafka.infer_group, provider = %self.registry.provider(),
+            topic = %cfg.topics.documents, group = %cfg.kafka.infer_group, instance = %instance, exactly_once, provider = %self.registry.provider(),
             max_batch = cfg.batching.max_batch, max_wait_ms = cfg.batching.max_wait_ms, "infer stage started"
         );
 
@@ -200,6 +223,25 @@ impl InferStage {
                     break;
                 }
             };
+            if exactly_once {
+                match txn::commit_batch(&producer, &consumer, cfg, processed).await {
+                    Ok((results, with_error, _dead)) => {
+                        self.counters.results.fetch_add(results, Ordering::Relaxed);
+                        self.counters.results_with_error.fetch_add(with_error, Ordering::Relaxed);
+                        self.counters.offsets_stored.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // nothing of the batch is visible and the consumer is back at its start
+                    Err(txn::TxnFailure::Aborted(_)) => {
+                        self.counters.transactions_aborted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(txn::TxnFailure::Fatal(e)) => {
+                        failure = Some(StageError::Kafka(e));
+                        break;
+                    }
+                }
+                self.log_progress(&mut last_log);
+                continue;
+            }
             let mut pending = Pending { deliveries: Vec::with_capacity(processed.len()), positions: Vec::with_capacity(processed.len()) };
             for p in processed {
                 match send(&producer, cfg, p).await {
@@ -224,11 +266,7 @@ impl InferStage {
             if ack_tx.send(pending).await.is_err() {
                 break; // the ack task ended: it reports why below
             }
-            if last_log.elapsed() > Duration::from_secs(10) {
-                last_log = Instant::now();
-                let s = self.counters.snapshot();
-                tracing::info!(consumed = s.consumed, results = s.results, dead_letters = s.dead_letters, batches = s.batches, "progress");
-            }
+            self.log_progress(&mut last_log);
         }
         drop(ack_tx);
         match acker.await {
@@ -249,6 +287,16 @@ impl InferStage {
         match failure {
             Some(e) => Err(e),
             None => Ok(summary),
+        }
+    }
+}
+
+impl InferStage {
+    fn log_progress(&self, last_log: &mut Instant) {
+        if last_log.elapsed() > Duration::from_secs(10) {
+            *last_log = Instant::now();
+            let s = self.counters.snapshot();
+            tracing::info!(consumed = s.consumed, results = s.results, dead_letters = s.dead_letters, batches = s.batches, "progress");
         }
     }
 }

@@ -22,7 +22,7 @@ fn base(brokers: &str) -> ClientConfig {
 /// every reader that keeps its own positions (monitor, replay, inspect, decisions follower).
 pub fn reader_config(brokers: &str, group: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
     let mut c = base(brokers);
-    c.set("group.id", group).set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+    c.set("group.id", group).set("enable.auto.commit", "false").set("enable.auto.offset.store", "false").set("isolation.level", "read_committed");
     with_passthrough(c, passthrough)
 }
 
@@ -34,6 +34,8 @@ pub fn consumer_config(brokers: &str, group: &str, passthrough: &BTreeMap<String
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("auto.offset.reset", "earliest")
+        // records of aborted transactions are never seen (the infer stage's own, an upstream's)
+        .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "100")

@@ -369,7 +369,12 @@ impl MonitorStage {
                     match codec::decode::<InferenceResult>(payload, ct.as_deref()) {
                         Ok(r) => match limits.check_event_time("submitted_at", r.submitted_at, wall) {
                             Ok(()) => {
-                                self.state.apply_result(&r, &part, wall, &wcfg);
+                                // a result applied before (redelivered by an at-least-once writer) counts once
+                                if self.lookup_prediction(&r.document_id, r.submitted_at)?.is_some_and(|p| p.is_from(&r)) {
+                                    self.state.counters.duplicates_ignored += 1;
+                                } else {
+                                    self.state.apply_result(&r, &part, wall, &wcfg);
+                                }
                                 None
                             }
                             Err(why) => Some(("bad_timestamp", why.to_string())),

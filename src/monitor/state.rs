@@ -26,6 +26,17 @@ pub struct Prediction {
     pub subject: Subject,
     pub label: Option<String>,
     pub event_ms: i64,
+    /// The result it came from: a second result with this id is a redelivery, not a new document.
+    #[serde(default)]
+    pub result_id: Option<String>,
+}
+
+impl Prediction {
+    /// Whether `r` is the result this prediction was taken from, delivered again: the same result
+    /// id and the same event time (a document submitted again, at another time, counts again).
+    pub fn is_from(&self, r: &InferenceResult) -> bool {
+        self.result_id.as_deref() == Some(r.result_id.as_str()) && self.event_ms == r.submitted_at
+    }
 }
 
 /// An open window as stored.
@@ -49,6 +60,10 @@ pub struct MonitorCounters {
     pub windows_closed: u64,
     pub alerts_emitted: u64,
     pub outbox_seq: u64,
+    /// Results not applied because the same result (by `result_id`) was applied before: a
+    /// redelivery by an at-least-once producer upstream.
+    #[serde(default)]
+    pub duplicates_ignored: u64,
     /// Feedback counted as orphan because `monitor.max_pending_feedback` were already waiting
     /// (also included in `feedback_orphans`).
     #[serde(default)]
@@ -131,7 +146,7 @@ impl MonitorState {
         self.watermark.observe(partition, ts, wall_ms);
         if let Some(c) = r.outputs.iter().find(|o| o.model == CLASSIFIER) {
             let subject = Subject { model: c.model.clone(), version: c.version.clone(), cohort: r.cohort.clone() };
-            self.new_predictions.insert(r.document_id.clone(), Prediction { subject, label: c.label.clone(), event_ms: ts });
+            self.new_predictions.insert(r.document_id.clone(), Prediction { subject, label: c.label.clone(), event_ms: ts, result_id: Some(r.result_id.clone()) });
         }
         if admit(ts, cfg.size_ms, self.watermark.current()) == Admission::TooLate {
             self.counters.dropped_late += 1;

@@ -1,6 +1,8 @@
-//! Kill the process mid-stream with SIGKILL, restart it: every document has a result. Duplicates are
-//! allowed (at-least-once) and recognisable by result id; the test reports how many there were.
-//! Ends with SIGTERM, which must drain and exit cleanly.
+//! Kill the infer process mid-stream with SIGKILL three times, restarting it each time, while the
+//! monitor counts: every document has a result. Exactly once (the default), there is exactly one
+//! result per document on the results topic; at least once, redelivered documents have two, and the
+//! monitor's windows count every document once either way. Ends with SIGTERM, which must drain
+//! and exit cleanly.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,11 +20,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::support::*;
 
-fn spawn_stage(prefix: &str, group: &str, log: &std::path::Path) -> Child {
+fn spawn_stage(config: &std::path::Path, prefix: &str, group: &str, log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
         .current_dir(repo())
-        .args(["run", "--stage", "infer", "--config", "pipelines/payslip.yaml", "--brokers", &brokers(), "--topic-prefix", prefix, "--group", group])
+        .args(["run", "--stage", "infer", "--brokers", &brokers(), "--topic-prefix", prefix, "--group", group, "--config"])
+        .arg(config)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
@@ -37,50 +40,76 @@ fn messages_on(topic: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_stream_then_restart_loses_nothing() {
-    let (cfg, prefix) = isolated_config_with_prefix("crash").await;
-    let group = cfg.kafka.infer_group.clone();
-    let log = std::env::temp_dir().join(format!("{}.log", unique("crash-stage")));
-    let n = 1500u64;
-    let gen = Generator::new(GeneratorConfig { seed: 99, ..Default::default() });
-    let ids: BTreeSet<String> = (0..n).map(|i| gen.document(i).document.document_id).collect();
+async fn sigkill_three_times_exactly_once_gives_one_result_per_document_and_exact_windows() {
+    sigkill_three_times("exactly_once").await;
+}
 
-    let mut child = spawn_stage(&prefix, &group, &log);
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(250.0), progress: None, passthrough: Default::default() };
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_three_times_at_least_once_duplicates_results_but_never_window_counts() {
+    sigkill_three_times("at_least_once").await;
+}
+
+async fn sigkill_three_times(guarantee: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, prefix) = monitor_config(&format!("crash-{guarantee}"), dir.path()).await;
+    // partitions stay active across a restart, so no result of a killed stage's partitions is late
+    cfg.monitor.idle_timeout_ms = 10_000;
+    let group = cfg.kafka.infer_group.clone();
+    let yaml = dir.path().join("pipeline.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nkafka:\n  processing_guarantee: {guarantee}\n",
+            repo().join("models/model_metadata.json").display()
+        ),
+    )
+    .unwrap();
+    let log = std::env::temp_dir().join(format!("{}.log", unique("crash-stage")));
+    let n = 3000u64;
+    let gen = Generator::new(GeneratorConfig { seed: 99, ..Default::default() });
+    let mut ids: BTreeSet<String> = (0..n).map(|i| gen.document(i).document.document_id).collect();
+
+    let monitor = RunningMonitor::start(&cfg);
+    let mut child = spawn_stage(&yaml, &prefix, &group, &log);
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(300.0), progress: None, passthrough: Default::default() };
     let producer = tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 99, start: 0, count: n, golden_fraction: 1.0 }).await });
 
-    // kill once a part of the stream is done
-    let started = Instant::now();
-    let before_kill = loop {
-        let c = messages_on(&cfg.topics.inference);
-        if c >= 200 {
-            break c;
+    // three kills, each once another quarter of the stream has results
+    for k in 1..=3i64 {
+        let started = Instant::now();
+        loop {
+            let c = messages_on(&cfg.topics.inference);
+            if c >= k * n as i64 / 4 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "only {c} results in 120 s; log: {}", log.display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "stage produced only {c} results in 120 s; log: {}", log.display());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
-    assert!(before_kill < n as i64, "the kill must land mid-stream ({before_kill} results already)");
-    println!("killed after {before_kill} results");
-
-    let mut child = spawn_stage(&prefix, &group, &log);
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+        child = spawn_stage(&yaml, &prefix, &group, &log);
+    }
     let sent = producer.await.unwrap().expect("produce");
     assert_eq!(sent.sent, n);
+    // a document well after the others closes every window of the stream
+    let mut flush = gen.document(n + 1).document;
+    flush.document_id = "flush".into();
+    flush.submitted_at = chrono::Utc::now().timestamp_millis() + 60_000;
+    ids.insert(flush.document_id.clone());
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    produce::produce(&opts, Source::Documents(vec![flush])).await.unwrap();
 
-    // read until every document has a result
+    // every document has a result (read_committed, as every reader of the project)
     let topic = cfg.topics.inference.clone();
     let ids2 = ids.clone();
     let counts = tokio::task::spawn_blocking(move || {
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         let start = Instant::now();
         loop {
-            let reads = read_all(&topic);
-            counts.clear();
-            for r in &reads {
-                *counts.entry(r.result().result_id).or_default() += 1;
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for r in read_all(&topic) {
+                *counts.entry(r.result().document_id).or_default() += 1;
             }
-            if ids2.iter().all(|id| counts.contains_key(&payslip_stream::document::InferenceResult::id_for(id))) {
+            if ids2.iter().all(|id| counts.contains_key(id)) {
                 return counts;
             }
             assert!(start.elapsed() < Duration::from_secs(240), "after 240 s only {} of {} documents have results", counts.len(), ids2.len());
@@ -89,17 +118,36 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     })
     .await
     .unwrap();
+    let got: BTreeSet<String> = counts.keys().cloned().collect();
+    assert_eq!(got, ids, "every document has a result and no result names an unknown document");
+    let total: usize = counts.values().sum();
+    let duplicates = (total - ids.len()) as u64;
+    println!("{guarantee}: {} documents, {total} results after three SIGKILLs", ids.len());
+    if guarantee == "exactly_once" {
+        assert_eq!(duplicates, 0, "exactly once: one result per document");
+    }
+
+    // the windows count each document once
+    let started = Instant::now();
+    loop {
+        let metrics: Vec<payslip_stream::monitor::records::WindowMetrics> =
+            read_all(&cfg.topics.metrics).iter().filter_map(|r| payslip_stream::codec::decode(&r.payload, r.header("content-type")).ok()).collect();
+        let counted: i64 = metrics.iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+        let late = metrics.iter().map(|m| m.dropped_late_total).max().unwrap_or(0);
+        // every window but the flush document's has closed
+        if counted + late >= n as i64 {
+            assert_eq!((counted, late), (n as i64, 0), "every document counted once, none late");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "windows hold {counted} (+{late} late) of {n} documents");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let summary = monitor.stop().await;
+    assert_eq!(summary.duplicates_ignored, duplicates, "every duplicate result recognised by its id");
 
     // graceful stop: SIGTERM drains and exits 0
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
     assert!(status.success(), "SIGTERM must drain and exit cleanly, got {status}; log: {}", log.display());
-
-    let expected: BTreeSet<String> = ids.iter().map(|id| payslip_stream::document::InferenceResult::id_for(id)).collect();
-    let got: BTreeSet<String> = counts.keys().cloned().collect();
-    assert_eq!(got, expected, "every document has a result and no result names an unknown document");
-    let total: usize = counts.values().sum();
-    let duplicates = total - expected.len();
-    println!("{} documents, {total} results, {duplicates} duplicates (same result id) after SIGKILL + restart", expected.len());
 }

@@ -1,0 +1,165 @@
+//! Exactly-once hand-off (`kafka.processing_guarantee: exactly_once`): one Kafka transaction per
+//! batch holds the batch's results, its dead letters and the group's next input offsets, the way
+//! Kafka Streams' `exactly_once_v2` commits a task. Either all of it becomes visible to
+//! `read_committed` readers and the group moves past the batch, or none of it does.
+//!
+//! The transactional id is `<infer group>.<instance id>`: a restarted process (same instance id)
+//! aborts whatever its predecessor left open as it initialises, and the group generation sent with
+//! the offsets fences a process that lost its partitions in a rebalance (KIP-447).
+//!
+//! A transaction that must be aborted (a rebalance took a partition, a request failed for good) is
+//! aborted and the consumer rewinds to the batch's first offsets, so the batch is processed again by
+//! whoever owns its partitions; a fatal error (fenced by a newer process with the same instance id)
+//! stops the stage.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use rdkafka::{
+    consumer::{Consumer, StreamConsumer},
+    error::KafkaError as RdKafkaError,
+    producer::{FutureProducer, Producer},
+    topic_partition_list::{Offset, TopicPartitionList},
+};
+
+use super::{send, Processed};
+use crate::{config::PipelineConfig, kafka::KafkaError};
+
+/// How long one transactional call may block before it is looked at again.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a batch's transaction did not commit.
+pub(super) enum TxnFailure {
+    /// Aborted: nothing of the batch is visible and the consumer was rewound to it.
+    Aborted(KafkaError),
+    /// The producer cannot go on (fenced, or a fatal client error): stop the stage.
+    Fatal(KafkaError),
+}
+
+fn wrap(what: &str, e: RdKafkaError) -> KafkaError {
+    KafkaError::Broker { what: what.to_string(), source: e }
+}
+
+fn is_fatal(e: &RdKafkaError) -> bool {
+    match e {
+        RdKafkaError::Transaction(t) => t.is_fatal(),
+        _ => false,
+    }
+}
+
+fn is_retriable(e: &RdKafkaError) -> bool {
+    match e {
+        RdKafkaError::Transaction(t) => t.is_retriable(),
+        _ => false,
+    }
+}
+
+/// Initialises the transactional producer (fencing a predecessor with the same transactional id),
+/// retrying while the broker asks to.
+pub(super) fn init(producer: &FutureProducer, tolerance: Duration) -> Result<(), KafkaError> {
+    let deadline = std::time::Instant::now() + tolerance;
+    loop {
+        match producer.init_transactions(CALL_TIMEOUT) {
+            Ok(()) => return Ok(()),
+            Err(e) if (is_retriable(&e) || e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageTimedOut)) && std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "initialising transactions; retrying");
+            }
+            Err(e) => return Err(wrap("initialising the infer stage's transactions", e)),
+        }
+    }
+}
+
+/// Publishes `processed` and moves the group past its offsets in one transaction. Returns the
+/// number of results, results with an error, and dead letters committed.
+pub(super) async fn commit_batch(
+    producer: &FutureProducer,
+    consumer: &StreamConsumer,
+    cfg: &PipelineConfig,
+    processed: Vec<Processed>,
+) -> Result<(u64, u64, u64), TxnFailure> {
+    // first and next offset per input partition of the batch
+    let mut span: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
+    for p in &processed {
+        let e = span.entry((p.topic.clone(), p.partition)).or_insert((p.offset, p.offset + 1));
+        e.0 = e.0.min(p.offset);
+        e.1 = e.1.max(p.offset + 1);
+    }
+    tokio::task::block_in_place(|| producer.begin_transaction()).map_err(|e| classify("beginning a transaction", e))?;
+    let outcome = publish(producer, consumer, cfg, processed, &span).await;
+    match outcome {
+        Ok(counts) => Ok(counts),
+        Err(TxnFailure::Fatal(e)) => Err(TxnFailure::Fatal(e)),
+        Err(TxnFailure::Aborted(e)) => {
+            tracing::warn!(error = %e, "aborting the batch's transaction; its documents are read again");
+            if let Err(a) = tokio::task::block_in_place(|| producer.abort_transaction(CALL_TIMEOUT)) {
+                if is_fatal(&a) {
+                    return Err(TxnFailure::Fatal(wrap("aborting a transaction", a)));
+                }
+                tracing::warn!(error = %a, "abort did not complete; the broker aborts the transaction when it times out");
+            }
+            rewind(consumer, &span);
+            Err(TxnFailure::Aborted(e))
+        }
+    }
+}
+
+fn classify(what: &str, e: RdKafkaError) -> TxnFailure {
+    if is_fatal(&e) {
+        TxnFailure::Fatal(wrap(what, e))
+    } else {
+        TxnFailure::Aborted(wrap(what, e))
+    }
+}
+
+async fn publish(
+    producer: &FutureProducer,
+    consumer: &StreamConsumer,
+    cfg: &PipelineConfig,
+    processed: Vec<Processed>,
+    span: &BTreeMap<(String, i32), (i64, i64)>,
+) -> Result<(u64, u64, u64), TxnFailure> {
+    let mut futures = Vec::with_capacity(processed.len());
+    for p in processed {
+        let (fut, topic, p) = send(producer, cfg, p).await.map_err(TxnFailure::Aborted)?;
+        futures.push((fut, topic, p.out.is_result, p.out.has_error));
+    }
+    let mut offsets = TopicPartitionList::new();
+    for ((topic, partition), (_, next)) in span {
+        offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|e| TxnFailure::Aborted(wrap("offsets", e)))?;
+    }
+    let group = consumer.group_metadata().ok_or_else(|| TxnFailure::Aborted(KafkaError::Timeout { what: "the infer consumer's group membership (no group metadata yet)".into(), seconds: 0 }))?;
+    tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)).map_err(|e| classify("sending the batch's offsets to its transaction", e))?;
+    // a commit that times out (the broker is away) is retried as long as the outage tolerance allows
+    let deadline = std::time::Instant::now() + Duration::from_millis(cfg.kafka.outage_tolerance_ms);
+    loop {
+        match tokio::task::block_in_place(|| producer.commit_transaction(CALL_TIMEOUT)) {
+            Ok(()) => break,
+            Err(e) if is_retriable(&e) && std::time::Instant::now() < deadline => tracing::warn!(error = %e, "committing the batch's transaction; retrying"),
+            Err(e) => return Err(classify("committing the batch's transaction", e)),
+        }
+    }
+    let (mut results, mut with_error, mut dead) = (0, 0, 0);
+    for (fut, topic, is_result, has_error) in futures {
+        crate::kafka::delivered(fut, &topic).await.map_err(TxnFailure::Fatal)?;
+        if is_result {
+            results += 1;
+            with_error += has_error as u64;
+        } else {
+            dead += 1;
+        }
+    }
+    Ok((results, with_error, dead))
+}
+
+/// Puts the consumer back at the first offset of each partition of the aborted batch it still
+/// owns (a revoked one is read by its new owner from the committed offset).
+fn rewind(consumer: &StreamConsumer, span: &BTreeMap<(String, i32), (i64, i64)>) {
+    let owned = consumer.assignment().unwrap_or_default();
+    for ((topic, partition), (first, _)) in span {
+        if owned.find_partition(topic, *partition).is_none() {
+            continue;
+        }
+        if let Err(e) = consumer.seek(topic, *partition, Offset::Offset(*first), Duration::from_secs(10)) {
+            tracing::warn!(%topic, partition, offset = first, error = %e, "cannot rewind after an abort; the partition is read again from its committed offset after the next rebalance");
+        }
+    }
+}
