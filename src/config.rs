@@ -188,7 +188,7 @@ impl MonitorConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, e.g. `broker1:9092,broker2:9092`. Empty: start the embedded in-process
@@ -222,6 +222,10 @@ pub struct KafkaConfig {
     /// restarted process waits for a rebalance (the session timeout) before it gets partitions.
     #[serde(default = "yes")]
     pub static_membership: bool,
+    /// SASL authentication of every client. The password is read from a file or an environment
+    /// variable when the configuration is loaded, never written in this file, and never printed.
+    #[serde(default)]
+    pub sasl: Option<SaslConfig>,
     /// Set by `run --embedded`, not in the file: the in-process broker cannot describe topic
     /// configurations, so checks that need it are skipped.
     #[serde(skip)]
@@ -230,6 +234,89 @@ pub struct KafkaConfig {
 
 fn default_outage_tolerance_ms() -> u64 {
     600_000
+}
+
+/// `kafka.sasl`: who every client of this process authenticates as.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaslConfig {
+    /// SCRAM-SHA-512 (default), SCRAM-SHA-256 or PLAIN.
+    #[serde(default = "default_sasl_mechanism")]
+    pub mechanism: String,
+    pub username: String,
+    /// A file holding the password (its first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// SASL_SSL (TLS to the brokers; `ssl.ca.location` etc. through `kafka.librdkafka`) instead of
+    /// SASL_PLAINTEXT.
+    #[serde(default)]
+    pub tls: bool,
+}
+
+fn default_sasl_mechanism() -> String {
+    "SCRAM-SHA-512".into()
+}
+
+/// A value that is never printed (`Debug` and `Display` show `***`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl SaslConfig {
+    /// The password, from `password_file` or `password_env` (exactly one of them).
+    pub fn password(&self) -> Result<Secret, ConfigError> {
+        let p = match (&self.password_file, &self.password_env) {
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(path).map_err(|e| invalid("kafka.sasl.password_file", format!("cannot read {}: {e}", path.display())))?;
+                text.lines().next().unwrap_or("").to_string()
+            }
+            (None, Some(var)) => std::env::var(var).map_err(|_| invalid("kafka.sasl.password_env", format!("environment variable {var} is not set")))?,
+            _ => return Err(invalid("kafka.sasl", "set exactly one of password_file and password_env")),
+        };
+        if p.is_empty() {
+            return Err(invalid("kafka.sasl", "the password is empty"));
+        }
+        Ok(Secret(p))
+    }
+}
+
+/// Keys whose values are secrets: refused in `kafka.librdkafka` (use `kafka.sasl`) and never printed.
+const SECRET_KEYS: &[&str] = &["sasl.password", "sasl.jaas.config", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret"];
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let passthrough: BTreeMap<&String, &str> = self.librdkafka.iter().map(|(k, v)| (k, if SECRET_KEYS.contains(&k.as_str()) { "***" } else { v.as_str() })).collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("infer_group", &self.infer_group)
+            .field("librdkafka", &passthrough)
+            .field("outage_tolerance_ms", &self.outage_tolerance_ms)
+            .field("processing_guarantee", &self.processing_guarantee)
+            .field("instance_id", &self.instance_id)
+            .field("static_membership", &self.static_membership)
+            .field("sasl", &self.sasl)
+            .finish()
+    }
 }
 
 /// How the infer stage hands its work to Kafka (`kafka.processing_guarantee`).
@@ -273,6 +360,10 @@ const GUARDED_KEYS: &[(&str, &[&str], &str)] = &[
 impl KafkaConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         for (key, value) in &self.librdkafka {
+            // the password kafka.sasl put there itself is fine; one written in the file is not
+            if SECRET_KEYS.contains(&key.as_str()) && !(key == "sasl.password" && self.sasl.is_some()) {
+                return Err(invalid(&format!("kafka.librdkafka.{key}"), "secrets do not go in the configuration file: use kafka.sasl with password_file or password_env"));
+            }
             if let Some((_, allowed, why)) = GUARDED_KEYS.iter().find(|(k, _, _)| k == key) {
                 if !allowed.contains(&value.as_str()) {
                     let fix = if allowed.is_empty() { "remove it".to_string() } else { format!("remove it or use {}", allowed.join(" or ")) };
@@ -284,6 +375,33 @@ impl KafkaConfig {
             return Err(invalid("kafka.outage_tolerance_ms", format!("is {}; use 10000 to 900000 (the broker's default transaction.max.timeout.ms)", self.outage_tolerance_ms)));
         }
         Ok(())
+    }
+}
+
+impl KafkaConfig {
+    /// Puts `kafka.sasl` into the client properties every client is built from (security
+    /// protocol, mechanism, user name and the password read now).
+    fn apply_sasl(&mut self) -> Result<(), ConfigError> {
+        let Some(sasl) = &self.sasl else { return Ok(()) };
+        if !["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"].contains(&sasl.mechanism.as_str()) {
+            return Err(invalid("kafka.sasl.mechanism", format!("is {:?}; use SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN", sasl.mechanism)));
+        }
+        if sasl.username.trim().is_empty() {
+            return Err(invalid("kafka.sasl.username", "is empty"));
+        }
+        let password = sasl.password()?;
+        let protocol = if sasl.tls { "SASL_SSL" } else { "SASL_PLAINTEXT" };
+        let (mechanism, username) = (sasl.mechanism.clone(), sasl.username.clone());
+        self.librdkafka.insert("security.protocol".into(), protocol.into());
+        self.librdkafka.insert("sasl.mechanisms".into(), mechanism);
+        self.librdkafka.insert("sasl.username".into(), username);
+        self.librdkafka.insert("sasl.password".into(), password.expose().to_string());
+        Ok(())
+    }
+
+    /// The authenticated user name, when `kafka.sasl` is set.
+    pub fn principal(&self) -> Option<String> {
+        self.sasl.as_ref().map(|s| format!("User:{}", s.username))
     }
 }
 
@@ -547,12 +665,14 @@ impl PipelineConfig {
             }
         }
         cfg.validate()?;
+        cfg.kafka.apply_sasl()?;
         Ok(cfg)
     }
 
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: PipelineConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse { path: "<inline>".into(), message: e.to_string() })?;
+        let mut cfg: PipelineConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse { path: "<inline>".into(), message: e.to_string() })?;
         cfg.validate()?;
+        cfg.kafka.apply_sasl()?;
         Ok(cfg)
     }
 
@@ -634,6 +754,27 @@ mod tests {
     use super::*;
 
     const BASE: &str = "models:\n  metadata: Cargo.toml\n  serve: {document_classifier: '1.0.0'}\n";
+
+    #[test]
+    fn sasl_reads_the_password_from_a_file_or_the_environment_and_never_prints_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret-from-file\n").unwrap();
+        let c = PipelineConfig::from_yaml(&format!("{BASE}kafka:\n  sasl: {{username: ops, password_file: {}}}\n", file.display())).unwrap();
+        assert_eq!(c.kafka.librdkafka["sasl.password"], "s3cret-from-file");
+        assert_eq!((c.kafka.librdkafka["security.protocol"].as_str(), c.kafka.librdkafka["sasl.mechanisms"].as_str()), ("SASL_PLAINTEXT", "SCRAM-SHA-512"));
+        assert_eq!(c.kafka.principal().as_deref(), Some("User:ops"));
+        assert!(!format!("{c:?}").contains("s3cret-from-file"), "Debug hides it");
+        std::env::set_var("PAYSLIP_TEST_SASL_PW", "s3cret-from-env");
+        let c = PipelineConfig::from_yaml(&format!("{BASE}kafka:\n  sasl: {{username: ops, password_env: PAYSLIP_TEST_SASL_PW, tls: true}}\n")).unwrap();
+        assert_eq!((c.kafka.librdkafka["sasl.password"].as_str(), c.kafka.librdkafka["security.protocol"].as_str()), ("s3cret-from-env", "SASL_SSL"));
+        // a password written into the file is refused, naming where it goes instead
+        let e = PipelineConfig::from_yaml(&format!("{BASE}kafka:\n  librdkafka: {{sasl.password: hunter2}}\n")).unwrap_err().to_string();
+        assert!(e.contains("kafka.librdkafka.sasl.password") && e.contains("password_file") && !e.contains("hunter2"), "{e}");
+        let e = PipelineConfig::from_yaml(&format!("{BASE}kafka:\n  sasl: {{username: ops, password_env: PAYSLIP_TEST_SASL_UNSET}}\n")).unwrap_err().to_string();
+        assert!(e.contains("PAYSLIP_TEST_SASL_UNSET is not set"), "{e}");
+        assert_eq!(format!("{:?}", Secret("x".into())), "***");
+    }
 
     #[test]
     fn defaults_fill_in() {

@@ -237,12 +237,14 @@ async fn rollout_cli(command: RolloutCli) -> Result<()> {
         (None, None, Some(v)) if candidate.is_some() => default_rollout_id(&candidate.expect("checked").model, v),
         _ => candidate.map(|c| c.rollout_id()).ok_or_else(|| anyhow!("name the rollout with --id (or set rollout.candidate in the config)"))?,
     };
+    // with SASL the operator is the authenticated principal, not a name anyone can type
+    let operator = cfg.kafka.principal().unwrap_or_else(|| args.operator.clone());
     let issued_at = chrono::Utc::now().timestamp_millis();
     let cmd = RolloutCommand {
-        command_id: format!("{}-{issued_at}-{}", args.operator, std::process::id()),
+        command_id: format!("{}-{issued_at}-{}", operator.replace(':', "-"), std::process::id()),
         rollout_id: id,
         action: act.to_string(),
-        operator: args.operator.clone(),
+        operator,
         reason: args.reason.clone(),
         model,
         version,

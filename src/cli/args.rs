@@ -248,7 +248,8 @@ pub struct RolloutArgs {
     /// Rollout id (default: `rollout.candidate` of the config, i.e. `<model>-<version>`).
     #[arg(long)]
     pub id: Option<String>,
-    /// Who is acting (written into the decision).
+    /// Who is acting (written into the decision). Ignored with `kafka.sasl`: then the operator is
+    /// the authenticated principal (`User:<name>`).
     #[arg(long, env = "USER", default_value = "operator")]
     pub operator: String,
     /// Why (written into the decision).

@@ -13,4 +13,5 @@ mod monitor;
 mod outage;
 mod replay;
 mod rollout;
+mod security;
 mod counts;
