@@ -212,6 +212,11 @@ pub struct KafkaConfig {
     /// result again (the monitor still counts it once).
     #[serde(default)]
     pub processing_guarantee: Guarantee,
+    /// Exactly once: the infer stage's transaction timeout, ms. It bounds how long readers wait
+    /// behind the open transaction of a process that died and does not return; a broker outage
+    /// longer than this aborts the batch in flight, which is processed again afterwards.
+    #[serde(default = "default_transaction_timeout_ms")]
+    pub transaction_timeout_ms: u64,
     /// This process's stable identity in the infer group (`group.instance.id`, static membership:
     /// a restarted process gets its partitions back at once) and in its transactional id. Default:
     /// the host name. Processes of one group on one host need distinct values
@@ -234,6 +239,10 @@ pub struct KafkaConfig {
 
 fn default_outage_tolerance_ms() -> u64 {
     600_000
+}
+
+fn default_transaction_timeout_ms() -> u64 {
+    10_000
 }
 
 /// `kafka.sasl`: who every client of this process authenticates as.
@@ -311,6 +320,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("infer_group", &self.infer_group)
             .field("librdkafka", &passthrough)
             .field("outage_tolerance_ms", &self.outage_tolerance_ms)
+            .field("transaction_timeout_ms", &self.transaction_timeout_ms)
             .field("processing_guarantee", &self.processing_guarantee)
             .field("instance_id", &self.instance_id)
             .field("static_membership", &self.static_membership)
@@ -370,6 +380,9 @@ impl KafkaConfig {
                     return Err(invalid(&format!("kafka.librdkafka.{key}"), format!("{value:?} would weaken the delivery guarantees ({why}); {fix}")));
                 }
             }
+        }
+        if self.transaction_timeout_ms < 1_000 || self.transaction_timeout_ms > self.outage_tolerance_ms {
+            return Err(invalid("kafka.transaction_timeout_ms", format!("is {}; use 1000 to kafka.outage_tolerance_ms ({})", self.transaction_timeout_ms, self.outage_tolerance_ms)));
         }
         if self.outage_tolerance_ms < 10_000 || self.outage_tolerance_ms > 900_000 {
             return Err(invalid("kafka.outage_tolerance_ms", format!("is {}; use 10000 to 900000 (the broker's default transaction.max.timeout.ms)", self.outage_tolerance_ms)));

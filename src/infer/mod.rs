@@ -142,11 +142,13 @@ impl InferStage {
         let consumer = Arc::new(consumer);
         // a dead letter of any document within limits.max_payload_bytes fits the producer's limit
         let max_record = kafka::admin::dead_letter_max_bytes(cfg).max(1_000_000);
-        let mut pc = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms);
+        // a message may not outlive its transaction: with transactions a broker outage is waited out
+        // by aborting and processing the batch again, not by keeping its records queued
+        let message_timeout = if exactly_once { cfg.kafka.transaction_timeout_ms } else { cfg.kafka.outage_tolerance_ms };
+        let mut pc = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, message_timeout);
         pc.set("message.max.bytes", max_record.to_string());
         if exactly_once {
-            // a message may not outlive its transaction: both are the outage tolerance
-            pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.outage_tolerance_ms.to_string());
+            pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.transaction_timeout_ms.to_string());
         }
         let producer: FutureProducer = pc.create().map_err(KafkaError::client("the infer producer"))?;
         if exactly_once {

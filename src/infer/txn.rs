@@ -7,10 +7,14 @@
 //! aborts whatever its predecessor left open as it initialises, and the group generation sent with
 //! the offsets fences a process that lost its partitions in a rebalance (KIP-447).
 //!
-//! A transaction that must be aborted (a rebalance took a partition, a request failed for good) is
-//! aborted and the consumer rewinds to the batch's first offsets, so the batch is processed again by
-//! whoever owns its partitions; a fatal error (fenced by a newer process with the same instance id)
-//! stops the stage.
+//! A transaction that must be aborted (a rebalance took a partition, the broker was away longer
+//! than `kafka.transaction_timeout_ms`) is aborted and the consumer rewinds to the batch's first
+//! offsets, so the batch is processed again by whoever owns its partitions; a fatal error (fenced by
+//! a newer process with the same instance id) stops the stage.
+//!
+//! `kafka.transaction_timeout_ms` (default 10 s, as Kafka Streams) bounds how long `read_committed`
+//! readers wait behind the open transaction of a process that died and does not come back (one that
+//! comes back aborts it at once). A batch's transaction lasts only its sends and the commit.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -83,8 +87,11 @@ pub(super) async fn commit_batch(
         e.0 = e.0.min(p.offset);
         e.1 = e.1.max(p.offset + 1);
     }
-    tokio::task::block_in_place(|| producer.begin_transaction()).map_err(|e| classify("beginning a transaction", e))?;
-    let outcome = publish(producer, consumer, cfg, processed, &span).await;
+    let outcome = match tokio::task::block_in_place(|| producer.begin_transaction()) {
+        Ok(()) => publish(producer, consumer, cfg, processed, &span).await,
+        // e.g. the abort of an earlier batch did not complete while the broker was away
+        Err(e) => Err(classify("beginning a transaction", e)),
+    };
     match outcome {
         Ok(counts) => Ok(counts),
         Err(TxnFailure::Fatal(e)) => Err(TxnFailure::Fatal(e)),

@@ -20,11 +20,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::support::*;
 
-fn spawn_stage(config: &std::path::Path, prefix: &str, group: &str, log: &std::path::Path) -> Child {
+fn spawn_stage(config: &std::path::Path, prefix: &str, group: &str, instance: &str, log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
         .current_dir(repo())
-        .args(["run", "--stage", "infer", "--brokers", &brokers(), "--topic-prefix", prefix, "--group", group, "--config"])
+        .args(["run", "--stage", "infer", "--brokers", &brokers(), "--topic-prefix", prefix, "--group", group, "--instance-id", instance, "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -49,105 +49,154 @@ async fn sigkill_three_times_at_least_once_duplicates_results_but_never_window_c
     sigkill_three_times("at_least_once").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_one_killed_exactly_once_gives_one_result_per_document_and_exact_windows() {
+    kill_one_of_two("exactly_once").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_one_killed_at_least_once_keeps_window_counts_exact() {
+    kill_one_of_two("at_least_once").await;
+}
+
+/// Two infer processes share the group (instance ids a and b); a is killed for good mid-stream,
+/// b takes its partitions over once the group drops it.
+async fn kill_one_of_two(guarantee: &str) {
+    let run = Run::start(&format!("pair-{guarantee}"), guarantee, 2_000).await;
+    let mut a = spawn_stage(&run.yaml, &run.prefix, &run.group, "a", &run.log);
+    let mut b = spawn_stage(&run.yaml, &run.prefix, &run.group, "b", &run.log);
+    run.wait_for_results(run.n as i64 / 3).await;
+    a.kill().expect("SIGKILL");
+    a.wait().unwrap();
+    run.finish(&mut b, guarantee).await;
+}
+
 async fn sigkill_three_times(guarantee: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut cfg, prefix) = monitor_config(&format!("crash-{guarantee}"), dir.path()).await;
-    // partitions stay active across a restart, so no result of a killed stage's partitions is late
-    cfg.monitor.idle_timeout_ms = 10_000;
-    let group = cfg.kafka.infer_group.clone();
-    let yaml = dir.path().join("pipeline.yaml");
-    std::fs::write(
-        &yaml,
-        format!(
-            "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nkafka:\n  processing_guarantee: {guarantee}\n",
-            repo().join("models/model_metadata.json").display()
-        ),
-    )
-    .unwrap();
-    let log = std::env::temp_dir().join(format!("{}.log", unique("crash-stage")));
-    let n = 3000u64;
-    let gen = Generator::new(GeneratorConfig { seed: 99, ..Default::default() });
-    let mut ids: BTreeSet<String> = (0..n).map(|i| gen.document(i).document.document_id).collect();
-
-    let monitor = RunningMonitor::start(&cfg);
-    let mut child = spawn_stage(&yaml, &prefix, &group, &log);
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(300.0), progress: None, passthrough: Default::default() };
-    let producer = tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 99, start: 0, count: n, golden_fraction: 1.0 }).await });
-
+    let run = Run::start(&format!("crash-{guarantee}"), guarantee, 3_000).await;
+    let mut child = spawn_stage(&run.yaml, &run.prefix, &run.group, "a", &run.log);
     // three kills, each once another quarter of the stream has results
     for k in 1..=3i64 {
-        let started = Instant::now();
-        loop {
-            let c = messages_on(&cfg.topics.inference);
-            if c >= k * n as i64 / 4 {
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(120), "only {c} results in 120 s; log: {}", log.display());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        run.wait_for_results(k * run.n as i64 / 4).await;
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
-        child = spawn_stage(&yaml, &prefix, &group, &log);
+        child = spawn_stage(&run.yaml, &run.prefix, &run.group, "a", &run.log);
     }
-    let sent = producer.await.unwrap().expect("produce");
-    assert_eq!(sent.sent, n);
-    // a document well after the others closes every window of the stream
-    let mut flush = gen.document(n + 1).document;
-    flush.document_id = "flush".into();
-    flush.submitted_at = chrono::Utc::now().timestamp_millis() + 60_000;
-    ids.insert(flush.document_id.clone());
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
-    produce::produce(&opts, Source::Documents(vec![flush])).await.unwrap();
+    run.finish(&mut child, guarantee).await;
+}
 
-    // every document has a result (read_committed, as every reader of the project)
-    let topic = cfg.topics.inference.clone();
-    let ids2 = ids.clone();
-    let counts = tokio::task::spawn_blocking(move || {
-        let start = Instant::now();
+/// A stream of `n` documents at 300/s with the monitor counting, for infer processes the test starts.
+struct Run {
+    _dir: tempfile::TempDir,
+    cfg: payslip_stream::config::PipelineConfig,
+    prefix: String,
+    group: String,
+    yaml: std::path::PathBuf,
+    log: std::path::PathBuf,
+    n: u64,
+    monitor: Option<RunningMonitor>,
+    producer: Option<tokio::task::JoinHandle<Result<payslip_stream::produce::ProduceSummary, payslip_stream::produce::ProduceError>>>,
+}
+
+impl Run {
+    async fn start(name: &str, guarantee: &str, n: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut cfg, prefix) = monitor_config(name, dir.path()).await;
+        // partitions stay active across a restart, so no result of a killed stage's partitions is late
+        cfg.monitor.idle_timeout_ms = 20_000;
+        let group = cfg.kafka.infer_group.clone();
+        let yaml = dir.path().join("pipeline.yaml");
+        std::fs::write(
+            &yaml,
+            format!(
+                "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nkafka:\n  processing_guarantee: {guarantee}\n",
+                repo().join("models/model_metadata.json").display()
+            ),
+        )
+        .unwrap();
+        let log = std::env::temp_dir().join(format!("{}.log", unique("crash-stage")));
+        let monitor = RunningMonitor::start(&cfg);
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(300.0), progress: None, passthrough: Default::default() };
+        let producer = tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 99, start: 0, count: n, golden_fraction: 1.0 }).await });
+        Run { _dir: dir, cfg, prefix, group, yaml, log, n, monitor: Some(monitor), producer: Some(producer) }
+    }
+
+    async fn wait_for_results(&self, at_least: i64) {
+        let started = Instant::now();
         loop {
-            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-            for r in read_all(&topic) {
-                *counts.entry(r.result().document_id).or_default() += 1;
+            let c = messages_on(&self.cfg.topics.inference);
+            if c >= at_least {
+                return;
             }
-            if ids2.iter().all(|id| counts.contains_key(id)) {
-                return counts;
-            }
-            assert!(start.elapsed() < Duration::from_secs(240), "after 240 s only {} of {} documents have results", counts.len(), ids2.len());
-            std::thread::sleep(Duration::from_secs(1));
+            assert!(started.elapsed() < Duration::from_secs(120), "only {c} results in 120 s; log: {}", self.log.display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    })
-    .await
-    .unwrap();
-    let got: BTreeSet<String> = counts.keys().cloned().collect();
-    assert_eq!(got, ids, "every document has a result and no result names an unknown document");
-    let total: usize = counts.values().sum();
-    let duplicates = (total - ids.len()) as u64;
-    println!("{guarantee}: {} documents, {total} results after three SIGKILLs", ids.len());
-    if guarantee == "exactly_once" {
-        assert_eq!(duplicates, 0, "exactly once: one result per document");
     }
 
-    // the windows count each document once
-    let started = Instant::now();
-    loop {
-        let metrics: Vec<payslip_stream::monitor::records::WindowMetrics> =
-            read_all(&cfg.topics.metrics).iter().filter_map(|r| payslip_stream::codec::decode(&r.payload, r.header("content-type")).ok()).collect();
-        let counted: i64 = metrics.iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
-        let late = metrics.iter().map(|m| m.dropped_late_total).max().unwrap_or(0);
-        // every window but the flush document's has closed
-        if counted + late >= n as i64 {
-            assert_eq!((counted, late), (n as i64, 0), "every document counted once, none late");
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "windows hold {counted} (+{late} late) of {n} documents");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let summary = monitor.stop().await;
-    assert_eq!(summary.duplicates_ignored, duplicates, "every duplicate result recognised by its id");
+    /// Waits for every result and every window, checks the counts, and stops `last` with SIGTERM.
+    async fn finish(mut self, last: &mut Child, guarantee: &str) {
+        let (cfg, n, log) = (&self.cfg, self.n, &self.log);
+        let gen = Generator::new(GeneratorConfig { seed: 99, ..Default::default() });
+        let mut ids: BTreeSet<String> = (0..n).map(|i| gen.document(i).document.document_id).collect();
+        let sent = self.producer.take().expect("producer").await.unwrap().expect("produce");
+        assert_eq!(sent.sent, n);
+        // a document well after the others closes every window of the stream
+        let mut flush = gen.document(n + 1).document;
+        flush.document_id = "flush".into();
+        flush.submitted_at = chrono::Utc::now().timestamp_millis() + 60_000;
+        ids.insert(flush.document_id.clone());
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+        produce::produce(&opts, Source::Documents(vec![flush])).await.unwrap();
 
-    // graceful stop: SIGTERM drains and exits 0
-    let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "SIGTERM must drain and exit cleanly, got {status}; log: {}", log.display());
+        // every document has a result (read_committed, as every reader of the project)
+        let topic = cfg.topics.inference.clone();
+        let ids2 = ids.clone();
+        let counts = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            loop {
+                let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+                for r in read_all(&topic) {
+                    *counts.entry(r.result().document_id).or_default() += 1;
+                }
+                if ids2.iter().all(|id| counts.contains_key(id)) {
+                    return counts;
+                }
+                assert!(start.elapsed() < Duration::from_secs(240), "after 240 s only {} of {} documents have results", counts.len(), ids2.len());
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+        .await
+        .unwrap();
+        let got: BTreeSet<String> = counts.keys().cloned().collect();
+        assert_eq!(got, ids, "every document has a result and no result names an unknown document");
+        let total: usize = counts.values().sum();
+        let duplicates = (total - ids.len()) as u64;
+        println!("{guarantee}: {} documents, {total} results after the kills", ids.len());
+        if guarantee == "exactly_once" {
+            assert_eq!(duplicates, 0, "exactly once: one result per document");
+        }
+
+        // the windows count each document once
+        let started = Instant::now();
+        loop {
+            let metrics: Vec<payslip_stream::monitor::records::WindowMetrics> =
+                read_all(&cfg.topics.metrics).iter().filter_map(|r| payslip_stream::codec::decode(&r.payload, r.header("content-type")).ok()).collect();
+            let counted: i64 = metrics.iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+            let late = metrics.iter().map(|m| m.dropped_late_total).max().unwrap_or(0);
+            // every window but the flush document's has closed
+            if counted + late >= n as i64 {
+                assert_eq!((counted, late), (n as i64, 0), "every document counted once, none late");
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "windows hold {counted} (+{late} late) of {n} documents");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let summary = self.monitor.take().expect("monitor").stop().await;
+        assert_eq!(summary.duplicates_ignored, duplicates, "every duplicate result recognised by its id");
+
+        // graceful stop: SIGTERM drains and exits 0
+        let pid = last.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = last.wait().unwrap();
+        assert!(status.success(), "SIGTERM must drain and exit cleanly, got {status}; log: {}", log.display());
+    }
 }
