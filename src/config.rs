@@ -212,11 +212,10 @@ pub struct KafkaConfig {
     /// result again (the monitor still counts it once).
     #[serde(default)]
     pub processing_guarantee: Guarantee,
-    /// Exactly once: the infer stage's transaction timeout, ms. It bounds how long readers wait
-    /// behind the open transaction of a process that died and does not return; a broker outage
-    /// longer than this aborts the batch in flight, which is processed again afterwards.
-    #[serde(default = "default_transaction_timeout_ms")]
-    pub transaction_timeout_ms: u64,
+    /// Exactly once: the infer stage's transaction timeout, ms (default: `outage_tolerance_ms`). It bounds how long readers wait behind the open transaction of a process that
+    /// died and does not return (one that returns with its instance id aborts it at once).
+    #[serde(default)]
+    pub transaction_timeout_ms: Option<u64>,
     /// This process's stable identity in the infer group (`group.instance.id`, static membership:
     /// a restarted process gets its partitions back at once) and in its transactional id. Default:
     /// the host name. Processes of one group on one host need distinct values
@@ -241,9 +240,7 @@ fn default_outage_tolerance_ms() -> u64 {
     600_000
 }
 
-fn default_transaction_timeout_ms() -> u64 {
-    10_000
-}
+
 
 /// `kafka.sasl`: who every client of this process authenticates as.
 #[derive(Debug, Clone, Deserialize)]
@@ -381,8 +378,8 @@ impl KafkaConfig {
                 }
             }
         }
-        if self.transaction_timeout_ms < 1_000 || self.transaction_timeout_ms > self.outage_tolerance_ms {
-            return Err(invalid("kafka.transaction_timeout_ms", format!("is {}; use 1000 to kafka.outage_tolerance_ms ({})", self.transaction_timeout_ms, self.outage_tolerance_ms)));
+        if let Some(t) = self.transaction_timeout_ms.filter(|t| *t < 1_000 || *t > self.outage_tolerance_ms) {
+            return Err(invalid("kafka.transaction_timeout_ms", format!("is {t}; use 1000 to kafka.outage_tolerance_ms ({})", self.outage_tolerance_ms)));
         }
         if self.outage_tolerance_ms < 10_000 || self.outage_tolerance_ms > 900_000 {
             return Err(invalid("kafka.outage_tolerance_ms", format!("is {}; use 10000 to 900000 (the broker's default transaction.max.timeout.ms)", self.outage_tolerance_ms)));
@@ -410,6 +407,11 @@ impl KafkaConfig {
         self.librdkafka.insert("sasl.username".into(), username);
         self.librdkafka.insert("sasl.password".into(), password.expose().to_string());
         Ok(())
+    }
+
+    /// The infer stage's transaction timeout: `transaction_timeout_ms`, else the outage tolerance.
+    pub fn transaction_timeout_ms(&self) -> u64 {
+        self.transaction_timeout_ms.unwrap_or(self.outage_tolerance_ms)
     }
 
     /// The authenticated user name, when `kafka.sasl` is set.

@@ -144,11 +144,11 @@ impl InferStage {
         let max_record = kafka::admin::dead_letter_max_bytes(cfg).max(1_000_000);
         // a message may not outlive its transaction: with transactions a broker outage is waited out
         // by aborting and processing the batch again, not by keeping its records queued
-        let message_timeout = if exactly_once { cfg.kafka.transaction_timeout_ms } else { cfg.kafka.outage_tolerance_ms };
+        let message_timeout = if exactly_once { cfg.kafka.transaction_timeout_ms() } else { cfg.kafka.outage_tolerance_ms };
         let mut pc = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, message_timeout);
         pc.set("message.max.bytes", max_record.to_string());
         if exactly_once {
-            pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.transaction_timeout_ms.to_string());
+            pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.transaction_timeout_ms().to_string());
         }
         let producer: FutureProducer = pc.create().map_err(KafkaError::client("the infer producer"))?;
         if exactly_once {

@@ -50,17 +50,14 @@ async fn sigkill_three_times_at_least_once_duplicates_results_but_never_window_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_processes_one_killed_exactly_once_gives_one_result_per_document_and_exact_windows() {
-    kill_one_of_two("exactly_once").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_one_killed_at_least_once_keeps_window_counts_exact() {
     kill_one_of_two("at_least_once").await;
 }
 
 /// Two infer processes share the group (instance ids a and b); a is killed for good mid-stream,
-/// b takes its partitions over once the group drops it.
+/// b takes its partitions over once the group drops it. At least once only: exactly once, the
+/// transaction a left open holds read_committed readers until kafka.transaction_timeout_ms
+/// (10 minutes by default; see src/infer/txn.rs).
 async fn kill_one_of_two(guarantee: &str) {
     let run = Run::start(&format!("pair-{guarantee}"), guarantee, 2_000).await;
     let mut a = spawn_stage(&run.yaml, &run.prefix, &run.group, "a", &run.log);
