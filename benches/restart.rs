@@ -8,8 +8,9 @@
 //!
 //! For each mode and each of `BENCH_ROUNDS` rounds (default 3): documents flow at 100/s into fresh
 //! topics, `payslip-stream run --stage infer` (the real binary, exactly once) answers them; once it
-//! has answered some, it is killed with SIGKILL and started again at once, and the clock runs from
-//! the kill until the results topic (read_committed) holds more results than at the kill.
+//! has answered 300, it is killed with SIGKILL and started again at once, and the clock runs from
+//! the kill until the results topic (read_committed) holds a result processed after the kill.
+//! `BENCH_LOG=FILE` keeps the stages' logs (info), with their start-up step timings.
 //! Prints one JSON object; the README and BENCHMARKS.md record it.
 
 use std::{
@@ -23,23 +24,36 @@ use payslip_stream::{
     kafka,
     produce::{self, ProduceOptions, Source},
 };
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::{consumer::BaseConsumer, Message};
 
-/// Results visible to a read_committed reader.
-fn committed(brokers: &str, topic: &str) -> u64 {
+/// Results visible to a read_committed reader: how many, and the latest `processed_at` among them.
+fn committed(brokers: &str, topic: &str) -> (u64, i64) {
     let c: BaseConsumer = kafka::reader_config(brokers, &format!("bench-restart-{}", std::process::id()), &Default::default()).create().expect("reader");
     let cursor = kafka::RangeCursor::to_end(c, topic, |_, lo, _| lo, "results").expect("cursor");
-    cursor.for_each(Duration::from_secs(30), |_| Ok::<(), kafka::KafkaError>(())).expect("read")
+    let mut latest = 0i64;
+    let n = cursor
+        .for_each(Duration::from_secs(30), |m| {
+            let ct = payslip_stream::kafka::headers::get(m.headers(), "content-type");
+            if let Ok(r) = payslip_stream::codec::decode::<payslip_stream::document::InferenceResult>(m.payload().unwrap_or_default(), ct.as_deref()) {
+                latest = latest.max(r.processed_at);
+            }
+            Ok::<(), kafka::KafkaError>(())
+        })
+        .expect("read");
+    (n, latest)
 }
 
 fn spawn(yaml: &std::path::Path, brokers: &str, prefix: &str) -> Child {
+    let log = std::env::var_os("BENCH_LOG").map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).expect("BENCH_LOG"));
+    let log = log.as_ref();
     let exe = std::env::current_exe().expect("exe").parent().and_then(|d| d.parent()).expect("target dir").join("payslip-stream");
     Command::new(&exe)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["run", "--stage", "infer", "--brokers", brokers, "--topic-prefix", prefix, "--group", &format!("{prefix}infer"), "--config"])
         .arg(yaml)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", if log.is_some() { "info" } else { "warn" })
         .stdout(Stdio::null())
+        .stderr(log.map_or_else(Stdio::inherit, |f| Stdio::from(f.try_clone().expect("log file"))))
         .spawn()
         .unwrap_or_else(|e| panic!("{} (run `cargo build` first): {e}", exe.display()))
 }
@@ -64,16 +78,17 @@ fn round(brokers: &str, static_membership: bool, rt: &tokio::runtime::Runtime) -
     let feed = rt.spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 5, start: 0, count: 6_000, golden_fraction: 1.0 }).await });
     let mut child = spawn(&yaml, brokers, &prefix);
     let started = Instant::now();
-    while committed(brokers, &cfg.topics.inference) < 300 {
+    while committed(brokers, &cfg.topics.inference).0 < 300 {
         assert!(started.elapsed() < Duration::from_secs(120), "no results in 120 s");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // the successor's first result is the first one processed after the kill
+    let killed_at_ms = chrono::Utc::now().timestamp_millis();
     child.kill().expect("SIGKILL");
     let killed = Instant::now();
     child.wait().expect("wait");
-    let at_kill = committed(brokers, &cfg.topics.inference);
     let mut child = spawn(&yaml, brokers, &prefix);
-    while committed(brokers, &cfg.topics.inference) <= at_kill {
+    while committed(brokers, &cfg.topics.inference).1 <= killed_at_ms {
         assert!(killed.elapsed() < Duration::from_secs(120), "no result in 120 s after the restart");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -82,7 +82,9 @@ pub struct PipelineConfig {
 /// Header-driven fault injection, like Envoy's fault filter: when enabled, a document carrying
 /// `fault-delay-ms: N` delays its batch's model runs by N ms (a real sleep, so every document in that
 /// batch is slower), and `fault-error: MODEL` makes that model's output for the document fail with
-/// `INFERENCE_FAILED`. Never enable it where producers are not trusted.
+/// `INFERENCE_FAILED`. `fault-ort-failures: N` fails the batch's next N model runs as ONNX Runtime
+/// would, and `fault-txn-abort: 1` (exactly once) aborts the first transaction holding the message,
+/// after its records and offsets were sent. Never enable it where producers are not trusted.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultsConfig {

@@ -137,6 +137,7 @@ impl InferCounters {
             dead_letters: dl.values().sum(),
             dead_letters_by_class: dl.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             batches: self.batches.load(Ordering::Relaxed),
+            transactions_aborted: self.transactions_aborted.load(Ordering::Relaxed),
         }
     }
 }
@@ -150,4 +151,6 @@ pub struct InferSummary {
     pub dead_letters: u64,
     pub dead_letters_by_class: BTreeMap<String, u64>,
     pub batches: u64,
+    /// Exactly once: batches whose transaction was aborted and that were read again.
+    pub transactions_aborted: u64,
 }

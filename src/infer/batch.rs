@@ -30,6 +30,7 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
     let mut delay_ms = 0u64;
     let mut forced_errors: BTreeMap<usize, String> = BTreeMap::new();
     let mut runtime_failures = 0u32;
+    let abort_once = |m: &OwnedMessage| cfg.faults.enabled && h::get(m.headers(), "fault-txn-abort").is_some();
     let mut slots: Vec<Option<Processed>> = Vec::with_capacity(batch.len());
     for (i, m) in batch.iter().enumerate() {
         match decode_document(m, cfg, &limits, now) {
@@ -52,7 +53,7 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
             Err((class, message)) => {
                 counters.dead_letter(class);
                 tracing::warn!(class, %message, topic = m.topic(), partition = m.partition(), offset = m.offset(), "document dead-lettered");
-                slots.push(Some(Processed { out: dead_letter(cfg, m, class, &message), topic: m.topic().into(), partition: m.partition(), offset: m.offset() }));
+                slots.push(Some(Processed { out: dead_letter(cfg, m, class, &message), topic: m.topic().into(), partition: m.partition(), offset: m.offset(), abort_once: abort_once(m) }));
             }
         }
     }
@@ -98,7 +99,7 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
         for (((i, doc), outs), route) in docs.into_iter().zip(outputs).zip(routes) {
             let m = &batch[i];
             let out = result_message(cfg, m, doc, outs, &route, &provider, &sample);
-            slots[i] = Some(Processed { out, topic: m.topic().into(), partition: m.partition(), offset: m.offset() });
+            slots[i] = Some(Processed { out, topic: m.topic().into(), partition: m.partition(), offset: m.offset(), abort_once: abort_once(m) });
         }
     }
     Ok(slots.into_iter().flatten().collect())

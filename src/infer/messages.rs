@@ -29,6 +29,9 @@ pub(crate) struct Processed {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// Fault injection (`fault-txn-abort` header, `faults.enabled`): the first transaction that
+    /// holds this message is aborted just before its commit.
+    pub abort_once: bool,
 }
 
 fn source_of(m: &OwnedMessage) -> String {

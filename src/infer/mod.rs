@@ -117,17 +117,53 @@ impl InferStage {
     /// Runs until `shutdown` turns true (or its sender is dropped), then drains and returns what it did.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<InferSummary, StageError> {
         let cfg = &self.cfg;
+        let started = Instant::now();
         // a stage never consumes what it cannot process: refuse before joining the group
         check_served_models(cfg, &self.registry)?;
-        check_dead_letter_size(cfg, &self.brokers).await?;
-        // the canary split: read the decisions topic to its end before the first document
-        let follower = {
-            let (cfg, brokers, registry) = (cfg.clone(), self.brokers.clone(), self.registry.clone());
-            tokio::task::spawn_blocking(move || Follower::start(&cfg, &brokers, registry)).await.map_err(|e| StageError::Internal(format!("decisions follower panicked: {e}")))?
-        };
-        let routing = follower.routing();
         let exactly_once = cfg.kafka.processing_guarantee == Guarantee::ExactlyOnce && !cfg.kafka.embedded;
         let instance = cfg.kafka.instance_id();
+        // a dead letter of any document within limits.max_payload_bytes fits the producer's limit
+        let max_record = kafka::admin::dead_letter_max_bytes(cfg).max(1_000_000);
+        // a message may not outlive its transaction: with transactions a broker outage is waited out
+        // by aborting and processing the batch again, not by keeping its records queued
+        let message_timeout = if exactly_once { cfg.kafka.transaction_timeout_ms() } else { cfg.kafka.outage_tolerance_ms };
+        let mut pc = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, message_timeout);
+        pc.set("message.max.bytes", max_record.to_string());
+        if exactly_once {
+            pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.transaction_timeout_ms().to_string());
+        }
+        let producer: FutureProducer = pc.create().map_err(KafkaError::client("the infer producer"))?;
+
+        // Start-up steps that wait on the broker run side by side (a restart is answered sooner):
+        // the dead-letter topic's size check, the decisions topic read to its end (the canary
+        // split before the first document) and, exactly once, `init_transactions` (which aborts
+        // what a predecessor with this instance id left open).
+        let step = |t: Instant| t.elapsed().as_millis() as u64;
+        let dlq_check = async {
+            let t = Instant::now();
+            check_dead_letter_size(cfg, &self.brokers).await.map(|()| step(t))
+        };
+        let follower_start = {
+            let (cfg, brokers, registry) = (cfg.clone(), self.brokers.clone(), self.registry.clone());
+            tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let f = Follower::start(&cfg, &brokers, registry);
+                (f, step(t))
+            })
+        };
+        let init = {
+            let (producer, tolerance) = (producer.clone(), Duration::from_millis(cfg.kafka.outage_tolerance_ms));
+            tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                if exactly_once { txn::init(&producer, tolerance).map(|()| step(t)) } else { Ok(0) }
+            })
+        };
+        let (dlq_ms, follower, init_ms) = tokio::join!(dlq_check, follower_start, init);
+        let (follower, follower_ms) = follower.map_err(|e| StageError::Internal(format!("decisions follower panicked: {e}")))?;
+        let dlq_ms = dlq_ms?;
+        let init_ms = init_ms.map_err(|e| StageError::Internal(format!("init_transactions panicked: {e}")))??;
+        let routing = follower.routing();
+
         let mut cc = kafka::consumer_config(&self.brokers, &cfg.kafka.infer_group, &cfg.kafka.librdkafka);
         if !cfg.kafka.embedded && cfg.kafka.static_membership {
             // static membership: a restarted process with the same id gets its partitions back at once
@@ -140,21 +176,7 @@ impl InferStage {
         let consumer: StreamConsumer = cc.create().map_err(KafkaError::client("the infer consumer"))?;
         consumer.subscribe(&[&cfg.topics.documents]).map_err(KafkaError::broker(format!("subscribe to {}", cfg.topics.documents)))?;
         let consumer = Arc::new(consumer);
-        // a dead letter of any document within limits.max_payload_bytes fits the producer's limit
-        let max_record = kafka::admin::dead_letter_max_bytes(cfg).max(1_000_000);
-        // a message may not outlive its transaction: with transactions a broker outage is waited out
-        // by aborting and processing the batch again, not by keeping its records queued
-        let message_timeout = if exactly_once { cfg.kafka.transaction_timeout_ms() } else { cfg.kafka.outage_tolerance_ms };
-        let mut pc = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, message_timeout);
-        pc.set("message.max.bytes", max_record.to_string());
-        if exactly_once {
-            pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.transaction_timeout_ms().to_string());
-        }
-        let producer: FutureProducer = pc.create().map_err(KafkaError::client("the infer producer"))?;
-        if exactly_once {
-            let tolerance = Duration::from_millis(cfg.kafka.outage_tolerance_ms);
-            tokio::task::block_in_place(|| txn::init(&producer, tolerance))?;
-        }
+        tracing::info!(dead_letter_check_ms = dlq_ms, decisions_read_ms = follower_ms, init_transactions_ms = init_ms, total_ms = step(started), "start-up steps done; joining the group");
 
         tracing::info!(
             topic = %cfg.topics.documents, group = %cfg.kafka.infer_group, instance = %instance, exactly_once, provider = %self.registry.provider(),
@@ -167,6 +189,7 @@ impl InferStage {
         let mut last_log = Instant::now();
         let mut stopping = false;
         let mut failure: Option<StageError> = None;
+        let mut aborted_once: std::collections::HashSet<(String, i32, i64)> = Default::default();
 
         while !stopping {
             let mut batch: Vec<OwnedMessage> = Vec::with_capacity(cfg.batching.max_batch);
@@ -226,8 +249,13 @@ impl InferStage {
                 }
             };
             if exactly_once {
-                match txn::commit_batch(&producer, &consumer, cfg, processed).await {
+                // fault injection: a batch holding a `fault-txn-abort` message not aborted before
+                let inject_abort = processed.iter().filter(|p| p.abort_once).fold(false, |any, p| aborted_once.insert((p.topic.clone(), p.partition, p.offset)) || any);
+                match txn::commit_batch(&producer, &consumer, cfg, processed, inject_abort).await {
                     Ok((results, with_error, _dead)) => {
+                        if self.counters.offsets_stored.load(Ordering::Relaxed) == 0 {
+                            tracing::info!(since_start_ms = step(started), "first batch committed");
+                        }
                         self.counters.results.fetch_add(results, Ordering::Relaxed);
                         self.counters.results_with_error.fetch_add(with_error, Ordering::Relaxed);
                         self.counters.offsets_stored.fetch_add(1, Ordering::Relaxed);

@@ -12,12 +12,14 @@
 //! offsets, so the batch is processed again by whoever owns its partitions; a fatal error (fenced by
 //! a newer process with the same instance id) stops the stage.
 //!
-//! `kafka.transaction_timeout_ms` (default 10 minutes, the outage tolerance) bounds how long
+//! `kafka.transaction_timeout_ms` (default: the outage tolerance, 10 minutes) bounds how long
 //! `read_committed` readers wait behind the open transaction of a process that died and does not
 //! come back (one that comes back with its instance id aborts it at once). A batch's transaction
-//! lasts only its sends and the commit. A 10 s timeout (Kafka Streams' default) was tried: under a
-//! loaded CI run 2 of 800 documents were never answered, so some abort path still loses a batch;
-//! until that is found the long timeout keeps aborts to rebalances and fencing.
+//! lasts only its sends and the commit. The abort-and-rewind path is tested with an injected abort
+//! (`fault-txn-abort`) and with a process killed for good under a 10 s timeout
+//! (tests/it/crash.rs). The default stays long because a 10 s default (Kafka Streams') lost 2 of 800
+//! documents once in an earlier CI run; that was not reproduced since, and a deployment that must
+//! not let readers wait behind a dead process sets 10-60 s.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -82,6 +84,7 @@ pub(super) async fn commit_batch(
     consumer: &StreamConsumer,
     cfg: &PipelineConfig,
     processed: Vec<Processed>,
+    inject_abort: bool,
 ) -> Result<(u64, u64, u64), TxnFailure> {
     // first and next offset per input partition of the batch
     let mut span: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
@@ -91,7 +94,7 @@ pub(super) async fn commit_batch(
         e.1 = e.1.max(p.offset + 1);
     }
     let outcome = match tokio::task::block_in_place(|| producer.begin_transaction()) {
-        Ok(()) => publish(producer, consumer, cfg, processed, &span).await,
+        Ok(()) => publish(producer, consumer, cfg, processed, &span, inject_abort).await,
         // e.g. the abort of an earlier batch did not complete while the broker was away
         Err(e) => Err(classify("beginning a transaction", e)),
     };
@@ -126,6 +129,7 @@ async fn publish(
     cfg: &PipelineConfig,
     processed: Vec<Processed>,
     span: &BTreeMap<(String, i32), (i64, i64)>,
+    inject_abort: bool,
 ) -> Result<(u64, u64, u64), TxnFailure> {
     let mut futures = Vec::with_capacity(processed.len());
     for p in processed {
@@ -138,6 +142,10 @@ async fn publish(
     }
     let group = consumer.group_metadata().ok_or_else(|| TxnFailure::Aborted(KafkaError::Timeout { what: "the infer consumer's group membership (no group metadata yet)".into(), seconds: 0 }))?;
     tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)).map_err(|e| classify("sending the batch's offsets to its transaction", e))?;
+    if inject_abort {
+        // everything is sent, only the commit is missing: the latest point an abort can come
+        return Err(TxnFailure::Aborted(KafkaError::Timeout { what: "the batch (fault-txn-abort injected an abort)".into(), seconds: 0 }));
+    }
     // a commit that times out (the broker is away) is retried as long as the outage tolerance allows
     let deadline = std::time::Instant::now() + Duration::from_millis(cfg.kafka.outage_tolerance_ms);
     loop {

@@ -54,10 +54,16 @@ async fn two_processes_one_killed_at_least_once_keeps_window_counts_exact() {
     kill_one_of_two("at_least_once").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_one_killed_exactly_once_gives_one_result_per_document() {
+    kill_one_of_two("exactly_once").await;
+}
+
 /// Two infer processes share the group (instance ids a and b); a is killed for good mid-stream,
-/// b takes its partitions over once the group drops it. At least once only: exactly once, the
-/// transaction a left open holds read_committed readers until kafka.transaction_timeout_ms
-/// (10 minutes by default; see src/infer/txn.rs).
+/// b takes its partitions over once the group drops it (the session timeout). Exactly once, the
+/// transaction a left open holds read_committed readers until the broker aborts it after
+/// kafka.transaction_timeout_ms, set to 10 s here (the default is the outage tolerance; see
+/// src/infer/txn.rs); b then answers a's batch again.
 async fn kill_one_of_two(guarantee: &str) {
     let run = Run::start(&format!("pair-{guarantee}"), guarantee, 2_000).await;
     let mut a = spawn_stage(&run.yaml, &run.prefix, &run.group, "a", &run.log);
@@ -79,6 +85,26 @@ async fn sigkill_three_times(guarantee: &str) {
         child = spawn_stage(&run.yaml, &run.prefix, &run.group, "a", &run.log);
     }
     run.finish(&mut child, guarantee).await;
+}
+
+/// For a failure message: each document without a result, where it is on the documents topic
+/// (or that the broker does not have it) and whether it was dead-lettered.
+fn where_are(ids: &BTreeSet<String>, counts: &BTreeMap<String, usize>, documents: &str, dlq: &str) -> String {
+    let missing: Vec<&String> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
+    let on_topic: BTreeMap<String, (i32, i64)> = read_all(documents)
+        .iter()
+        .filter_map(|r| payslip_stream::codec::decode::<payslip_stream::document::PayslipDocument>(&r.payload, r.header("content-type")).ok().map(|d| (d.document_id, (r.partition, r.offset))))
+        .collect();
+    let dead: BTreeSet<String> = read_all(dlq).iter().filter_map(|r| r.key.clone()).collect();
+    let described: Vec<String> = missing
+        .iter()
+        .take(20)
+        .map(|id| match on_topic.get(*id) {
+            Some((p, o)) => format!("{id} at {documents}[{p}]@{o}{}", if dead.contains(*id) { " (dead-lettered)" } else { "" }),
+            None => format!("{id} not on {documents}"),
+        })
+        .collect();
+    format!("{} documents on {documents}; missing: {}", on_topic.len(), described.join(", "))
 }
 
 /// A stream of `n` documents at 300/s with the monitor counting, for infer processes the test starts.
@@ -105,7 +131,7 @@ impl Run {
         std::fs::write(
             &yaml,
             format!(
-                "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nkafka:\n  processing_guarantee: {guarantee}\n",
+                "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nkafka:\n  processing_guarantee: {guarantee}\n  transaction_timeout_ms: 10000\n",
                 repo().join("models/model_metadata.json").display()
             ),
         )
@@ -146,6 +172,7 @@ impl Run {
 
         // every document has a result (read_committed, as every reader of the project)
         let topic = cfg.topics.inference.clone();
+        let (documents, dlq) = (cfg.topics.documents.clone(), cfg.topics.documents_dlq.clone());
         let ids2 = ids.clone();
         let counts = tokio::task::spawn_blocking(move || {
             let start = Instant::now();
@@ -157,7 +184,9 @@ impl Run {
                 if ids2.iter().all(|id| counts.contains_key(id)) {
                     return counts;
                 }
-                assert!(start.elapsed() < Duration::from_secs(240), "after 240 s only {} of {} documents have results", counts.len(), ids2.len());
+                if start.elapsed() > Duration::from_secs(240) {
+                    panic!("after 240 s only {} of {} documents have results; {}", counts.len(), ids2.len(), where_are(&ids2, &counts, &documents, &dlq));
+                }
                 std::thread::sleep(Duration::from_secs(1));
             }
         })
@@ -196,4 +225,47 @@ impl Run {
         let status = last.wait().unwrap();
         assert!(status.success(), "SIGTERM must drain and exit cleanly, got {status}; log: {}", log.display());
     }
+}
+
+/// Exactly once, an aborted transaction is read and answered again: documents marked
+/// `fault-txn-abort` abort the first transaction that holds them (after its records and offsets
+/// were sent, before the commit). Every document has exactly one result, every bad message exactly
+/// one dead letter, although their batches were processed twice; some documents are already in the
+/// consumer's queue when the abort comes, others arrive afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_transactions_are_processed_again_with_one_answer_per_message() {
+    let mut cfg = isolated_config("txn-abort").await;
+    cfg.faults.enabled = true;
+    let registry = load_registry(&cfg);
+    let gen = Generator::new(GeneratorConfig { seed: 7, ..Default::default() });
+    let (n, every) = (240u64, 40u64);
+    let message = |i: u64| {
+        let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/avro")];
+        if i % every == every / 2 {
+            headers.push(("fault-txn-abort", "1"));
+        }
+        // two of the marked messages are not documents: their dead letters are aborted too
+        let payload = if i == every / 2 || i == 4 * every + every / 2 { b"not avro".to_vec() } else { payslip_stream::codec::encode(&gen.document(i).document, WireFormat::Avro).unwrap() };
+        (format!("k{}", i % 5), payload, headers)
+    };
+    // half waits in the topic before the stage starts (whole batches in the consumer's queue),
+    // half arrives while it runs
+    produce_raw(&cfg.topics.documents, (0..n / 2).map(message).collect()).await;
+    let stage = RunningStage::start(&cfg, registry);
+    produce_raw(&cfg.topics.documents, (n / 2..n).map(message).collect()).await;
+
+    let (t, dlq) = (cfg.topics.inference.clone(), cfg.topics.documents_dlq.clone());
+    let results = tokio::task::spawn_blocking(move || read_topic(&t, n as usize - 2, Duration::from_secs(120), Duration::from_secs(2))).await.unwrap();
+    let summary = stage.stop().await;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &results {
+        *counts.entry(r.result().document_id).or_default() += 1;
+    }
+    let expected: BTreeSet<String> = (0..n).filter(|&i| i != every / 2 && i != 4 * every + every / 2).map(|i| gen.document(i).document.document_id).collect();
+    assert_eq!(counts.keys().cloned().collect::<BTreeSet<_>>(), expected, "every document answered");
+    assert!(counts.values().all(|&c| c == 1), "one result per document: {:?}", counts.iter().filter(|(_, &c)| c > 1).collect::<Vec<_>>());
+    assert_eq!(read_all(&dlq).len(), 2, "one dead letter per bad message");
+    let marked = n / every;
+    assert!((1..=marked).contains(&summary.transactions_aborted), "{} transactions aborted for {marked} marked messages", summary.transactions_aborted);
+    assert_eq!(summary.results, n - 2, "the stage counts committed results only");
 }

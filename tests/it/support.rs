@@ -110,6 +110,8 @@ pub struct Read {
     pub key: Option<String>,
     pub headers: BTreeMap<String, String>,
     pub payload: Vec<u8>,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 impl Read {
@@ -121,6 +123,8 @@ impl Read {
                 .map(|hs| hs.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect())
                 .unwrap_or_default(),
             payload: m.payload().unwrap_or_default().to_vec(),
+            partition: m.partition(),
+            offset: m.offset(),
         }
     }
 
