@@ -77,6 +77,9 @@ pub struct PipelineConfig {
     /// Phased rollout of a candidate model version (phases, criteria, emergency rollback).
     #[serde(default)]
     pub rollout: crate::rollout::RolloutConfig,
+    /// The operations HTTP API (health, readiness, metrics, rollout commands).
+    #[serde(default)]
+    pub api: crate::ops::ApiConfig,
 }
 
 /// Header-driven fault injection, like Envoy's fault filter: when enabled, a document carrying
@@ -695,6 +698,7 @@ impl PipelineConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
+        self.api.validate()?;
         if self.batching.max_batch == 0 || self.batching.max_batch > 4096 {
             return Err(invalid("batching.max_batch", format!("is {}; use a value from 1 to 4096", self.batching.max_batch)));
         }

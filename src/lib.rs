@@ -19,7 +19,8 @@
 //!   for long operations);
 //! - stages: [`infer`] (the infer stage: batching, delivery/acks, dead letters), [`monitor`] (the
 //!   monitor stage: windows, alerts, outbox, changelog), [`rollout`] (config, records, controller,
-//!   criteria, stats, routing, ops);
+//!   criteria, stats, routing, ops), [`ops`] (the operations HTTP API: health, readiness,
+//!   Prometheus metrics, rollout commands with token roles);
 //! - parts: [`kafka`] (configs, sending, bounded reads, the topic registry, admin, embedded broker),
 //!   [`codec`] (Avro/JSON), [`document`] (records), [`inference`] (model registry, ONNX Runtime
 //!   sessions and providers, preprocessing), [`window`] (event-time windows and aggregates),
@@ -44,6 +45,7 @@ pub mod inference;
 pub mod inspect;
 pub mod kafka;
 pub mod monitor;
+pub mod ops;
 pub mod pipeline;
 pub mod produce;
 pub mod progress;

@@ -51,8 +51,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&s)?);
             Ok(())
         }
-        Command::Run { common, embedded, stage, group, instance_id, demo, demo_count, demo_rate, demo_candidate } => {
-            run(common, embedded, stage, group, instance_id, demo.then_some(DemoRun { count: demo_count, rate: demo_rate, candidate: demo_candidate })).await
+        Command::Run { common, embedded, stage, group, instance_id, api_listen, demo, demo_count, demo_rate, demo_candidate } => {
+            run(common, embedded, stage, group, instance_id, api_listen, demo.then_some(DemoRun { count: demo_count, rate: demo_rate, candidate: demo_candidate })).await
         }
         Command::State { command } => match command {
             StateCommand::Checkpoint { common, to } => {
@@ -154,10 +154,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-async fn run(common: Common, embedded: bool, stage_sel: Stage, group: Option<String>, instance_id: Option<String>, demo: Option<DemoRun>) -> Result<()> {
+async fn run(common: Common, embedded: bool, stage_sel: Stage, group: Option<String>, instance_id: Option<String>, api_listen: Option<std::net::SocketAddr>, demo: Option<DemoRun>) -> Result<()> {
     let mut cfg = load_config(&common)?;
     if let Some(g) = group {
         cfg.kafka.infer_group = g;
+    }
+    if let Some(addr) = api_listen {
+        cfg.api.listen = Some(addr);
     }
     if let Some(id) = instance_id {
         cfg.kafka.instance_id = Some(id);
@@ -191,6 +194,7 @@ async fn run(common: Common, embedded: bool, stage_sel: Stage, group: Option<Str
             (_, Some(r)) => format!(": {r}"),
             _ => String::new(),
         }),
+        Started::Api(addr) => eprintln!("operations API on http://{addr} (try: curl http://{addr}/health/litert)"),
     };
     let summary = pipeline::run(cfg, brokers, stages, opts, pipeline::shutdown_signal(), show).await?;
     if let Some(d) = &summary.demo {
@@ -239,17 +243,7 @@ async fn rollout_cli(command: RolloutCli) -> Result<()> {
     };
     // with SASL the operator is the authenticated principal, not a name anyone can type
     let operator = cfg.kafka.principal().unwrap_or_else(|| args.operator.clone());
-    let issued_at = chrono::Utc::now().timestamp_millis();
-    let cmd = RolloutCommand {
-        command_id: format!("{}-{issued_at}-{}", operator.replace(':', "-"), std::process::id()),
-        rollout_id: id,
-        action: act.to_string(),
-        operator,
-        reason: args.reason.clone(),
-        model,
-        version,
-        issued_at,
-    };
+    let cmd = RolloutCommand::new(id, act, operator, args.reason.clone(), model, version);
     ops::send_command(&cfg, &brokers, &cmd).await.map_err(|e| anyhow!(e))?;
     eprintln!("sent {} for rollout {} to {}", cmd.action, cmd.rollout_id, cfg.topics.commands);
     if args.no_wait {

@@ -46,6 +46,9 @@ pub enum PipelineError {
     Monitor(#[from] MonitorError),
     #[error("demo: {0}")]
     Demo(#[from] crate::demo::DemoError),
+    /// The configuration cannot work (e.g. the API's port is taken, a bad tokens file).
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
     /// A stage's thread or task died (a bug).
     #[error("internal: {0}")]
     Internal(String),
@@ -59,7 +62,7 @@ impl PipelineError {
             PipelineError::Models(e) => e.retryable(),
             PipelineError::Infer(e) => e.retryable(),
             PipelineError::Monitor(e) => e.retryable(),
-            PipelineError::Demo(_) | PipelineError::Internal(_) => false,
+            PipelineError::Demo(_) | PipelineError::Internal(_) | PipelineError::Config(_) => false,
         }
     }
 }
@@ -93,6 +96,8 @@ pub enum Started<'a> {
     EmbeddedBroker(&'a str),
     /// A model version was loaded or refused.
     Model(&'a ModelStatus),
+    /// The operations API listens here.
+    Api(std::net::SocketAddr),
 }
 
 /// A watch channel that turns true on SIGTERM or SIGINT.
@@ -116,15 +121,15 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-/// Runs the monitor stage on a blocking thread until `shutdown`.
-pub fn spawn_monitor(cfg: PipelineConfig, brokers: String, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<Result<MonitorSummary, MonitorError>> {
+/// Runs the monitor stage on a blocking thread until `shutdown`; it publishes its view into `view`.
+pub fn spawn_monitor(cfg: PipelineConfig, brokers: String, mut shutdown: watch::Receiver<bool>, view: crate::monitor::view::ViewHandle) -> tokio::task::JoinHandle<Result<MonitorSummary, MonitorError>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     tokio::spawn(async move {
         let _ = shutdown.changed().await;
         flag.store(true, Ordering::Relaxed);
     });
-    tokio::task::spawn_blocking(move || MonitorStage::open(cfg, brokers)?.run(stop))
+    tokio::task::spawn_blocking(move || MonitorStage::open(cfg, brokers)?.with_view(view).run(stop))
 }
 
 /// Loads the served models on a blocking thread.
@@ -166,14 +171,39 @@ pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts
             let _ = tx.send(true);
         });
     }
+    // the operations API, when configured, serves from before the stages start until they stopped
+    let ops = match cfg.api.listen {
+        Some(addr) if opts.demo.is_none() => {
+            let state = Arc::new(crate::ops::OpsState::new(cfg.clone(), brokers.clone())?);
+            let listener = crate::ops::server::bind(addr).await?;
+            let local = listener.local_addr().map_err(|e| PipelineError::Internal(e.to_string()))?;
+            tracing::info!(%local, tokens = state.tokens.len(), read_requires_token = cfg.api.read_requires_token, "operations API listening");
+            show(Started::Api(local));
+            let (state2, rx) = (state.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::ops::server::serve(state2, listener, rx).await {
+                    tracing::error!(error = %e, "operations API stopped");
+                }
+            });
+            Some(state)
+        }
+        _ => None,
+    };
+    let monitor_view = crate::monitor::view::ViewHandle::default();
     let mut summary = RunSummary::default();
     if stages == Stages::Monitor {
-        summary.monitor = Some(spawn_monitor(cfg, brokers, stop_rx).await.map_err(|e| PipelineError::Internal(e.to_string()))??);
+        if let Some(o) = &ops {
+            o.set_monitor(monitor_view.clone());
+        }
+        summary.monitor = Some(spawn_monitor(cfg, brokers, stop_rx, monitor_view).await.map_err(|e| PipelineError::Internal(e.to_string()))??);
         return Ok(summary);
     }
     let registry = load_models(&cfg).await?;
     for s in registry.status() {
         show(Started::Model(&s));
+    }
+    if let Some(o) = &ops {
+        o.set_registry(registry.clone());
     }
     if let Some(demo) = opts.demo {
         let state: PathBuf = std::env::temp_dir().join(format!("payslip-demo-state-{}", std::process::id()));
@@ -184,12 +214,19 @@ pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts
         return Ok(summary);
     }
     let join = |e: tokio::task::JoinError| PipelineError::Internal(e.to_string());
-    let mut infer = tokio::spawn(InferStage::new(cfg.clone(), brokers.clone(), registry).run(stop_rx.clone()));
+    let stage = InferStage::new(cfg.clone(), brokers.clone(), registry);
+    if let Some(o) = &ops {
+        o.set_infer(stage.counters());
+    }
+    let mut infer = tokio::spawn(stage.run(stop_rx.clone()));
     if stages == Stages::Infer {
         summary.infer = Some(infer.await.map_err(join)??);
         return Ok(summary);
     }
-    let mut monitor = spawn_monitor(cfg, brokers, stop_rx);
+    if let Some(o) = &ops {
+        o.set_monitor(monitor_view.clone());
+    }
+    let mut monitor = spawn_monitor(cfg, brokers, stop_rx, monitor_view);
     let (infer, monitor) = tokio::select! {
         r = &mut infer => {
             if r.as_ref().map_or(true, |r| r.is_err()) {

@@ -39,6 +39,13 @@ pub struct InferCounters {
     pub transactions_aborted: AtomicU64,
     /// Memory and CPU of this process, sampled once per batch.
     pub process: ProcessSampler,
+    /// Model time of answered documents, microseconds (sum over each document's model outputs).
+    pub inference_us: AtomicU64,
+    /// Documents that went through the models (the denominator of `inference_us`).
+    pub inferred_documents: AtomicU64,
+    /// Set once the stage is ready for documents (served models loaded, the decisions topic read,
+    /// transactions initialised, subscribed); cleared when it stops.
+    pub ready: std::sync::atomic::AtomicBool,
 }
 
 /// Resident memory and CPU use of this process, from `/proc/self` (None elsewhere).
@@ -57,7 +64,7 @@ pub struct ProcessSampler {
     last: Mutex<Option<(std::time::Instant, u64)>>,
 }
 
-fn clock_ticks_of_self() -> Option<u64> {
+pub(crate) fn clock_ticks_of_self() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // fields after the parenthesised command name; utime and stime are fields 14 and 15
     let rest = stat.rsplit_once(')')?.1;
@@ -65,7 +72,7 @@ fn clock_ticks_of_self() -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-fn rss_bytes_of_self() -> Option<u64> {
+pub(crate) fn rss_bytes_of_self() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)

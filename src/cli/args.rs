@@ -49,6 +49,9 @@ pub enum Command {
         /// overrides `kafka.instance_id` (default: the host name). Distinct per process on one host.
         #[arg(long, env = "PAYSLIP_INSTANCE_ID")]
         instance_id: Option<String>,
+        /// Serve the operations HTTP API here (e.g. 127.0.0.1:9464); overrides `api.listen`.
+        #[arg(long, env = "PAYSLIP_API_LISTEN")]
+        api_listen: Option<std::net::SocketAddr>,
         /// Demo: also produce synthetic documents (some of them broken) and print each result.
         #[arg(long)]
         demo: bool,

@@ -176,6 +176,7 @@ impl InferStage {
         let consumer: StreamConsumer = cc.create().map_err(KafkaError::client("the infer consumer"))?;
         consumer.subscribe(&[&cfg.topics.documents]).map_err(KafkaError::broker(format!("subscribe to {}", cfg.topics.documents)))?;
         let consumer = Arc::new(consumer);
+        self.counters.ready.store(true, Ordering::Relaxed);
         tracing::info!(dead_letter_check_ms = dlq_ms, decisions_read_ms = follower_ms, init_transactions_ms = init_ms, total_ms = step(started), "start-up steps done; joining the group");
 
         tracing::info!(
@@ -250,7 +251,10 @@ impl InferStage {
             };
             if exactly_once {
                 // fault injection: a batch holding a `fault-txn-abort` message not aborted before
-                let inject_abort = processed.iter().filter(|p| p.abort_once).fold(false, |any, p| aborted_once.insert((p.topic.clone(), p.partition, p.offset)) || any);
+                let mut inject_abort = false;
+                for p in processed.iter().filter(|p| p.abort_once) {
+                    inject_abort |= aborted_once.insert((p.topic.clone(), p.partition, p.offset));
+                }
                 match txn::commit_batch(&producer, &consumer, cfg, processed, inject_abort).await {
                     Ok((results, with_error, _dead)) => {
                         if self.counters.offsets_stored.load(Ordering::Relaxed) == 0 {
@@ -298,6 +302,7 @@ impl InferStage {
             }
             self.log_progress(&mut last_log);
         }
+        self.counters.ready.store(false, Ordering::Relaxed);
         drop(ack_tx);
         match acker.await {
             Ok(Ok(())) => {}

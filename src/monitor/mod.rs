@@ -26,6 +26,7 @@ pub mod changelog;
 mod outbox;
 pub mod records;
 pub mod state;
+pub mod view;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -119,6 +120,8 @@ pub struct MonitorStage {
     written_rollouts: BTreeMap<String, Vec<u8>>,
     /// Keys of an older state layout to delete with the next batch.
     legacy_keys: Vec<&'static [u8]>,
+    /// What the operations API sees of this stage.
+    view: view::ViewHandle,
 }
 
 fn now_ms() -> i64 {
@@ -132,7 +135,7 @@ impl MonitorStage {
         let store = RocksStateStore::open(&cfg.monitor.state_dir)?;
         let producer: FutureProducer = kafka::producer_config_with(&brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms).create().map_err(KafkaError::client("the monitor producer"))?;
         let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::new(&cfg, &brokers)?) } else { None };
-        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new() })
+        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view: view::ViewHandle::default() })
     }
 
     fn load(&mut self) -> Result<(), MonitorError> {
@@ -233,6 +236,17 @@ impl MonitorStage {
         &self.state.counters
     }
 
+    /// The copy of this stage's role, counters and firing alerts that it keeps fresh while it runs.
+    pub fn view(&self) -> view::ViewHandle {
+        self.view.clone()
+    }
+
+    /// Publishes this stage's view into `v` (one the caller holds before the stage runs).
+    pub fn with_view(mut self, v: view::ViewHandle) -> Self {
+        self.view = v;
+        self
+    }
+
     fn window_config(&self) -> WindowConfig {
         self.cfg.monitor.window()
     }
@@ -269,6 +283,7 @@ impl MonitorStage {
     /// Leads until `stop` (Ok) or until leadership is lost (an error).
     fn lead(&mut self, stop: &AtomicBool, initialised: &mut bool) -> Result<(), MonitorError> {
         self.commands_from = None;
+        self.view.set_role(view::Role::Standby);
         if let Some(c) = &self.changelog {
             if !c.wait_for_leadership(stop) {
                 return Ok(());
@@ -307,6 +322,8 @@ impl MonitorStage {
             self.state.watermark.register(&format!("{}/{}", e.topic(), e.partition()), wall);
         }
         tracing::info!(state_dir = %self.store.path(), open_windows = self.state.windows.len(), resumed_partitions = stored.len(), "monitor stage started");
+        self.view.set_role(view::Role::Leader);
+        let mut view_published = std::time::Instant::now() - view::PUBLISH_EVERY;
 
         let wcfg = self.window_config();
         let max_batch = self.cfg.monitor.max_batch;
@@ -411,10 +428,12 @@ impl MonitorStage {
             let mut emitted = commanded;
             emitted.extend(self.state.close_windows(&self.cfg.monitor.alerts, self.cfg.monitor.resolve_silent_after_windows, &self.cfg.rollout, &wcfg, wall));
             if consumed.is_empty() && emitted.is_empty() && !resolved_any && dead.is_empty() {
+                self.view.refresh(&mut view_published, &self.state, frontier);
                 continue;
             }
             let outbox = self.commit(consumed, emitted, dead)?;
             self.publish(outbox)?;
+            self.view.refresh(&mut view_published, &self.state, frontier);
         }
         Ok(())
     }

@@ -118,6 +118,18 @@ pub struct RolloutCommand {
     pub issued_at: i64,
 }
 
+impl RolloutCommand {
+    /// A command issued now by `operator` (the SASL principal, an API token's name, or what the
+    /// CLI was told). The id is unique per operator, time and process.
+    pub fn new(rollout_id: String, action: Action, operator: String, reason: Option<String>, model: Option<String>, version: Option<String>) -> Self {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let issued_at = chrono::Utc::now().timestamp_millis();
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let who: String = operator.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
+        RolloutCommand { command_id: format!("{who}-{issued_at}-{}-{seq}", std::process::id()), rollout_id, action: action.to_string(), operator, reason, model, version, issued_at }
+    }
+}
+
 impl Record for RolloutCommand {
     const SCHEMA_NAME: &'static str = "litert.v1.RolloutCommand";
     const SCHEMA_TEXT: &'static str = include_str!("../../schemas/rollout_command.avsc");

@@ -10,6 +10,7 @@ mod crash;
 mod kcat;
 mod models;
 mod monitor;
+mod ops;
 mod outage;
 mod replay;
 mod rollout;

@@ -1,0 +1,93 @@
+//! What the monitor stage shows the operations API while it runs: its role in the monitor group,
+//! its counters and the alerts that fire. The monitor thread publishes a fresh copy at most every
+//! [`PUBLISH_EVERY`] and whenever its role changes; readers never touch the stage's own state.
+
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::state::{MonitorCounters, MonitorState};
+use crate::alert::InstanceState;
+
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Opening the state, restoring it, or reading the inputs' positions.
+    #[default]
+    Starting,
+    /// Another process leads the monitor group; this one waits to take over.
+    Standby,
+    /// Consuming and closing windows.
+    Leader,
+}
+
+/// An alert instance that fires now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FiringAlert {
+    pub rule: String,
+    /// `critical` or `warning`.
+    pub severity: String,
+    /// `model@version`, `pipeline`, …
+    pub subject: String,
+    pub since_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MonitorView {
+    pub role: Role,
+    pub counters: MonitorCounters,
+    pub firing: Vec<FiringAlert>,
+    /// Windows open in the state (not closed yet).
+    pub open_windows: usize,
+    /// Event time up to which every input partition has been read (the windows' watermark), ms.
+    pub watermark_ms: Option<i64>,
+    pub updated_at_ms: i64,
+}
+
+/// The shared copy, and when it was last refreshed.
+#[derive(Debug, Clone, Default)]
+pub struct ViewHandle {
+    inner: Arc<RwLock<MonitorView>>,
+}
+
+impl ViewHandle {
+    pub fn get(&self) -> MonitorView {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(super) fn set_role(&self, role: Role) {
+        let mut v = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        v.role = role;
+        v.updated_at_ms = chrono::Utc::now().timestamp_millis();
+    }
+
+    /// Publishes the state's figures if the last copy is older than [`PUBLISH_EVERY`].
+    pub(super) fn refresh(&self, last: &mut Instant, state: &MonitorState, watermark_ms: Option<i64>) {
+        if last.elapsed() < PUBLISH_EVERY {
+            return;
+        }
+        *last = Instant::now();
+        let firing = state
+            .alerts
+            .iter()
+            .filter(|(_, a)| a.state == InstanceState::Firing)
+            .map(|(key, a)| {
+                // instance keys are `rule|Severity|subject`
+                let mut parts = key.splitn(3, '|');
+                let (rule, sev, subject) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+                FiringAlert { rule: rule.into(), severity: sev.to_ascii_lowercase(), subject: subject.into(), since_ms: a.episode_start_ms }
+            })
+            .collect();
+        let mut v = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        v.counters = state.counters.clone();
+        v.firing = firing;
+        v.open_windows = state.windows.len();
+        v.watermark_ms = watermark_ms;
+        v.updated_at_ms = chrono::Utc::now().timestamp_millis();
+    }
+}

@@ -1,0 +1,152 @@
+//! `GET /metrics`: the process's figures in the Prometheus/OpenMetrics text format, through the
+//! official Rust client (`prometheus-client`). Everything is read at scrape time from the stages'
+//! own counters (atomics of the infer stage, the monitor's published view, the model registry), so
+//! a scrape never blocks a stage and a counter shown here is the one the stage keeps.
+//!
+//! Names follow `payslip_<name>_<unit>[_total]`; counters get `_total` from the encoder.
+
+use std::sync::{atomic::Ordering, Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+
+use super::OpsState;
+use crate::inference::LoadState;
+
+#[derive(Debug)]
+struct Figures(Arc<OpsState>);
+
+fn counter(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(v).encode(m)
+}
+
+fn gauge(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(v).encode(m)
+}
+
+impl Collector for Figures {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let s = &self.0;
+        gauge(&mut enc, "payslip_uptime_seconds", "Seconds since this process started its stages.", s.started.elapsed().as_secs_f64())?;
+        if let Some(rss) = crate::telemetry::rss_bytes_of_self() {
+            gauge(&mut enc, "payslip_process_resident_memory_bytes", "Resident memory of this process.", rss as f64)?;
+        }
+        if let Some(ticks) = crate::telemetry::clock_ticks_of_self() {
+            let m = enc.encode_descriptor("payslip_process_cpu_seconds", "CPU time (user and system) of this process.", None, MetricType::Counter)?;
+            ConstCounter::new(ticks as f64 / 100.0).encode(m)?;
+        }
+        {
+            let mut fam = enc.encode_descriptor("payslip_stage_ready", "1 when the stage is ready (see /readyz), else 0.", None, MetricType::Gauge)?;
+            for (stage, ready) in s.readiness() {
+                ConstGauge::new(ready as i64).encode(fam.encode_family(&[("stage", stage)])?)?;
+            }
+        }
+        if let Some(registry) = s.registry() {
+            let status = registry.status();
+            {
+                let mut fam = enc.encode_descriptor("payslip_model_loaded", "1 for a loaded model version (label provider: the execution provider it runs on), 0 for a refused one.", None, MetricType::Gauge)?;
+                for m in &status {
+                    let provider = m.provider.clone().unwrap_or_default();
+                    let loaded = (m.state == LoadState::Loaded) as i64;
+                    ConstGauge::new(loaded).encode(fam.encode_family(&[("model", m.model.as_str()), ("version", m.version.as_str()), ("provider", provider.as_str())])?)?;
+                }
+            }
+            let mut fam = enc.encode_descriptor("payslip_model_load_seconds", "Time it took to load the model version.", None, MetricType::Gauge)?;
+            for m in &status {
+                ConstGauge::new(m.load_ms / 1000.0).encode(fam.encode_family(&[("model", m.model.as_str()), ("version", m.version.as_str())])?)?;
+            }
+        }
+        if let Some(c) = s.infer_counters() {
+            let snap = c.snapshot();
+            counter(&mut enc, "payslip_infer_documents_consumed", "Documents read from the documents topic (a batch read again after an abort counts again).", snap.consumed)?;
+            counter(&mut enc, "payslip_infer_results_produced", "Results committed (exactly once) or delivered (at least once).", snap.results)?;
+            counter(&mut enc, "payslip_infer_results_with_error", "Results whose error_code is set.", snap.results_with_error)?;
+            counter(&mut enc, "payslip_infer_batches", "Batches processed.", snap.batches)?;
+            counter(&mut enc, "payslip_infer_transactions_aborted", "Exactly once: batch transactions aborted and read again.", snap.transactions_aborted)?;
+            counter(&mut enc, "payslip_infer_offsets_committed", "Batches whose input offsets were committed or stored.", c.offsets_stored.load(Ordering::Relaxed))?;
+            let mut fam = enc.encode_descriptor("payslip_infer_dead_letters", "Messages sent to the documents dead-letter topic, by class.", None, MetricType::Counter)?;
+            for (class, n) in &snap.dead_letters_by_class {
+                ConstCounter::new(*n).encode(fam.encode_family(&[("class", class.as_str())])?)?;
+            }
+        }
+        if let Some(v) = s.monitor_view() {
+            let c = &v.counters;
+            counter(&mut enc, "payslip_monitor_results_applied", "Results counted into windows.", c.results_applied)?;
+            counter(&mut enc, "payslip_monitor_duplicates_ignored", "Results not counted because the same result id was counted before.", c.duplicates_ignored)?;
+            counter(&mut enc, "payslip_monitor_feedback_applied", "Feedback joined to its prediction.", c.feedback_applied)?;
+            counter(&mut enc, "payslip_monitor_feedback_orphans", "Feedback whose prediction never arrived.", c.feedback_orphans)?;
+            counter(&mut enc, "payslip_monitor_late_dropped", "Results later than the allowed lateness of their window.", c.dropped_late)?;
+            counter(&mut enc, "payslip_monitor_dead_letters", "Monitor inputs sent to the monitor dead-letter topic.", c.undecodable)?;
+            counter(&mut enc, "payslip_monitor_windows_closed", "Windows closed and published.", c.windows_closed)?;
+            counter(&mut enc, "payslip_monitor_alert_events", "Alert events (FIRING and RESOLVED) published.", c.alerts_emitted)?;
+            gauge(&mut enc, "payslip_monitor_open_windows", "Windows open in the monitor's state.", v.open_windows as f64)?;
+            {
+                let mut fam = enc.encode_descriptor("payslip_monitor_leader", "1 when this process leads the monitor group, 0 on standby or while starting.", None, MetricType::Gauge)?;
+                ConstGauge::new((v.role == crate::monitor::view::Role::Leader) as i64).encode(fam.encode_family(&[("role", format!("{:?}", v.role).to_ascii_lowercase().as_str())])?)?;
+            }
+            let mut fam = enc.encode_descriptor("payslip_alerts_firing", "1 per alert instance firing now.", None, MetricType::Gauge)?;
+            for a in &v.firing {
+                ConstGauge::new(1).encode(fam.encode_family(&[("rule", a.rule.as_str()), ("severity", a.severity.as_str()), ("subject", a.subject.as_str())])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The registry `/metrics` encodes.
+pub fn registry(state: Arc<OpsState>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(Figures(state)));
+    r
+}
+
+/// The content type of OpenMetrics text.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the Prometheus text format 0.0.4.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The text of one scrape: OpenMetrics when the scraper accepts it (Prometheus does), else the
+/// Prometheus text format 0.0.4 (curl, promtool, older scrapers), as the Go client negotiates.
+pub fn render(registry: &Registry, accept: Option<&str>) -> Result<(&'static str, String), std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+        return Ok((OPENMETRICS, out));
+    }
+    Ok((PROMETHEUS_TEXT, to_prometheus_text(&out)))
+}
+
+/// OpenMetrics → Prometheus text 0.0.4: a counter family is named after its samples (`…_total`),
+/// and `# UNIT` and `# EOF` lines go (0.0.4 has neither).
+fn to_prometheus_text(open: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = open.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(open.len());
+    for line in open.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_named_after_their_samples_in_the_prometheus_format() {
+        let open = "# HELP a_docs Docs.\n# TYPE a_docs counter\na_docs_total 5\n# HELP b Bytes.\n# TYPE b gauge\n# UNIT b bytes\nb{x=\"1\"} 2\n# EOF\n";
+        assert_eq!(super::to_prometheus_text(open), "# HELP a_docs_total Docs.\n# TYPE a_docs_total counter\na_docs_total 5\n# HELP b Bytes.\n# TYPE b gauge\nb{x=\"1\"} 2\n");
+    }
+}

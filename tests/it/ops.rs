@@ -1,0 +1,266 @@
+//! The operations API of a running pipeline (started by the library's wiring, as `run` does) on
+//! the real broker: every endpoint's fields, token roles on every mutating endpoint, and a real
+//! Prometheus server (Debian's `prometheus`, installed by scripts/setup) scraping `/metrics`.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use payslip_stream::{
+    codec::WireFormat,
+    config::PipelineConfig,
+    pipeline::{self, Brokers, RunOptions, RunSummary, Stages, Started},
+    produce::{self, ProduceOptions, Source},
+};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::support::*;
+
+const ALICE: &str = "alice-operate-token-0123456789";
+const GRAFANA: &str = "grafana-read-token-0123456789";
+
+/// A pipeline running in this process with its API on a free local port.
+struct Running {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<Result<RunSummary, pipeline::PipelineError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    async fn start(cfg: &mut PipelineConfig, dir: tempfile::TempDir, stages: Stages, read_requires_token: bool) -> Self {
+        let tokens = dir.path().join("tokens.yaml");
+        std::fs::write(&tokens, format!("tokens:\n  - {{name: alice, role: operate, token: {ALICE}}}\n  - {{name: grafana, role: read, token: {GRAFANA}}}\n")).unwrap();
+        cfg.api.listen = Some("127.0.0.1:0".parse().unwrap());
+        cfg.api.tokens_file = Some(tokens);
+        cfg.api.read_requires_token = read_requires_token;
+        cfg.api.command_timeout_ms = 20_000;
+        let (stop, rx) = watch::channel(false);
+        let (tx, addr_rx) = std::sync::mpsc::channel();
+        let (cfg2, brokers) = (cfg.clone(), brokers());
+        // the pipeline's future is not Send (it may hold the embedded broker): it runs where `run`
+        // runs it, on one thread, here a blocking thread of this runtime
+        let rt = tokio::runtime::Handle::current();
+        let handle = tokio::task::spawn_blocking(move || {
+            rt.block_on(pipeline::run(cfg2, Brokers::Cluster(brokers), stages, RunOptions::default(), rx, move |s| {
+                if let Started::Api(a) = s {
+                    let _ = tx.send(a);
+                }
+            }))
+        });
+        let addr = tokio::task::spawn_blocking(move || addr_rx.recv_timeout(Duration::from_secs(60)).expect("the API reports its address")).await.unwrap();
+        let r = Running { addr, stop, handle, _dir: dir };
+        // ready once every stage is
+        let started = Instant::now();
+        loop {
+            let (status, body) = r.get("/readyz", None).await;
+            if status == 200 {
+                assert_eq!(body["ready"], true);
+                break;
+            }
+            assert_eq!(status, 503, "{body}");
+            assert!(started.elapsed() < Duration::from_secs(60), "not ready after 60 s: {body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        r
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Status and body (JSON, or the text as a JSON string).
+    async fn request(&self, method: &'static str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+        let (url, token, body) = (self.url(path), token.map(str::to_string), body.map(str::to_string));
+        tokio::task::spawn_blocking(move || {
+            let mut req = ureq::request(method, &url).timeout(Duration::from_secs(60));
+            if let Some(t) = token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            let resp = match body {
+                Some(b) => req.set("Content-Type", "application/json").send_string(&b),
+                None => req.call(),
+            };
+            let resp = match resp {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => panic!("{method} {url}: {e}"),
+            };
+            let status = resp.status();
+            let text = resp.into_string().unwrap();
+            (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        self.request("GET", path, token, None).await
+    }
+
+    async fn stop(self) -> RunSummary {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(60), self.handle).await.expect("stops within 60 s").unwrap().expect("pipeline ok")
+    }
+}
+
+/// `name{labels} value` lines of a scrape → (name with labels, value).
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))).collect()
+}
+
+async fn produce_documents(cfg: &PipelineConfig, n: u64) {
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    let s = produce::produce(&opts, Source::Synthetic { seed: 11, start: 0, count: n, golden_fraction: 1.0 }).await.unwrap();
+    assert_eq!(s.sent, n);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = monitor_config("ops", dir.path()).await;
+    let api = Running::start(&mut cfg, dir, Stages::All, false).await;
+    let n = 60u64;
+    produce_documents(&cfg, n).await;
+
+    // the counters reach exactly the documents sent, in both stages
+    let started = Instant::now();
+    let text = loop {
+        let (status, body) = api.get("/metrics", None).await;
+        assert_eq!(status, 200);
+        let text = body.as_str().expect("text").to_string();
+        let s = samples(&text);
+        if s.get("payslip_infer_results_produced_total") == Some(&(n as f64)) && s.get("payslip_monitor_results_applied_total") == Some(&(n as f64)) {
+            break text;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "metrics never reached {n}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let s = samples(&text);
+    assert_eq!(s["payslip_infer_documents_consumed_total"], n as f64);
+    assert_eq!(s["payslip_stage_ready{stage=\"infer\"}"], 1.0);
+    assert_eq!(s["payslip_stage_ready{stage=\"monitor\"}"], 1.0);
+    assert!(s.keys().any(|k| k.starts_with("payslip_model_loaded{model=\"document_classifier\",version=\"1.0.0\",provider=\"CPUExecutionProvider\"}")), "{text}");
+    assert!(s["payslip_process_resident_memory_bytes"] > 1e6);
+    // promtool accepts the exposition
+    let mut promtool = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("promtool (scripts/setup installs Debian's prometheus package)");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    // the runbook's health check
+    let (status, h) = api.get("/health/litert", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(h["status"], "healthy", "{h}");
+    assert_eq!(h["models"]["document_classifier"], "v1.0.0");
+    assert_eq!(h["models"].as_object().unwrap().len(), 3);
+    assert!(h["metrics"]["avg_inference_time"].as_str().unwrap().ends_with("ms"), "{h}");
+    assert_eq!(h["metrics"]["error_rate"], "0.0%", "{h}");
+    assert!(h["metrics"]["uptime"].as_str().unwrap().ends_with('s'), "{h}");
+    let (status, d) = api.get("/health/detailed", None).await;
+    assert_eq!(status, 200);
+    assert_eq!((d["ready"]["infer"].clone(), d["ready"]["monitor"].clone()), (Value::Bool(true), Value::Bool(true)));
+    assert_eq!(d["infer"]["results"], n);
+    assert_eq!(d["monitor"]["role"], "leader");
+    assert_eq!(d["monitor"]["counters"]["results_applied"], n);
+    assert_eq!(d["models"].as_array().unwrap().len(), 3);
+    assert_eq!(api.get("/livez", None).await.0, 200);
+    let (status, p) = api.get("/rollout/phase-status", None).await;
+    assert_eq!(status, 200);
+    assert!(p["rollouts"].is_array(), "{p}");
+    assert_eq!(api.get("/rollout/phase-status?rollout_id=none-such", None).await.0, 404);
+
+    // a real Prometheus scrapes the API; its query API shows the same counts
+    let pdir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(
+        pdir.path().join("prometheus.yml"),
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: payslip\n    static_configs:\n      - targets: ['{}']\n", api.addr),
+    )
+    .unwrap();
+    let mut prom = Command::new("prometheus")
+        .arg(format!("--config.file={}", pdir.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", pdir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (scripts/setup installs Debian's prometheus package)");
+    let query = |q: &str| {
+        let url = format!("http://127.0.0.1:{port}/api/v1/query");
+        let q = q.to_string();
+        async move {
+            tokio::task::spawn_blocking(move || ureq::get(&url).query("query", &q).call().ok().and_then(|r| r.into_json::<Value>().ok())).await.unwrap()
+        }
+    };
+    let started = Instant::now();
+    let mut last = None;
+    let scraped = loop {
+        let v = query("payslip_infer_results_produced_total").await;
+        let value = v.as_ref().and_then(|v| v["data"]["result"][0]["value"][1].as_str().map(str::to_string));
+        if value.as_deref() == Some(&n.to_string()) {
+            break true;
+        }
+        last = v;
+        if started.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let up = query("up{job=\"payslip\"}").await;
+    let applied = query("payslip_monitor_results_applied_total").await;
+    let _ = prom.kill();
+    let _ = prom.wait();
+    assert!(scraped, "Prometheus never showed {n} results: {last:?}");
+    assert_eq!(up.unwrap()["data"]["result"][0]["value"][1], "1");
+    assert_eq!(applied.unwrap()["data"]["result"][0]["value"][1], n.to_string());
+
+    let summary = api.stop().await;
+    assert_eq!(summary.infer.unwrap().results, n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_guard_every_mutating_endpoint_and_the_operate_token_names_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = monitor_config("ops-auth", dir.path()).await;
+    // a monitor-only process answers commands; reads need a token too here
+    let api = Running::start(&mut cfg, dir, Stages::Monitor, true).await;
+    let paths = ["/features/advance-phase", "/features/rollback-phase", "/features/emergency-rollback", "/features/pause", "/features/resume"];
+    let body = Some(r#"{"rollout_id": "document_classifier-9.9.9"}"#);
+    for path in paths {
+        assert_eq!(api.request("POST", path, None, body).await.0, 401, "{path} without a token");
+        assert_eq!(api.request("POST", path, Some("not-a-known-token-at-all"), body).await.0, 401, "{path} with an unknown token");
+        let (status, b) = api.request("POST", path, Some(GRAFANA), body).await;
+        assert_eq!(status, 403, "{path} with a read token: {b}");
+    }
+    assert!(read_all(&cfg.topics.commands).is_empty(), "a refused request publishes nothing");
+    // reads: open probes, token-guarded rest
+    assert_eq!(api.get("/livez", None).await.0, 200);
+    assert_eq!(api.get("/metrics", None).await.0, 401);
+    assert_eq!(api.get("/health/litert", None).await.0, 401);
+    assert_eq!(api.get("/metrics", Some(GRAFANA)).await.0, 200);
+    assert_eq!(api.get("/health/litert", Some(ALICE)).await.0, 200);
+    // a body over api.max_body_bytes is refused before anything is sent
+    let big = format!(r#"{{"reason": "{}"}}"#, "x".repeat(cfg.api.max_body_bytes));
+    assert_eq!(api.request("POST", "/features/pause", Some(ALICE), Some(&big)).await.0, 413);
+    assert_eq!(api.request("POST", "/features/pause", Some(ALICE), Some("{not json")).await.0, 400);
+    assert!(read_all(&cfg.topics.commands).is_empty());
+
+    // the operate token's command is answered by the monitor; its name is the operator
+    let (status, b) = api.request("POST", "/features/pause", Some(ALICE), Some(r#"{"rollout_id": "document_classifier-9.9.9", "reason": "night freeze"}"#)).await;
+    assert_eq!(status, 409, "no such rollout: REJECTED, {b}");
+    assert_eq!(b["decision"]["action"], "REJECTED");
+    assert_eq!(b["decision"]["operator"], "alice");
+    let commands = read_all(&cfg.topics.commands);
+    assert_eq!(commands.len(), 1);
+    assert_eq!(commands[0].header("operator"), Some("alice"));
+    api.stop().await;
+}
