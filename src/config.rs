@@ -80,6 +80,9 @@ pub struct PipelineConfig {
     /// The operations HTTP API (health, readiness, metrics, rollout commands).
     #[serde(default)]
     pub api: crate::ops::ApiConfig,
+    /// Where alert events go besides their topic (`alerts.forward.alertmanager_url`).
+    #[serde(default)]
+    pub alerts: crate::alert::forward::AlertsConfig,
 }
 
 /// Header-driven fault injection, like Envoy's fault filter: when enabled, a document carrying
@@ -699,6 +702,7 @@ impl PipelineConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
         self.api.validate()?;
+        self.alerts.validate()?;
         if self.batching.max_batch == 0 || self.batching.max_batch > 4096 {
             return Err(invalid("batching.max_batch", format!("is {}; use a value from 1 to 4096", self.batching.max_batch)));
         }

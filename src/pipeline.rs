@@ -132,6 +132,24 @@ pub fn spawn_monitor(cfg: PipelineConfig, brokers: String, mut shutdown: watch::
     tokio::task::spawn_blocking(move || MonitorStage::open(cfg, brokers)?.with_view(view).run(stop))
 }
 
+/// Runs the Alertmanager bridge ([`crate::alert::forward`]) on a blocking thread until `shutdown`.
+pub fn spawn_forwarder(cfg: PipelineConfig, brokers: String, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+        flag.store(true, Ordering::Relaxed);
+    });
+    tokio::task::spawn_blocking(move || match crate::alert::forward::run(&cfg, &brokers, stop) {
+        Ok(s) => tracing::info!(summary = ?s, "Alertmanager bridge stopped"),
+        Err(e) => tracing::error!(error = %e, "Alertmanager bridge stopped; alert events stay on their topic and are forwarded after a restart"),
+    })
+}
+
 /// Loads the served models on a blocking thread.
 pub async fn load_models(cfg: &PipelineConfig) -> Result<Arc<ModelRegistry>, PipelineError> {
     let (m, i) = (cfg.models.clone(), cfg.inference.clone());
@@ -191,11 +209,18 @@ pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts
     };
     let monitor_view = crate::monitor::view::ViewHandle::default();
     let mut summary = RunSummary::default();
+    // alert events go to Alertmanager from the processes that run the monitor stage
+    let forwarder = (stages != Stages::Infer && opts.demo.is_none() && cfg.alerts.forward.alertmanager_url.is_some()).then(|| spawn_forwarder(cfg.clone(), brokers.clone(), stop_rx.clone()));
     if stages == Stages::Monitor {
         if let Some(o) = &ops {
             o.set_monitor(monitor_view.clone());
         }
-        summary.monitor = Some(spawn_monitor(cfg, brokers, stop_rx, monitor_view).await.map_err(|e| PipelineError::Internal(e.to_string()))??);
+        let monitor = spawn_monitor(cfg, brokers, stop_rx, monitor_view).await;
+        let _ = stop_tx.send(true);
+        if let Some(f) = forwarder {
+            let _ = f.await;
+        }
+        summary.monitor = Some(monitor.map_err(|e| PipelineError::Internal(e.to_string()))??);
         return Ok(summary);
     }
     let registry = load_models(&cfg).await?;
@@ -243,6 +268,9 @@ pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts
             (infer.await, r)
         }
     };
+    if let Some(f) = forwarder {
+        let _ = f.await;
+    }
     // both have drained; the infer stage's error is reported first
     let (infer, monitor) = (infer.map_err(join)?, monitor.map_err(join)?);
     summary.infer = Some(infer?);

@@ -11,6 +11,8 @@
 //! Everything here is a pure function of the rules, the stored instance state and the window, so a
 //! replay of the same input yields the same events with the same ids.
 
+pub mod forward;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

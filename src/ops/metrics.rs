@@ -69,6 +69,11 @@ impl Collector for Figures {
             counter(&mut enc, "payslip_infer_results_with_error", "Results whose error_code is set.", snap.results_with_error)?;
             counter(&mut enc, "payslip_infer_batches", "Batches processed.", snap.batches)?;
             counter(&mut enc, "payslip_infer_transactions_aborted", "Exactly once: batch transactions aborted and read again.", snap.transactions_aborted)?;
+            {
+                let m = enc.encode_descriptor("payslip_infer_inference_seconds", "Model time of the documents answered (sum over each document's model outputs).", None, MetricType::Counter)?;
+                ConstCounter::new(c.inference_us.load(Ordering::Relaxed) as f64 / 1e6).encode(m)?;
+            }
+            counter(&mut enc, "payslip_infer_documents_inferred", "Documents that went through the models (the denominator of payslip_infer_inference_seconds_total).", c.inferred_documents.load(Ordering::Relaxed))?;
             counter(&mut enc, "payslip_infer_offsets_committed", "Batches whose input offsets were committed or stored.", c.offsets_stored.load(Ordering::Relaxed))?;
             let mut fam = enc.encode_descriptor("payslip_infer_dead_letters", "Messages sent to the documents dead-letter topic, by class.", None, MetricType::Counter)?;
             for (class, n) in &snap.dead_letters_by_class {

@@ -4,10 +4,11 @@
 //! |---|---|---|---|
 //! | `/livez` | GET | open | 200 while the process serves HTTP |
 //! | `/readyz` | GET | open | 200 once every stage of the process is ready, else 503 with which is not |
-//! | `/health/litert` | GET | read | the runbook's health JSON |
+//! | `/health/litert`, `/health/status` | GET | read | the runbook's health JSON |
 //! | `/health/detailed` | GET | read | per stage: readiness, counters, models and providers, firing alerts |
 //! | `/metrics` | GET | read | Prometheus text format |
 //! | `/rollout/phase-status` | GET | read | every rollout's phase status (`?rollout_id=` for one) |
+//! | `/features/rollout` `{"phase": 1, "percentage": P}` | POST | operate | START of `rollout.candidate` (or `model`/`version` in the body) at phase 1 |
 //! | `/features/advance-phase`, `/features/rollback-phase`, `/features/emergency-rollback`, `/features/pause`, `/features/resume` | POST | operate | the decision the command caused |
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -65,9 +66,11 @@ pub fn router(ops: Arc<OpsState>) -> Router {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/health/litert", get(health_litert))
+        .route("/health/status", get(health_litert))
         .route("/health/detailed", get(health_detailed))
         .route("/metrics", get(metrics_text))
         .route("/rollout/phase-status", get(phase_status))
+        .route("/features/rollout", post(start_rollout))
         .route("/features/advance-phase", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::ADVANCE)))
         .route("/features/rollback-phase", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::ROLLBACK_PHASE)))
         .route("/features/emergency-rollback", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::EMERGENCY_ROLLBACK)))
@@ -239,25 +242,85 @@ struct FeatureBody {
     reason: Option<String>,
 }
 
+/// The caller with the `operate` role, or the refusal.
+fn operator(app: &App, headers: &HeaderMap) -> Result<Caller, Response> {
+    match authorise(app, headers, Role::Operate) {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "operate always needs a token")),
+        Err(r) => Err(r),
+    }
+}
+
+/// A JSON body (an empty one is the default).
+fn parse_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("body: {e}; expected {shape}")))
+}
+
 async fn command(State(app): State<App>, headers: HeaderMap, body: Bytes, act: Action) -> Response {
-    let caller = match authorise(&app, &headers, Role::Operate) {
-        Ok(Some(c)) => c,
-        Ok(None) => unreachable!("operate always needs a token"),
+    let caller = match operator(&app, &headers) {
+        Ok(c) => c,
         Err(r) => return r,
     };
-    let body: FeatureBody = if body.iter().all(u8::is_ascii_whitespace) {
-        FeatureBody::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}; expected {{\"rollout_id\"?: string, \"reason\"?: string}}")),
-        }
+    let body: FeatureBody = match parse_body(&body, r#"{"rollout_id"?: string, "reason"?: string}"#) {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let cfg = &app.ops.cfg;
     let Some(rollout_id) = body.rollout_id.clone().or_else(|| cfg.rollout.candidate.as_ref().map(|c| c.rollout_id())) else {
         return error(StatusCode::BAD_REQUEST, "name the rollout: {\"rollout_id\": ...} (no rollout.candidate is configured)");
     };
-    let cmd = RolloutCommand::new(rollout_id, act, caller.name.clone(), body.reason.clone(), None, None);
+    publish_and_wait(&app, RolloutCommand::new(rollout_id, act, caller.name.clone(), body.reason.clone(), None, None), &caller).await
+}
+
+/// Body of `POST /features/rollout` (the runbook's `{"phase": 1, "percentage": 1}`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutBody {
+    #[serde(default)]
+    phase: Option<i32>,
+    #[serde(default)]
+    percentage: Option<f64>,
+    /// Default: `rollout.candidate`.
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Starts a rollout at phase 1. Later phases are entered by advance-phase (or by the controller
+/// once a phase's criteria hold), so `phase` must be 1 and `percentage`, when given, phase 1's.
+async fn start_rollout(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    let caller = match operator(&app, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let body: RolloutBody = match parse_body(&body, r#"{"phase": 1, "percentage"?: number, "model"?: string, "version"?: string, "reason"?: string}"#) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let cfg = &app.ops.cfg;
+    if body.phase.is_some_and(|p| p != 1) {
+        return error(StatusCode::BAD_REQUEST, "a rollout starts at phase 1; later phases are entered with POST /features/advance-phase (or by the controller once a phase's criteria hold)");
+    }
+    let first = cfg.rollout.phases.first().map(|p| p.traffic_percent).unwrap_or(0.0);
+    if let Some(p) = body.percentage.filter(|p| (p - first).abs() > 1e-9) {
+        return error(StatusCode::BAD_REQUEST, format!("phase 1 routes {first} % of users (rollout.phases[0].traffic_percent), not {p} %"));
+    }
+    let candidate = cfg.rollout.candidate.as_ref();
+    let (Some(model), Some(version)) = (body.model.clone().or_else(|| candidate.map(|c| c.model.clone())), body.version.clone().or_else(|| candidate.map(|c| c.version.clone()))) else {
+        return error(StatusCode::BAD_REQUEST, "name the candidate: {\"model\": ..., \"version\": ...} (no rollout.candidate is configured)");
+    };
+    let id = crate::rollout::default_rollout_id(&model, &version);
+    publish_and_wait(&app, RolloutCommand::new(id, action::START, caller.name.clone(), body.reason.clone(), Some(model), Some(version)), &caller).await
+}
+
+async fn publish_and_wait(app: &App, cmd: RolloutCommand, caller: &Caller) -> Response {
+    let cfg = &app.ops.cfg;
     tracing::info!(token = %caller.name, action = %cmd.action, rollout = %cmd.rollout_id, command_id = %cmd.command_id, "ops API: rollout command");
     if let Err(e) = rollout_ops::send_command(cfg, &app.ops.brokers, &cmd).await {
         return error(StatusCode::SERVICE_UNAVAILABLE, format!("the command was not published: {e}"));

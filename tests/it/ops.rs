@@ -130,6 +130,8 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     let api = Running::start(&mut cfg, dir, Stages::All, false).await;
     let n = 60u64;
     produce_documents(&cfg, n).await;
+    // and one message that is not a document (a dead letter, so that panel has data too)
+    produce_raw(&cfg.topics.documents, vec![("broken".into(), b"not avro".to_vec(), vec![("content-type", "application/avro")])]).await;
 
     // the counters reach exactly the documents sent, in both stages
     let started = Instant::now();
@@ -145,7 +147,8 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     let s = samples(&text);
-    assert_eq!(s["payslip_infer_documents_consumed_total"], n as f64);
+    assert_eq!(s["payslip_infer_documents_consumed_total"], n as f64 + 1.0);
+    assert_eq!(s["payslip_infer_dead_letters_total{class=\"undecodable\"}"], 1.0);
     assert_eq!(s["payslip_stage_ready{stage=\"infer\"}"], 1.0);
     assert_eq!(s["payslip_stage_ready{stage=\"monitor\"}"], 1.0);
     assert!(s.keys().any(|k| k.starts_with("payslip_model_loaded{model=\"document_classifier\",version=\"1.0.0\",provider=\"CPUExecutionProvider\"}")), "{text}");
@@ -183,9 +186,10 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     let port = free_port();
     std::fs::write(
         pdir.path().join("prometheus.yml"),
-        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: payslip\n    static_configs:\n      - targets: ['{}']\n", api.addr),
+        format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yml]\nscrape_configs:\n  - job_name: payslip\n    static_configs:\n      - targets: ['{}']\n", api.addr),
     )
     .unwrap();
+    std::fs::copy(repo().join("deploy/prometheus/rules.yml"), pdir.path().join("rules.yml")).unwrap();
     let mut prom = Command::new("prometheus")
         .arg(format!("--config.file={}", pdir.path().join("prometheus.yml").display()))
         .arg(format!("--storage.tsdb.path={}", pdir.path().join("data").display()))
@@ -215,11 +219,31 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
+    // every panel of the Grafana dashboard has data (recording rules included)
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/payslip-stream.json")).unwrap()).unwrap();
+    let exprs: Vec<String> = dashboard["panels"].as_array().unwrap().iter().flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string())).collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let mut empty: Vec<String> = exprs.clone();
+    let started = Instant::now();
+    while !empty.is_empty() && started.elapsed() < Duration::from_secs(60) {
+        let mut still = Vec::new();
+        for e in empty {
+            let v = query(&e).await;
+            if !v.as_ref().and_then(|v| v["data"]["result"].as_array().map(|r| !r.is_empty())).unwrap_or(false) {
+                still.push(e);
+            }
+        }
+        empty = still;
+        if !empty.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     let up = query("up{job=\"payslip\"}").await;
     let applied = query("payslip_monitor_results_applied_total").await;
     let _ = prom.kill();
     let _ = prom.wait();
     assert!(scraped, "Prometheus never showed {n} results: {last:?}");
+    assert!(empty.is_empty(), "dashboard panels without data: {empty:?}");
     assert_eq!(up.unwrap()["data"]["result"][0]["value"][1], "1");
     assert_eq!(applied.unwrap()["data"]["result"][0]["value"][1], n.to_string());
 
@@ -233,7 +257,7 @@ async fn tokens_guard_every_mutating_endpoint_and_the_operate_token_names_the_op
     let (mut cfg, _) = monitor_config("ops-auth", dir.path()).await;
     // a monitor-only process answers commands; reads need a token too here
     let api = Running::start(&mut cfg, dir, Stages::Monitor, true).await;
-    let paths = ["/features/advance-phase", "/features/rollback-phase", "/features/emergency-rollback", "/features/pause", "/features/resume"];
+    let paths = ["/features/rollout", "/features/advance-phase", "/features/rollback-phase", "/features/emergency-rollback", "/features/pause", "/features/resume"];
     let body = Some(r#"{"rollout_id": "document_classifier-9.9.9"}"#);
     for path in paths {
         assert_eq!(api.request("POST", path, None, body).await.0, 401, "{path} without a token");
@@ -259,8 +283,128 @@ async fn tokens_guard_every_mutating_endpoint_and_the_operate_token_names_the_op
     assert_eq!(status, 409, "no such rollout: REJECTED, {b}");
     assert_eq!(b["decision"]["action"], "REJECTED");
     assert_eq!(b["decision"]["operator"], "alice");
+    // the runbook's phase-1 call starts the configured candidate
+    assert_eq!(api.request("POST", "/features/rollout", Some(ALICE), Some(r#"{"phase": 2, "percentage": 10}"#)).await.0, 400);
+    assert_eq!(api.request("POST", "/features/rollout", Some(ALICE), Some(r#"{"phase": 1, "percentage": 7}"#)).await.0, 400);
+    let (status, b) = api.request("POST", "/features/rollout", Some(ALICE), Some(r#"{"phase": 1, "percentage": 1}"#)).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!((b["decision"]["action"].clone(), b["decision"]["phase"].clone(), b["decision"]["operator"].clone()), (Value::from("START"), Value::from(1), Value::from("alice")), "{b}");
+    let (status, p) = api.get("/rollout/phase-status", Some(GRAFANA)).await;
+    assert_eq!(status, 200);
+    assert_eq!(p["rollouts"][0]["current_phase"], 1, "{p}");
+    assert_eq!(p["rollouts"][0]["last_operator"], "alice", "{p}");
     let commands = read_all(&cfg.topics.commands);
-    assert_eq!(commands.len(), 1);
-    assert_eq!(commands[0].header("operator"), Some("alice"));
+    assert_eq!(commands.len(), 2, "one command per accepted request");
+    assert!(commands.iter().all(|c| c.header("operator") == Some("alice")));
     api.stop().await;
+}
+
+fn alert_event(status: &str, at: i64) -> payslip_stream::alert::AlertEvent {
+    payslip_stream::alert::AlertEvent {
+        alert_id: "0123456789abcdef0123456789abcdef".into(),
+        code: "LITERT_HIGH_ERROR_RATE".into(),
+        severity: "CRITICAL".into(),
+        status: status.into(),
+        rule: "error_rate".into(),
+        metric: "error_rate".into(),
+        model: "table_detection".into(),
+        version: "1.0.0".into(),
+        cohort: "baseline".into(),
+        value: 0.12,
+        threshold: 0.05,
+        samples: 200,
+        window_start: at - 60_000,
+        window_end: at,
+        episode_start: at - 60_000,
+        action: "page the on-call; roll back the model version".into(),
+        emitted_at: at,
+        reason: None,
+    }
+}
+
+/// Active alerts in Alertmanager's v2 API with our alert id.
+fn alertmanager_alerts(port: u16) -> Option<Vec<Value>> {
+    let v: Value = ureq::get(&format!("http://127.0.0.1:{port}/api/v2/alerts")).query("filter", "alert_id=\"0123456789abcdef0123456789abcdef\"").call().ok()?.into_json().ok()?;
+    v.as_array().cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_events_reach_a_real_alertmanager_firing_then_resolved_also_when_it_starts_late() {
+    let mut cfg = isolated_config("alertmanager").await;
+    let port = free_port();
+    cfg.alerts.forward.alertmanager_url = Some(format!("http://127.0.0.1:{port}"));
+    cfg.alerts.forward.resend_interval_ms = 1_000;
+    // the bridge starts while Alertmanager is still down, with a FIRING event waiting on the topic
+    let now = chrono::Utc::now().timestamp_millis();
+    produce_records(&cfg.topics.alerts, "error_rate", &[alert_event("FIRING", now)]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bridge = {
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || payslip_stream::alert::forward::run(&cfg, &brokers(), stop))
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // let it find Alertmanager down (its summary counts the retry)
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("am.yml"), "route:\n  receiver: default\nreceivers:\n  - name: default\n").unwrap();
+    let mut am = Command::new("prometheus-alertmanager")
+        .arg(format!("--config.file={}", dir.path().join("am.yml").display()))
+        .arg(format!("--storage.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus-alertmanager (scripts/setup installs Debian's package)");
+
+    let wait_for = |want_active: bool| async move {
+        let started = Instant::now();
+        loop {
+            let got = tokio::task::spawn_blocking(move || alertmanager_alerts(port)).await.unwrap();
+            if let Some(list) = &got {
+                if want_active && list.len() == 1 || !want_active && list.is_empty() {
+                    return list.clone();
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "Alertmanager never showed the alert {}: {got:?}", if want_active { "firing" } else { "resolved" });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let firing = wait_for(true).await;
+    let a = &firing[0];
+    assert_eq!(a["labels"]["alertname"], "LITERT_HIGH_ERROR_RATE");
+    assert_eq!(a["labels"]["severity"], "critical", "critical routes to the pager, warnings to chat");
+    assert_eq!(a["labels"]["model"], "table_detection");
+    assert_eq!(a["labels"]["service"], "payslip-stream");
+    assert_eq!(a["annotations"]["action"], "page the on-call; roll back the model version");
+    assert_eq!(a["status"]["state"], "active");
+    // still active after its first endsAt (3 resend intervals) passed: the bridge sends it again
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    assert_eq!(tokio::task::spawn_blocking(move || alertmanager_alerts(port)).await.unwrap().map(|l| l.len()), Some(1));
+
+    // RESOLVED resolves the same alert
+    produce_records(&cfg.topics.alerts, "error_rate", &[alert_event("RESOLVED", chrono::Utc::now().timestamp_millis())]).await;
+    wait_for(false).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let summary = bridge.await.unwrap().expect("bridge");
+    let _ = am.kill();
+    let _ = am.wait();
+    assert_eq!(summary.forwarded, 2, "the FIRING and the RESOLVED event, each once");
+    assert!(summary.retries >= 1, "Alertmanager was down at first: {summary:?}");
+}
+
+/// The deployment files are valid for the tools that load them, and the alerting rules fire at the
+/// runbook's thresholds (promtool's rule unit tests in deploy/prometheus/rules.test.yml).
+#[test]
+fn the_prometheus_and_alertmanager_files_check_and_the_rule_unit_tests_pass() {
+    let deploy = repo().join("deploy");
+    let run = |cmd: &str, args: &[&str], dir: &std::path::Path| {
+        let out = Command::new(cmd).args(args).current_dir(dir).output().unwrap_or_else(|e| panic!("{cmd} (scripts/setup installs it): {e}"));
+        assert!(out.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let prom = deploy.join("prometheus");
+    run("promtool", &["check", "config", "prometheus.yml"], &prom);
+    run("promtool", &["check", "rules", "rules.yml"], &prom);
+    let tested = run("promtool", &["test", "rules", "rules.test.yml"], &prom);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+    run("amtool", &["check-config", "alertmanager.yml"], &deploy.join("alertmanager"));
 }
