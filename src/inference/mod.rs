@@ -19,6 +19,7 @@
 pub mod metadata;
 pub mod preprocess;
 pub mod runtime;
+pub mod stats;
 
 use std::{
     collections::BTreeMap,
@@ -150,6 +151,8 @@ pub struct ModelRegistry {
     load_lock: Mutex<()>,
     /// Model runs tried again after ONNX Runtime failed them.
     run_retries: AtomicU64,
+    /// Run time and batch size of every successful model run, per version.
+    runs: stats::RunStats,
 }
 
 /// Wait before the first retry of a failed run; each further retry waits 4 times longer.
@@ -187,6 +190,7 @@ impl ModelRegistry {
             retry: Mutex::new(BTreeMap::new()),
             load_lock: Mutex::new(()),
             run_retries: AtomicU64::new(0),
+            runs: stats::RunStats::default(),
         };
         for (name, version) in wanted {
             registry.ensure_loaded(&name, &version);
@@ -278,6 +282,63 @@ impl ModelRegistry {
         self.run_retries.load(Ordering::Relaxed)
     }
 
+    /// Run statistics per version (`/metrics`, `/performance/slow-models`).
+    pub fn run_stats(&self) -> &stats::RunStats {
+        &self.runs
+    }
+
+    /// Every version this registry knows (loaded or refused), as (model, version).
+    pub fn known_versions(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self.status().into_iter().map(|s| (s.model, s.version)).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Checks one version in isolation, without touching what serves: reads the file and verifies
+    /// its sha256 and input shape, builds a fresh session (reporting the provider it got and the
+    /// load time) and runs `doc` through it once.
+    pub fn check_isolated(&self, name: &str, version: &str, doc: &PayslipDocument) -> ModelCheck {
+        let started = Instant::now();
+        let loaded = Self::load_one(&self.metadata, &self.inference, name, version);
+        let load_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut check = ModelCheck { model: name.into(), version: version.into(), ok: false, provider: None, load_ms, test_inference_ms: None, result: None, error: None };
+        let model = match loaded {
+            Ok((m, _)) => m,
+            Err(e) => {
+                check.error = Some(e.to_string());
+                return check;
+            }
+        };
+        check.provider = Some(model.provider.to_string());
+        let t = Instant::now();
+        let run = match name {
+            CLASSIFIER => run_classifier(&model, &[doc]),
+            TABLES => run_tables(&model, &[doc]),
+            TEXT => run_text(&model, &[doc]),
+            _ => Err((codes::MODEL_UNAVAILABLE, format!("no runner for {name}"))),
+        };
+        check.test_inference_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+        match run {
+            Ok(fills) => {
+                let mut o = unavailable(name, version);
+                o.error_code = None;
+                if let Some(f) = fills.into_iter().next() {
+                    f(&mut o);
+                }
+                check.ok = o.error_code.is_none();
+                check.error = o.error_code.clone();
+                check.result = Some(match (&o.label, o.regions.len(), o.lines.len()) {
+                    (Some(l), _, _) => format!("label {l} ({:.2})", o.confidence.unwrap_or_default()),
+                    (None, r, 0) => format!("{r} table regions"),
+                    (None, _, n) => format!("{n} text lines read"),
+                });
+            }
+            Err((code, message)) => check.error = Some(format!("{code}: {message}")),
+        }
+        check
+    }
+
     /// Replaces the session of a loaded version with a fresh one (after a failed run). Keeps the
     /// old one when the rebuild fails.
     fn rebuild(&self, name: &str, version: &str) -> Option<Arc<LoadedModel>> {
@@ -352,6 +413,9 @@ impl ModelRegistry {
                     other => break (other, latency_ms),
                 }
             };
+            if per_doc.is_ok() {
+                self.runs.observe(name, version, latency_ms, docs.len());
+            }
             let base = ModelOutput {
                 model: name.clone(),
                 version: version.clone(),
@@ -383,6 +447,21 @@ impl ModelRegistry {
         }
         Ok(out)
     }
+}
+
+/// One version checked in isolation ([`ModelRegistry::check_isolated`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelCheck {
+    pub model: String,
+    pub version: String,
+    /// The file verified, a session built, and the test inference answered without an error.
+    pub ok: bool,
+    pub provider: Option<String>,
+    pub load_ms: f64,
+    pub test_inference_ms: Option<f64>,
+    /// What the test inference answered, in words.
+    pub result: Option<String>,
+    pub error: Option<String>,
 }
 
 fn unavailable(name: &str, version: &str) -> ModelOutput {

@@ -243,6 +243,7 @@ impl MonitorStage {
 
     /// Publishes this stage's view into `v` (one the caller holds before the stage runs).
     pub fn with_view(mut self, v: view::ViewHandle) -> Self {
+        v.set_checkpointer(self.store.checkpointer());
         self.view = v;
         self
     }

@@ -49,15 +49,26 @@ pub struct MonitorView {
     pub updated_at_ms: i64,
 }
 
-/// The shared copy, and when it was last refreshed.
+/// The shared copy, and when it was last refreshed; also the handle that checkpoints the
+/// monitor's open state (live backups).
 #[derive(Debug, Clone, Default)]
 pub struct ViewHandle {
     inner: Arc<RwLock<MonitorView>>,
+    store: Arc<RwLock<Option<crate::state::Checkpointer>>>,
 }
 
 impl ViewHandle {
     pub fn get(&self) -> MonitorView {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Checkpoints of the running monitor's state (None before the stage opened it).
+    pub fn checkpointer(&self) -> Option<crate::state::Checkpointer> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(super) fn set_checkpointer(&self, c: crate::state::Checkpointer) {
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(c);
     }
 
     pub(super) fn set_role(&self, role: Role) {

@@ -14,6 +14,7 @@ use crate::config::{invalid, ConfigError};
 ///   read_requires_token: false  # true: GET endpoints need a `read` (or `operate`) token too
 ///   max_body_bytes: 65536
 ///   command_timeout_ms: 30000   # how long POST /features/* waits for the decision
+///   backup_dir: /var/lib/payslip/backups   # default: <monitor.state_dir>.backups
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +31,10 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     #[serde(default = "default_command_timeout_ms")]
     pub command_timeout_ms: u64,
+    /// Where `POST /backup/checkpoint` writes the running monitor's checkpoints (one directory
+    /// each, named by time). Default: `<monitor.state_dir>.backups`.
+    #[serde(default)]
+    pub backup_dir: Option<PathBuf>,
 }
 
 fn default_max_body_bytes() -> usize { 65_536 }

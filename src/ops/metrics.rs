@@ -57,10 +57,15 @@ impl Collector for Figures {
                     ConstGauge::new(loaded).encode(fam.encode_family(&[("model", m.model.as_str()), ("version", m.version.as_str()), ("provider", provider.as_str())])?)?;
                 }
             }
-            let mut fam = enc.encode_descriptor("payslip_model_load_seconds", "Time it took to load the model version.", None, MetricType::Gauge)?;
-            for m in &status {
-                ConstGauge::new(m.load_ms / 1000.0).encode(fam.encode_family(&[("model", m.model.as_str()), ("version", m.version.as_str())])?)?;
+            {
+                let mut fam = enc.encode_descriptor("payslip_model_load_seconds", "Time it took to load the model version.", None, MetricType::Gauge)?;
+                for m in &status {
+                    ConstGauge::new(m.load_ms / 1000.0).encode(fam.encode_family(&[("model", m.model.as_str()), ("version", m.version.as_str())])?)?;
+                }
             }
+            let runs = registry.run_stats();
+            runs.run_seconds.encode(enc.encode_descriptor("payslip_inference_run_seconds", "Wall time of one ONNX Runtime run (one batch of one model version).", None, MetricType::Histogram)?)?;
+            runs.batch_sizes.encode(enc.encode_descriptor("payslip_inference_batch_documents", "Documents per ONNX Runtime run.", None, MetricType::Histogram)?)?;
         }
         if let Some(c) = s.infer_counters() {
             let snap = c.snapshot();

@@ -76,6 +76,11 @@ impl OpsState {
         self.infer.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Checkpoints of the running monitor's state, when this process runs the monitor stage.
+    pub fn monitor_checkpointer(&self) -> Option<crate::state::Checkpointer> {
+        self.monitor.read().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(ViewHandle::checkpointer)
+    }
+
     pub fn monitor_view(&self) -> Option<MonitorView> {
         self.monitor.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(ViewHandle::get)
     }

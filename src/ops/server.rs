@@ -8,6 +8,12 @@
 //! | `/health/detailed` | GET | read | per stage: readiness, counters, models and providers, firing alerts |
 //! | `/metrics` | GET | read | Prometheus text format |
 //! | `/rollout/phase-status` | GET | read | every rollout's phase status (`?rollout_id=` for one) |
+//! | `/models/health-check` | POST | read | every known version re-verified (sha256) and run once in isolation; 503 if one fails |
+//! | `/models/test-load` `{"model_type", "version"?}` | POST | read | one version loaded in isolation: provider, load time, a test inference |
+//! | `/backup/checkpoint` | POST | operate | a checkpoint of the running monitor's RocksDB state, verified |
+//! | `/backup/verify` | GET | read | the latest checkpoint opened read-only and every value decoded |
+//! | `/backup/test-restore` | POST | operate | the latest checkpoint restored into a fresh directory and compared |
+//! | `/performance/slow-models` | GET | read | run-time percentiles per model version, slowest first (`?threshold_ms=`, default 500) |
 //! | `/features/rollout` `{"phase": 1, "percentage": P}` | POST | operate | START of `rollout.candidate` (or `model`/`version` in the body) at phase 1 |
 //! | `/features/advance-phase`, `/features/rollback-phase`, `/features/emergency-rollback`, `/features/pause`, `/features/resume` | POST | operate | the decision the command caused |
 
@@ -70,6 +76,12 @@ pub fn router(ops: Arc<OpsState>) -> Router {
         .route("/health/detailed", get(health_detailed))
         .route("/metrics", get(metrics_text))
         .route("/rollout/phase-status", get(phase_status))
+        .route("/models/health-check", post(models_health_check))
+        .route("/models/test-load", post(models_test_load))
+        .route("/performance/slow-models", get(slow_models))
+        .route("/backup/checkpoint", post(backup_checkpoint))
+        .route("/backup/verify", get(backup_verify))
+        .route("/backup/test-restore", post(backup_test_restore))
         .route("/features/rollout", post(start_rollout))
         .route("/features/advance-phase", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::ADVANCE)))
         .route("/features/rollback-phase", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::ROLLBACK_PHASE)))
@@ -335,5 +347,160 @@ async fn publish_and_wait(app: &App, cmd: RolloutCommand, caller: &Caller) -> Re
         )
             .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("the command was published; reading its decision failed: {e}")),
+    }
+}
+
+/// A synthetic payslip for test inferences (the same one every time).
+fn test_document() -> crate::document::PayslipDocument {
+    crate::synth::Generator::new(crate::synth::GeneratorConfig { seed: 2026, ..Default::default() }).document(0).document
+}
+
+fn no_models() -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, "this process runs no infer stage: it has no models (ask an infer process)")
+}
+
+async fn models_health_check(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorise(&app, &headers, Role::Read) {
+        return r;
+    }
+    let Some(registry) = app.ops.registry() else { return no_models() };
+    let checks = tokio::task::spawn_blocking(move || {
+        let doc = test_document();
+        registry.known_versions().iter().map(|(m, v)| registry.check_isolated(m, v, &doc)).collect::<Vec<_>>()
+    })
+    .await;
+    let checks = match checks {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let healthy = checks.iter().all(|c| c.ok);
+    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "status": if healthy { "healthy" } else { "critical" }, "models": checks }))).into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestLoadBody {
+    model_type: String,
+    /// Default: the served version.
+    #[serde(default)]
+    version: Option<String>,
+}
+
+async fn models_test_load(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorise(&app, &headers, Role::Read) {
+        return r;
+    }
+    let body: TestLoadBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}; expected {{\"model_type\": \"document_classifier\" | \"table_detection\" | \"text_recognition\", \"version\"?: string}}")),
+    };
+    let Some(registry) = app.ops.registry() else { return no_models() };
+    let Some(version) = body.version.clone().or_else(|| registry.served_versions().get(&body.model_type).cloned()) else {
+        return error(StatusCode::BAD_REQUEST, format!("{:?} is not a served model; name a version or use one of {:?}", body.model_type, registry.served_versions().keys().collect::<Vec<_>>()));
+    };
+    let model = body.model_type.clone();
+    match tokio::task::spawn_blocking(move || registry.check_isolated(&model, &version, &test_document())).await {
+        Ok(c) if c.ok => Json(c).into_response(),
+        Ok(c) => (StatusCode::UNPROCESSABLE_ENTITY, Json(c)).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct SlowQuery {
+    threshold_ms: Option<f64>,
+}
+
+async fn slow_models(State(app): State<App>, headers: HeaderMap, Query(q): Query<SlowQuery>) -> Response {
+    if let Err(r) = authorise(&app, &headers, Role::Read) {
+        return r;
+    }
+    let Some(registry) = app.ops.registry() else { return no_models() };
+    let threshold = q.threshold_ms.unwrap_or(500.0);
+    let versions = registry.run_stats().by_version();
+    let slow: Vec<_> = versions.iter().filter(|v| v.p95_run_ms > threshold).map(|v| format!("{} {}", v.model, v.version)).collect();
+    Json(json!({ "threshold_ms": threshold, "slow": slow, "models": versions })).into_response()
+}
+
+fn backup_dir(ops: &OpsState) -> std::path::PathBuf {
+    ops.cfg.api.backup_dir.clone().unwrap_or_else(|| {
+        let mut d = ops.cfg.monitor.state_dir.clone().into_os_string();
+        d.push(".backups");
+        d.into()
+    })
+}
+
+/// The newest checkpoint directory (names are UTC times, so the last in order is the newest).
+fn latest_checkpoint(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).filter(|e| e.path().join("CURRENT").exists()).map(|e| e.path()).collect();
+    names.sort();
+    names.pop()
+}
+
+fn no_monitor() -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, "this process runs no monitor stage: it has no state to back up (ask the monitor process)")
+}
+
+async fn backup_checkpoint(State(app): State<App>, headers: HeaderMap) -> Response {
+    let caller = match operator(&app, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Some(cp) = app.ops.monitor_checkpointer() else { return no_monitor() };
+    let dir = backup_dir(&app.ops).join(chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string());
+    tracing::info!(token = %caller.name, path = %dir.display(), "ops API: checkpoint of the running monitor");
+    let result = tokio::task::spawn_blocking(move || {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        cp.checkpoint(&dir).map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(summary)) => Json(json!({ "checkpoint": summary })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("checkpoint failed: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn backup_verify(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorise(&app, &headers, Role::Read) {
+        return r;
+    }
+    let dir = backup_dir(&app.ops);
+    let Some(latest) = latest_checkpoint(&dir) else {
+        return error(StatusCode::NOT_FOUND, format!("no checkpoint in {} yet: POST /backup/checkpoint", dir.display()));
+    };
+    match tokio::task::spawn_blocking(move || crate::state::verify(&latest)).await {
+        Ok(Ok(summary)) => Json(json!({ "verified": true, "checkpoint": summary })).into_response(),
+        Ok(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "verified": false, "error": e.to_string() }))).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn backup_test_restore(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Err(r) = operator(&app, &headers) {
+        return r;
+    }
+    let dir = backup_dir(&app.ops);
+    let Some(latest) = latest_checkpoint(&dir) else {
+        return error(StatusCode::NOT_FOUND, format!("no checkpoint in {} yet: POST /backup/checkpoint", dir.display()));
+    };
+    let result = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+        let scratch = std::env::temp_dir().join(format!("payslip-test-restore-{}-{}", std::process::id(), chrono::Utc::now().timestamp_millis()));
+        let from = crate::state::verify(&latest).map_err(|e| e.to_string())?;
+        let restored = crate::state::restore(&latest, &scratch).and_then(|_| crate::state::verify(&scratch)).map_err(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&scratch);
+        let restored = restored?;
+        let identical = from.entries == restored.entries && from.offsets == restored.offsets;
+        Ok(json!({ "identical": identical, "checkpoint": from, "restored": { "entries": restored.entries, "offsets": restored.offsets } }))
+    })
+    .await;
+    match result {
+        Ok(Ok(v)) if v["identical"] == true => Json(v).into_response(),
+        Ok(Ok(v)) => (StatusCode::UNPROCESSABLE_ENTITY, Json(v)).into_response(),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("restore failed: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -54,8 +54,36 @@ impl StateError {
 
 /// The monitor's RocksDB database.
 pub struct RocksStateStore {
-    db: DB,
+    db: std::sync::Arc<DB>,
     path: String,
+}
+
+/// Takes consistent checkpoints of an open store from another thread (the operations API's
+/// `/backup/checkpoint`) while its owner keeps writing: RocksDB checkpoints an open database.
+#[derive(Clone)]
+pub struct Checkpointer {
+    db: std::sync::Arc<DB>,
+    path: String,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer").field("path", &self.path).finish()
+    }
+}
+
+impl Checkpointer {
+    /// A consistent copy at `dir` (which must not exist), verified.
+    pub fn checkpoint(&self, dir: &Path) -> Result<StateSummary, StateError> {
+        let cp = Checkpoint::new(&self.db).map_err(|e| StateError::Rocks { path: self.path.clone(), message: e.to_string() })?;
+        cp.create_checkpoint(dir).map_err(|e| StateError::Rocks { path: dir.display().to_string(), message: e.to_string() })?;
+        verify(dir)
+    }
+
+    /// The live state directory.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
 }
 
 /// Writes that become durable together.
@@ -103,7 +131,7 @@ impl RocksStateStore {
         opts.create_missing_column_families(true);
         let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StateError::Rocks { path: path.display().to_string(), message: e.to_string() })?;
-        Ok(Self { db, path: path.display().to_string() })
+        Ok(Self { db: std::sync::Arc::new(db), path: path.display().to_string() })
     }
 
     fn err(&self, e: rocksdb::Error) -> StateError {
@@ -166,6 +194,10 @@ impl RocksStateStore {
 
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    pub fn checkpointer(&self) -> Checkpointer {
+        Checkpointer { db: self.db.clone(), path: self.path.clone() }
     }
 }
 

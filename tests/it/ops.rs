@@ -176,6 +176,27 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     assert_eq!(d["monitor"]["counters"]["results_applied"], n);
     assert_eq!(d["models"].as_array().unwrap().len(), 3);
     assert_eq!(api.get("/livez", None).await.0, 200);
+    assert!(s.get("payslip_inference_run_seconds_count{model=\"document_classifier\",version=\"1.0.0\"}").is_some_and(|c| *c >= 1.0), "{text}");
+
+    // models: every version re-verified and run once in isolation; one version test-loaded
+    let (status, m) = api.request("POST", "/models/health-check", None, None).await;
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["status"], "healthy");
+    let checks = m["models"].as_array().unwrap();
+    assert_eq!(checks.len(), 3, "{m}");
+    assert!(checks.iter().all(|c| c["ok"] == true && c["provider"] == "CPUExecutionProvider" && c["test_inference_ms"].as_f64().is_some()), "{m}");
+    let (status, t) = api.request("POST", "/models/test-load", None, Some(r#"{"model_type": "document_classifier", "version": "1.1.0"}"#)).await;
+    assert_eq!(status, 200, "{t}");
+    assert_eq!((t["model"].clone(), t["version"].clone(), t["ok"].clone()), (Value::from("document_classifier"), Value::from("1.1.0"), Value::from(true)));
+    assert!(t["load_ms"].as_f64().unwrap() > 0.0 && t["result"].as_str().unwrap().starts_with("label "), "{t}");
+    assert_eq!(api.request("POST", "/models/test-load", None, Some(r#"{"model_type": "no_such_model"}"#)).await.0, 400);
+    let (status, slow) = api.get("/performance/slow-models?threshold_ms=0", None).await;
+    assert_eq!(status, 200);
+    let per_version = slow["models"].as_array().unwrap();
+    assert_eq!(per_version.len(), 3, "{slow}");
+    assert!(per_version.iter().all(|v| v["runs"].as_u64().unwrap() >= 1 && v["p95_run_ms"].as_f64().unwrap() > 0.0), "{slow}");
+    assert_eq!(per_version.iter().map(|v| v["documents"].as_u64().unwrap()).max(), Some(n), "every document went through each model once: {slow}");
+    assert_eq!(slow["slow"].as_array().unwrap().len(), 3, "with a 0 ms threshold every version is slow");
     let (status, p) = api.get("/rollout/phase-status", None).await;
     assert_eq!(status, 200);
     assert!(p["rollouts"].is_array(), "{p}");
@@ -247,8 +268,35 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     assert_eq!(up.unwrap()["data"]["result"][0]["value"][1], "1");
     assert_eq!(applied.unwrap()["data"]["result"][0]["value"][1], n.to_string());
 
+    // a live checkpoint of the running monitor while documents flow, verified, restored elsewhere
+    let more = 40u64;
+    let feed = {
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(40.0), progress: None, passthrough: Default::default() };
+        tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 12, start: 0, count: more, golden_fraction: 1.0 }).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(api.request("POST", "/backup/checkpoint", Some(GRAFANA), None).await.0, 403, "a read token cannot checkpoint");
+    let (status, c) = api.request("POST", "/backup/checkpoint", Some(ALICE), None).await;
+    assert_eq!(status, 200, "{c}");
+    let offsets: i64 = c["checkpoint"]["offsets"].as_object().unwrap().iter().filter(|(k, _)| k.starts_with(&cfg.topics.inference)).map(|(_, v)| v.as_i64().unwrap()).sum();
+    // (offsets count transaction markers too, so only the lower bound is exact)
+    assert!(offsets >= n as i64, "the checkpoint holds the monitor's position past the first {n} results: {offsets} ({c})");
+    assert!(c["checkpoint"]["entries"]["predictions"].as_u64().unwrap() >= n, "{c}");
+    let (status, v) = api.get("/backup/verify", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["checkpoint"]["offsets"], c["checkpoint"]["offsets"], "the latest checkpoint is the one just taken");
+    let (status, r) = api.request("POST", "/backup/test-restore", Some(ALICE), None).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["identical"], true);
+    assert_eq!(r["restored"]["offsets"], c["checkpoint"]["offsets"]);
+    assert_eq!(r["restored"]["entries"], c["checkpoint"]["entries"]);
+    assert_eq!(feed.await.unwrap().unwrap().sent, more);
+    let t = cfg.topics.inference.clone();
+    tokio::task::spawn_blocking(move || read_topic(&t, (n + more) as usize, Duration::from_secs(60), Duration::from_millis(500))).await.unwrap();
+
     let summary = api.stop().await;
-    assert_eq!(summary.infer.unwrap().results, n);
+    assert_eq!(summary.infer.unwrap().results, n + more);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,7 +305,7 @@ async fn tokens_guard_every_mutating_endpoint_and_the_operate_token_names_the_op
     let (mut cfg, _) = monitor_config("ops-auth", dir.path()).await;
     // a monitor-only process answers commands; reads need a token too here
     let api = Running::start(&mut cfg, dir, Stages::Monitor, true).await;
-    let paths = ["/features/rollout", "/features/advance-phase", "/features/rollback-phase", "/features/emergency-rollback", "/features/pause", "/features/resume"];
+    let paths = ["/features/rollout", "/features/advance-phase", "/features/rollback-phase", "/features/emergency-rollback", "/features/pause", "/features/resume", "/backup/checkpoint", "/backup/test-restore"];
     let body = Some(r#"{"rollout_id": "document_classifier-9.9.9"}"#);
     for path in paths {
         assert_eq!(api.request("POST", path, None, body).await.0, 401, "{path} without a token");
@@ -266,6 +314,9 @@ async fn tokens_guard_every_mutating_endpoint_and_the_operate_token_names_the_op
         assert_eq!(status, 403, "{path} with a read token: {b}");
     }
     assert!(read_all(&cfg.topics.commands).is_empty(), "a refused request publishes nothing");
+    let mut backups = cfg.monitor.state_dir.clone().into_os_string();
+    backups.push(".backups");
+    assert!(!std::path::Path::new(&backups).exists(), "a refused request writes no checkpoint");
     // reads: open probes, token-guarded rest
     assert_eq!(api.get("/livez", None).await.0, 200);
     assert_eq!(api.get("/metrics", None).await.0, 401);
