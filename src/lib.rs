@@ -25,7 +25,8 @@
 //!   [`codec`] (Avro/JSON), [`document`] (records), [`inference`] (model registry, ONNX Runtime
 //!   sessions and providers, preprocessing), [`window`] (event-time windows and aggregates),
 //!   [`state`] (RocksDB store), [`alert`] (rules and lifecycle);
-//! - tools: [`replay`] (backfill, monitor replay, DLQ re-drive), [`produce`] (load generator),
+//! - tools: [`replay`] (backfill, monitor replay, DLQ re-drive), [`report`] (daily and weekly
+//!   reports with charts), [`produce`] (load generator),
 //!   [`inspect`] (topic reader), [`synth`] (synthetic payslips), [`dataset`] (training dump), [`demo`]
 //!   (the README's main job).
 //!
@@ -50,6 +51,7 @@ pub mod pipeline;
 pub mod produce;
 pub mod progress;
 pub mod replay;
+pub mod report;
 pub mod rollout;
 pub mod state;
 pub mod synth;

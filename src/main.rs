@@ -132,6 +132,27 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Openapi => {
+            print!("{}", payslip_stream::ops::server::openapi_text());
+            Ok(())
+        }
+        Command::Report { common, period, at, out, font } => {
+            use payslip_stream::report;
+            let cfg = load_config(&common)?;
+            let brokers = brokers_of(&common, &cfg).ok_or_else(|| anyhow!("report needs a broker: pass --brokers (or PAYSLIP_BROKERS)"))?;
+            let period = report::Period::parse(&period).map_err(|e| anyhow!("--period {e}"))?;
+            let at = match at {
+                Some(d) => chrono::NaiveDate::parse_from_str(&d, "%Y-%m-%d").map_err(|_| anyhow!("--at {d:?}: use YYYY-MM-DD"))?,
+                None => chrono::Utc::now().date_naive(),
+            };
+            let r = tokio::task::spawn_blocking(move || report::generate(&cfg, &brokers, period, at)).await?.map_err(|e| anyhow!(e))?;
+            let files = report::write(&r, &out, &font).map_err(|e| anyhow!(e))?;
+            eprintln!("{} to {}: {} documents, {} model versions, {} alert events, {} rollout decisions", r.from, r.to, r.documents, r.versions.len(), r.alerts.len(), r.decisions.len());
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
         Command::Dataset { command: DatasetCommand::Sample { seed, start, count, no_rasters } } => {
             let gen = payslip_stream::synth::Generator::new(payslip_stream::synth::GeneratorConfig { seed, rasters: !no_rasters, ..Default::default() });
             for i in start..start + count {

@@ -43,6 +43,13 @@ pub struct InferCounters {
     pub inference_us: AtomicU64,
     /// Documents that went through the models (the denominator of `inference_us`).
     pub inferred_documents: AtomicU64,
+    /// librdkafka's latest statistics of the infer consumer (every 5 s), including the lag per
+    /// documents partition.
+    pub kafka_stats: crate::kafka::stats::StatsCell,
+    /// Records queued in the producer, not yet delivered (after the latest batch).
+    pub producer_queue: AtomicU64,
+    /// Batches waiting for their delivery reports (at least once; at most 8).
+    pub ack_queue: AtomicU64,
     /// Set once the stage is ready for documents (served models loaded, the decisions topic read,
     /// transactions initialised, subscribed); cleared when it stops.
     pub ready: std::sync::atomic::AtomicBool,

@@ -128,6 +128,26 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// The runbook's daily or weekly performance report: JSON, charts (SVG and PNG) with alert and
+    /// rollout markers, and an HTML page, from the metrics, alerts and decisions topics.
+    Report {
+        #[command(flatten)]
+        common: Common,
+        /// day or week
+        #[arg(long, default_value = "day")]
+        period: String,
+        /// The (last) UTC day of the period, YYYY-MM-DD (default: today).
+        #[arg(long)]
+        at: Option<String>,
+        /// Directory for report.json, report.html and the charts.
+        #[arg(long)]
+        out: PathBuf,
+        /// TrueType font for the PNG charts.
+        #[arg(long, default_value = payslip_stream::report::chart::DEFAULT_FONT)]
+        font: PathBuf,
+    },
+    /// Print the operations API's OpenAPI document (docs/openapi.json).
+    Openapi,
     /// Training data for models/train.py.
     Dataset {
         #[command(subcommand)]

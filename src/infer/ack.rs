@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, sync::{atomic::Ordering, Arc}};
 
 use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
+    consumer::Consumer,
     producer::DeliveryFuture,
 };
 use tokio::sync::mpsc;
@@ -26,7 +26,7 @@ pub(super) struct Delivery {
     pub has_error: bool,
 }
 
-pub(super) async fn ack_loop(mut rx: mpsc::Receiver<Pending>, consumer: Arc<StreamConsumer>, counters: Arc<InferCounters>) -> Result<(), StageError> {
+pub(super) async fn ack_loop(mut rx: mpsc::Receiver<Pending>, consumer: Arc<super::InferConsumer>, counters: Arc<InferCounters>) -> Result<(), StageError> {
     while let Some(p) = rx.recv().await {
         for d in p.deliveries {
             kafka::delivered(d.future, &d.topic).await.map_err(StageError::Delivery)?;

@@ -60,6 +60,9 @@ use ack::{ack_loop, Delivery, Pending};
 pub(crate) use batch::process_batch;
 pub(crate) use messages::{Outgoing, Processed};
 
+/// The infer consumer: librdkafka's statistics are kept for `/metrics` ([`crate::kafka::stats`]).
+pub(crate) type InferConsumer = StreamConsumer<crate::kafka::stats::StatsContext>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     /// Cannot reach or use Kafka.
@@ -173,7 +176,8 @@ impl InferStage {
             // offsets move only inside the batches' transactions
             cc.set("enable.auto.commit", "false");
         }
-        let consumer: StreamConsumer = cc.create().map_err(KafkaError::client("the infer consumer"))?;
+        cc.set("statistics.interval.ms", "5000");
+        let consumer: InferConsumer = cc.create_with_context(crate::kafka::stats::StatsContext::new(self.counters.kafka_stats.clone())).map_err(KafkaError::client("the infer consumer"))?;
         consumer.subscribe(&[&cfg.topics.documents]).map_err(KafkaError::broker(format!("subscribe to {}", cfg.topics.documents)))?;
         let consumer = Arc::new(consumer);
         self.counters.ready.store(true, Ordering::Relaxed);
@@ -249,6 +253,8 @@ impl InferStage {
                     break;
                 }
             };
+            self.counters.producer_queue.store(producer.in_flight_count().max(0) as u64, Ordering::Relaxed);
+            self.counters.ack_queue.store((8 - ack_tx.capacity()) as u64, Ordering::Relaxed);
             if exactly_once {
                 // fault injection: a batch holding a `fault-txn-abort` message not aborted before
                 let mut inject_abort = false;

@@ -24,7 +24,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
+    consumer::Consumer,
     error::KafkaError as RdKafkaError,
     producer::{FutureProducer, Producer},
     topic_partition_list::{Offset, TopicPartitionList},
@@ -81,7 +81,7 @@ pub(super) fn init(producer: &FutureProducer, tolerance: Duration) -> Result<(),
 /// number of results, results with an error, and dead letters committed.
 pub(super) async fn commit_batch(
     producer: &FutureProducer,
-    consumer: &StreamConsumer,
+    consumer: &super::InferConsumer,
     cfg: &PipelineConfig,
     processed: Vec<Processed>,
     inject_abort: bool,
@@ -125,7 +125,7 @@ fn classify(what: &str, e: RdKafkaError) -> TxnFailure {
 
 async fn publish(
     producer: &FutureProducer,
-    consumer: &StreamConsumer,
+    consumer: &super::InferConsumer,
     cfg: &PipelineConfig,
     processed: Vec<Processed>,
     span: &BTreeMap<(String, i32), (i64, i64)>,
@@ -170,7 +170,7 @@ async fn publish(
 
 /// Puts the consumer back at the first offset of each partition of the aborted batch it still
 /// owns (a revoked one is read by its new owner from the committed offset).
-fn rewind(consumer: &StreamConsumer, span: &BTreeMap<(String, i32), (i64, i64)>) {
+fn rewind(consumer: &super::InferConsumer, span: &BTreeMap<(String, i32), (i64, i64)>) {
     let owned = consumer.assignment().unwrap_or_default();
     for ((topic, partition), (first, _)) in span {
         if owned.find_partition(topic, *partition).is_none() {

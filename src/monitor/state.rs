@@ -68,6 +68,9 @@ pub struct MonitorCounters {
     /// (also included in `feedback_orphans`).
     #[serde(default)]
     pub feedback_overflow: u64,
+    /// Alert events published, by `CODE|STATUS` (e.g. `LITERT_HIGH_ERROR_RATE|FIRING`).
+    #[serde(default)]
+    pub alert_events: std::collections::BTreeMap<String, u64>,
 }
 
 /// Default cap of feedback waiting for its prediction.
@@ -256,6 +259,7 @@ impl MonitorState {
                 out.push(Emitted::Alert(e));
             }
         }
+        self.count_alert_events(&out);
         out
     }
 
@@ -313,7 +317,17 @@ impl MonitorState {
                 group_alerts.clear();
             }
         }
+        self.count_alert_events(&out);
         out
+    }
+
+    /// `alert_events` by `CODE|STATUS` (what `/metrics` shows as alerts by code and state).
+    fn count_alert_events(&mut self, emitted: &[Emitted]) {
+        for e in emitted {
+            if let Emitted::Alert(a) = e {
+                *self.counters.alert_events.entry(format!("{}|{}", a.code, a.status)).or_default() += 1;
+            }
+        }
     }
 
     /// Firing alerts whose subject has no window in the range that just closed count one silent

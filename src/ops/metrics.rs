@@ -80,6 +80,21 @@ impl Collector for Figures {
             }
             counter(&mut enc, "payslip_infer_documents_inferred", "Documents that went through the models (the denominator of payslip_infer_inference_seconds_total).", c.inferred_documents.load(Ordering::Relaxed))?;
             counter(&mut enc, "payslip_infer_offsets_committed", "Batches whose input offsets were committed or stored.", c.offsets_stored.load(Ordering::Relaxed))?;
+            {
+                let docs = &s.cfg.topics.documents;
+                let mut fam = enc.encode_descriptor("payslip_infer_consumer_lag_messages", "Documents between what the infer stage consumed and the end of each assigned partition (librdkafka statistics, every 5 s).", None, MetricType::Gauge)?;
+                let parts: Vec<((String, i32), crate::kafka::stats::PartitionStats)> = c.kafka_stats.lock().unwrap_or_else(|p| p.into_inner()).iter().flat_map(|k| k.partitions.clone()).collect();
+                for ((topic, p), st) in parts {
+                    if let (true, Some(lag)) = (&topic == docs, st.lag) {
+                        ConstGauge::new(lag).encode(fam.encode_family(&[("partition", p.to_string().as_str())])?)?;
+                    }
+                }
+            }
+            gauge(&mut enc, "payslip_infer_producer_queue_messages", "Records queued in the infer producer and not yet delivered.", c.producer_queue.load(Ordering::Relaxed) as f64)?;
+            gauge(&mut enc, "payslip_infer_ack_queue_batches", "At least once: batches waiting for their delivery reports (at most 8).", c.ack_queue.load(Ordering::Relaxed) as f64)?;
+            if let Some(k) = c.kafka_stats.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                encode_kafka(&mut enc, &k)?;
+            }
             let mut fam = enc.encode_descriptor("payslip_infer_dead_letters", "Messages sent to the documents dead-letter topic, by class.", None, MetricType::Counter)?;
             for (class, n) in &snap.dead_letters_by_class {
                 ConstCounter::new(*n).encode(fam.encode_family(&[("class", class.as_str())])?)?;
@@ -94,7 +109,13 @@ impl Collector for Figures {
             counter(&mut enc, "payslip_monitor_late_dropped", "Results later than the allowed lateness of their window.", c.dropped_late)?;
             counter(&mut enc, "payslip_monitor_dead_letters", "Monitor inputs sent to the monitor dead-letter topic.", c.undecodable)?;
             counter(&mut enc, "payslip_monitor_windows_closed", "Windows closed and published.", c.windows_closed)?;
-            counter(&mut enc, "payslip_monitor_alert_events", "Alert events (FIRING and RESOLVED) published.", c.alerts_emitted)?;
+            {
+                let mut fam = enc.encode_descriptor("payslip_monitor_alert_events", "Alert events published, by code and state (FIRING, RESOLVED, INFO).", None, MetricType::Counter)?;
+                for (key, n) in &c.alert_events {
+                    let (code, state) = key.split_once('|').unwrap_or((key.as_str(), ""));
+                    ConstCounter::new(*n).encode(fam.encode_family(&[("code", code), ("state", state)])?)?;
+                }
+            }
             gauge(&mut enc, "payslip_monitor_open_windows", "Windows open in the monitor's state.", v.open_windows as f64)?;
             {
                 let mut fam = enc.encode_descriptor("payslip_monitor_leader", "1 when this process leads the monitor group, 0 on standby or while starting.", None, MetricType::Gauge)?;
@@ -107,6 +128,43 @@ impl Collector for Figures {
         }
         Ok(())
     }
+}
+
+/// librdkafka's statistics of the infer consumer, as `payslip_kafka_*`.
+fn encode_kafka(enc: &mut DescriptorEncoder<'_>, k: &crate::kafka::stats::ClientStats) -> std::fmt::Result {
+    gauge(enc, "payslip_kafka_replyq_operations", "librdkafka: operations waiting in the reply queue.", k.replyq as f64)?;
+    counter(enc, "payslip_kafka_received_messages", "librdkafka: messages received from brokers.", k.rxmsgs.max(0) as u64)?;
+    if let Some(r) = k.rebalances {
+        counter(enc, "payslip_kafka_consumer_rebalances", "librdkafka: rebalances of the infer group seen by this consumer.", r.max(0) as u64)?;
+    }
+    if let Some(a) = k.assignment_size {
+        gauge(enc, "payslip_kafka_consumer_assigned_partitions", "librdkafka: partitions assigned to this consumer.", a as f64)?;
+    }
+    {
+        let mut fam = enc.encode_descriptor("payslip_kafka_fetch_queue_messages", "librdkafka: messages fetched and waiting to be consumed, by partition.", None, MetricType::Gauge)?;
+        for ((topic, p), s) in &k.partitions {
+            ConstGauge::new(s.fetchq_cnt).encode(fam.encode_family(&[("topic", topic.as_str()), ("partition", p.to_string().as_str())])?)?;
+        }
+    }
+    {
+        let mut fam = enc.encode_descriptor("payslip_kafka_broker_rtt_seconds", "librdkafka: average round-trip time to each broker over the last interval.", None, MetricType::Gauge)?;
+        for (b, s) in &k.brokers {
+            if let Some(us) = s.rtt_avg_us {
+                ConstGauge::new(us as f64 / 1e6).encode(fam.encode_family(&[("broker", b.as_str())])?)?;
+            }
+        }
+    }
+    {
+        let mut fam = enc.encode_descriptor("payslip_kafka_broker_up", "librdkafka: 1 when the connection to the broker is UP.", None, MetricType::Gauge)?;
+        for (b, s) in &k.brokers {
+            ConstGauge::new((s.state == "UP") as i64).encode(fam.encode_family(&[("broker", b.as_str())])?)?;
+        }
+    }
+    let mut fam = enc.encode_descriptor("payslip_kafka_broker_request_timeouts", "librdkafka: requests to the broker that timed out.", None, MetricType::Counter)?;
+    for (b, s) in &k.brokers {
+        ConstCounter::new(s.req_timeouts).encode(fam.encode_family(&[("broker", b.as_str())])?)?;
+    }
+    Ok(())
 }
 
 /// The registry `/metrics` encodes.

@@ -10,6 +10,7 @@
 //! | `/rollout/phase-status` | GET | read | every rollout's phase status (`?rollout_id=` for one) |
 //! | `/models/health-check` | POST | read | every known version re-verified (sha256) and run once in isolation; 503 if one fails |
 //! | `/models/test-load` `{"model_type", "version"?}` | POST | read | one version loaded in isolation: provider, load time, a test inference |
+//! | `/reports/daily-performance`, `/reports/weekly-performance` | GET | read | the report as JSON, or `?format=html` with its charts inline (`?at=YYYY-MM-DD`, default today) |
 //! | `/backup/checkpoint` | POST | operate | a checkpoint of the running monitor's RocksDB state, verified |
 //! | `/backup/verify` | GET | read | the latest checkpoint opened read-only and every value decoded |
 //! | `/backup/test-restore` | POST | operate | the latest checkpoint restored into a fresh directory and compared |
@@ -69,25 +70,28 @@ pub fn router(ops: Arc<OpsState>) -> Router {
     let limit = ops.cfg.api.max_body_bytes;
     let metrics = Arc::new(super::metrics::registry(ops.clone()));
     Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
+        .route("/openapi.json", get(openapi_json))
         .route("/readyz", get(readyz))
         .route("/health/litert", get(health_litert))
-        .route("/health/status", get(health_litert))
+        .route("/health/status", get(health_status))
         .route("/health/detailed", get(health_detailed))
         .route("/metrics", get(metrics_text))
         .route("/rollout/phase-status", get(phase_status))
         .route("/models/health-check", post(models_health_check))
         .route("/models/test-load", post(models_test_load))
         .route("/performance/slow-models", get(slow_models))
+        .route("/reports/daily-performance", get(daily_report))
+        .route("/reports/weekly-performance", get(weekly_report))
         .route("/backup/checkpoint", post(backup_checkpoint))
         .route("/backup/verify", get(backup_verify))
         .route("/backup/test-restore", post(backup_test_restore))
         .route("/features/rollout", post(start_rollout))
-        .route("/features/advance-phase", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::ADVANCE)))
-        .route("/features/rollback-phase", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::ROLLBACK_PHASE)))
-        .route("/features/emergency-rollback", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::EMERGENCY_ROLLBACK)))
-        .route("/features/pause", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::PAUSE)))
-        .route("/features/resume", post(|s: State<App>, h: HeaderMap, b: Bytes| command(s, h, b, action::RESUME)))
+        .route("/features/advance-phase", post(advance_phase))
+        .route("/features/rollback-phase", post(rollback_phase))
+        .route("/features/emergency-rollback", post(emergency_rollback))
+        .route("/features/pause", post(pause))
+        .route("/features/resume", post(resume))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(App { ops, metrics })
 }
@@ -116,6 +120,17 @@ fn authorise(app: &App, headers: &HeaderMap, needs: Role) -> Result<Option<Calle
     }
 }
 
+#[utoipa::path(get, path = "/livez", tag = "probes", summary = "Alive while the process serves HTTP", responses((status = 200, description = "ok")))]
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(get, path = "/health/status", tag = "health", summary = "Same as /health/litert", security((), ("bearer" = [])), responses((status = 200, description = "status, models, metrics")))]
+async fn health_status(app: State<App>, headers: HeaderMap) -> Response {
+    health_litert(app, headers).await
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "probes", summary = "Ready once every stage of the process is", responses((status = 200, description = "every stage ready"), (status = 503, description = "a stage is not ready yet; the body says which")))]
 async fn readyz(State(app): State<App>) -> Response {
     let stages = app.ops.readiness();
     let ready = !stages.is_empty() && stages.iter().all(|(_, r)| *r);
@@ -157,6 +172,7 @@ fn human_duration(secs: u64) -> String {
     }
 }
 
+#[utoipa::path(get, path = "/health/litert", tag = "health", summary = "The runbook's health check", security((), ("bearer" = [])), responses((status = 200, description = "status, models, metrics"), (status = 401, description = "a read token is required (api.read_requires_token)")))]
 async fn health_litert(State(app): State<App>, headers: HeaderMap) -> Response {
     if let Err(r) = authorise(&app, &headers, Role::Read) {
         return r;
@@ -190,6 +206,7 @@ async fn health_litert(State(app): State<App>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
+#[utoipa::path(get, path = "/health/detailed", tag = "health", summary = "Per stage: readiness, counters, consumer lag, models and providers, monitor role and firing alerts", security((), ("bearer" = [])), responses((status = 200, description = "details"), (status = 401, description = "a read token is required")))]
 async fn health_detailed(State(app): State<App>, headers: HeaderMap) -> Response {
     if let Err(r) = authorise(&app, &headers, Role::Read) {
         return r;
@@ -203,13 +220,18 @@ async fn health_detailed(State(app): State<App>, headers: HeaderMap) -> Response
         "reasons": reasons,
         "uptime_seconds": ops.started.elapsed().as_secs(),
         "ready": readiness,
-        "infer": ops.infer_counters().map(|c| c.snapshot()),
+        "infer": ops.infer_counters().map(|c| {
+            let docs = &ops.cfg.topics.documents;
+            let lag: std::collections::BTreeMap<String, i64> = c.kafka_stats.lock().unwrap_or_else(|p| p.into_inner()).iter().flat_map(|k| k.partitions.iter().filter(|((t, _), _)| t == docs).filter_map(|((_, p), s)| s.lag.map(|l| (p.to_string(), l))).collect::<Vec<_>>()).collect();
+            json!({ "counters": c.snapshot(), "consumer_lag": lag })
+        }),
         "monitor": ops.monitor_view(),
         "models": models,
     }))
     .into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "metrics", summary = "Prometheus metrics (OpenMetrics when accepted, else text 0.0.4)", security((), ("bearer" = [])), responses((status = 200, description = "the exposition"), (status = 401, description = "a read token is required")))]
 async fn metrics_text(State(app): State<App>, headers: HeaderMap) -> Response {
     if let Err(r) = authorise(&app, &headers, Role::Read) {
         return r;
@@ -226,6 +248,7 @@ struct PhaseQuery {
     rollout_id: Option<String>,
 }
 
+#[utoipa::path(get, path = "/rollout/phase-status", tag = "rollout", summary = "Every rollout's phase status", security((), ("bearer" = [])), params(("rollout_id" = Option<String>, Query, description = "one rollout")), responses((status = 200, description = "rollouts: current_phase, success_rate, criteria_met, criteria"), (status = 404, description = "no such rollout"), (status = 401, description = "a read token is required")))]
 async fn phase_status(State(app): State<App>, headers: HeaderMap, Query(q): Query<PhaseQuery>) -> Response {
     if let Err(r) = authorise(&app, &headers, Role::Read) {
         return r;
@@ -244,7 +267,7 @@ async fn phase_status(State(app): State<App>, headers: HeaderMap, Query(q): Quer
 }
 
 /// Body of `POST /features/*` (every field optional).
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct FeatureBody {
     /// Default: the configured candidate's rollout.
@@ -271,6 +294,31 @@ fn parse_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes, shape: &st
     serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("body: {e}; expected {shape}")))
 }
 
+#[utoipa::path(post, path = "/features/advance-phase", tag = "rollout", summary = "Advance the rollout to its next phase", security(("bearer" = [])), request_body(content = FeatureBody, description = "optional"), responses((status = 200, description = "the decision the command caused"), (status = 400, description = "bad body or no rollout named"), (status = 401, description = "no valid token"), (status = 403, description = "a read token"), (status = 409, description = "REJECTED decision"), (status = 504, description = "no decision in time")))]
+async fn advance_phase(s: State<App>, h: HeaderMap, b: Bytes) -> Response {
+    command(s, h, b, action::ADVANCE).await
+}
+
+#[utoipa::path(post, path = "/features/rollback-phase", tag = "rollout", summary = "Roll the rollout back one phase", security(("bearer" = [])), request_body(content = FeatureBody, description = "optional"), responses((status = 200, description = "the decision the command caused"), (status = 400, description = "bad body or no rollout named"), (status = 401, description = "no valid token"), (status = 403, description = "a read token"), (status = 409, description = "REJECTED decision"), (status = 504, description = "no decision in time")))]
+async fn rollback_phase(s: State<App>, h: HeaderMap, b: Bytes) -> Response {
+    command(s, h, b, action::ROLLBACK_PHASE).await
+}
+
+#[utoipa::path(post, path = "/features/emergency-rollback", tag = "rollout", summary = "Roll the candidate back to 0 % at once", security(("bearer" = [])), request_body(content = FeatureBody, description = "optional"), responses((status = 200, description = "the decision the command caused"), (status = 400, description = "bad body or no rollout named"), (status = 401, description = "no valid token"), (status = 403, description = "a read token"), (status = 409, description = "REJECTED decision"), (status = 504, description = "no decision in time")))]
+async fn emergency_rollback(s: State<App>, h: HeaderMap, b: Bytes) -> Response {
+    command(s, h, b, action::EMERGENCY_ROLLBACK).await
+}
+
+#[utoipa::path(post, path = "/features/pause", tag = "rollout", summary = "Pause the rollout (traffic stays)", security(("bearer" = [])), request_body(content = FeatureBody, description = "optional"), responses((status = 200, description = "the decision the command caused"), (status = 400, description = "bad body or no rollout named"), (status = 401, description = "no valid token"), (status = 403, description = "a read token"), (status = 409, description = "REJECTED decision"), (status = 504, description = "no decision in time")))]
+async fn pause(s: State<App>, h: HeaderMap, b: Bytes) -> Response {
+    command(s, h, b, action::PAUSE).await
+}
+
+#[utoipa::path(post, path = "/features/resume", tag = "rollout", summary = "Resume a paused rollout", security(("bearer" = [])), request_body(content = FeatureBody, description = "optional"), responses((status = 200, description = "the decision the command caused"), (status = 400, description = "bad body or no rollout named"), (status = 401, description = "no valid token"), (status = 403, description = "a read token"), (status = 409, description = "REJECTED decision"), (status = 504, description = "no decision in time")))]
+async fn resume(s: State<App>, h: HeaderMap, b: Bytes) -> Response {
+    command(s, h, b, action::RESUME).await
+}
+
 async fn command(State(app): State<App>, headers: HeaderMap, body: Bytes, act: Action) -> Response {
     let caller = match operator(&app, &headers) {
         Ok(c) => c,
@@ -288,7 +336,7 @@ async fn command(State(app): State<App>, headers: HeaderMap, body: Bytes, act: A
 }
 
 /// Body of `POST /features/rollout` (the runbook's `{"phase": 1, "percentage": 1}`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RolloutBody {
     #[serde(default)]
@@ -306,6 +354,7 @@ struct RolloutBody {
 
 /// Starts a rollout at phase 1. Later phases are entered by advance-phase (or by the controller
 /// once a phase's criteria hold), so `phase` must be 1 and `percentage`, when given, phase 1's.
+#[utoipa::path(post, path = "/features/rollout", tag = "rollout", summary = "Start the candidate's rollout at phase 1", security(("bearer" = [])), request_body = RolloutBody, responses((status = 200, description = "the START decision"), (status = 400, description = "not phase 1, another percentage, or no candidate"), (status = 401, description = "no valid token"), (status = 403, description = "a read token"), (status = 409, description = "REJECTED decision"), (status = 504, description = "no decision in time")))]
 async fn start_rollout(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     let caller = match operator(&app, &headers) {
         Ok(c) => c,
@@ -359,6 +408,7 @@ fn no_models() -> Response {
     error(StatusCode::SERVICE_UNAVAILABLE, "this process runs no infer stage: it has no models (ask an infer process)")
 }
 
+#[utoipa::path(post, path = "/models/health-check", tag = "models", summary = "Every model version verified, loaded and run once in isolation", security((), ("bearer" = [])), responses((status = 200, description = "all healthy"), (status = 503, description = "a version failed, or no infer stage here")))]
 async fn models_health_check(State(app): State<App>, headers: HeaderMap) -> Response {
     if let Err(r) = authorise(&app, &headers, Role::Read) {
         return r;
@@ -378,7 +428,7 @@ async fn models_health_check(State(app): State<App>, headers: HeaderMap) -> Resp
     (status, Json(json!({ "status": if healthy { "healthy" } else { "critical" }, "models": checks }))).into_response()
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TestLoadBody {
     model_type: String,
@@ -387,6 +437,7 @@ struct TestLoadBody {
     version: Option<String>,
 }
 
+#[utoipa::path(post, path = "/models/test-load", tag = "models", summary = "One model version loaded and run once in isolation", security((), ("bearer" = [])), request_body = TestLoadBody, responses((status = 200, description = "provider, load time, test inference"), (status = 400, description = "unknown model"), (status = 422, description = "the version failed")))]
 async fn models_test_load(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = authorise(&app, &headers, Role::Read) {
         return r;
@@ -412,6 +463,7 @@ struct SlowQuery {
     threshold_ms: Option<f64>,
 }
 
+#[utoipa::path(get, path = "/performance/slow-models", tag = "models", summary = "Run-time percentiles per model version, slowest first", security((), ("bearer" = [])), params(("threshold_ms" = Option<f64>, Query, description = "p95 above which a version is slow (default 500)")), responses((status = 200, description = "per version, and the slow ones"), (status = 503, description = "no infer stage here")))]
 async fn slow_models(State(app): State<App>, headers: HeaderMap, Query(q): Query<SlowQuery>) -> Response {
     if let Err(r) = authorise(&app, &headers, Role::Read) {
         return r;
@@ -442,6 +494,7 @@ fn no_monitor() -> Response {
     error(StatusCode::SERVICE_UNAVAILABLE, "this process runs no monitor stage: it has no state to back up (ask the monitor process)")
 }
 
+#[utoipa::path(post, path = "/backup/checkpoint", tag = "backup", summary = "A live checkpoint of the running monitor's state, verified", security(("bearer" = [])), responses((status = 200, description = "the checkpoint's path, entries and offsets"), (status = 401, description = "no valid token"), (status = 403, description = "a read token"), (status = 503, description = "no monitor stage here")))]
 async fn backup_checkpoint(State(app): State<App>, headers: HeaderMap) -> Response {
     let caller = match operator(&app, &headers) {
         Ok(c) => c,
@@ -464,6 +517,7 @@ async fn backup_checkpoint(State(app): State<App>, headers: HeaderMap) -> Respon
     }
 }
 
+#[utoipa::path(get, path = "/backup/verify", tag = "backup", summary = "The latest checkpoint opened read-only, every value decoded", security((), ("bearer" = [])), responses((status = 200, description = "verified"), (status = 404, description = "no checkpoint yet"), (status = 422, description = "the checkpoint is damaged")))]
 async fn backup_verify(State(app): State<App>, headers: HeaderMap) -> Response {
     if let Err(r) = authorise(&app, &headers, Role::Read) {
         return r;
@@ -479,6 +533,7 @@ async fn backup_verify(State(app): State<App>, headers: HeaderMap) -> Response {
     }
 }
 
+#[utoipa::path(post, path = "/backup/test-restore", tag = "backup", summary = "The latest checkpoint restored into a scratch directory and compared", security(("bearer" = [])), responses((status = 200, description = "identical"), (status = 404, description = "no checkpoint yet"), (status = 422, description = "not identical, or the restore failed")))]
 async fn backup_test_restore(State(app): State<App>, headers: HeaderMap) -> Response {
     if let Err(r) = operator(&app, &headers) {
         return r;
@@ -502,5 +557,127 @@ async fn backup_test_restore(State(app): State<App>, headers: HeaderMap) -> Resp
         Ok(Ok(v)) => (StatusCode::UNPROCESSABLE_ENTITY, Json(v)).into_response(),
         Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("restore failed: {e}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    at: Option<String>,
+    format: Option<String>,
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            out.push(if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+#[utoipa::path(get, path = "/reports/daily-performance", tag = "reports", summary = "The day's performance report (JSON, or HTML with charts)", security((), ("bearer" = [])), params(("at" = Option<String>, Query, description = "the UTC day, YYYY-MM-DD (default today)"), ("format" = Option<String>, Query, description = "json (default) or html")), responses((status = 200, description = "the report"), (status = 400, description = "bad at or format")))]
+async fn daily_report(a: State<App>, h: HeaderMap, q: Query<ReportQuery>) -> Response {
+    report(a, h, q, crate::report::Period::Day).await
+}
+
+#[utoipa::path(get, path = "/reports/weekly-performance", tag = "reports", summary = "The seven days' performance report ending with `at` (JSON, or HTML with charts)", security((), ("bearer" = [])), params(("at" = Option<String>, Query, description = "the last UTC day, YYYY-MM-DD (default today)"), ("format" = Option<String>, Query, description = "json (default) or html")), responses((status = 200, description = "the report"), (status = 400, description = "bad at or format")))]
+async fn weekly_report(a: State<App>, h: HeaderMap, q: Query<ReportQuery>) -> Response {
+    report(a, h, q, crate::report::Period::Week).await
+}
+
+async fn report(State(app): State<App>, headers: HeaderMap, Query(q): Query<ReportQuery>, period: crate::report::Period) -> Response {
+    if let Err(r) = authorise(&app, &headers, Role::Read) {
+        return r;
+    }
+    let at = match q.at.as_deref().map(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")) {
+        None => chrono::Utc::now().date_naive(),
+        Some(Ok(d)) => d,
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "at: use YYYY-MM-DD"),
+    };
+    let html = match q.format.as_deref() {
+        None | Some("json") => false,
+        Some("html") => true,
+        Some(other) => return error(StatusCode::BAD_REQUEST, format!("format {other:?}: use json or html")),
+    };
+    let (cfg, brokers) = (app.ops.cfg.clone(), app.ops.brokers.clone());
+    let built = tokio::task::spawn_blocking(move || -> Result<(crate::report::Report, Option<String>), crate::report::ReportError> {
+        let r = crate::report::generate(&cfg, &brokers, period, at)?;
+        if !html {
+            return Ok((r, None));
+        }
+        let mut svgs = std::collections::BTreeMap::new();
+        for c in crate::report::chart::CHARTS.iter() {
+            svgs.insert(c.file, crate::report::chart::svg(&r, c, std::path::Path::new(crate::report::chart::DEFAULT_FONT))?);
+        }
+        let page = crate::report::chart::html(&r, |c| format!("data:image/svg+xml;base64,{}", base64(svgs[c.file].as_bytes())));
+        Ok((r, Some(page)))
+    })
+    .await;
+    match built {
+        Ok(Ok((_, Some(page)))) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response(),
+        Ok(Ok((r, None))) => Json(r).into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_rfc_examples() {
+        let cases = [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")];
+        for (plain, encoded) in cases {
+            assert_eq!(super::base64(plain.as_bytes()), encoded);
+        }
+    }
+}
+
+/// The OpenAPI document of this API, generated from the handlers' annotations (kept in
+/// docs/openapi.json; a unit test fails when the two differ).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "payslip-stream operations API", description = "Health, readiness, metrics, rollout commands, model checks, reports and backups of a payslip-stream process. GETs other than the probes need a `read` token when api.read_requires_token is set; POSTs that change something need an `operate` token."),
+    paths(
+        livez, readyz, health_litert, health_status, health_detailed, metrics_text, openapi_json, phase_status, start_rollout, advance_phase, rollback_phase,
+        emergency_rollback, pause, resume, models_health_check, models_test_load, slow_models, daily_report, weekly_report, backup_checkpoint,
+        backup_verify, backup_test_restore
+    ),
+    components(schemas(FeatureBody, RolloutBody, TestLoadBody)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("a token from api.tokens_file")).build()));
+    }
+}
+
+/// The document as committed in docs/openapi.json.
+pub fn openapi_text() -> String {
+    use utoipa::OpenApi;
+    let mut text = ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises");
+    text.push('\n');
+    text
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "probes", summary = "This document", responses((status = 200, description = "OpenAPI 3.1")))]
+async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_text()).into_response()
+}
+
+#[cfg(test)]
+mod openapi_drift {
+    #[test]
+    fn docs_openapi_json_is_the_generated_document() {
+        let committed = include_str!("../../docs/openapi.json");
+        assert!(committed == super::openapi_text(), "docs/openapi.json differs from the API's annotations: regenerate it with `payslip-stream openapi > docs/openapi.json`");
     }
 }

@@ -13,6 +13,7 @@ mod monitor;
 mod ops;
 mod outage;
 mod replay;
+mod report;
 mod rollout;
 mod security;
 mod counts;

@@ -137,7 +137,7 @@ async fn injected_conditions_raise_and_resolve_the_right_alerts() {
     // + 3 MODEL_UPDATE_AVAILABLE (1.1.0 candidates) + USER_FEEDBACK for windows 2 and 3
     let events = alerts_of(&wait_for(&cfg.topics.alerts, expected.len() + 5, 90).await);
     let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 1, 30).await);
-    monitor.stop().await;
+    let summary = monitor.stop().await;
     let (infos, alerts): (Vec<AlertEvent>, Vec<AlertEvent>) = events.into_iter().partition(|a| a.status == "INFO");
     let mut info: Vec<(String, String, i64)> = infos.iter().map(|a| (a.code.clone(), a.model.clone(), if a.code == "USER_FEEDBACK" { (a.window_start - *BASE) / W } else { -1 })).collect();
     info.sort();
@@ -173,6 +173,12 @@ async fn injected_conditions_raise_and_resolve_the_right_alerts() {
     let w2 = metrics.iter().find(|m| m.model == "document_classifier" && m.version == "1.0.0" && m.window_start == *BASE + 2 * W).unwrap();
     assert_eq!((w2.count, w2.ratings, w2.satisfaction), (30, 20, Some(0.5)));
     assert!((w2.latency_p95_ms.unwrap() - 800.0).abs() < 1.0, "{:?}", w2.latency_p95_ms);
+    // the counters by code and state (what /metrics shows) agree with the events published
+    let mut by_code: BTreeMap<String, u64> = BTreeMap::new();
+    for a in alerts.iter().chain(&infos) {
+        *by_code.entry(format!("{}|{}", a.code, a.status)).or_default() += 1;
+    }
+    assert_eq!(summary.alert_events, by_code);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

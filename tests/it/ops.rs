@@ -148,6 +148,23 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     };
     let s = samples(&text);
     assert_eq!(s["payslip_infer_documents_consumed_total"], n as f64 + 1.0);
+    assert_eq!(s["payslip_infer_producer_queue_messages"], 0.0, "everything delivered");
+    // librdkafka's statistics (every 5 s) are bridged
+    let started = Instant::now();
+    loop {
+        let (_, body) = api.get("/metrics", None).await;
+        let k = samples(body.as_str().unwrap());
+        let up: Vec<f64> = k.iter().filter(|(name, _)| name.starts_with("payslip_kafka_broker_up{")).map(|(_, v)| *v).collect();
+        // a report taken after the documents were fetched
+        let lags: Vec<f64> = k.iter().filter(|(name, _)| name.starts_with("payslip_infer_consumer_lag_messages{")).map(|(_, v)| *v).collect();
+        if !up.is_empty() && k.get("payslip_kafka_received_messages_total").is_some_and(|v| *v >= n as f64) && !lags.is_empty() && lags.iter().all(|l| *l == 0.0) {
+            assert!(up.contains(&1.0), "a broker connection is up: {up:?}");
+            assert!(k.keys().any(|name| name.starts_with("payslip_kafka_fetch_queue_messages{")));
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no librdkafka statistics with every document consumed after 30 s: {}", body.as_str().unwrap());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert_eq!(s["payslip_infer_dead_letters_total{class=\"undecodable\"}"], 1.0);
     assert_eq!(s["payslip_stage_ready{stage=\"infer\"}"], 1.0);
     assert_eq!(s["payslip_stage_ready{stage=\"monitor\"}"], 1.0);
@@ -171,12 +188,31 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     let (status, d) = api.get("/health/detailed", None).await;
     assert_eq!(status, 200);
     assert_eq!((d["ready"]["infer"].clone(), d["ready"]["monitor"].clone()), (Value::Bool(true), Value::Bool(true)));
-    assert_eq!(d["infer"]["results"], n);
+    assert_eq!(d["infer"]["counters"]["results"], n);
+    let lag = d["infer"]["consumer_lag"].as_object().unwrap();
+    assert!(!lag.is_empty() && lag.len() <= 3, "an entry per assigned partition read so far: {d}");
+    assert!(lag.values().all(|l| l == 0), "every document answered, nothing behind: {d}");
     assert_eq!(d["monitor"]["role"], "leader");
     assert_eq!(d["monitor"]["counters"]["results_applied"], n);
     assert_eq!(d["models"].as_array().unwrap().len(), 3);
     assert_eq!(api.get("/livez", None).await.0, 200);
     assert!(s.get("payslip_inference_run_seconds_count{model=\"document_classifier\",version=\"1.0.0\"}").is_some_and(|c| *c >= 1.0), "{text}");
+
+    // the OpenAPI document names every route, and every route it names is served
+    let (status, doc) = api.get("/openapi.json", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(doc, serde_json::from_str::<Value>(&std::fs::read_to_string(repo().join("docs/openapi.json")).unwrap()).unwrap(), "served = committed");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 22, "{:?}", paths.keys());
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let m: &'static str = if method == "get" { "GET" } else { "POST" };
+            let (status, body) = api.request(m, path, None, None).await;
+            // a 404 of the API itself says why in JSON (e.g. no checkpoint yet); the router's has no body
+            let routed = status != 405 && (status != 404 || body.get("error").is_some());
+            assert!(routed, "{method} {path} is documented but answers {status} {body}");
+        }
+    }
 
     // models: every version re-verified and run once in isolation; one version test-loaded
     let (status, m) = api.request("POST", "/models/health-check", None, None).await;
@@ -458,4 +494,65 @@ fn the_prometheus_and_alertmanager_files_check_and_the_rule_unit_tests_pass() {
     let tested = run("promtool", &["test", "rules", "rules.test.yml"], &prom);
     assert!(tested.contains("SUCCESS"), "{tested}");
     run("amtool", &["check-config", "alertmanager.yml"], &deploy.join("alertmanager"));
+}
+
+/// The real binary at debug log level: tokens sent with requests (valid, read-only, unknown) never
+/// appear in its log, while the operate token's name does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_reaches_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, prefix) = isolated_config_with_prefix("ops-log").await;
+    let tokens = dir.path().join("tokens.yaml");
+    std::fs::write(&tokens, format!("tokens:\n  - {{name: alice, role: operate, token: {ALICE}}}\n  - {{name: grafana, role: read, token: {GRAFANA}}}\n")).unwrap();
+    let yaml = dir.path().join("pipeline.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nmonitor:\n  state_dir: {}\napi:\n  tokens_file: {}\n  command_timeout_ms: 20000\n",
+            repo().join("models/model_metadata.json").display(),
+            dir.path().join("state").display(),
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let log = dir.path().join("stage.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+        .current_dir(repo())
+        .args(["run", "--stage", "monitor", "--brokers", &brokers(), "--topic-prefix", &prefix, "--group", &format!("{prefix}infer"), "--api-listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(&yaml)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let call = |method: &'static str, path: &'static str, token: Option<&'static str>| {
+        tokio::task::spawn_blocking(move || {
+            let mut req = ureq::request(method, &format!("http://127.0.0.1:{port}{path}")).timeout(Duration::from_secs(30));
+            if let Some(t) = token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            match if method == "POST" { req.send_string(r#"{"rollout_id": "document_classifier-9.9.9"}"#) } else { req.call() } {
+                Ok(r) => r.status(),
+                Err(ureq::Error::Status(code, _)) => code,
+                Err(_) => 0,
+            }
+        })
+    };
+    let started = Instant::now();
+    while call("GET", "/readyz", None).await.unwrap() != 200 {
+        assert!(started.elapsed() < Duration::from_secs(60), "not ready; log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(call("POST", "/features/pause", Some("an-unknown-token-value-123")).await.unwrap(), 401);
+    assert_eq!(call("POST", "/features/pause", Some(GRAFANA)).await.unwrap(), 403);
+    assert_eq!(call("GET", "/health/detailed", Some(GRAFANA)).await.unwrap(), 200);
+    assert_eq!(call("POST", "/features/pause", Some(ALICE)).await.unwrap(), 409, "REJECTED: no such rollout");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    for secret in [ALICE, GRAFANA, "an-unknown-token-value-123"] {
+        assert!(!text.contains(secret), "a token value is in the log");
+    }
+    assert!(text.contains("alice"), "the operate token's name is logged with its command");
 }
