@@ -43,9 +43,9 @@ pub struct InferCounters {
     pub inference_us: AtomicU64,
     /// Documents that went through the models (the denominator of `inference_us`).
     pub inferred_documents: AtomicU64,
-    /// librdkafka's latest statistics of the infer consumer (every 5 s), including the lag per
-    /// documents partition.
-    pub kafka_stats: crate::kafka::stats::StatsCell,
+    /// Messages between the infer consumer's position and the end of each assigned documents
+    /// partition (the last stable offset under read_committed), refreshed every 5 s.
+    pub consumer_lag: Mutex<BTreeMap<i32, i64>>,
     /// Records queued in the producer, not yet delivered (after the latest batch).
     pub producer_queue: AtomicU64,
     /// Batches waiting for their delivery reports (at least once; at most 8).

@@ -60,8 +60,8 @@ use ack::{ack_loop, Delivery, Pending};
 pub(crate) use batch::process_batch;
 pub(crate) use messages::{Outgoing, Processed};
 
-/// The infer consumer: librdkafka's statistics are kept for `/metrics` ([`crate::kafka::stats`]).
-pub(crate) type InferConsumer = StreamConsumer<crate::kafka::stats::StatsContext>;
+/// The infer stage's consumer.
+pub(crate) type InferConsumer = StreamConsumer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -137,10 +137,10 @@ impl InferStage {
         }
         let producer: FutureProducer = pc.create().map_err(KafkaError::client("the infer producer"))?;
 
-        // Start-up steps that wait on the broker run side by side (a restart is answered sooner):
-        // the dead-letter topic's size check, the decisions topic read to its end (the canary
-        // split before the first document) and, exactly once, `init_transactions` (which aborts
-        // what a predecessor with this instance id left open).
+        // Start-up steps run side by side (a restart is answered sooner): the dead-letter topic's
+        // size check, the decisions topic read to its end (the canary split before the first
+        // document), exactly once `init_transactions` (which aborts what a predecessor with this
+        // instance id left open), and a warm-up inference per served model.
         let step = |t: Instant| t.elapsed().as_millis() as u64;
         let dlq_check = async {
             let t = Instant::now();
@@ -161,7 +161,18 @@ impl InferStage {
                 if exactly_once { txn::init(&producer, tolerance).map(|()| step(t)) } else { Ok(0) }
             })
         };
-        let (dlq_ms, follower, init_ms) = tokio::join!(dlq_check, follower_start, init);
+        // one inference per served model on a synthetic payslip, so the first batch does not pay
+        // for ONNX Runtime's first-run allocations and a model that cannot run is found now
+        let warm_up = {
+            let registry = self.registry.clone();
+            tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let doc = crate::synth::Generator::new(crate::synth::GeneratorConfig { seed: 1, ..Default::default() }).document(0).document;
+                registry.warm_up(&doc).map(|()| step(t))
+            })
+        };
+        let (dlq_ms, follower, init_ms, warm_ms) = tokio::join!(dlq_check, follower_start, init, warm_up);
+        let warm_ms = warm_ms.map_err(|e| StageError::Internal(format!("warm-up panicked: {e}")))??;
         let (follower, follower_ms) = follower.map_err(|e| StageError::Internal(format!("decisions follower panicked: {e}")))?;
         let dlq_ms = dlq_ms?;
         let init_ms = init_ms.map_err(|e| StageError::Internal(format!("init_transactions panicked: {e}")))??;
@@ -176,12 +187,12 @@ impl InferStage {
             // offsets move only inside the batches' transactions
             cc.set("enable.auto.commit", "false");
         }
-        cc.set("statistics.interval.ms", "5000");
-        let consumer: InferConsumer = cc.create_with_context(crate::kafka::stats::StatsContext::new(self.counters.kafka_stats.clone())).map_err(KafkaError::client("the infer consumer"))?;
+        let consumer: InferConsumer = cc.create().map_err(KafkaError::client("the infer consumer"))?;
         consumer.subscribe(&[&cfg.topics.documents]).map_err(KafkaError::broker(format!("subscribe to {}", cfg.topics.documents)))?;
         let consumer = Arc::new(consumer);
+        let lag_watch = LagWatch::start(consumer.clone(), cfg.topics.documents.clone(), self.counters.clone());
         self.counters.ready.store(true, Ordering::Relaxed);
-        tracing::info!(dead_letter_check_ms = dlq_ms, decisions_read_ms = follower_ms, init_transactions_ms = init_ms, total_ms = step(started), "start-up steps done; joining the group");
+        tracing::info!(dead_letter_check_ms = dlq_ms, decisions_read_ms = follower_ms, init_transactions_ms = init_ms, warm_up_ms = warm_ms, total_ms = step(started), "start-up steps done; joining the group");
 
         tracing::info!(
             topic = %cfg.topics.documents, group = %cfg.kafka.infer_group, instance = %instance, exactly_once, provider = %self.registry.provider(),
@@ -309,6 +320,7 @@ impl InferStage {
             self.log_progress(&mut last_log);
         }
         self.counters.ready.store(false, Ordering::Relaxed);
+        lag_watch.stop().await;
         drop(ack_tx);
         match acker.await {
             Ok(Ok(())) => {}
@@ -339,6 +351,45 @@ impl InferStage {
             let s = self.counters.snapshot();
             tracing::info!(consumed = s.consumed, results = s.results, dead_letters = s.dead_letters, batches = s.batches, "progress");
         }
+    }
+}
+
+/// Every 5 s, the lag of each assigned documents partition: its high watermark (fetched from the
+/// broker, on a blocking thread) minus the consumer's position. Stops before the stage closes its
+/// consumer.
+struct LagWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl LagWatch {
+    fn start(consumer: Arc<InferConsumer>, topic: String, counters: Arc<InferCounters>) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut last = Instant::now() - Duration::from_secs(5);
+            while !flag.load(Ordering::Relaxed) {
+                if last.elapsed() >= Duration::from_secs(5) {
+                    last = Instant::now();
+                    let Ok(positions) = consumer.position() else { continue };
+                    let mut lag = std::collections::BTreeMap::new();
+                    for e in positions.elements().iter().filter(|e| e.topic() == topic) {
+                        let rdkafka::Offset::Offset(pos) = e.offset() else { continue };
+                        if let Ok((_, high)) = consumer.fetch_watermarks(&topic, e.partition(), Duration::from_secs(2)) {
+                            lag.insert(e.partition(), (high - pos).max(0));
+                        }
+                    }
+                    *counters.consumer_lag.lock().unwrap_or_else(|p| p.into_inner()) = lag;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Self { stop, handle }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.handle.await;
     }
 }
 

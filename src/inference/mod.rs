@@ -368,6 +368,17 @@ impl ModelRegistry {
     /// [`infer`](Self::infer) where the next `injected_failures` model runs fail as if ONNX Runtime
     /// had failed them (the `fault-ort-failures` test seam).
     pub fn infer_with_faults(&self, docs: &[&PayslipDocument], versions: &BTreeMap<String, String>, injected_failures: &mut u32) -> Result<Vec<Vec<ModelOutput>>, RunFailure> {
+        self.run_models(docs, versions, injected_failures, true)
+    }
+
+    /// Runs `doc` once through every served version without counting it anywhere: ONNX Runtime's
+    /// first-run allocations happen here rather than in the first batch, and a version that cannot
+    /// run is found before the stage reads a document.
+    pub fn warm_up(&self, doc: &PayslipDocument) -> Result<(), RunFailure> {
+        self.run_models(&[doc], &self.serve, &mut 0, false).map(|_| ())
+    }
+
+    fn run_models(&self, docs: &[&PayslipDocument], versions: &BTreeMap<String, String>, injected_failures: &mut u32, record: bool) -> Result<Vec<Vec<ModelOutput>>, RunFailure> {
         let mut out: Vec<Vec<ModelOutput>> = vec![Vec::with_capacity(versions.len()); docs.len()];
         for (name, version) in versions {
             let get = || self.loaded.read().unwrap_or_else(|p| p.into_inner()).get(&(name.clone(), version.clone())).cloned();
@@ -413,7 +424,7 @@ impl ModelRegistry {
                     other => break (other, latency_ms),
                 }
             };
-            if per_doc.is_ok() {
+            if record && per_doc.is_ok() {
                 self.runs.observe(name, version, latency_ms, docs.len());
             }
             let base = ModelOutput {

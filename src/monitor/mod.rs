@@ -428,6 +428,7 @@ impl MonitorStage {
             }
             let mut emitted = commanded;
             emitted.extend(self.state.close_windows(&self.cfg.monitor.alerts, self.cfg.monitor.resolve_silent_after_windows, &self.cfg.rollout, &wcfg, wall));
+            self.view.note_closed(&emitted);
             if consumed.is_empty() && emitted.is_empty() && !resolved_any && dead.is_empty() {
                 self.view.refresh(&mut view_published, &self.state, frontier);
                 continue;

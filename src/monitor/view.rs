@@ -37,6 +37,21 @@ pub struct FiringAlert {
     pub since_ms: Option<i64>,
 }
 
+/// A rollout as the controller holds it now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RolloutView {
+    pub rollout_id: String,
+    pub model: String,
+    pub candidate_version: String,
+    pub baseline_version: String,
+    pub status: String,
+    /// 1-based, as the runbook and the decisions count phases.
+    pub phase: usize,
+    pub traffic_percent: f64,
+    pub phase_started_at: i64,
+    pub last_reason: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MonitorView {
     pub role: Role,
@@ -46,6 +61,11 @@ pub struct MonitorView {
     pub open_windows: usize,
     /// Event time up to which every input partition has been read (the windows' watermark), ms.
     pub watermark_ms: Option<i64>,
+    /// End of the latest window closed (event time, ms).
+    pub last_closed_window_end_ms: Option<i64>,
+    /// RocksDB's estimate of the state's live data, bytes.
+    pub state_bytes: Option<u64>,
+    pub rollouts: Vec<RolloutView>,
     pub updated_at_ms: i64,
 }
 
@@ -77,6 +97,15 @@ impl ViewHandle {
         v.updated_at_ms = chrono::Utc::now().timestamp_millis();
     }
 
+    /// Notes the windows that just closed (before the next refresh publishes them).
+    pub(super) fn note_closed(&self, emitted: &[super::state::Emitted]) {
+        let end = emitted.iter().filter_map(|e| if let super::state::Emitted::Metrics(m) = e { Some(m.window_end) } else { None }).max();
+        if let Some(end) = end {
+            let mut v = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            v.last_closed_window_end_ms = Some(v.last_closed_window_end_ms.map_or(end, |e| e.max(end)));
+        }
+    }
+
     /// Publishes the state's figures if the last copy is older than [`PUBLISH_EVERY`].
     pub(super) fn refresh(&self, last: &mut Instant, state: &MonitorState, watermark_ms: Option<i64>) {
         if last.elapsed() < PUBLISH_EVERY {
@@ -94,7 +123,26 @@ impl ViewHandle {
                 FiringAlert { rule: rule.into(), severity: sev.to_ascii_lowercase(), subject: subject.into(), since_ms: a.episode_start_ms }
             })
             .collect();
+        let rollouts = state
+            .rollout
+            .rollouts
+            .values()
+            .map(|r| RolloutView {
+                rollout_id: r.rollout_id.clone(),
+                model: r.model.clone(),
+                candidate_version: r.candidate_version.clone(),
+                baseline_version: r.baseline_version.clone(),
+                status: r.status.to_string(),
+                phase: r.phase,
+                traffic_percent: r.traffic_percent,
+                phase_started_at: r.phase_started_at,
+                last_reason: r.last_reason.clone(),
+            })
+            .collect();
+        let state_bytes = self.checkpointer().and_then(|c| c.live_bytes());
         let mut v = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        v.rollouts = rollouts;
+        v.state_bytes = state_bytes;
         v.counters = state.counters.clone();
         v.firing = firing;
         v.open_windows = state.windows.len();

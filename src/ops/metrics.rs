@@ -81,20 +81,14 @@ impl Collector for Figures {
             counter(&mut enc, "payslip_infer_documents_inferred", "Documents that went through the models (the denominator of payslip_infer_inference_seconds_total).", c.inferred_documents.load(Ordering::Relaxed))?;
             counter(&mut enc, "payslip_infer_offsets_committed", "Batches whose input offsets were committed or stored.", c.offsets_stored.load(Ordering::Relaxed))?;
             {
-                let docs = &s.cfg.topics.documents;
-                let mut fam = enc.encode_descriptor("payslip_infer_consumer_lag_messages", "Documents between what the infer stage consumed and the end of each assigned partition (librdkafka statistics, every 5 s).", None, MetricType::Gauge)?;
-                let parts: Vec<((String, i32), crate::kafka::stats::PartitionStats)> = c.kafka_stats.lock().unwrap_or_else(|p| p.into_inner()).iter().flat_map(|k| k.partitions.clone()).collect();
-                for ((topic, p), st) in parts {
-                    if let (true, Some(lag)) = (&topic == docs, st.lag) {
-                        ConstGauge::new(lag).encode(fam.encode_family(&[("partition", p.to_string().as_str())])?)?;
-                    }
+                let mut fam = enc.encode_descriptor("payslip_infer_consumer_lag_messages", "Documents between the infer consumer's position and the end of each assigned partition (every 5 s).", None, MetricType::Gauge)?;
+                let lag = c.consumer_lag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                for (p, l) in lag {
+                    ConstGauge::new(l).encode(fam.encode_family(&[("partition", p.to_string().as_str())])?)?;
                 }
             }
             gauge(&mut enc, "payslip_infer_producer_queue_messages", "Records queued in the infer producer and not yet delivered.", c.producer_queue.load(Ordering::Relaxed) as f64)?;
             gauge(&mut enc, "payslip_infer_ack_queue_batches", "At least once: batches waiting for their delivery reports (at most 8).", c.ack_queue.load(Ordering::Relaxed) as f64)?;
-            if let Some(k) = c.kafka_stats.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                encode_kafka(&mut enc, &k)?;
-            }
             let mut fam = enc.encode_descriptor("payslip_infer_dead_letters", "Messages sent to the documents dead-letter topic, by class.", None, MetricType::Counter)?;
             for (class, n) in &snap.dead_letters_by_class {
                 ConstCounter::new(*n).encode(fam.encode_family(&[("class", class.as_str())])?)?;
@@ -121,6 +115,21 @@ impl Collector for Figures {
                 let mut fam = enc.encode_descriptor("payslip_monitor_leader", "1 when this process leads the monitor group, 0 on standby or while starting.", None, MetricType::Gauge)?;
                 ConstGauge::new((v.role == crate::monitor::view::Role::Leader) as i64).encode(fam.encode_family(&[("role", format!("{:?}", v.role).to_ascii_lowercase().as_str())])?)?;
             }
+            if let Some(b) = v.state_bytes {
+                gauge(&mut enc, "payslip_monitor_state_bytes", "RocksDB's estimate of the monitor state's live data.", b as f64)?;
+            }
+            {
+                let mut fam = enc.encode_descriptor("payslip_rollout_phase", "Current phase (1-based) of each rollout the controller holds.", None, MetricType::Gauge)?;
+                for r in &v.rollouts {
+                    ConstGauge::new(r.phase as i64).encode(fam.encode_family(&[("rollout_id", r.rollout_id.as_str()), ("model", r.model.as_str()), ("candidate", r.candidate_version.as_str()), ("status", r.status.as_str())])?)?;
+                }
+            }
+            {
+                let mut fam = enc.encode_descriptor("payslip_rollout_traffic_percent", "Share of users routed to each rollout's candidate.", None, MetricType::Gauge)?;
+                for r in &v.rollouts {
+                    ConstGauge::new(r.traffic_percent).encode(fam.encode_family(&[("rollout_id", r.rollout_id.as_str()), ("model", r.model.as_str()), ("candidate", r.candidate_version.as_str()), ("status", r.status.as_str())])?)?;
+                }
+            }
             let mut fam = enc.encode_descriptor("payslip_alerts_firing", "1 per alert instance firing now.", None, MetricType::Gauge)?;
             for a in &v.firing {
                 ConstGauge::new(1).encode(fam.encode_family(&[("rule", a.rule.as_str()), ("severity", a.severity.as_str()), ("subject", a.subject.as_str())])?)?;
@@ -128,43 +137,6 @@ impl Collector for Figures {
         }
         Ok(())
     }
-}
-
-/// librdkafka's statistics of the infer consumer, as `payslip_kafka_*`.
-fn encode_kafka(enc: &mut DescriptorEncoder<'_>, k: &crate::kafka::stats::ClientStats) -> std::fmt::Result {
-    gauge(enc, "payslip_kafka_replyq_operations", "librdkafka: operations waiting in the reply queue.", k.replyq as f64)?;
-    counter(enc, "payslip_kafka_received_messages", "librdkafka: messages received from brokers.", k.rxmsgs.max(0) as u64)?;
-    if let Some(r) = k.rebalances {
-        counter(enc, "payslip_kafka_consumer_rebalances", "librdkafka: rebalances of the infer group seen by this consumer.", r.max(0) as u64)?;
-    }
-    if let Some(a) = k.assignment_size {
-        gauge(enc, "payslip_kafka_consumer_assigned_partitions", "librdkafka: partitions assigned to this consumer.", a as f64)?;
-    }
-    {
-        let mut fam = enc.encode_descriptor("payslip_kafka_fetch_queue_messages", "librdkafka: messages fetched and waiting to be consumed, by partition.", None, MetricType::Gauge)?;
-        for ((topic, p), s) in &k.partitions {
-            ConstGauge::new(s.fetchq_cnt).encode(fam.encode_family(&[("topic", topic.as_str()), ("partition", p.to_string().as_str())])?)?;
-        }
-    }
-    {
-        let mut fam = enc.encode_descriptor("payslip_kafka_broker_rtt_seconds", "librdkafka: average round-trip time to each broker over the last interval.", None, MetricType::Gauge)?;
-        for (b, s) in &k.brokers {
-            if let Some(us) = s.rtt_avg_us {
-                ConstGauge::new(us as f64 / 1e6).encode(fam.encode_family(&[("broker", b.as_str())])?)?;
-            }
-        }
-    }
-    {
-        let mut fam = enc.encode_descriptor("payslip_kafka_broker_up", "librdkafka: 1 when the connection to the broker is UP.", None, MetricType::Gauge)?;
-        for (b, s) in &k.brokers {
-            ConstGauge::new((s.state == "UP") as i64).encode(fam.encode_family(&[("broker", b.as_str())])?)?;
-        }
-    }
-    let mut fam = enc.encode_descriptor("payslip_kafka_broker_request_timeouts", "librdkafka: requests to the broker that timed out.", None, MetricType::Counter)?;
-    for (b, s) in &k.brokers {
-        ConstCounter::new(s.req_timeouts).encode(fam.encode_family(&[("broker", b.as_str())])?)?;
-    }
-    Ok(())
 }
 
 /// The registry `/metrics` encodes.

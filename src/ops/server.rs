@@ -220,11 +220,7 @@ async fn health_detailed(State(app): State<App>, headers: HeaderMap) -> Response
         "reasons": reasons,
         "uptime_seconds": ops.started.elapsed().as_secs(),
         "ready": readiness,
-        "infer": ops.infer_counters().map(|c| {
-            let docs = &ops.cfg.topics.documents;
-            let lag: std::collections::BTreeMap<String, i64> = c.kafka_stats.lock().unwrap_or_else(|p| p.into_inner()).iter().flat_map(|k| k.partitions.iter().filter(|((t, _), _)| t == docs).filter_map(|((_, p), s)| s.lag.map(|l| (p.to_string(), l))).collect::<Vec<_>>()).collect();
-            json!({ "counters": c.snapshot(), "consumer_lag": lag })
-        }),
+        "infer": ops.infer_counters().map(|c| json!({ "counters": c.snapshot(), "consumer_lag": c.consumer_lag.lock().unwrap_or_else(|p| p.into_inner()).clone() })),
         "monitor": ops.monitor_view(),
         "models": models,
     }))

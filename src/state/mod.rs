@@ -84,6 +84,13 @@ impl Checkpointer {
     pub fn path(&self) -> &str {
         &self.path
     }
+
+    /// RocksDB's estimate of the state's size over every column family: live data in files plus
+    /// what is still in memtables, bytes.
+    pub fn live_bytes(&self) -> Option<u64> {
+        let prop = |h, name: &str| self.db.property_int_value_cf(h, name).ok().flatten();
+        ALL_CFS.iter().filter_map(|cf| self.db.cf_handle(cf)).map(|h| Some(prop(h, "rocksdb.estimate-live-data-size")? + prop(h, "rocksdb.cur-size-all-mem-tables")?)).sum()
+    }
 }
 
 /// Writes that become durable together.
@@ -210,8 +217,8 @@ pub struct StateSummary {
 }
 
 /// Opens `dir` read-only (a checkpoint, never modified) and checks that every column family is
-/// present and every value decodes. A live state directory with an unflushed write-ahead log is
-/// refused: checkpoint it first.
+/// present and every value decodes. A checkpoint of a running store may hold a write-ahead log
+/// (what was still in memtables): it is replayed into memory, never written back.
 pub fn verify(dir: &Path) -> Result<StateSummary, StateError> {
     if !dir.join("CURRENT").exists() {
         return Err(StateError::Rocks { path: dir.display().to_string(), message: "not a RocksDB directory (no CURRENT file)".into() });
@@ -220,7 +227,7 @@ pub fn verify(dir: &Path) -> Result<StateSummary, StateError> {
     // a checkpoint written by an older version lacks the newer column families: they count as empty
     let present = DB::list_cf(&opts, dir).map_err(|e| StateError::Rocks { path: dir.display().to_string(), message: e.to_string() })?;
     let cfs: Vec<&str> = ALL_CFS.iter().copied().filter(|c| present.iter().any(|p| p == c)).collect();
-    let db = DB::open_cf_for_read_only(&opts, dir, &cfs, true).map_err(|e| StateError::Rocks { path: dir.display().to_string(), message: e.to_string() })?;
+    let db = DB::open_cf_for_read_only(&opts, dir, &cfs, false).map_err(|e| StateError::Rocks { path: dir.display().to_string(), message: e.to_string() })?;
     let mut entries = std::collections::BTreeMap::new();
     let mut offsets = std::collections::BTreeMap::new();
     for cf in cfs {

@@ -149,32 +149,18 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     let s = samples(&text);
     assert_eq!(s["payslip_infer_documents_consumed_total"], n as f64 + 1.0);
     assert_eq!(s["payslip_infer_producer_queue_messages"], 0.0, "everything delivered");
-    // librdkafka's statistics (every 5 s) are bridged
+    // the lag per partition (every 5 s) comes down to 0 once every document is consumed
     let started = Instant::now();
     loop {
         let (_, body) = api.get("/metrics", None).await;
         let k = samples(body.as_str().unwrap());
-        let up: Vec<f64> = k.iter().filter(|(name, _)| name.starts_with("payslip_kafka_broker_up{")).map(|(_, v)| *v).collect();
-        // a report taken after the documents were fetched
         let lags: Vec<f64> = k.iter().filter(|(name, _)| name.starts_with("payslip_infer_consumer_lag_messages{")).map(|(_, v)| *v).collect();
-        if !up.is_empty() && k.get("payslip_kafka_received_messages_total").is_some_and(|v| *v >= n as f64) && !lags.is_empty() && lags.iter().all(|l| *l == 0.0) {
-            assert!(up.contains(&1.0), "a broker connection is up: {up:?}");
-            assert!(k.keys().any(|name| name.starts_with("payslip_kafka_fetch_queue_messages{")));
+        if !lags.is_empty() && lags.iter().all(|l| *l == 0.0) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "no librdkafka statistics with every document consumed after 30 s: {}", body.as_str().unwrap());
+        assert!(started.elapsed() < Duration::from_secs(30), "the consumer lag never showed as 0 after 30 s: {}", body.as_str().unwrap());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(s["payslip_infer_dead_letters_total{class=\"undecodable\"}"], 1.0);
-    assert_eq!(s["payslip_stage_ready{stage=\"infer\"}"], 1.0);
-    assert_eq!(s["payslip_stage_ready{stage=\"monitor\"}"], 1.0);
-    assert!(s.keys().any(|k| k.starts_with("payslip_model_loaded{model=\"document_classifier\",version=\"1.0.0\",provider=\"CPUExecutionProvider\"}")), "{text}");
-    assert!(s["payslip_process_resident_memory_bytes"] > 1e6);
-    // promtool accepts the exposition
-    let mut promtool = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("promtool (scripts/setup installs Debian's prometheus package)");
-    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 
     // the runbook's health check
     let (status, h) = api.get("/health/litert", None).await;
@@ -194,6 +180,8 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     assert!(lag.values().all(|l| l == 0), "every document answered, nothing behind: {d}");
     assert_eq!(d["monitor"]["role"], "leader");
     assert_eq!(d["monitor"]["counters"]["results_applied"], n);
+    assert!(d["monitor"]["state_bytes"].as_u64().is_some_and(|b| b > 0), "{d}");
+    assert!(d["monitor"]["rollouts"].is_array(), "{d}");
     assert_eq!(d["models"].as_array().unwrap().len(), 3);
     assert_eq!(api.get("/livez", None).await.0, 200);
     assert!(s.get("payslip_inference_run_seconds_count{model=\"document_classifier\",version=\"1.0.0\"}").is_some_and(|c| *c >= 1.0), "{text}");
@@ -380,6 +368,22 @@ async fn tokens_guard_every_mutating_endpoint_and_the_operate_token_names_the_op
     assert_eq!(status, 200);
     assert_eq!(p["rollouts"][0]["current_phase"], 1, "{p}");
     assert_eq!(p["rollouts"][0]["last_operator"], "alice", "{p}");
+    // the controller's rollout in /health/detailed and /metrics
+    let started = Instant::now();
+    loop {
+        let (_, d) = api.get("/health/detailed", Some(GRAFANA)).await;
+        let (_, m) = api.get("/metrics", Some(GRAFANA)).await;
+        let m = samples(m.as_str().unwrap());
+        let phase = m.iter().find(|(k, _)| k.starts_with("payslip_rollout_phase{rollout_id=\"document_classifier-1.1.0\"")).map(|(_, v)| *v);
+        let traffic = m.iter().find(|(k, _)| k.starts_with("payslip_rollout_traffic_percent{rollout_id=\"document_classifier-1.1.0\"")).map(|(_, v)| *v);
+        if d["monitor"]["rollouts"].as_array().is_some_and(|r| !r.is_empty()) && phase.is_some() {
+            assert_eq!((d["monitor"]["rollouts"][0]["phase"].clone(), d["monitor"]["rollouts"][0]["status"].clone()), (Value::from(1), Value::from("RUNNING")), "{d}");
+            assert_eq!((phase, traffic), (Some(1.0), Some(1.0)));
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the rollout never showed in /health/detailed and /metrics: {d}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let commands = read_all(&cfg.topics.commands);
     assert_eq!(commands.len(), 2, "one command per accepted request");
     assert!(commands.iter().all(|c| c.header("operator") == Some("alice")));
