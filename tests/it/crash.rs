@@ -124,8 +124,11 @@ impl Run {
     async fn start(name: &str, guarantee: &str, n: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (mut cfg, prefix) = monitor_config(name, dir.path()).await;
-        // partitions stay active across a restart, so no result of a killed stage's partitions is late
-        cfg.monitor.idle_timeout_ms = 20_000;
+        // partitions stay active across a restart, so no result of a killed stage's partitions is
+        // late: with one process killed for good, its partitions wait for the session timeout (10 s)
+        // and, exactly once, for the broker to abort its open transaction (10 s) before the
+        // survivor answers them, so 40 s leaves room for a loaded machine
+        cfg.monitor.idle_timeout_ms = 40_000;
         let group = cfg.kafka.infer_group.clone();
         let yaml = dir.path().join("pipeline.yaml");
         std::fs::write(

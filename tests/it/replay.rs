@@ -53,7 +53,9 @@ fn cli(args: &[&str], yaml_or_repo: Option<&std::path::Path>, prefix: &str) -> s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_over_a_time_range_writes_one_result_per_document_in_range_and_nothing_to_production() {
     let (cfg, prefix) = isolated_config_with_prefix("backfill").await;
-    let t0 = 1_790_000_000_000;
+    // an hour ago, on a whole second: timestamps older than the topic's retention would be deleted
+    // by the broker while the test runs
+    let t0 = (chrono::Utc::now().timestamp() - 3_600) * 1_000;
     let ids = produce_stamped(&cfg.topics.documents, 300, t0).await;
     // [t0 + 1 s, t0 + 2 s): documents 100 (stamped exactly at --from) to 199; 200 is stamped at --to
     let from = format!("s@{}", t0 + 1_000);

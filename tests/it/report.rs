@@ -1,5 +1,5 @@
 //! Reports for a generated period: window metrics, alert events and a rollout decision written to
-//! their topics for 2026-11-27 (and some just outside it), then `payslip-stream report` (the real
+//! their topics for yesterday (UTC; and some just outside it), then `payslip-stream report` (the real
 //! CLI) and the API's `/reports/daily-performance`: expected totals, and charts that are valid PNG
 //! and SVG images.
 
@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-const DAY: i64 = 1_795_737_600_000; // 2026-11-27T00:00:00Z
 
 fn window(id: &str, model: &str, version: &str, cohort: &str, start: i64, count: i64, errors: i64, p95: f64) -> WindowMetrics {
     serde_json::from_value(json!({
@@ -46,28 +45,32 @@ fn decision(at: i64) -> RolloutDecision {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daily_report_has_the_periods_totals_and_valid_chart_images() {
     let (cfg, prefix) = isolated_config_with_prefix("report").await;
+    // yesterday (UTC), so the records are well within the topics' retention
+    let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let at = yesterday.format("%Y-%m-%d").to_string();
+    let day = yesterday.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis();
     let h = 3_600_000;
     let windows = vec![
-        window("b1", "document_classifier", "1.0.0", "baseline", DAY + 8 * h, 100, 1, 40.0),
-        window("b2", "document_classifier", "1.0.0", "baseline", DAY + 9 * h, 200, 2, 60.0),
-        window("b3", "document_classifier", "1.0.0", "baseline", DAY + 10 * h, 300, 3, 50.0),
-        window("c1", "document_classifier", "1.1.0", "canary", DAY + 9 * h, 10, 0, 30.0),
-        window("c2", "document_classifier", "1.1.0", "canary", DAY + 10 * h, 20, 1, 35.0),
-        window("p1", "pipeline", "-", "all", DAY + 8 * h, 100, 1, 90.0),
-        window("p2", "pipeline", "-", "all", DAY + 9 * h, 210, 2, 95.0),
-        window("p3", "pipeline", "-", "all", DAY + 10 * h, 320, 4, 99.0),
-        window("n1", "document_classifier", "1.0.0", "baseline", DAY + 24 * h, 999, 0, 1.0), // the next day
-        window("b2", "document_classifier", "1.0.0", "baseline", DAY + 9 * h, 200, 2, 60.0),  // published again
+        window("b1", "document_classifier", "1.0.0", "baseline", day + 8 * h, 100, 1, 40.0),
+        window("b2", "document_classifier", "1.0.0", "baseline", day + 9 * h, 200, 2, 60.0),
+        window("b3", "document_classifier", "1.0.0", "baseline", day + 10 * h, 300, 3, 50.0),
+        window("c1", "document_classifier", "1.1.0", "canary", day + 9 * h, 10, 0, 30.0),
+        window("c2", "document_classifier", "1.1.0", "canary", day + 10 * h, 20, 1, 35.0),
+        window("p1", "pipeline", "-", "all", day + 8 * h, 100, 1, 90.0),
+        window("p2", "pipeline", "-", "all", day + 9 * h, 210, 2, 95.0),
+        window("p3", "pipeline", "-", "all", day + 10 * h, 320, 4, 99.0),
+        window("n1", "document_classifier", "1.0.0", "baseline", day + 24 * h, 999, 0, 1.0), // the next day
+        window("b2", "document_classifier", "1.0.0", "baseline", day + 9 * h, 200, 2, 60.0),  // published again
     ];
     produce_records(&cfg.topics.metrics, "m", &windows).await;
-    produce_records(&cfg.topics.alerts, "a", &[alert("FIRING", DAY + 9 * h), alert("RESOLVED", DAY + 11 * h), alert("FIRING", DAY - h)]).await;
-    produce_records(&cfg.topics.decisions, "document_classifier-1.1.0", &[decision(DAY + 9 * h + 1_800_000)]).await;
+    produce_records(&cfg.topics.alerts, "a", &[alert("FIRING", day + 9 * h), alert("RESOLVED", day + 11 * h), alert("FIRING", day - h)]).await;
+    produce_records(&cfg.topics.decisions, "document_classifier-1.1.0", &[decision(day + 9 * h + 1_800_000)]).await;
 
     // the CLI
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
         .current_dir(repo())
-        .args(["report", "--brokers", &brokers(), "--topic-prefix", &prefix, "--period", "day", "--at", "2026-11-27", "--out"])
+        .args(["report", "--brokers", &brokers(), "--topic-prefix", &prefix, "--period", "day", "--at", &at, "--out"])
         .arg(out.path())
         .output()
         .unwrap();
@@ -118,10 +121,12 @@ async fn a_daily_report_has_the_periods_totals_and_valid_chart_images() {
             }
         })
     };
-    let api: Value = serde_json::from_str(&get("?at=2026-11-27").await.unwrap()).unwrap();
+    let q: &'static str = Box::leak(format!("?at={at}").into_boxed_str());
+    let api: Value = serde_json::from_str(&get(q).await.unwrap()).unwrap();
     assert_eq!(api["documents"], r["documents"]);
     assert_eq!(api["versions"], r["versions"]);
-    let page = get("?at=2026-11-27&format=html").await.unwrap();
+    let q: &'static str = Box::leak(format!("?at={at}&format=html").into_boxed_str());
+    let page = get(q).await.unwrap();
     assert_eq!(page.matches("src=\"data:image/svg+xml;base64,").count(), 4);
     let _ = stop.send(true);
     handle.await.unwrap().expect("monitor stops cleanly");
