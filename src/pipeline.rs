@@ -129,7 +129,7 @@ pub fn spawn_monitor(cfg: PipelineConfig, brokers: String, mut shutdown: watch::
         let _ = shutdown.changed().await;
         flag.store(true, Ordering::Relaxed);
     });
-    tokio::task::spawn_blocking(move || MonitorStage::open(cfg, brokers)?.with_view(view).run(stop))
+    tokio::task::spawn_blocking(move || MonitorStage::open_with_view(cfg, brokers, view)?.run(stop))
 }
 
 /// Runs the Alertmanager bridge ([`crate::alert::forward`]) on a blocking thread until `shutdown`.

@@ -46,6 +46,8 @@ pub struct InferCounters {
     /// Messages between the infer consumer's position and the end of each assigned documents
     /// partition (the last stable offset under read_committed), refreshed every 5 s.
     pub consumer_lag: Mutex<BTreeMap<i32, i64>>,
+    /// librdkafka's latest statistics of the infer producer (every 5 s).
+    pub producer_stats: crate::kafka::stats::StatsCell,
     /// Records queued in the producer, not yet delivered (after the latest batch).
     pub producer_queue: AtomicU64,
     /// Batches waiting for their delivery reports (at least once; at most 8).

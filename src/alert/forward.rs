@@ -12,8 +12,10 @@
 //!
 //! Delivery: at least once, nothing lost while the events are on the topic. The bridge's progress
 //! is the committed offset of its consumer group (`<infer group>-alertmanager`), committed only
-//! after Alertmanager accepted the event; while Alertmanager is down or refuses, the bridge retries
-//! with backoff (1 s doubling to 30 s) and reads nothing further. At start it reads the topic from
+//! after Alertmanager accepted the event; while Alertmanager is down, overloaded or failing
+//! (unreachable, 5xx, 429) the bridge retries with backoff (1 s doubling to 30 s) and reads nothing
+//! further. A 4xx answer means the post itself is wrong: it is logged at error level with the
+//! alert, counted (`refused`) and passed, since sending it again could only block the bridge. At start it reads the topic from
 //! its beginning to rebuild which alerts fire (events before the committed offset are not sent
 //! again; those after are). Re-sending an event is harmless: Alertmanager deduplicates by labels.
 
@@ -21,7 +23,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -89,6 +91,8 @@ pub struct ForwardSummary {
     pub forwarded: u64,
     /// Failed posts that were retried.
     pub retries: u64,
+    /// Events Alertmanager refused for good (a 4xx answer): logged with the alert, not sent again.
+    pub refused: u64,
     /// Events on the topic that could not be decoded (skipped, with a warning).
     pub undecodable: u64,
 }
@@ -129,29 +133,66 @@ pub fn alertmanager_alert(e: &AlertEvent, now_ms: i64, resend_ms: u64) -> serde_
     })
 }
 
-fn post(agent: &ureq::Agent, url: &str, alerts: &[serde_json::Value]) -> Result<(), String> {
-    match agent.post(&format!("{}/api/v2/alerts", url.trim_end_matches('/'))).send_json(serde_json::Value::Array(alerts.to_vec())) {
-        Ok(_) => Ok(()),
-        Err(ureq::Error::Status(code, r)) => Err(format!("Alertmanager answered {code}: {}", r.into_string().unwrap_or_default())),
-        Err(e) => Err(e.to_string()),
+/// Why Alertmanager did not take a post.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    #[error("Alertmanager answered {code}: {body}")]
+    Refused { code: u16, body: String },
+    #[error("Alertmanager unreachable: {0}")]
+    Unreachable(String),
+}
+
+impl PostError {
+    /// Whether the same post may succeed later: Alertmanager away, overloaded or failing (5xx,
+    /// 429). A 4xx is the post itself being wrong; sending it again would block the bridge forever.
+    pub fn retryable(&self) -> bool {
+        match self {
+            PostError::Unreachable(_) => true,
+            PostError::Refused { code, .. } => *code >= 500 || *code == 429 || *code == 408,
+        }
     }
 }
 
-/// Posts until Alertmanager accepts or `stop` is set (false then).
-fn post_until_accepted(agent: &ureq::Agent, url: &str, alerts: &[serde_json::Value], stop: &AtomicBool, summary: &mut ForwardSummary) -> bool {
+fn post(agent: &ureq::Agent, url: &str, alerts: &[serde_json::Value]) -> Result<(), PostError> {
+    match agent.post(&format!("{}/api/v2/alerts", url.trim_end_matches('/'))).send_json(serde_json::Value::Array(alerts.to_vec())) {
+        Ok(_) => Ok(()),
+        Err(ureq::Error::Status(code, r)) => Err(PostError::Refused { code, body: r.into_string().unwrap_or_default() }),
+        Err(e) => Err(PostError::Unreachable(e.to_string())),
+    }
+}
+
+/// How a post ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Posted {
+    Accepted,
+    /// Refused for good (a 4xx): logged and counted, not sent again.
+    Refused,
+    /// `stop` was set before Alertmanager accepted it.
+    Stopped,
+}
+
+/// Posts until Alertmanager accepts, refuses for good, or `stop` is set.
+fn post_until_accepted(agent: &ureq::Agent, url: &str, alerts: &[serde_json::Value], stop: &AtomicBool, summary: &mut ForwardSummary, live: &Mutex<ForwardSummary>) -> Posted {
     let mut backoff = Duration::from_secs(1);
     loop {
         match post(agent, url, alerts) {
-            Ok(()) => return true,
+            Ok(()) => return Posted::Accepted,
+            Err(why) if !why.retryable() => {
+                summary.refused += 1;
+                *live.lock().unwrap_or_else(|p| p.into_inner()) = summary.clone();
+                tracing::error!(%url, error = %why, alerts = %serde_json::Value::Array(alerts.to_vec()), "Alertmanager refused the alerts; not sent again");
+                return Posted::Refused;
+            }
             Err(why) => {
                 summary.retries += 1;
+                *live.lock().unwrap_or_else(|p| p.into_inner()) = summary.clone();
                 tracing::warn!(%url, error = %why, retry_in_s = backoff.as_secs(), "cannot forward alerts to Alertmanager; the events stay on the topic and are retried");
             }
         }
         let until = Instant::now() + backoff;
         while Instant::now() < until {
             if stop.load(Ordering::Relaxed) {
-                return false;
+                return Posted::Stopped;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -175,6 +216,8 @@ struct Bridge {
     /// Alerts firing now, by alert id (what the periodic resend sends).
     firing: BTreeMap<String, AlertEvent>,
     summary: ForwardSummary,
+    /// A copy of `summary` others may read while the bridge runs.
+    live: Arc<Mutex<ForwardSummary>>,
 }
 
 impl Bridge {
@@ -193,11 +236,15 @@ impl Bridge {
             return Ok(true); // forwarded before
         }
         let alert = alertmanager_alert(&e, chrono::Utc::now().timestamp_millis(), self.resend_ms);
-        if !post_until_accepted(&self.agent, &self.url, &[alert], stop, &mut self.summary) {
-            return Ok(false);
+        match post_until_accepted(&self.agent, &self.url, &[alert], stop, &mut self.summary, &self.live) {
+            Posted::Stopped => return Ok(false),
+            Posted::Refused => {}
+            Posted::Accepted => {
+                self.summary.forwarded += 1;
+                *self.live.lock().unwrap_or_else(|p| p.into_inner()) = self.summary.clone();
+                tracing::info!(alert_id = %e.alert_id, code = %e.code, status = %e.status, "alert forwarded to Alertmanager");
+            }
         }
-        self.summary.forwarded += 1;
-        tracing::info!(alert_id = %e.alert_id, code = %e.code, status = %e.status, "alert forwarded to Alertmanager");
         let mut done = TopicPartitionList::new();
         done.add_partition_offset(&self.topic, m.partition(), Offset::Offset(m.offset() + 1)).map_err(KafkaError::broker("offset"))?;
         consumer.commit(&done, CommitMode::Sync).map_err(KafkaError::broker(format!("commit the Alertmanager bridge's offset on {}", self.topic)))?;
@@ -211,12 +258,17 @@ impl Bridge {
         }
         let now = chrono::Utc::now().timestamp_millis();
         let alerts: Vec<serde_json::Value> = self.firing.values().map(|e| alertmanager_alert(e, now, self.resend_ms)).collect();
-        post_until_accepted(&self.agent, &self.url, &alerts, stop, &mut self.summary);
+        post_until_accepted(&self.agent, &self.url, &alerts, stop, &mut self.summary, &self.live);
     }
 }
 
 /// Forwards until `stop` is set. Blocking: run it on its own thread.
 pub fn run(cfg: &PipelineConfig, brokers: &str, stop: Arc<AtomicBool>) -> Result<ForwardSummary, ForwardError> {
+    run_observed(cfg, brokers, stop, Arc::default())
+}
+
+/// [`run`], keeping a copy of its summary in `live` as it changes (retries, events forwarded).
+pub fn run_observed(cfg: &PipelineConfig, brokers: &str, stop: Arc<AtomicBool>, live: Arc<Mutex<ForwardSummary>>) -> Result<ForwardSummary, ForwardError> {
     let Some(url) = cfg.alerts.forward.alertmanager_url.clone() else { return Ok(ForwardSummary::default()) };
     let topic = cfg.topics.alerts.clone();
     let group = format!("{}-alertmanager", cfg.kafka.infer_group);
@@ -236,7 +288,7 @@ pub fn run(cfg: &PipelineConfig, brokers: &str, stop: Arc<AtomicBool>) -> Result
         .collect();
     tracing::info!(%url, %topic, %group, ?committed, "forwarding alert events to Alertmanager");
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-    let mut bridge = Bridge { url, resend_ms: cfg.alerts.forward.resend_interval_ms, topic: topic.clone(), agent, committed, firing: BTreeMap::new(), summary: ForwardSummary::default() };
+    let mut bridge = Bridge { url, resend_ms: cfg.alerts.forward.resend_interval_ms, topic: topic.clone(), agent, committed, firing: BTreeMap::new(), summary: ForwardSummary::default(), live };
     // from the beginning (to know what fires), then on past the end as events come
     let mut cursor = kafka::RangeCursor::to_end(consumer, &topic, |_, lo, _| lo, format!("reading {topic}"))?.including_past_end();
     while !cursor.done() {
@@ -269,4 +321,20 @@ pub fn run(cfg: &PipelineConfig, brokers: &str, stop: Arc<AtomicBool>) -> Result
         }
     }
     Ok(bridge.summary)
+}
+
+#[cfg(test)]
+mod post_tests {
+    use super::PostError;
+
+    #[test]
+    fn only_what_may_succeed_later_is_retried() {
+        assert!(PostError::Unreachable("connection refused".into()).retryable());
+        for code in [500, 502, 503, 429, 408] {
+            assert!(PostError::Refused { code, body: String::new() }.retryable(), "{code}");
+        }
+        for code in [400, 404, 422] {
+            assert!(!PostError::Refused { code, body: String::new() }.retryable(), "{code}");
+        }
+    }
 }

@@ -44,7 +44,7 @@ use std::{
 use rdkafka::{
     consumer::{CommitMode, Consumer, StreamConsumer},
     message::OwnedMessage,
-    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
+    producer::{DeliveryFuture, FutureRecord, Producer},
     util::Timeout,
 };
 use tokio::sync::{mpsc, watch};
@@ -62,6 +62,8 @@ pub(crate) use messages::{Outgoing, Processed};
 
 /// The infer stage's consumer.
 pub(crate) type InferConsumer = StreamConsumer;
+/// The infer stage's producer: librdkafka's statistics kept for `/metrics`.
+pub(crate) type InferProducer = crate::kafka::stats::StatsProducer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -135,7 +137,7 @@ impl InferStage {
         if exactly_once {
             pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.transaction_timeout_ms().to_string());
         }
-        let producer: FutureProducer = pc.create().map_err(KafkaError::client("the infer producer"))?;
+        let producer = kafka::stats::producer_with_stats(pc, self.counters.producer_stats.clone(), "the infer producer")?;
 
         // Start-up steps run side by side (a restart is answered sooner): the dead-letter topic's
         // size check, the decisions topic read to its end (the canary split before the first
@@ -396,7 +398,7 @@ impl LagWatch {
 /// Queues one record. A dead letter too large for the producer is replaced by a shortened one
 /// (key, headers, reason, original size and sha256, and as much of the payload as fits), so one
 /// oversized document never stops the stage; any other refusal is returned.
-async fn send(producer: &FutureProducer, cfg: &PipelineConfig, p: Processed) -> Result<(DeliveryFuture, String, Processed), KafkaError> {
+async fn send(producer: &InferProducer, cfg: &PipelineConfig, p: Processed) -> Result<(DeliveryFuture, String, Processed), KafkaError> {
     let first = queue(producer, &p.out).await;
     match first {
         Ok(f) => Ok((f, p.out.topic.clone(), p)),
@@ -410,7 +412,7 @@ async fn send(producer: &FutureProducer, cfg: &PipelineConfig, p: Processed) -> 
     }
 }
 
-async fn queue(producer: &FutureProducer, out: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
+async fn queue(producer: &InferProducer, out: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
     let hs = out.headers.build();
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).payload(&out.payload[..]).headers(hs);
     if let Some(k) = &out.key {

@@ -26,7 +26,7 @@ use std::{collections::BTreeMap, time::Duration};
 use rdkafka::{
     consumer::Consumer,
     error::KafkaError as RdKafkaError,
-    producer::{FutureProducer, Producer},
+    producer::Producer,
     topic_partition_list::{Offset, TopicPartitionList},
 };
 
@@ -64,7 +64,7 @@ fn is_retriable(e: &RdKafkaError) -> bool {
 
 /// Initialises the transactional producer (fencing a predecessor with the same transactional id),
 /// retrying while the broker asks to.
-pub(super) fn init(producer: &FutureProducer, tolerance: Duration) -> Result<(), KafkaError> {
+pub(super) fn init(producer: &super::InferProducer, tolerance: Duration) -> Result<(), KafkaError> {
     let deadline = std::time::Instant::now() + tolerance;
     loop {
         match producer.init_transactions(CALL_TIMEOUT) {
@@ -80,7 +80,7 @@ pub(super) fn init(producer: &FutureProducer, tolerance: Duration) -> Result<(),
 /// Publishes `processed` and moves the group past its offsets in one transaction. Returns the
 /// number of results, results with an error, and dead letters committed.
 pub(super) async fn commit_batch(
-    producer: &FutureProducer,
+    producer: &super::InferProducer,
     consumer: &super::InferConsumer,
     cfg: &PipelineConfig,
     processed: Vec<Processed>,
@@ -124,7 +124,7 @@ fn classify(what: &str, e: RdKafkaError) -> TxnFailure {
 }
 
 async fn publish(
-    producer: &FutureProducer,
+    producer: &super::InferProducer,
     consumer: &super::InferConsumer,
     cfg: &PipelineConfig,
     processed: Vec<Processed>,

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use rdkafka::{
+    client::ClientContext,
     producer::{DeliveryFuture, FutureProducer, FutureRecord},
     types::RDKafkaErrorCode,
     message::ToBytes,
@@ -27,10 +28,11 @@ pub struct Delivered {
 }
 
 /// Either queued, or given back because the local queue is full.
-fn try_enqueue<'a, K, P>(producer: &FutureProducer, record: FutureRecord<'a, K, P>) -> Result<Result<DeliveryFuture, FutureRecord<'a, K, P>>, KafkaError>
+fn try_enqueue<'a, K, P, C>(producer: &FutureProducer<C>, record: FutureRecord<'a, K, P>) -> Result<Result<DeliveryFuture, FutureRecord<'a, K, P>>, KafkaError>
 where
     K: ToBytes + ?Sized,
     P: ToBytes + ?Sized,
+    C: ClientContext + 'static,
 {
     match producer.send_result(record) {
         Ok(f) => Ok(Ok(f)),
@@ -40,10 +42,11 @@ where
 }
 
 /// Offers `record` until it is queued; `wait` is how to pass the time while the queue is full.
-async fn enqueue_with<'a, K, P, W>(producer: &FutureProducer, mut record: FutureRecord<'a, K, P>, wait: impl Fn() -> W) -> Result<DeliveryFuture, KafkaError>
+async fn enqueue_with<'a, K, P, W, C>(producer: &FutureProducer<C>, mut record: FutureRecord<'a, K, P>, wait: impl Fn() -> W) -> Result<DeliveryFuture, KafkaError>
 where
     K: ToBytes + ?Sized,
     P: ToBytes + ?Sized,
+    C: ClientContext + 'static,
     W: std::future::Future<Output = ()>,
 {
     loop {
@@ -59,19 +62,21 @@ where
 
 /// Enqueues a record, waiting while librdkafka's local queue is full; the returned future resolves
 /// with the delivery report.
-pub async fn enqueue<'a, K, P>(producer: &FutureProducer, record: FutureRecord<'a, K, P>) -> Result<DeliveryFuture, KafkaError>
+pub async fn enqueue<'a, K, P, C>(producer: &FutureProducer<C>, record: FutureRecord<'a, K, P>) -> Result<DeliveryFuture, KafkaError>
 where
     K: ToBytes + ?Sized,
     P: ToBytes + ?Sized,
+    C: ClientContext + 'static,
 {
     enqueue_with(producer, record, || tokio::time::sleep(QUEUE_FULL_BACKOFF)).await
 }
 
 /// [`enqueue`] for callers on a blocking thread (no async runtime needed).
-pub fn enqueue_blocking<'a, K, P>(producer: &FutureProducer, record: FutureRecord<'a, K, P>) -> Result<DeliveryFuture, KafkaError>
+pub fn enqueue_blocking<'a, K, P, C>(producer: &FutureProducer<C>, record: FutureRecord<'a, K, P>) -> Result<DeliveryFuture, KafkaError>
 where
     K: ToBytes + ?Sized,
     P: ToBytes + ?Sized,
+    C: ClientContext + 'static,
 {
     let block = || {
         std::thread::sleep(QUEUE_FULL_BACKOFF);

@@ -40,7 +40,6 @@ use std::{
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     message::Message,
-    producer::FutureProducer,
     Offset, TopicPartitionList,
 };
 
@@ -110,7 +109,7 @@ pub struct MonitorStage {
     brokers: String,
     store: RocksStateStore,
     state: MonitorState,
-    producer: FutureProducer,
+    producer: kafka::stats::StatsProducer,
     changelog: Option<changelog::Changelog>,
     /// Set when the rollout state was rebuilt from the decisions topic: reading the commands topic
     /// starts here (a minute before the last answered command) instead of at its beginning; commands
@@ -131,11 +130,18 @@ fn now_ms() -> i64 {
 impl MonitorStage {
     /// Opens the state directory; the state is loaded when the stage runs (after it leads).
     pub fn open(cfg: PipelineConfig, brokers: String) -> Result<Self, MonitorError> {
+        Self::open_with_view(cfg, brokers, view::ViewHandle::default())
+    }
+
+    /// [`Self::open`], publishing what the operations API sees into `view` (its checkpoints of the
+    /// open state, and the producer's librdkafka statistics included).
+    pub fn open_with_view(cfg: PipelineConfig, brokers: String, view: view::ViewHandle) -> Result<Self, MonitorError> {
         std::fs::create_dir_all(&cfg.monitor.state_dir).map_err(|e| StateError::Rocks { path: cfg.monitor.state_dir.display().to_string(), message: e.to_string() })?;
         let store = RocksStateStore::open(&cfg.monitor.state_dir)?;
-        let producer: FutureProducer = kafka::producer_config_with(&brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms).create().map_err(KafkaError::client("the monitor producer"))?;
+        view.set_checkpointer(store.checkpointer());
+        let producer = kafka::stats::producer_with_stats(kafka::producer_config_with(&brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms), view.producer_stats(), "the monitor producer")?;
         let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::new(&cfg, &brokers)?) } else { None };
-        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view: view::ViewHandle::default() })
+        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view })
     }
 
     fn load(&mut self) -> Result<(), MonitorError> {
@@ -242,12 +248,6 @@ impl MonitorStage {
     }
 
     /// Publishes this stage's view into `v` (one the caller holds before the stage runs).
-    pub fn with_view(mut self, v: view::ViewHandle) -> Self {
-        v.set_checkpointer(self.store.checkpointer());
-        self.view = v;
-        self
-    }
-
     fn window_config(&self) -> WindowConfig {
         self.cfg.monitor.window()
     }

@@ -75,9 +75,16 @@ pub struct MonitorView {
 pub struct ViewHandle {
     inner: Arc<RwLock<MonitorView>>,
     store: Arc<RwLock<Option<crate::state::Checkpointer>>>,
+    /// librdkafka's latest statistics of the monitor's producer.
+    producer_stats: crate::kafka::stats::StatsCell,
 }
 
 impl ViewHandle {
+    /// Where the monitor producer's statistics are kept.
+    pub fn producer_stats(&self) -> crate::kafka::stats::StatsCell {
+        self.producer_stats.clone()
+    }
+
     pub fn get(&self) -> MonitorView {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -90,27 +90,27 @@ impl Tokens {
         Self::parse(&text).map_err(|m| invalid("api.tokens_file", format!("{}: {m}", path.display())))
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
-        let file: TokenFile = serde_yaml::from_str(text).map_err(|e| format!("not a tokens file ({e}); expected `tokens: [{{name, role: read|operate, sha256|token|token_env}}]`"))?;
+    fn parse(text: &str) -> Result<Self, TokensFileError> {
+        let file: TokenFile = serde_yaml::from_str(text).map_err(|e| TokensFileError::Format(e.to_string()))?;
         let mut known: Vec<Known> = Vec::new();
         for e in file.tokens {
             if e.name.trim().is_empty() || e.name.chars().any(char::is_control) {
-                return Err("a token has an empty name or control characters in it".into());
+                return Err(TokensFileError::BadName);
             }
             if known.iter().any(|k| k.name == e.name) {
-                return Err(format!("token name {:?} appears twice", e.name));
+                return Err(TokensFileError::NameTwice(e.name));
             }
             let digest = match (&e.sha256, &e.token, &e.token_env) {
                 (Some(h), None, None) => {
-                    let bytes = hex::decode(h.trim()).map_err(|_| format!("token {:?}: sha256 is not hex", e.name))?;
-                    bytes.try_into().map_err(|_| format!("token {:?}: sha256 must be 64 hex digits", e.name))?
+                    let bytes = hex::decode(h.trim()).map_err(|_| TokensFileError::Sha256(e.name.clone()))?;
+                    bytes.try_into().map_err(|_| TokensFileError::Sha256(e.name.clone()))?
                 }
                 (None, Some(t), None) => checked(&e.name, t)?,
-                (None, None, Some(var)) => checked(&e.name, &std::env::var(var).map_err(|_| format!("token {:?}: environment variable {var} is not set", e.name))?)?,
-                _ => return Err(format!("token {:?}: give exactly one of sha256, token, token_env", e.name)),
+                (None, None, Some(var)) => checked(&e.name, &std::env::var(var).map_err(|_| TokensFileError::EnvUnset { name: e.name.clone(), var: var.clone() })?)?,
+                _ => return Err(TokensFileError::NotOneSource(e.name)),
             };
             if known.iter().any(|k| k.digest == digest) {
-                return Err(format!("token {:?} has the same value as another token", e.name));
+                return Err(TokensFileError::SameValue(e.name));
             }
             known.push(Known { name: e.name, role: e.role, digest });
         }
@@ -144,11 +144,32 @@ impl Tokens {
     }
 }
 
-fn checked(name: &str, token: &str) -> Result<[u8; 32], String> {
+fn checked(name: &str, token: &str) -> Result<[u8; 32], TokensFileError> {
     if token.len() < 16 {
-        return Err(format!("token {name:?} is shorter than 16 characters"));
+        return Err(TokensFileError::Short(name.to_string()));
     }
     Ok(digest(token.as_bytes()))
+}
+
+/// What is wrong with a tokens file (start-up stops with it, as `api.tokens_file`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokensFileError {
+    #[error("not a tokens file ({0}); expected `tokens: [{{name, role: read|operate, sha256|token|token_env}}]`")]
+    Format(String),
+    #[error("a token has an empty name or control characters in it")]
+    BadName,
+    #[error("token name {0:?} appears twice")]
+    NameTwice(String),
+    #[error("token {0:?}: sha256 must be 64 hex digits")]
+    Sha256(String),
+    #[error("token {name:?}: environment variable {var} is not set")]
+    EnvUnset { name: String, var: String },
+    #[error("token {0:?}: give exactly one of sha256, token, token_env")]
+    NotOneSource(String),
+    #[error("token {0:?} has the same value as another token")]
+    SameValue(String),
+    #[error("token {0:?} is shorter than 16 characters")]
+    Short(String),
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -183,16 +204,16 @@ mod tests {
     #[test]
     fn bad_files_say_what_is_wrong_without_the_token() {
         let twice = "tokens:\n  - {name: a, role: read, token: aaaaaaaaaaaaaaaaaaaa}\n  - {name: a, role: read, token: bbbbbbbbbbbbbbbbbbbb}\n";
-        assert!(Tokens::parse(twice).unwrap_err().contains("appears twice"));
+        assert_eq!(Tokens::parse(twice).unwrap_err(), TokensFileError::NameTwice("a".into()));
         let short = "tokens:\n  - {name: a, role: read, token: short}\n";
-        let e = Tokens::parse(short).unwrap_err();
+        let e = Tokens::parse(short).unwrap_err().to_string();
         assert!(e.contains("shorter than 16") && !e.contains("short}"), "{e}");
         let both = "tokens:\n  - {name: a, role: read, token: aaaaaaaaaaaaaaaaaaaa, sha256: ab}\n";
-        assert!(Tokens::parse(both).unwrap_err().contains("exactly one"));
+        assert!(matches!(Tokens::parse(both).unwrap_err(), TokensFileError::NotOneSource(_)));
         let role = "tokens:\n  - {name: a, role: admin, token: aaaaaaaaaaaaaaaaaaaa}\n";
-        assert!(Tokens::parse(role).unwrap_err().contains("read|operate"));
+        assert!(Tokens::parse(role).unwrap_err().to_string().contains("read|operate"));
         let same = "tokens:\n  - {name: a, role: read, token: aaaaaaaaaaaaaaaaaaaa}\n  - {name: b, role: operate, token: aaaaaaaaaaaaaaaaaaaa}\n";
-        assert!(Tokens::parse(same).unwrap_err().contains("same value"));
+        assert_eq!(Tokens::parse(same).unwrap_err(), TokensFileError::SameValue("b".into()));
         let dbg = format!("{:?}", Tokens::parse("tokens:\n  - {name: a, role: read, token: aaaaaaaaaaaaaaaaaaaa}\n").unwrap());
         assert!(!dbg.contains("aaaa"), "{dbg}");
     }

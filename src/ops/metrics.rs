@@ -135,8 +135,69 @@ impl Collector for Figures {
                 ConstGauge::new(1).encode(fam.encode_family(&[("rule", a.rule.as_str()), ("severity", a.severity.as_str()), ("subject", a.subject.as_str())])?)?;
             }
         }
-        Ok(())
+        encode_kafka(&mut enc, &s.kafka_stats())
     }
+}
+
+/// librdkafka's statistics of the stages' producers, as `payslip_kafka_*` with a `client` label.
+fn encode_kafka(enc: &mut DescriptorEncoder<'_>, clients: &[(&'static str, crate::kafka::stats::ClientStats)]) -> std::fmt::Result {
+    if clients.is_empty() {
+        return Ok(());
+    }
+    type Of = fn(&crate::kafka::stats::ClientStats) -> f64;
+    let client_gauges: [(&str, &str, Of); 3] = [
+        ("payslip_kafka_producer_queue_messages", "librdkafka: messages in the producer's queues (msg_cnt).", |k| k.msg_cnt as f64),
+        ("payslip_kafka_producer_queue_bytes", "librdkafka: bytes of the messages in the producer's queues (msg_size).", |k| k.msg_size as f64),
+        ("payslip_kafka_reply_queue_operations", "librdkafka: operations waiting in the reply queue (replyq).", |k| k.replyq as f64),
+    ];
+    for (name, help, of) in client_gauges {
+        let mut fam = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (client, k) in clients {
+            ConstGauge::new(of(k)).encode(fam.encode_family(&[("client", *client)])?)?;
+        }
+    }
+    let client_counters: [(&str, &str, fn(&crate::kafka::stats::ClientStats) -> u64); 2] = [
+        ("payslip_kafka_sent_messages", "librdkafka: messages sent to brokers (txmsgs).", |k| k.txmsgs.max(0) as u64),
+        ("payslip_kafka_sent_message_bytes", "librdkafka: message bytes sent to brokers (txmsg_bytes).", |k| k.txmsg_bytes.max(0) as u64),
+    ];
+    for (name, help, of) in client_counters {
+        let mut fam = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (client, k) in clients {
+            ConstCounter::new(of(k)).encode(fam.encode_family(&[("client", *client)])?)?;
+        }
+    }
+    type BrokerOf = fn(&crate::kafka::stats::BrokerStats) -> Option<f64>;
+    let broker_gauges: [(&str, &str, BrokerOf); 4] = [
+        ("payslip_kafka_broker_up", "librdkafka: 1 when the client's connection to the broker is UP.", |b| Some((b.state == "UP") as i64 as f64)),
+        ("payslip_kafka_broker_rtt_seconds", "librdkafka: average request round-trip time to the broker over the last interval.", |b| b.rtt_avg_us.map(|us| us as f64 / 1e6)),
+        ("payslip_kafka_broker_outbuf_requests", "librdkafka: requests waiting to be sent to the broker.", |b| Some(b.outbuf_cnt as f64)),
+        ("payslip_kafka_broker_waitresp_requests", "librdkafka: requests sent to the broker and waiting for its response.", |b| Some(b.waitresp_cnt as f64)),
+    ];
+    for (name, help, of) in broker_gauges {
+        let mut fam = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (client, k) in clients {
+            for (broker, b) in &k.brokers {
+                if let Some(v) = of(b) {
+                    ConstGauge::new(v).encode(fam.encode_family(&[("client", *client), ("broker", broker.as_str())])?)?;
+                }
+            }
+        }
+    }
+    let broker_counters: [(&str, &str, fn(&crate::kafka::stats::BrokerStats) -> u64); 4] = [
+        ("payslip_kafka_broker_sent_bytes", "librdkafka: bytes sent to the broker.", |b| b.tx_bytes),
+        ("payslip_kafka_broker_send_errors", "librdkafka: transmission errors to the broker.", |b| b.tx_errors),
+        ("payslip_kafka_broker_retries", "librdkafka: requests to the broker sent again.", |b| b.tx_retries),
+        ("payslip_kafka_broker_request_timeouts", "librdkafka: requests to the broker that timed out.", |b| b.request_timeouts),
+    ];
+    for (name, help, of) in broker_counters {
+        let mut fam = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (client, k) in clients {
+            for (broker, b) in &k.brokers {
+                ConstCounter::new(of(b)).encode(fam.encode_family(&[("client", *client), ("broker", broker.as_str())])?)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The registry `/metrics` encodes.

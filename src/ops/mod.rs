@@ -81,6 +81,19 @@ impl OpsState {
         self.monitor.read().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(ViewHandle::checkpointer)
     }
 
+    /// librdkafka's latest statistics of each stage's producer, by client (`infer`, `monitor`).
+    pub fn kafka_stats(&self) -> Vec<(&'static str, crate::kafka::stats::ClientStats)> {
+        let mut out = Vec::new();
+        if let Some(s) = self.infer_counters().and_then(|c| crate::kafka::stats::latest(&c.producer_stats)) {
+            out.push(("infer", s));
+        }
+        let monitor = self.monitor.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(ViewHandle::producer_stats);
+        if let Some(s) = monitor.and_then(|c| crate::kafka::stats::latest(&c)) {
+            out.push(("monitor", s));
+        }
+        out
+    }
+
     pub fn monitor_view(&self) -> Option<MonitorView> {
         self.monitor.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(ViewHandle::get)
     }

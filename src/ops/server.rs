@@ -538,10 +538,10 @@ async fn backup_test_restore(State(app): State<App>, headers: HeaderMap) -> Resp
     let Some(latest) = latest_checkpoint(&dir) else {
         return error(StatusCode::NOT_FOUND, format!("no checkpoint in {} yet: POST /backup/checkpoint", dir.display()));
     };
-    let result = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+    let result = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, crate::state::StateError> {
         let scratch = std::env::temp_dir().join(format!("payslip-test-restore-{}-{}", std::process::id(), chrono::Utc::now().timestamp_millis()));
-        let from = crate::state::verify(&latest).map_err(|e| e.to_string())?;
-        let restored = crate::state::restore(&latest, &scratch).and_then(|_| crate::state::verify(&scratch)).map_err(|e| e.to_string());
+        let from = crate::state::verify(&latest)?;
+        let restored = crate::state::restore(&latest, &scratch).and_then(|_| crate::state::verify(&scratch));
         let _ = std::fs::remove_dir_all(&scratch);
         let restored = restored?;
         let identical = from.entries == restored.entries && from.offsets == restored.offsets;

@@ -162,6 +162,21 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // librdkafka's statistics of both stages' producers (every 5 s): the broker connection is up
+    // and the infer producer has sent at least the n results
+    let started = Instant::now();
+    loop {
+        let (_, body) = api.get("/metrics", None).await;
+        let k = samples(body.as_str().unwrap());
+        let of = |prefix: &str| k.iter().filter(|(name, _)| name.starts_with(prefix)).map(|(_, v)| *v).collect::<Vec<f64>>();
+        let (infer_up, monitor_up, sent) = (of("payslip_kafka_broker_up{client=\"infer\""), of("payslip_kafka_broker_up{client=\"monitor\""), of("payslip_kafka_sent_messages_total{client=\"infer\""));
+        if infer_up.contains(&1.0) && monitor_up.contains(&1.0) && sent.first().is_some_and(|&v| v >= n as f64) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no librdkafka statistics after 30 s: {}", body.as_str().unwrap());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     // the runbook's health check
     let (status, h) = api.get("/health/litert", None).await;
     assert_eq!(status, 200);
@@ -298,7 +313,16 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
         let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(40.0), progress: None, passthrough: Default::default() };
         tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 12, start: 0, count: more, golden_fraction: 1.0 }).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // checkpoint once the monitor is counting the new documents (while they flow)
+    let started = Instant::now();
+    loop {
+        let (_, body) = api.get("/metrics", None).await;
+        if samples(body.as_str().unwrap()).get("payslip_monitor_results_applied_total").is_some_and(|&v| v > n as f64) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the monitor never counted the new documents");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(api.request("POST", "/backup/checkpoint", Some(GRAFANA), None).await.0, 403, "a read token cannot checkpoint");
     let (status, c) = api.request("POST", "/backup/checkpoint", Some(ALICE), None).await;
     assert_eq!(status, 200, "{c}");
@@ -429,11 +453,18 @@ async fn alert_events_reach_a_real_alertmanager_firing_then_resolved_also_when_i
     let now = chrono::Utc::now().timestamp_millis();
     produce_records(&cfg.topics.alerts, "error_rate", &[alert_event("FIRING", now)]).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let live = std::sync::Arc::new(std::sync::Mutex::new(payslip_stream::alert::forward::ForwardSummary::default()));
     let bridge = {
-        let (cfg, stop) = (cfg.clone(), stop.clone());
-        tokio::task::spawn_blocking(move || payslip_stream::alert::forward::run(&cfg, &brokers(), stop))
+        let (cfg, stop, live) = (cfg.clone(), stop.clone(), live.clone());
+        tokio::task::spawn_blocking(move || payslip_stream::alert::forward::run_observed(&cfg, &brokers(), stop, live))
     };
-    tokio::time::sleep(Duration::from_millis(1_500)).await; // let it find Alertmanager down (its summary counts the retry)
+    // Alertmanager starts only once the bridge found it down and is retrying
+    let started = Instant::now();
+    while live.lock().unwrap().retries == 0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the bridge never tried to forward the waiting FIRING event");
+        assert!(!bridge.is_finished(), "the bridge stopped: {:?}", bridge.await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("am.yml"), "route:\n  receiver: default\nreceivers:\n  - name: default\n").unwrap();
     let mut am = Command::new("prometheus-alertmanager")
@@ -467,9 +498,20 @@ async fn alert_events_reach_a_real_alertmanager_firing_then_resolved_also_when_i
     assert_eq!(a["labels"]["service"], "payslip-stream");
     assert_eq!(a["annotations"]["action"], "page the on-call; roll back the model version");
     assert_eq!(a["status"]["state"], "active");
-    // still active after its first endsAt (3 resend intervals) passed: the bridge sends it again
-    tokio::time::sleep(Duration::from_millis(4_500)).await;
-    assert_eq!(tokio::task::spawn_blocking(move || alertmanager_alerts(port)).await.unwrap().map(|l| l.len()), Some(1));
+    // the bridge sends it again while it fires: its endsAt moves on, past the first one, and it
+    // is still active once the first endsAt has passed
+    let first_ends = chrono::DateTime::parse_from_rfc3339(a["endsAt"].as_str().unwrap()).unwrap();
+    let started = Instant::now();
+    loop {
+        let list = tokio::task::spawn_blocking(move || alertmanager_alerts(port)).await.unwrap().unwrap_or_default();
+        assert_eq!(list.len(), 1, "the firing alert stays active: {list:?}");
+        let ends = chrono::DateTime::parse_from_rfc3339(list[0]["endsAt"].as_str().unwrap()).unwrap();
+        if ends > first_ends && chrono::Utc::now() > first_ends {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the alert's endsAt never moved past {first_ends}: {list:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // RESOLVED resolves the same alert
     produce_records(&cfg.topics.alerts, "error_rate", &[alert_event("RESOLVED", chrono::Utc::now().timestamp_millis())]).await;
