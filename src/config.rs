@@ -833,7 +833,7 @@ mod tests {
         assert!(e.contains("rollout.auto_start") && e.contains("rollout.candidate"), "{e}");
         let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 0, soak_ms: 1}}]}}\n")).unwrap_err().to_string();
         assert!(e.contains("rollout.phases[0] (a)") && e.contains("traffic_percent"), "{e}");
-        let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 5, soak_ms: 1, criteria: [{{name: m, metric: memory_mb, vs_baseline_margin: 0.1}}]}}]}}\n")).unwrap_err().to_string();
+        let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 5, soak_ms: 1, criteria: [{{name: m, metric: cpu_percent, vs_baseline_margin: 0.1}}]}}]}}\n")).unwrap_err().to_string();
         assert!(e.contains("criteria.m") && e.contains("no per-cohort baseline"), "{e}");
         let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 5, soak_ms: 1, criteria: [{{name: m, metric: latency_p59, max: 1}}]}}]}}\n")).unwrap_err().to_string();
         assert!(e.contains("unknown metric `latency_p59`") && e.contains("latency_p95_ms"), "{e}");

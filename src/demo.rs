@@ -119,10 +119,6 @@ pub struct DemoSummary {
     pub rollout: String,
 }
 
-/// Memory bound of the demo's rollout: its single process holds the embedded broker, the producer and
-/// both stages (a lone infer process stays under 100 MB; see README).
-pub const DEMO_MEMORY_MB: f64 = 400.0;
-
 /// Distinct documents the demo renders before it starts sending.
 const DEMO_POOL: u64 = 500;
 
@@ -145,12 +141,11 @@ pub fn demo_config(mut cfg: PipelineConfig, state_dir: PathBuf, candidate: Optio
         p.soak_ms = 6_000;
         for k in &mut p.criteria {
             k.min_samples = k.min_samples.min(10);
-            // the demo's one process also holds the broker, the producer and the monitor
-            if k.metric == crate::rollout::CriterionMetric::Window(crate::window::aggregate::Metric::MemoryMb) {
-                k.max = k.max.map(|m| m.max(DEMO_MEMORY_MB));
-            }
         }
     }
+    // the soaks are seconds, so the evidence is too: criteria sized for effects 10 times the
+    // production ones (latency for a 50-fold slowdown)
+    crate::rollout::config::scale_effects(&mut cfg.rollout.phases, 10.0, 50.0);
     cfg.faults.enabled = true;
     // one monitor, and the embedded broker is not relied on for transactions
     cfg.monitor.changelog = false;
@@ -222,7 +217,7 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
     );
     if let Some(c) = &cfg.rollout.candidate {
         println!(
-            "demo: rolling out {} {} against {} in {} phases ({}), soaks of 6 s, memory bound {DEMO_MEMORY_MB} MB (one process holds everything)",
+            "demo: rolling out {} {} against {} in {} phases ({}), soaks of 6 s, then as long as the evidence takes",
             c.model,
             c.version,
             cfg.models.serve.get(&c.model).cloned().unwrap_or_default(),

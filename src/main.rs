@@ -246,6 +246,30 @@ async fn rollout_cli(command: RolloutCli) -> Result<()> {
             }
             return Ok(());
         }
+        RolloutCli::Simulate { config, runs, seed, window_minutes, documents_per_minute, method, scenario, threads } => {
+            use payslip_stream::rollout::{criteria::Method, simulate};
+            let cfg = PipelineConfig::load(&config).map_err(|e| anyhow!("{}: {e}", config.display()))?;
+            let methods = match method.as_str() {
+                "sequential" => vec![Method::Sequential],
+                "fixed-alpha" | "fixed_alpha" => vec![Method::FixedAlpha],
+                "both" => vec![Method::Sequential, Method::FixedAlpha],
+                other => bail!("--method {other}: use sequential, fixed-alpha or both"),
+            };
+            let all = simulate::default_scenarios();
+            let scenarios: Vec<_> = if scenario.is_empty() { all.clone() } else { all.iter().filter(|s| scenario.contains(&s.name)).cloned().collect() };
+            if scenarios.len() != scenario.len().max(if scenario.is_empty() { all.len() } else { 0 }) {
+                bail!("--scenario: use some of {}", all.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "));
+            }
+            if !(window_minutes > 0.0) || !(documents_per_minute > 0.0) || runs == 0 {
+                bail!("--runs, --window-minutes and --documents-per-minute must be more than 0");
+            }
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let traffic = simulate::Traffic { documents_per_minute, ..Default::default() };
+            let opts = simulate::SimOptions { runs, seed, window_minutes, traffic, methods, scenarios, threads };
+            let report = tokio::task::spawn_blocking(move || simulate::simulate(&cfg.rollout, &opts)).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(());
+        }
         RolloutCli::Start { args, model, version } => (args, action::START, model, version),
         RolloutCli::Advance { args } => (args, action::ADVANCE, None, None),
         RolloutCli::RollbackPhase { args } => (args, action::ROLLBACK_PHASE, None, None),

@@ -330,6 +330,35 @@ pub enum RolloutCli {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Run the controller over simulated rollouts (no broker): false-rollback rate for a candidate
+    /// as good as its baseline, detection rate and time for worse ones, promotion time; sequential
+    /// and fixed-α verdicts on the same streams. Prints JSON.
+    Simulate {
+        /// Pipeline configuration file (its `rollout` section: phases, criteria, alpha).
+        #[arg(long, short, default_value = "pipelines/payslip.yaml", env = "PAYSLIP_CONFIG")]
+        config: PathBuf,
+        /// Simulated rollouts per scenario and method.
+        #[arg(long, default_value_t = 1000)]
+        runs: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Window length (the controller judges at every window close).
+        #[arg(long, default_value_t = 10.0)]
+        window_minutes: f64,
+        /// Documents per minute over both cohorts.
+        #[arg(long, default_value_t = 100.0)]
+        documents_per_minute: f64,
+        /// sequential, fixed-alpha, or both.
+        #[arg(long, default_value = "both")]
+        method: String,
+        /// Only these scenarios (aa, aa_spiky, pcda_accuracy_minus_10_points, error_rate_doubled,
+        /// latency_plus_25_percent); default all.
+        #[arg(long)]
+        scenario: Vec<String>,
+        /// Threads (default: the machine's cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]

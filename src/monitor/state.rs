@@ -166,7 +166,10 @@ impl MonitorState {
                     a.errors += 1;
                     a.unavailable += (code == codes::MODEL_UNAVAILABLE) as u64;
                 }
-                None => a.latency.record_ms(o.latency_ms),
+                None => {
+                    a.latency.record_ms(o.latency_ms);
+                    a.record_run(o.latency_ms, o.batch_size);
+                }
             }
             if let Some(l) = o.load_ms {
                 a.max_load_ms = a.max_load_ms.max(l);

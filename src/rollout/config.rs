@@ -22,9 +22,16 @@ pub struct RolloutConfig {
     /// A quarantined version is never started this way.
     #[serde(default)]
     pub auto_start: bool,
-    /// Significance level of every statistical verdict (one-sided).
+    /// The probability that a rollout of a candidate no worse than its baseline is rolled back by
+    /// chance, over all its phases and every look (sequential), divided equally among the
+    /// statistical criteria of all phases ([`RolloutConfig::criterion_alpha`]). With `fixed_alpha`
+    /// it is each test's level at each look instead.
     #[serde(default = "default_alpha")]
     pub alpha: f64,
+    /// How verdicts are reached: `sequential` (anytime-valid confidence sequences, the default) or
+    /// `fixed_alpha` (fixed-horizon tests read at every look; for comparison).
+    #[serde(default)]
+    pub method: super::criteria::Method,
     /// When to return all traffic to the baseline at once.
     #[serde(default)]
     pub emergency: EmergencyConfig,
@@ -37,6 +44,21 @@ pub struct RolloutConfig {
 }
 
 fn default_alpha() -> f64 { 0.01 }
+
+impl RolloutConfig {
+    /// The level of each criterion: sequentially `alpha` over the number of statistical criteria in
+    /// all phases plus one emergency (user impact) test per phase (Bonferroni: the rollout's
+    /// false-rollback probability stays at most `alpha`).
+    pub fn criterion_alpha(&self) -> f64 {
+        match self.method {
+            super::criteria::Method::FixedAlpha => self.alpha,
+            super::criteria::Method::Sequential => {
+                let k = self.phases.iter().flat_map(|p| &p.criteria).filter(|c| super::criteria::is_statistical(c)).count() + self.phases.len();
+                self.alpha / k.max(1) as f64
+            }
+        }
+    }
+}
 fn default_format() -> WireFormat { WireFormat::Avro }
 
 impl Default for RolloutConfig {
@@ -117,6 +139,7 @@ pub fn default_phases() -> Vec<PhaseSpec> {
         vs_baseline_margin: margin,
         min_samples,
         blocking,
+        effect: None,
     };
     vec![
         PhaseSpec {
@@ -135,7 +158,9 @@ pub fn default_phases() -> Vec<PhaseSpec> {
             soak_ms: 48 * HOUR,
             criteria: vec![
                 c("pcda_accuracy", Window(W::PcdaAccuracy), Some(0.80), None, None, 20, true),
-                c("memory", Window(W::MemoryMb), None, Some(150.0), None, 1, true),
+                c("pcda_accuracy_vs_baseline", Window(W::PcdaAccuracy), None, None, Some(0.02), 20, true),
+                c("error_rate_vs_baseline", Window(W::ErrorRate), None, None, Some(0.005), 30, true),
+                c("memory_vs_before_rollout", Window(W::MemoryMb), None, None, Some(0.25), 5, false),
                 c("feedback_positive", Window(W::Satisfaction), None, None, Some(0.05), 20, false),
             ],
         },
@@ -207,5 +232,25 @@ impl RolloutConfig {
             return bad("auto_start", "is true but rollout.candidate is not set; name the model and version to roll out".into());
         }
         Ok(())
+    }
+}
+
+/// Sizes every statistical criterion for an effect `factor` times its default, and the latency
+/// criteria for `latency_effect` and non-blocking (at a few hundred documents a second a 1 % canary
+/// runs batches of one and the baseline larger ones, so run times at equal batch size may never
+/// meet within seconds): for runs that compress hours of soak into seconds (the demo, the
+/// integration tests) and with them the evidence a phase can gather. Production keeps the
+/// defaults, whose error rates `payslip-stream rollout simulate` measures.
+pub fn scale_effects(phases: &mut [PhaseSpec], factor: f64, latency_effect: f64) {
+    use super::criteria::{default_effect, is_statistical, CriterionMetric};
+    for p in phases {
+        for c in &mut p.criteria {
+            if c.metric == CriterionMetric::Window(crate::window::aggregate::Metric::LatencyP95Ms) {
+                c.effect = Some(latency_effect);
+                c.blocking = false;
+            } else if is_statistical(c) {
+                c.effect = Some(factor * default_effect(c.metric));
+            }
+        }
     }
 }

@@ -20,12 +20,15 @@
 //!   controller ([`Controller::restore`]);
 //! - a phase's soak clock runs in event time from `phase_started_at`; windows starting before it do
 //!   not count toward the phase;
-//! - a criterion fails only on statistical evidence (p < `alpha`) and passes only with its minimum
-//!   sample, so noise neither advances nor rolls back (see [`stats`]);
+//! - a criterion fails only on anytime-valid evidence (its confidence sequence wholly on the wrong
+//!   side) and passes only on the same kind of evidence for the other side, so neither noise nor
+//!   looking at every window close advances or rolls back a candidate (see [`stats`], [`criteria`]);
+//!   the rollout's false-rollback probability is at most `alpha`, measured by [`simulate`];
 //! - a rolled-back version is quarantined and never started again unless a START command names it.
 //!
 //! Files: [`config`] (the `rollout` section), [`records`] (decisions and commands on the wire),
-//! [`controller`] (the state machine), [`criteria`] and [`stats`] (verdicts), [`routing`] (the
+//! [`controller`] (the state machine), [`criteria`] and [`stats`] (verdicts), [`simulate`] (their
+//! error rates over synthetic rollouts), [`routing`] (the
 //! canary split in the infer stage), [`ops`] (operator commands and phase status).
 
 pub mod config;
@@ -34,6 +37,7 @@ pub mod criteria;
 pub mod ops;
 pub mod records;
 pub mod routing;
+pub mod simulate;
 pub mod stats;
 
 pub use config::{default_phases, default_rollout_id, CandidateSpec, EmergencyConfig, PhaseSpec, RolloutConfig};

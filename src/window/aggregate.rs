@@ -126,7 +126,48 @@ pub struct WindowAggregate {
     pub cpu_samples: u64,
     /// Longest model load time reported by results in the window.
     pub max_load_ms: f64,
+    /// ONNX Runtime runs of this subject by batch size (documents per run): moments of ln(run time
+    /// in ms), each run weighted 1 (each of its documents adds 1/batch size). What the rollout
+    /// compares latency on: runs, corrected for batch size (see `rollout::stats`).
+    #[serde(default)]
+    pub runs: std::collections::BTreeMap<u16, Moments>,
 }
+
+/// Weighted moments of a sample (weight, Σ w·x, Σ w·x²): mergeable by addition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Moments {
+    pub w: f64,
+    pub sum: f64,
+    pub sum_sq: f64,
+}
+
+impl Moments {
+    pub fn add(&mut self, x: f64, weight: f64) {
+        self.w += weight;
+        self.sum += weight * x;
+        self.sum_sq += weight * x * x;
+    }
+
+    pub fn merge(&mut self, o: &Moments) {
+        self.w += o.w;
+        self.sum += o.sum;
+        self.sum_sq += o.sum_sq;
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.w > 0.0).then(|| self.sum / self.w)
+    }
+
+    /// Σ w·(x − mean)², the within-sample sum of squares.
+    pub fn sum_sq_dev(&self) -> f64 {
+        if self.w <= 0.0 {
+            return 0.0;
+        }
+        (self.sum_sq - self.sum * self.sum / self.w).max(0.0)
+    }
+}
+
+
 
 /// Metrics alert rules can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -195,6 +236,21 @@ impl WindowAggregate {
         self.max_cpu_percent = self.max_cpu_percent.max(o.max_cpu_percent);
         self.cpu_samples += o.cpu_samples;
         self.max_load_ms = self.max_load_ms.max(o.max_load_ms);
+        for (k, m) in &o.runs {
+            self.runs.entry(*k).or_default().merge(m);
+        }
+    }
+
+    /// Records one document's share of an ONNX Runtime run: `run_ms` is the run's wall time,
+    /// `batch_size` the documents it served (the document adds 1/batch size of a run).
+    pub fn record_run(&mut self, run_ms: f64, batch_size: i32) {
+        let b = batch_size.max(1);
+        self.runs.entry(b.min(u16::MAX as i32) as u16).or_default().add(run_ms.max(1e-3).ln(), 1.0 / b as f64);
+    }
+
+    /// Runs recorded (the sum of the runs' weights).
+    pub fn run_count(&self) -> f64 {
+        self.runs.values().map(|m| m.w).sum()
     }
 
     /// Counts one classification against its ground truth (overall and for PCDA payslips).

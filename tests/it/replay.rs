@@ -112,7 +112,7 @@ fn output(version: &str, error: bool, label: &str) -> ModelOutput {
         version: version.into(),
         provider: "CPUExecutionProvider".into(),
         latency_ms: 4.0,
-        batch_size: 8,
+        batch_size: 1,
         error_code: error.then(|| "INFERENCE_FAILED".to_string()),
         label: Some(label.into()),
         confidence: None,
@@ -169,6 +169,7 @@ async fn monitor_replay_twice_gives_identical_events_and_a_changed_threshold_giv
     for p in &mut cfg.rollout.phases {
         p.soak_ms = 3_000;
     }
+    widen_effects(&mut cfg.rollout.phases);
     // results on three partitions (by key), feedback none, one operator START at the beginning
     let results = recorded();
     for (k, chunk) in results.chunks(600).enumerate() {

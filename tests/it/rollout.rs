@@ -1,7 +1,8 @@
 //! Phased rollout end to end against the real broker: infer and monitor stages as child processes
 //! (so the memory criterion sees one infer process), documents produced at a steady rate, operator
 //! commands through the CLI and the commands topic, decisions read back from the compacted topic.
-//! Soaks are compressed to seconds; thresholds and minimum samples are the runbook defaults.
+//! Soaks are compressed to seconds; thresholds and minimum samples are the runbook defaults, the
+//! effects the criteria are sized for larger (`widen_effects`: evidence is compressed with time).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -69,6 +70,7 @@ impl Setup {
         for p in &mut phases {
             p.soak_ms = soak_ms;
         }
+        widen_effects(&mut phases);
         let yaml = format!(
             "models:\n  metadata: {meta}\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\n\
              kafka:\n  infer_group: {prefix}infer\n\
@@ -298,7 +300,7 @@ async fn the_degraded_candidate_is_rolled_back_in_the_phase_whose_criterion_it_f
     let rb = s.wait_for("ROLLBACK_PHASE", 180, &[&infer, &monitor], |d| d.action == action::ROLLBACK_PHASE).await;
     assert_eq!((rb.phase_name.as_str(), rb.status.as_str(), rb.traffic_percent, rb.previous_traffic_percent), ("beta", "ROLLED_BACK", 0.0, 10.0), "{}", rb.reason);
     let failed: Vec<&str> = rb.criteria.iter().filter(|c| c.verdict == "FAIL").map(|c| c.name.as_str()).collect();
-    assert_eq!(failed, vec!["pcda_accuracy"], "{}", rb.reason);
+    assert!(!failed.is_empty() && failed.iter().all(|f| f.starts_with("pcda_accuracy")), "{failed:?}: {}", rb.reason);
     assert!(rb.reason.contains("pcda_accuracy"), "{}", rb.reason);
     let seen_rollback = chrono::Utc::now().timestamp_millis();
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -259,3 +259,13 @@ pub async fn produce_records<T: payslip_stream::codec::Record>(topic: &str, key:
     let msgs = records.iter().map(|r| (key.to_string(), payslip_stream::codec::encode(r, payslip_stream::codec::WireFormat::Avro).unwrap(), ct.to_vec())).collect();
     produce_raw(topic, msgs).await;
 }
+
+/// Sizes every statistical rollout criterion for effects 4 times the production ones (the tests
+/// compress 24-96 h soaks into seconds, and with them the evidence a phase can gather), and the
+/// latency criteria for a 50-fold slowdown and non-blocking: at 200 documents/s the baseline runs
+/// batches of several documents and a 1 % canary batches of one, so run times at equal batch size
+/// may not meet within a test's seconds. The controller's statistics at production sizes, latency
+/// included, are measured by `rollout simulate` (README, BENCHMARKS.md).
+pub fn widen_effects(phases: &mut [payslip_stream::rollout::PhaseSpec]) {
+    payslip_stream::rollout::config::scale_effects(phases, 4.0, 50.0);
+}
