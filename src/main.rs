@@ -84,6 +84,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let source = if files.is_empty() { Source::Synthetic { seed, start, count, golden_fraction } } else { Source::Files(files) };
             let s = produce::produce(&opts, source).await.map_err(|e| anyhow!(e))?;
             println!("{}", serde_json::to_string(&s)?);
+            if s.missed_rate {
+                eprintln!("produce: missed --rate {}: {:.1} documents/s achieved, up to {:.1} s behind schedule", s.requested_rate.unwrap_or_default(), s.achieved_rate, s.max_behind_seconds);
+            }
             if s.failed > 0 {
                 bail!("{} documents were not delivered", s.failed);
             }

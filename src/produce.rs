@@ -67,6 +67,16 @@ pub struct ProduceSummary {
     pub sent: u64,
     pub failed: u64,
     pub seconds: f64,
+    /// The `--rate` asked for (documents/s), and the rate at which documents were handed to the
+    /// producer over the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_rate: Option<f64>,
+    pub achieved_rate: f64,
+    /// Whether the run fell behind the requested rate by more than 5 % (the generator or the
+    /// broker could not keep up): the figures of a load test driven this way are not at that load.
+    pub missed_rate: bool,
+    /// The furthest the run fell behind its schedule, seconds.
+    pub max_behind_seconds: f64,
 }
 
 /// Reads documents from files.
@@ -113,10 +123,24 @@ pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSum
     let mut inflight = futures::stream::FuturesUnordered::new();
     let mut summary = ProduceSummary::default();
     use futures::StreamExt;
+    let rate = opts.rate.filter(|r| *r > 0.0);
+    let mut last_warning = started;
     for i in 0..total {
-        if let Some(rate) = opts.rate.filter(|r| *r > 0.0) {
+        if let Some(rate) = rate {
             let due = started + Duration::from_secs_f64(i as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
+            let now = Instant::now();
+            if now > due {
+                let behind = (now - due).as_secs_f64();
+                summary.max_behind_seconds = summary.max_behind_seconds.max(behind);
+                // a schedule more than a second late is said, at most every 5 s
+                if behind > 1.0 && now - last_warning >= Duration::from_secs(5) {
+                    last_warning = now;
+                    let achieved = i as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                    tracing::warn!(requested_rate = rate, achieved_rate = format!("{achieved:.1}"), behind_s = format!("{behind:.1}"), "produce is behind the requested --rate (document generation or the broker is slower); the load is lower than asked");
+                }
+            } else {
+                tokio::time::sleep_until(due.into()).await;
+            }
         }
         let mut doc = next(i);
         if doc.submitted_at <= 0 {
@@ -146,6 +170,16 @@ pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSum
     }
     report(&opts.progress, Progress::Finish);
     summary.seconds = started.elapsed().as_secs_f64();
+    summary.achieved_rate = total as f64 / summary.seconds.max(1e-9);
+    summary.requested_rate = rate;
+    if let Some(rate) = rate {
+        // the last document is due at (total - 1)/rate: judge the pace over that schedule
+        let scheduled = (total.saturating_sub(1)) as f64 / rate;
+        summary.missed_rate = total > 1 && summary.max_behind_seconds > 0.05 * scheduled.max(1.0);
+        if summary.missed_rate {
+            tracing::warn!(requested_rate = rate, achieved_rate = format!("{:.1}", summary.achieved_rate), max_behind_s = format!("{:.1}", summary.max_behind_seconds), "produce missed the requested --rate");
+        }
+    }
     Ok(summary)
 }
 

@@ -55,3 +55,22 @@ async fn thousand_documents_give_exactly_thousand_results() {
     assert_eq!(summary.dead_letters, 0);
     assert!(summary.batches < 1000, "documents were batched ({} batches)", summary.batches);
 }
+
+/// `produce --rate` says whether it kept the rate: a rate no generator can reach is reported as
+/// missed (with the rate achieved), a modest one as kept; every document is sent either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_says_when_it_misses_the_requested_rate() {
+    let cfg = isolated_config("produce-rate").await;
+    let run = |rate: f64, count: u64| {
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough: Default::default() };
+        async move { produce::produce(&opts, Source::Synthetic { seed: 5, start: 0, count, golden_fraction: 1.0 }).await.expect("produce") }
+    };
+    let fast = run(1e7, 300).await;
+    assert_eq!((fast.sent, fast.failed), (300, 0));
+    assert!(fast.missed_rate && fast.achieved_rate < 1e7 && fast.max_behind_seconds > 0.0, "{fast:?}");
+    assert_eq!(fast.requested_rate, Some(1e7));
+    let kept = run(20.0, 60).await;
+    assert_eq!((kept.sent, kept.failed), (60, 0));
+    assert!(!kept.missed_rate, "20 documents/s is within reach: {kept:?}");
+    assert!(kept.achieved_rate > 15.0 && kept.achieved_rate <= 21.0, "{kept:?}");
+}
