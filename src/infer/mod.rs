@@ -60,8 +60,8 @@ use ack::{ack_loop, Delivery, Pending};
 pub(crate) use batch::process_batch;
 pub(crate) use messages::{Outgoing, Processed};
 
-/// The infer stage's consumer.
-pub(crate) type InferConsumer = StreamConsumer;
+/// The infer stage's consumer (its rebalance callback cannot hang in close: [`crate::kafka::rebalance`]).
+pub(crate) type InferConsumer = StreamConsumer<crate::kafka::rebalance::KnownProtocol>;
 /// The infer stage's producer: librdkafka's statistics kept for `/metrics`.
 pub(crate) type InferProducer = crate::kafka::stats::StatsProducer;
 
@@ -189,7 +189,8 @@ impl InferStage {
             // offsets move only inside the batches' transactions
             cc.set("enable.auto.commit", "false");
         }
-        let consumer: InferConsumer = cc.create().map_err(KafkaError::client("the infer consumer"))?;
+        let protocol = crate::kafka::rebalance::KnownProtocol::of(&cc);
+        let consumer: InferConsumer = cc.create_with_context(protocol).map_err(KafkaError::client("the infer consumer"))?;
         consumer.subscribe(&[&cfg.topics.documents]).map_err(KafkaError::broker(format!("subscribe to {}", cfg.topics.documents)))?;
         let consumer = Arc::new(consumer);
         let lag_watch = LagWatch::start(consumer.clone(), cfg.topics.documents.clone(), self.counters.clone());

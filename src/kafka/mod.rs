@@ -8,6 +8,7 @@
 //!   end offsets captured at start (compaction gaps and transaction markers handled);
 //! - [`range`]: kcat-style positions (`beginning`, `-N`, `s@MS`, RFC 3339) resolved to ranges;
 //! - [`topics`]: the topic registry; [`admin`]: topic creation from it;
+//! - [`rebalance`]: a consumer context that cannot hang in close (rust-rdkafka 0.39);
 //! - [`stats`]: librdkafka's statistics of the stages' producers, kept for `/metrics`;
 //! - [`headers`]: readable message headers; [`embedded`]: the in-process broker for trying the
 //!   program.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod headers;
 pub mod range;
 pub mod read;
+pub mod rebalance;
 pub mod send;
 pub mod stats;
 pub mod topics;
