@@ -167,7 +167,7 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
 
     let mut printer_cfg = kafka::consumer_config(&brokers, &format!("payslip-demo-printer-{}", std::process::id()), &cfg.kafka.librdkafka);
     printer_cfg.set("enable.auto.offset.store", "true");
-    let printer: StreamConsumer = printer_cfg.create().map_err(KafkaError::client("the demo printer"))?;
+    let printer: StreamConsumer<kafka::rebalance::KnownProtocol> = printer_cfg.create_with_context(kafka::rebalance::KnownProtocol::of(&printer_cfg)).map_err(KafkaError::client("the demo printer"))?;
     printer
         .subscribe(&[&cfg.topics.inference, &cfg.topics.documents_dlq, &cfg.topics.metrics, &cfg.topics.alerts, &cfg.topics.decisions])
         .map_err(KafkaError::broker("the demo printer: subscribe"))?;

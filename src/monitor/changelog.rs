@@ -25,7 +25,7 @@ use rdkafka::{
 use super::MonitorError;
 use crate::{
     config::PipelineConfig,
-    kafka::{self, range::PartitionRange, KafkaError, RangeCursor},
+    kafka::{self, range::PartitionRange, rebalance::KnownProtocol, KafkaError, RangeCursor},
     state::{RocksStateStore, StateBatch, ALL_CFS},
 };
 
@@ -35,7 +35,7 @@ pub const META_CHANGELOG_NEXT: &[u8] = b"changelog_next";
 pub struct Changelog {
     topic: String,
     producer: FutureProducer,
-    leader: BaseConsumer,
+    leader: BaseConsumer<KnownProtocol>,
 }
 
 fn ck(cf: &str, key: &[u8]) -> Vec<u8> {
@@ -63,7 +63,7 @@ impl Changelog {
             .set("heartbeat.interval.ms", "1000")
             // a joining standby must not take the partition from a live leader
             .set("partition.assignment.strategy", "cooperative-sticky");
-        let leader: BaseConsumer = cc.create().map_err(KafkaError::client("the leadership consumer"))?;
+        let leader: BaseConsumer<KnownProtocol> = cc.create_with_context(KnownProtocol::of(&cc)).map_err(KafkaError::client("the leadership consumer"))?;
         leader.subscribe(&[&topic]).map_err(KafkaError::broker(format!("subscribe {topic}")))?;
         Ok(Self { topic, producer, leader })
     }
