@@ -6,6 +6,7 @@
 //! class names the dead-letter reason.
 
 pub mod avro;
+pub mod binary;
 pub mod text_enum;
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -47,19 +48,45 @@ pub trait Record: Serialize + DeserializeOwned + 'static {
     const SCHEMA_NAME: &'static str;
     /// The `.avsc` text.
     const SCHEMA_TEXT: &'static str;
+
+    /// The Avro datum of `self`: through `apache-avro` unless the record has a direct codec
+    /// ([`binary`], for the records on the per-document path).
+    fn to_avro(&self) -> Result<Vec<u8>, String> {
+        avro::encode(self).map_err(|e| e.to_string())
+    }
+
+    /// Reads one whole Avro datum (see [`to_avro`](Self::to_avro)).
+    fn from_avro(bytes: &[u8]) -> Result<Self, DecodeError> {
+        avro::decode(bytes)
+    }
+}
+
+/// The records with a direct codec.
+macro_rules! binary_avro {
+    () => {
+        fn to_avro(&self) -> Result<Vec<u8>, String> {
+            Ok(binary::to_datum(self))
+        }
+        fn from_avro(bytes: &[u8]) -> Result<Self, DecodeError> {
+            binary::from_datum(bytes, Self::SCHEMA_NAME).map_err(|e| DecodeError::Undecodable { format: "avro", message: e.0 })
+        }
+    };
 }
 
 impl Record for crate::document::PayslipDocument {
     const SCHEMA_NAME: &'static str = "payslip.v1.PayslipDocument";
     const SCHEMA_TEXT: &'static str = include_str!("../../schemas/payslip_document.avsc");
+    binary_avro!();
 }
 impl Record for crate::document::InferenceResult {
     const SCHEMA_NAME: &'static str = "payslip.v1.InferenceResult";
     const SCHEMA_TEXT: &'static str = include_str!("../../schemas/inference_result.avsc");
+    binary_avro!();
 }
 impl Record for crate::document::DocumentFeedback {
     const SCHEMA_NAME: &'static str = "payslip.v1.DocumentFeedback";
     const SCHEMA_TEXT: &'static str = include_str!("../../schemas/document_feedback.avsc");
+    binary_avro!();
 }
 
 /// Why bytes could not become a record. `class()` goes into the dead-letter headers.
@@ -115,7 +142,7 @@ pub fn encode<T: Record>(value: &T, format: WireFormat) -> Result<Vec<u8>, Encod
     let err = |message: String| EncodeError { record: T::SCHEMA_NAME, format, message };
     match format {
         WireFormat::Json => serde_json::to_vec(value).map_err(|e| err(e.to_string())),
-        WireFormat::Avro => avro::encode(value).map_err(|e| err(e.to_string())),
+        WireFormat::Avro => value.to_avro().map_err(err),
     }
 }
 
@@ -129,7 +156,7 @@ pub fn decode<T: Record>(bytes: &[u8], content_type: Option<&str>) -> Result<T, 
     };
     match format {
         WireFormat::Json => decode_json(bytes),
-        WireFormat::Avro => avro::decode(bytes),
+        WireFormat::Avro => T::from_avro(bytes),
     }
 }
 

@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ort::{session::Session, value::Tensor};
+use ort::{session::Session, value::TensorRef};
 
 use crate::{
     codec::text_enum::text_enum,
@@ -132,6 +132,8 @@ pub struct ModelStatus {
 
 struct LoadedModel {
     entry: ModelEntry,
+    /// The first character of each label (what the text model's classes stand for).
+    glyphs: Vec<char>,
     session: Mutex<Session>,
     provider: &'static str,
     load_ms: f64,
@@ -260,7 +262,8 @@ impl ModelRegistry {
         if actual.first().map(String::as_str) != entry.inputs.first().map(|i| i.name.as_str()) {
             return Err(ModelError::GraphInputs { model, version: ver, actual, declared: entry.inputs.iter().map(|i| i.name.clone()).collect() });
         }
-        Ok((LoadedModel { entry: entry.clone(), session: Mutex::new(ps.session), provider: ps.provider, load_ms: 0.0 }, ps.skipped))
+        let glyphs = entry.labels.iter().map(|l| l.chars().next().unwrap_or(' ')).collect();
+        Ok((LoadedModel { entry: entry.clone(), glyphs, session: Mutex::new(ps.session), provider: ps.provider, load_ms: 0.0 }, ps.skipped))
     }
 
     pub fn status(&self) -> Vec<ModelStatus> {
@@ -494,96 +497,134 @@ fn unavailable(name: &str, version: &str) -> ModelOutput {
 type Fill = Box<dyn FnOnce(&mut ModelOutput) + Send>;
 type RunResult = Result<Vec<Fill>, (&'static str, String)>;
 
-/// Runs one model on a stacked input; returns the flat f32 output and its shape.
-fn run_model(model: &LoadedModel, shape: Vec<i64>, data: Vec<f32>) -> Result<(Vec<i64>, Vec<f32>), (&'static str, String)> {
-    let input = Tensor::from_array((shape, data)).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
+/// Input buffers kept for reuse: at most [`KEEP_INPUT_BUFFERS`] (one per batch in flight), each of
+/// at most [`KEEP_INPUT_FLOATS`] (a full text run of `batching.max_lines_per_run` = 1,024 lines is
+/// 3.1 M floats); a larger one is freed after its run. What is kept is what the last batches needed
+/// anyway, so the peak does not grow, and a busy stage stops paying page faults for fresh buffers.
+const KEEP_INPUT_FLOATS: usize = 4 << 20;
+const KEEP_INPUT_BUFFERS: usize = 2;
+
+static INPUT_BUFFERS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static SESSION_RUN_NANOS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Time this thread spent inside ONNX Runtime's `Session::run` since it started, seconds: what the
+/// models alone cost on exactly the inputs the stage built (the benchmark harness's limit).
+pub fn session_run_seconds() -> f64 {
+    SESSION_RUN_NANOS.with(|c| c.get()) as f64 / 1e9
+}
+
+/// Runs `f` on an input buffer of `len` floats (contents unspecified: `f` writes every element),
+/// taken from the kept buffers when one is there.
+fn with_input<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
+    let mut buf = INPUT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let out = f(&mut buf[..len]);
+    if buf.capacity() <= KEEP_INPUT_FLOATS {
+        let mut kept = INPUT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < KEEP_INPUT_BUFFERS {
+            kept.push(buf);
+        }
+    }
+    out
+}
+
+/// Runs one model on a stacked input (a view of `data`, not a copy) and hands the output's shape and
+/// values to `read` while they are still ONNX Runtime's (no copy either).
+fn run_model<T>(model: &LoadedModel, shape: &[i64], data: &[f32], read: impl FnOnce(&[i64], &[f32]) -> Result<T, (&'static str, String)>) -> Result<T, (&'static str, String)> {
+    let input = TensorRef::from_array_view((shape.to_vec(), data)).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
     let mut session = model.session.lock().unwrap_or_else(|p| p.into_inner());
+    let started = Instant::now();
     let outputs = session.run(ort::inputs![input]).map_err(|e| (RUNTIME_FAILED, e.to_string()))?;
+    SESSION_RUN_NANOS.with(|c| c.set(c.get() + started.elapsed().as_nanos() as u64));
     let (shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(|e| (codes::BAD_OUTPUT, e.to_string()))?;
-    Ok((shape.to_vec(), values.to_vec()))
+    read(shape, values)
+}
+
+fn argmax(row: &[f32]) -> (usize, f32) {
+    row.iter().enumerate().fold((0, f32::MIN), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc })
 }
 
 fn run_classifier(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
     let n = docs.len();
-    let mut data = Vec::with_capacity(n * CLASSIFIER_DIM);
-    for d in docs {
-        data.extend(classifier_features(&d.full_text()));
-    }
-    let (shape, probs) = run_model(model, vec![n as i64, CLASSIFIER_DIM as i64], data)?;
-    let k = model.entry.labels.len();
-    if shape != [n as i64, k as i64] {
-        return Err((codes::BAD_OUTPUT, format!("classifier output shape {shape:?}, expected [{n}, {k}]")));
-    }
-    Ok(probs
-        .chunks_exact(k)
-        .map(|row| {
-            let (best, p) = row.iter().enumerate().fold((0, f32::MIN), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc });
-            let label = model.entry.labels[best].clone();
-            Box::new(move |o: &mut ModelOutput| {
-                o.label = Some(label);
-                o.confidence = Some(p);
-            }) as Fill
+    with_input(n * CLASSIFIER_DIM, |data| {
+        for (d, out) in docs.iter().zip(data.chunks_exact_mut(CLASSIFIER_DIM)) {
+            classifier_features_into(d.pages.iter().flat_map(|p| p.lines.iter().flat_map(|l| [l.text.as_str(), "\n"])), out);
+        }
+        run_model(model, &[n as i64, CLASSIFIER_DIM as i64], data, |shape, probs| {
+            let k = model.entry.labels.len();
+            if shape != [n as i64, k as i64] {
+                return Err((codes::BAD_OUTPUT, format!("classifier output shape {shape:?}, expected [{n}, {k}]")));
+            }
+            Ok(probs
+                .chunks_exact(k)
+                .map(|row| {
+                    let (best, p) = argmax(row);
+                    let label = model.entry.labels[best].clone();
+                    Box::new(move |o: &mut ModelOutput| {
+                        o.label = Some(label);
+                        o.confidence = Some(p);
+                    }) as Fill
+                })
+                .collect())
         })
-        .collect())
+    })
 }
 
 fn run_tables(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
     // (document index, page number, page size) for each stacked page raster
-    let mut index = Vec::new();
-    let mut data = Vec::new();
-    for (i, d) in docs.iter().enumerate() {
-        for p in &d.pages {
-            if let Some(r) = &p.raster {
-                data.extend(page_tensor(r).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?);
-                index.push((i, p.number, p.width, p.height));
-            }
-        }
-    }
+    let index: Vec<(usize, i32, f32, f32)> =
+        docs.iter().enumerate().flat_map(|(i, d)| d.pages.iter().filter(|p| p.raster.is_some()).map(move |p| (i, p.number, p.width, p.height))).collect();
     let mut regions: Vec<Vec<crate::document::Region>> = vec![vec![]; docs.len()];
     if !index.is_empty() {
+        let rasters = docs.iter().flat_map(|d| d.pages.iter().filter_map(|p| p.raster.as_ref()));
         let cells = TABLE_GRID_W * TABLE_GRID_H;
-        let (shape, probs) = run_model(model, vec![index.len() as i64, (PAGE_RASTER_H * PAGE_RASTER_W) as i64], data)?;
-        if shape != [index.len() as i64, cells as i64] {
-            return Err((codes::BAD_OUTPUT, format!("table output shape {shape:?}, expected [{}, {cells}]", index.len())));
-        }
-        for ((doc, page, w, h), row) in index.into_iter().zip(probs.chunks_exact(cells)) {
-            regions[doc].extend(regions_from_cells(row, page, w, h, 0.5));
-        }
+        with_input(index.len() * PAGE_TENSOR_LEN, |data| {
+            for (r, out) in rasters.zip(data.chunks_exact_mut(PAGE_TENSOR_LEN)) {
+                page_tensor_into(r, out).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
+            }
+            run_model(model, &[index.len() as i64, PAGE_TENSOR_LEN as i64], data, |shape, probs| {
+                if shape != [index.len() as i64, cells as i64] {
+                    return Err((codes::BAD_OUTPUT, format!("table output shape {shape:?}, expected [{}, {cells}]", index.len())));
+                }
+                for (&(doc, page, w, h), row) in index.iter().zip(probs.chunks_exact(cells)) {
+                    regions[doc].extend(regions_from_cells(row, page, w, h, 0.5));
+                }
+                Ok(())
+            })
+        })?;
     }
     Ok(regions.into_iter().map(|r| Box::new(move |o: &mut ModelOutput| o.regions = r) as Fill).collect())
 }
 
 fn run_text(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
-    let cell = GLYPH_H * GLYPH_W;
-    let mut owner = Vec::new();
-    let mut data = Vec::new();
-    for (i, d) in docs.iter().enumerate() {
-        for p in &d.pages {
-            for l in &p.lines {
-                if let Some(r) = &l.raster {
-                    data.extend(line_cells(r).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?);
-                    owner.push(i);
-                }
-            }
-        }
-    }
-    let mut lines: Vec<Vec<String>> = vec![vec![]; docs.len()];
+    // the document each stacked line raster belongs to
+    let owner: Vec<usize> = docs.iter().enumerate().flat_map(|(i, d)| d.pages.iter().flat_map(|p| p.lines.iter()).filter(|l| l.raster.is_some()).map(move |_| i)).collect();
+    let mut lines: Vec<Vec<String>> = docs.iter().map(|d| Vec::with_capacity(d.pages.iter().map(|p| p.lines.len()).sum())).collect();
     if !owner.is_empty() {
-        let k = model.entry.labels.len();
-        let (shape, probs) = run_model(model, vec![owner.len() as i64, MAX_LINE_CHARS as i64, cell as i64], data)?;
-        if shape != [owner.len() as i64, MAX_LINE_CHARS as i64, k as i64] {
-            return Err((codes::BAD_OUTPUT, format!("text output shape {shape:?}, expected [{}, {MAX_LINE_CHARS}, {k}]", owner.len())));
-        }
-        for (doc, line) in owner.into_iter().zip(probs.chunks_exact(MAX_LINE_CHARS * k)) {
-            let text: String = line
-                .chunks_exact(k)
-                .map(|p| {
-                    let best = p.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0;
-                    model.entry.labels[best].chars().next().unwrap_or(' ')
-                })
-                .collect();
-            lines[doc].push(text.trim_end().to_string());
-        }
+        let rasters = docs.iter().flat_map(|d| d.pages.iter().flat_map(|p| p.lines.iter().filter_map(|l| l.raster.as_ref())));
+        with_input(owner.len() * LINE_CELLS_LEN, |data| {
+            for (r, out) in rasters.zip(data.chunks_exact_mut(LINE_CELLS_LEN)) {
+                line_cells_into(r, out).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
+            }
+            run_model(model, &[owner.len() as i64, MAX_LINE_CHARS as i64, (GLYPH_H * GLYPH_W) as i64], data, |shape, probs| {
+                let k = model.entry.labels.len();
+                if shape != [owner.len() as i64, MAX_LINE_CHARS as i64, k as i64] {
+                    return Err((codes::BAD_OUTPUT, format!("text output shape {shape:?}, expected [{}, {MAX_LINE_CHARS}, {k}]", owner.len())));
+                }
+                for (&doc, line) in owner.iter().zip(probs.chunks_exact(MAX_LINE_CHARS * k)) {
+                    let mut text = String::with_capacity(MAX_LINE_CHARS);
+                    text.extend(line.chunks_exact(k).map(|p| model.glyphs[argmax(p).0]));
+                    text.truncate(text.trim_end().len());
+                    lines[doc].push(text);
+                }
+                Ok(())
+            })
+        })?;
     }
     Ok(lines.into_iter().map(|l| Box::new(move |o: &mut ModelOutput| o.lines = l) as Fill).collect())
 }

@@ -20,86 +20,119 @@ pub const GLYPH_W: usize = 8;
 pub const GLYPH_H: usize = 8;
 pub const MAX_LINE_CHARS: usize = 48;
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
+/// Continues an FNV-1a hash over `bytes`, upper-casing ASCII letters on the way.
+fn fnv1a_upper(mut h: u64, bytes: &[u8]) -> u64 {
     for b in bytes {
-        h ^= *b as u64;
+        h ^= b.to_ascii_uppercase() as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
 }
 
-fn tokens(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|t| !t.is_empty())
-        .map(|t| if t.chars().all(|c| c.is_ascii_digit()) { "#".to_string() } else { t.to_ascii_uppercase() })
-        .collect()
-}
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// Classifier features of a document's text.
 pub fn classifier_features(text: &str) -> Vec<f32> {
     let mut v = vec![0f32; CLASSIFIER_DIM];
-    let toks = tokens(text);
-    for (i, t) in toks.iter().enumerate() {
-        v[(fnv1a(t.as_bytes()) % CLASSIFIER_DIM as u64) as usize] += 1.0;
-        if let Some(next) = toks.get(i + 1) {
-            let bigram = format!("{t}_{next}");
-            v[(fnv1a(bigram.as_bytes()) % CLASSIFIER_DIM as u64) as usize] += 1.0;
-        }
-    }
-    for x in v.iter_mut() {
-        *x = x.ln_1p();
-    }
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
+    classifier_features_into(std::iter::once(text), &mut v);
     v
 }
 
-/// Nearest-neighbour sample of `raster` onto an `out_w x out_h` grid, computing only the first
-/// `cols` output columns (row-major, `cols` wide). Pixels are read where they are sampled, so a
-/// large raster costs its sampled pixels, not its size: nothing the size of the input (or of the
-/// resampled image before cropping) is allocated. The source pixel of output `(x, y)` is
+/// [`classifier_features`] of the concatenation of `pieces` (each ending a token, as the lines of a
+/// document do), written into `out` (`CLASSIFIER_DIM` long). Tokens are the maximal runs of ASCII
+/// letters and digits; an all-digit token counts as `#`, others upper-cased; every token and every
+/// pair of neighbours (`A_B`) adds one to its FNV-1a bucket. Hashes are computed on the text in
+/// place: nothing is allocated per token.
+pub fn classifier_features_into<'a>(pieces: impl IntoIterator<Item = &'a str>, out: &mut [f32]) {
+    let out = &mut out[..CLASSIFIER_DIM];
+    out.fill(0.0);
+    let bucket = |h: u64| (h % CLASSIFIER_DIM as u64) as usize;
+    let mut prev: Option<u64> = None;
+    for piece in pieces {
+        for tok in piece.split(|c: char| !c.is_ascii_alphanumeric()).filter(|t| !t.is_empty()) {
+            let norm: &[u8] = if tok.bytes().all(|b| b.is_ascii_digit()) { b"#" } else { tok.as_bytes() };
+            let h = fnv1a_upper(FNV_OFFSET, norm);
+            out[bucket(h)] += 1.0;
+            if let Some(p) = prev {
+                out[bucket(fnv1a_upper(fnv1a_upper(p, b"_"), norm))] += 1.0;
+            }
+            prev = Some(h);
+        }
+    }
+    for x in out.iter_mut() {
+        *x = x.ln_1p();
+    }
+    let norm = out.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        out.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+/// Nearest-neighbour sample of `raster` onto an `out_w x out_h` grid, for the first `cols` output
+/// columns only; `put(x, y, value)` receives each sample. Pixels are read where they are sampled,
+/// so a large raster costs its sampled pixels, not its size: nothing the size of the input (or of
+/// the resampled image before cropping) is allocated. The source pixel of output `(x, y)` is
 /// `(x * w / out_w, y * h / out_h)`, clamped: the same as resampling the whole image first.
-fn sample(raster: &Raster, out_w: usize, out_h: usize, cols: usize) -> Result<Vec<f32>, RasterError> {
+fn sample(raster: &Raster, out_w: usize, out_h: usize, cols: usize, mut put: impl FnMut(usize, usize, f32)) -> Result<(), RasterError> {
     raster.check_size()?;
     let (w, h) = (raster.width as usize, raster.height as usize);
     let cols = cols.min(out_w);
-    let mut out = Vec::with_capacity(cols * out_h);
     for y in 0..out_h {
-        let sy = (y * h / out_h).min(h - 1);
-        for x in 0..cols {
-            let sx = (x * w / out_w).min(w - 1);
-            out.push(raster.intensity_at(sy * w + sx)?);
+        let row = (y * h / out_h).min(h - 1) * w;
+        match raster.encoding {
+            // the common case without a per-pixel check
+            crate::document::RasterEncoding::GRAY8 => {
+                for x in 0..cols {
+                    put(x, y, raster.pixels[row + (x * w / out_w).min(w - 1)] as f32 / 255.0);
+                }
+            }
+            crate::document::RasterEncoding::GRAYF32LE => {
+                for x in 0..cols {
+                    put(x, y, raster.intensity_at(row + (x * w / out_w).min(w - 1))?);
+                }
+            }
         }
     }
-    Ok(out)
+    Ok(())
 }
+
+/// Length of one table detection input.
+pub const PAGE_TENSOR_LEN: usize = PAGE_RASTER_W * PAGE_RASTER_H;
+/// Length of one text recognition input.
+pub const LINE_CELLS_LEN: usize = MAX_LINE_CHARS * GLYPH_H * GLYPH_W;
 
 /// Table detection input for a page raster.
 pub fn page_tensor(raster: &Raster) -> Result<Vec<f32>, RasterError> {
-    sample(raster, PAGE_RASTER_W, PAGE_RASTER_H, PAGE_RASTER_W)
+    let mut out = vec![0f32; PAGE_TENSOR_LEN];
+    page_tensor_into(raster, &mut out)?;
+    Ok(out)
+}
+
+/// [`page_tensor`] written into `out` (`PAGE_TENSOR_LEN` long).
+pub fn page_tensor_into(raster: &Raster, out: &mut [f32]) -> Result<(), RasterError> {
+    let out = &mut out[..PAGE_TENSOR_LEN];
+    sample(raster, PAGE_RASTER_W, PAGE_RASTER_H, PAGE_RASTER_W, |x, y, v| out[y * PAGE_RASTER_W + x] = v)
 }
 
 /// Text recognition input for a line raster: scaled to glyph height, then cut into glyph cells;
 /// only the columns that fit `MAX_LINE_CHARS` cells are computed (the line is cropped before it
 /// is resampled).
 pub fn line_cells(raster: &Raster) -> Result<Vec<f32>, RasterError> {
+    let mut cells = vec![0f32; LINE_CELLS_LEN];
+    line_cells_into(raster, &mut cells)?;
+    Ok(cells)
+}
+
+/// [`line_cells`] written into `out` (`LINE_CELLS_LEN` long): each sample goes straight to its
+/// place in its glyph cell; the cells past the line's end are zeroed.
+pub fn line_cells_into(raster: &Raster, out: &mut [f32]) -> Result<(), RasterError> {
     raster.check_size()?;
+    let out = &mut out[..LINE_CELLS_LEN];
     let (w, h) = (raster.width as usize, raster.height as usize);
     let out_w = if h == GLYPH_H { w } else { ((w * GLYPH_H) as f64 / h as f64).round().max(1.0) as usize };
     let cols = (out_w.min(MAX_LINE_CHARS * GLYPH_W) / GLYPH_W) * GLYPH_W;
-    let img = sample(raster, out_w, GLYPH_H, cols)?;
-    let mut cells = vec![0f32; MAX_LINE_CHARS * GLYPH_H * GLYPH_W];
-    for c in 0..cols / GLYPH_W {
-        for r in 0..GLYPH_H {
-            for k in 0..GLYPH_W {
-                cells[c * GLYPH_H * GLYPH_W + r * GLYPH_W + k] = img[r * cols + c * GLYPH_W + k];
-            }
-        }
-    }
-    Ok(cells)
+    out[cols * GLYPH_H..].fill(0.0);
+    sample(raster, out_w, GLYPH_H, cols, |x, y, v| out[(x / GLYPH_W) * GLYPH_H * GLYPH_W + y * GLYPH_W + x % GLYPH_W] = v)
 }
 
 /// Target of the table model: 1 for each grid cell whose centre lies in a table.
@@ -190,7 +223,72 @@ mod tests {
         cells
     }
 
+    /// The features as first written: a `String` per token and a `format!` per bigram.
+    fn reference_features(text: &str) -> Vec<f32> {
+        fn fnv1a(bytes: &[u8]) -> u64 {
+            let mut h = 0xcbf2_9ce4_8422_2325u64;
+            for b in bytes {
+                h ^= *b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            h
+        }
+        let toks: Vec<String> = text
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|t| !t.is_empty())
+            .map(|t| if t.chars().all(|c| c.is_ascii_digit()) { "#".to_string() } else { t.to_ascii_uppercase() })
+            .collect();
+        let mut v = vec![0f32; CLASSIFIER_DIM];
+        for (i, t) in toks.iter().enumerate() {
+            v[(fnv1a(t.as_bytes()) % CLASSIFIER_DIM as u64) as usize] += 1.0;
+            if let Some(next) = toks.get(i + 1) {
+                v[(fnv1a(format!("{t}_{next}").as_bytes()) % CLASSIFIER_DIM as u64) as usize] += 1.0;
+            }
+        }
+        v.iter_mut().for_each(|x| *x = x.ln_1p());
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        v
+    }
+
+    #[test]
+    fn features_of_a_document_are_its_full_texts() {
+        let g = crate::synth::Generator::new(Default::default());
+        for i in 0..20 {
+            let d = g.document(i).document;
+            let mut v = vec![7f32; CLASSIFIER_DIM];
+            classifier_features_into(d.pages.iter().flat_map(|p| p.lines.iter().flat_map(|l| [l.text.as_str(), "\n"])), &mut v);
+            assert_eq!(v, reference_features(&d.full_text()));
+        }
+    }
+
     proptest! {
+        #[test]
+        fn features_match_the_first_implementation(text in "[ -~\\n\u{e9}\u{20b9}]{0,200}") {
+            prop_assert_eq!(classifier_features(&text), reference_features(&text));
+        }
+
+        #[test]
+        fn gray_f32_rasters_sample_like_gray8(w in 1i32..300, h in 1i32..30, seed in any::<u64>()) {
+            let n = (w * h) as usize;
+            let g8: Vec<u8> = (0..n).map(|i| (seed.wrapping_mul(i as u64 + 1) >> 13) as u8).collect();
+            let f: Vec<u8> = g8.iter().flat_map(|&p| (p as f32 / 255.0).to_le_bytes()).collect();
+            let a = Raster { width: w, height: h, encoding: RasterEncoding::GRAY8, pixels: g8 };
+            let b = Raster { width: w, height: h, encoding: RasterEncoding::GRAYF32LE, pixels: f };
+            prop_assert_eq!(line_cells(&a).unwrap(), line_cells(&b).unwrap());
+            prop_assert_eq!(page_tensor(&a).unwrap(), page_tensor(&b).unwrap());
+        }
+
+        #[test]
+        fn cells_written_into_a_dirty_buffer_are_the_same(w in 1i32..600, h in 1i32..30) {
+            let r = Raster { width: w, height: h, encoding: RasterEncoding::GRAY8, pixels: vec![9; (w * h) as usize] };
+            let mut dirty = vec![f32::NAN; LINE_CELLS_LEN];
+            line_cells_into(&r, &mut dirty).unwrap();
+            prop_assert_eq!(dirty, reference_line_cells(&r));
+        }
+
         #[test]
         fn cropping_before_resampling_gives_the_same_cells(w in 1i32..1200, h in 1i32..40, seed in any::<u64>()) {
             let n = (w * h) as usize;
