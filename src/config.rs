@@ -582,7 +582,9 @@ pub struct BatchingConfig {
     /// Largest number of documents in one model run.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// Longest a document waits for its batch to fill, in milliseconds.
+    /// Longest a document waits for its batch to fill while the batch before it is running, in
+    /// milliseconds. An idle stage runs a batch at once with whatever is already fetched: batches
+    /// fill only while the models are busy, so low load pays no batching delay.
     #[serde(default = "default_max_wait_ms")]
     pub max_wait_ms: u64,
     /// Most text lines in one model run: a batch whose documents hold more is run in several

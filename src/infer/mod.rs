@@ -7,6 +7,14 @@
 //!     offsets stored ◄── ack task (delivery reports, FIFO) ◄── producer (results + dead letters)
 //! ```
 //!
+//! Batching: an idle stage runs a batch at once with what librdkafka already fetched; while a batch
+//! runs, the next one collects documents until it is full, the running one finishes, or
+//! `max_wait_ms` passed. Two batches are in flight at most (one running its models while the next
+//! is decoded and preprocessed on another thread), and they are published strictly in order, so
+//! offsets, transactions and the ack task see batches in consumption order as before. When a
+//! batch's transaction aborts, the batch after it is dropped unpublished and the consumer goes back
+//! to the first offset either of them read.
+//!
 //! Delivery semantics: exactly once by default (`kafka.processing_guarantee`): each batch's records
 //! and input offsets are committed in one Kafka transaction ([`txn`]); the ack task below is then
 //! idle. The consumer joins as a static member (`kafka.instance_id`), so a restarted process gets
@@ -37,6 +45,7 @@ mod messages;
 mod txn;
 
 use std::{
+    collections::BTreeMap,
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
@@ -136,6 +145,15 @@ impl InferStage {
         pc.set("message.max.bytes", max_record.to_string());
         if exactly_once {
             pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.transaction_timeout_ms().to_string());
+            // A batch's first record to a partition adds the partition to the transaction; while the
+            // broker still writes the previous transaction's markers it answers
+            // CONCURRENT_TRANSACTIONS and librdkafka retries after `retry.backoff.ms` (default 100 ms):
+            // that wait was most of every batch (about 120 ms of a 125 ms batch cycle, measured with
+            // benches/throughput.rs). Retries start at 5 ms and still back off exponentially to
+            // `retry.backoff.max.ms` (1 s), so an unavailable broker is not hammered.
+            if !cfg.kafka.librdkafka.contains_key("retry.backoff.ms") {
+                pc.set("retry.backoff.ms", "5");
+            }
         }
         let producer = kafka::stats::producer_with_stats(pc, self.counters.producer_stats.clone(), "the infer producer")?;
 
@@ -210,32 +228,61 @@ impl InferStage {
         let mut failure: Option<StageError> = None;
         let mut aborted_once: std::collections::HashSet<(String, i32, i64)> = Default::default();
 
-        while !stopping {
-            let mut batch: Vec<OwnedMessage> = Vec::with_capacity(cfg.batching.max_batch);
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => { stopping = true; }
-                m = consumer.recv() => match m {
-                    Ok(m) => batch.push(m.detach()),
-                    Err(e) if kafka::error::is_fatal_consumer_error(&e) => {
-                        failure = Some(StageError::Kafka(KafkaError::Broker { what: format!("consuming {}", cfg.topics.documents), source: e }));
+        // Batches in flight, oldest first: at most PIPELINE_DEPTH, published strictly in order.
+        let mut inflight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
+        // the oldest batch's outcome, when it finished while the next batch was being collected
+        let mut front_done: Option<BatchOutcome> = None;
+        let bytes = |b: &[OwnedMessage]| b.iter().map(|m| <OwnedMessage as rdkafka::message::Message>::payload(m).map_or(0, <[u8]>::len)).sum::<usize>();
+        let fatal = |e: rdkafka::error::KafkaError| StageError::Kafka(KafkaError::Broker { what: format!("consuming {}", cfg.topics.documents), source: e });
+
+        loop {
+            if stopping && inflight.is_empty() {
+                break;
+            }
+            // 1. Collect the next batch. Idle (nothing in flight): wait for a document, take what is
+            //    already fetched, and run at once. Busy: keep collecting until the batch is full, the
+            //    running batch finishes, or `max_wait_ms` passed since its first document.
+            let mut batch: Vec<OwnedMessage> = Vec::new();
+            if !stopping && inflight.len() < PIPELINE_DEPTH && front_done.is_none() {
+                let mut deadline: Option<tokio::time::Instant> = None;
+                loop {
+                    if batch.len() >= cfg.batching.max_batch || bytes(&batch) >= cfg.batching.max_batch_bytes {
                         break;
                     }
-                    Err(e) => { tracing::warn!(error = %e, "consumer error"); continue; }
-                },
-            }
-            if !batch.is_empty() {
-                let deadline = tokio::time::Instant::now() + max_wait;
-                let bytes = |b: &[OwnedMessage]| b.iter().map(|m| <OwnedMessage as rdkafka::message::Message>::payload(m).map_or(0, <[u8]>::len)).sum::<usize>();
-                while batch.len() < cfg.batching.max_batch && bytes(&batch) < cfg.batching.max_batch_bytes {
+                    // what librdkafka already holds, without waiting
+                    if !batch.is_empty() {
+                        match futures::FutureExt::now_or_never(consumer.recv()) {
+                            Some(Ok(m)) => {
+                                batch.push(m.detach());
+                                continue;
+                            }
+                            Some(Err(e)) if kafka::error::is_fatal_consumer_error(&e) => {
+                                failure = Some(fatal(e));
+                                stopping = true;
+                                break;
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "consumer error");
+                                continue;
+                            }
+                            None if inflight.is_empty() => break,
+                            None => {}
+                        }
+                    }
+                    let busy = !inflight.is_empty();
+                    let sleep = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)));
                     tokio::select! {
                         biased;
                         _ = shutdown.changed() => { stopping = true; break; }
-                        _ = tokio::time::sleep_until(deadline) => break,
+                        r = async { (&mut inflight.front_mut().expect("busy").handle).await }, if busy => { front_done = Some(r); break; }
+                        _ = sleep, if deadline.is_some() => break,
                         m = consumer.recv() => match m {
-                            Ok(m) => batch.push(m.detach()),
+                            Ok(m) => {
+                                batch.push(m.detach());
+                                deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_wait);
+                            }
                             Err(e) if kafka::error::is_fatal_consumer_error(&e) => {
-                                failure = Some(StageError::Kafka(KafkaError::Broker { what: format!("consuming {}", cfg.topics.documents), source: e }));
+                                failure = Some(fatal(e));
                                 stopping = true;
                                 break;
                             }
@@ -243,20 +290,39 @@ impl InferStage {
                         },
                     }
                 }
+                if *shutdown.borrow() {
+                    stopping = true;
+                }
             }
-            if *shutdown.borrow() {
-                stopping = true;
+            if failure.is_some() {
+                break;
             }
-            if batch.is_empty() {
+            // 2. Start it: decoding and preprocessing of this batch overlap the model runs of the
+            //    one before (each model's session runs one batch at a time).
+            if !batch.is_empty() {
+                self.counters.consumed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                let mut starts: BTreeMap<(String, i32), i64> = BTreeMap::new();
+                for m in &batch {
+                    use rdkafka::message::Message;
+                    let e = starts.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
+                    *e = (*e).min(m.offset());
+                }
+                let (registry, cfg2, counters, routing2) = (self.registry.clone(), self.cfg.clone(), self.counters.clone(), routing.clone());
+                let handle = tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &routing2, &counters, batch, true));
+                inflight.push_back(InFlight { handle, starts });
+            }
+            // 3. Publish the oldest batch once it is done, when the pipeline is full, or when stopping.
+            let publish_now = front_done.is_some() || inflight.len() >= PIPELINE_DEPTH || (stopping && !inflight.is_empty());
+            if !publish_now {
                 continue;
             }
-            self.counters.consumed.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            self.counters.batches.fetch_add(1, Ordering::Relaxed);
-            let registry = self.registry.clone();
-            let cfg2 = self.cfg.clone();
-            let counters = self.counters.clone();
-            let routing2 = routing.clone();
-            let processed = match tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &routing2, &counters, batch, true)).await {
+            let Some(oldest) = inflight.pop_front() else { continue };
+            let outcome = match front_done.take() {
+                Some(r) => r,
+                None => oldest.handle.await,
+            };
+            let processed = match outcome {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     failure = Some(StageError::Inference(e));
@@ -284,9 +350,21 @@ impl InferStage {
                         self.counters.results_with_error.fetch_add(with_error, Ordering::Relaxed);
                         self.counters.offsets_stored.fetch_add(1, Ordering::Relaxed);
                     }
-                    // nothing of the batch is visible and the consumer is back at its start
+                    // nothing of the batch is visible and the consumer is back at its start; the
+                    // batches read after it are dropped unpublished and read again too
                     Err(txn::TxnFailure::Aborted(_)) => {
                         self.counters.transactions_aborted.fetch_add(1, Ordering::Relaxed);
+                        let mut later: BTreeMap<(String, i32), i64> = BTreeMap::new();
+                        for f in inflight.drain(..) {
+                            let _ = f.handle.await;
+                            for (k, first) in f.starts {
+                                let e = later.entry(k).or_insert(first);
+                                *e = (*e).min(first);
+                            }
+                        }
+                        // partitions the aborted batch had were rewound to its start already
+                        later.retain(|k, _| !oldest.starts.contains_key(k));
+                        txn::rewind_to(&consumer, &later);
                     }
                     Err(txn::TxnFailure::Fatal(e)) => {
                         failure = Some(StageError::Kafka(e));
@@ -322,6 +400,11 @@ impl InferStage {
             }
             self.log_progress(&mut last_log);
         }
+        // batches still in flight after a failure are neither published nor acknowledged: their
+        // documents are read again (after a restart, or by the partitions' next owner)
+        for f in inflight.drain(..) {
+            let _ = f.handle.await;
+        }
         self.counters.ready.store(false, Ordering::Relaxed);
         lag_watch.stop().await;
         drop(ack_tx);
@@ -345,6 +428,20 @@ impl InferStage {
             None => Ok(summary),
         }
     }
+}
+
+/// Batches processed at once: one running its models while the next is decoded and preprocessed.
+/// More would only queue behind the models' sessions (one run per session at a time) and hold more
+/// documents in memory.
+const PIPELINE_DEPTH: usize = 2;
+
+type BatchOutcome = Result<Result<Vec<Processed>, crate::inference::RunFailure>, tokio::task::JoinError>;
+
+/// A batch on a blocking thread, with the first offset it read in each partition (where the
+/// consumer goes back to when an earlier batch's transaction aborts).
+struct InFlight {
+    handle: tokio::task::JoinHandle<Result<Vec<Processed>, crate::inference::RunFailure>>,
+    starts: BTreeMap<(String, i32), i64>,
 }
 
 impl InferStage {

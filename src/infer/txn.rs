@@ -7,6 +7,11 @@
 //! aborts whatever its predecessor left open as it initialises, and the group generation sent with
 //! the offsets fences a process that lost its partitions in a rebalance (KIP-447).
 //!
+//! Order within a batch: begin, queue every record, add the offsets, wait for every record's
+//! delivery report (a refused record makes the transaction abortable), commit. Waiting for the
+//! reports before the commit is what keeps a transaction short: rust-rdkafka's commit flushes
+//! first and, with records still in flight, waits in 100 ms rounds (BENCHMARKS.md, "Transactions").
+//!
 //! A transaction that must be aborted (a rebalance took a partition, the broker was away longer
 //! than `kafka.transaction_timeout_ms`) is aborted and the consumer rewinds to the batch's first
 //! offsets, so the batch is processed again by whoever owns its partitions; a fatal error (fenced by
@@ -146,6 +151,26 @@ async fn publish(
         // everything is sent, only the commit is missing: the latest point an abort can come
         return Err(TxnFailure::Aborted(KafkaError::Timeout { what: "the batch (fault-txn-abort injected an abort)".into(), seconds: 0 }));
     }
+    // Every record's delivery report before the commit: rust-rdkafka's commit_transaction flushes
+    // first, and with records still in flight its flush polls an event queue the producer's own
+    // thread serves, waiting 100 ms per round (most of every batch before this ordering: measured
+    // with benches/throughput.rs). A record the broker refused makes the transaction abortable.
+    let (mut results, mut with_error, mut dead) = (0, 0, 0);
+    for (fut, topic, is_result, has_error) in futures {
+        crate::kafka::delivered(fut, &topic).await.map_err(TxnFailure::Aborted)?;
+        if is_result {
+            results += 1;
+            with_error += has_error as u64;
+        } else {
+            dead += 1;
+        }
+    }
+    // the producer's thread finishes serving the last report a moment after its future resolved;
+    // until then librdkafka still counts it in flight and the flush would take its 100 ms round
+    let settle = std::time::Instant::now();
+    while producer.in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(200) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     // a commit that times out (the broker is away) is retried as long as the outage tolerance allows
     let deadline = std::time::Instant::now() + Duration::from_millis(cfg.kafka.outage_tolerance_ms);
     loop {
@@ -155,24 +180,19 @@ async fn publish(
             Err(e) => return Err(classify("committing the batch's transaction", e)),
         }
     }
-    let (mut results, mut with_error, mut dead) = (0, 0, 0);
-    for (fut, topic, is_result, has_error) in futures {
-        crate::kafka::delivered(fut, &topic).await.map_err(TxnFailure::Fatal)?;
-        if is_result {
-            results += 1;
-            with_error += has_error as u64;
-        } else {
-            dead += 1;
-        }
-    }
     Ok((results, with_error, dead))
 }
 
 /// Puts the consumer back at the first offset of each partition of the aborted batch it still
 /// owns (a revoked one is read by its new owner from the committed offset).
 fn rewind(consumer: &super::InferConsumer, span: &BTreeMap<(String, i32), (i64, i64)>) {
+    rewind_to(consumer, &span.iter().map(|(k, (first, _))| (k.clone(), *first)).collect());
+}
+
+/// Puts the consumer back at `first` in each partition it still owns.
+pub(super) fn rewind_to(consumer: &super::InferConsumer, starts: &BTreeMap<(String, i32), i64>) {
     let owned = consumer.assignment().unwrap_or_default();
-    for ((topic, partition), (first, _)) in span {
+    for ((topic, partition), first) in starts {
         if owned.find_partition(topic, *partition).is_none() {
             continue;
         }
