@@ -12,6 +12,10 @@
 //!   kernel's high-water mark (VmHWM) and resets after each batch, so no peak between samples is missed;
 //! - `sampled_rss_mb`: the highest VmRSS this harness saw polling the child every 20 ms (a cross-check).
 //!
+//! Then the runbook's phase-2 bound: a backlog of `BENCH_BACKLOG` ordinary documents (default 20,000,
+//! produced from a pool of 256 rendered ones) drained by the stage with the three models loaded, and
+//! the same backlog with a rollout at 50 % (the candidate classifier loaded as well).
+//!
 //! Environment: `BENCH_DOCS` (default 200 per stream). Prints one JSON object; BENCHMARKS.md records it.
 
 use std::{
@@ -28,6 +32,10 @@ use payslip_stream::{
     synth::{Generator, GeneratorConfig},
 };
 use rdkafka::{consumer::BaseConsumer, Message};
+
+#[path = "support.rs"]
+mod support;
+use support::publish_split;
 
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/payslip.yaml");
 
@@ -59,15 +67,24 @@ fn reported_peak_mb(brokers: &str, topic: &str) -> f64 {
 }
 
 fn run_stream(cfg: &PipelineConfig, brokers: &str, name: &str, docs: Vec<PayslipDocument>, rt: &tokio::runtime::Runtime) -> serde_json::Value {
-    let n = docs.len() as i64;
+    let n = docs.len() as u64;
     let avg_bytes = docs.iter().map(|d| codec::encode(d, WireFormat::Avro).map(|b| b.len()).unwrap_or(0)).sum::<usize>() / docs.len().max(1);
+    run_source(cfg, brokers, name, Source::Documents(docs), n, avg_bytes, false, rt)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_source(cfg: &PipelineConfig, brokers: &str, name: &str, source: Source, n: u64, avg_bytes: usize, canary: bool, rt: &tokio::runtime::Runtime) -> serde_json::Value {
+    let n = n as i64;
     let prefix = format!("bench-mem-{name}-{}-{}.", std::process::id(), chrono::Utc::now().timestamp_millis());
     let mut cfg = cfg.clone();
     cfg.topics = cfg.topics.clone().with_prefix(&prefix);
     rt.block_on(async {
         kafka::admin::ensure_topics(brokers, &cfg).await.expect("topics");
+        if canary {
+            publish_split(&cfg, brokers, 50.0).await;
+        }
         let opts = ProduceOptions { brokers: brokers.into(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
-        produce::produce(&opts, Source::Documents(docs)).await.expect("produce");
+        produce::produce(&opts, source).await.expect("produce");
     });
     // the binary next to this example's directory (target/<profile>/payslip-stream)
     let exe = std::env::current_exe().expect("exe").parent().and_then(|d| d.parent()).expect("target dir").join("payslip-stream");
@@ -113,6 +130,11 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let ordinary = run_stream(&cfg, &brokers, "ordinary", (0..n).map(|i| gen.document(i).document).collect(), &rt);
     let worst = run_stream(&cfg, &brokers, "worst", (0..n).map(|i| gen.worst_case(i, &cfg.limits)).collect(), &rt);
+    let backlog: u64 = std::env::var("BENCH_BACKLOG").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let avg = codec::encode(&gen.document(0).document, WireFormat::Avro).map(|b| b.len()).unwrap_or(0);
+    let pooled = || Source::Synthetic { seed: 910, start: 0, count: backlog, golden_fraction: 1.0, pool: Some(256) };
+    let drain = run_source(&cfg, &brokers, "backlog", pooled(), backlog, avg, false, &rt);
+    let drain_canary = run_source(&cfg, &brokers, "backlog-canary", pooled(), backlog, avg, true, &rt);
     let ratio = worst["peak_rss_mb"].as_f64().unwrap_or(0.0) / ordinary["peak_rss_mb"].as_f64().unwrap_or(1.0).max(1.0);
     let report = serde_json::json!({
         "max_batch": cfg.batching.max_batch,
@@ -122,7 +144,11 @@ fn main() {
         "ordinary": ordinary,
         "worst_case": worst,
         "worst_over_ordinary_peak": (ratio * 100.0).round() / 100.0,
+        "backlog": drain,
+        "backlog_with_canary_50pct": drain_canary,
+        "build": if cfg!(debug_assertions) { "dev" } else { "release" },
         "cpus": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
     });
     println!("{report}");
 }
+

@@ -1,13 +1,21 @@
-//! End-to-end throughput harness (not a test): documents/s through the real Kafka broker versus raw
-//! ONNX Runtime documents/s on the same models, documents and machine, measured in one run; then the
-//! same end-to-end run again while a rollout sends 50 % of users to the candidate classifier (both
-//! versions loaded, each batch split by version).
+//! End-to-end throughput harness (not a test), all figures from one run on the same models,
+//! documents, broker and machine:
+//!
+//! 1. **ONNX Runtime alone**: the time spent inside `Session::run` on exactly the batches the stage
+//!    builds (the limit), and the same loop with the stage's preprocessing around it;
+//! 2. **end to end**: the infer stage through the broker (consume, decode, validate, batch, infer,
+//!    encode, produce in transactions), docs/s and process CPU per document;
+//! 3. the same with a rollout sending 50 % of users to the candidate classifier;
+//! 4. **latency**: a fixed offered load of half the measured end-to-end maximum, then a low load of
+//!    20 documents/s, each document timed from its `submitted_at` (set when it is produced) until a
+//!    `read_committed` reader sees its result: p50/p95/p99.
 //!
 //!   scripts/kafka start
-//!   eval "$(scripts/env)"; PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 cargo run --example throughput
+//!   eval "$(scripts/env)"; PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 cargo run --release --example throughput
 //!
-//! Environment: `BENCH_DOCS` (default 5000), `BENCH_BATCH` (default from pipelines/payslip.yaml).
-//! Prints one JSON object; BENCHMARKS.md records the figures.
+//! Environment: `BENCH_DOCS` (default 5000), `BENCH_BATCH` (default from pipelines/payslip.yaml),
+//! `BENCH_LATENCY_S` (seconds of each fixed-load run, default 20). Prints one JSON object, with the
+//! build it ran in; BENCHMARKS.md records the figures.
 
 use std::{
     sync::Arc,
@@ -26,10 +34,26 @@ use payslip_stream::{
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-fn results_on(brokers: &str, topic: &str) -> i64 {
-    let c: BaseConsumer = kafka::client_config(brokers, &Default::default()).create().expect("consumer");
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("metadata");
-    md.topics()[0].partitions().iter().map(|p| c.fetch_watermarks(topic, p.id(), Duration::from_secs(5)).map(|(lo, hi)| hi - lo).unwrap_or(0)).sum()
+#[path = "support.rs"]
+mod support;
+use support::publish_split;
+
+/// CPU time of this process (user + system) so far, seconds.
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // the fields after the parenthesised command name; utime and stime are fields 14 and 15
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    (sorted[i] * 10.0).round() / 10.0
 }
 
 /// Peak resident memory of this process (VmHWM), MB.
@@ -52,15 +76,17 @@ fn main() {
     let registry = Arc::new(ModelRegistry::load(&cfg.models, &cfg.inference, &[]).expect("models"));
     let provider = registry.provider();
 
-    // 1. raw ONNX Runtime: the same batching, no Kafka, no decode/encode
+    // 1. raw ONNX Runtime: the same batching, no Kafka, no decode/encode; Session::run timed alone
     let versions = registry.served_versions().clone();
-    let t = Instant::now();
+    let (t, cpu0, run0) = (Instant::now(), process_cpu_s(), payslip_stream::inference::session_run_seconds());
     for chunk in docs.chunks(cfg.batching.max_batch) {
         let refs: Vec<&PayslipDocument> = chunk.iter().collect();
         let out = registry.infer(&refs, &versions).expect("ONNX Runtime runs");
         assert_eq!(out.len(), chunk.len());
     }
     let raw_s = t.elapsed().as_secs_f64();
+    let raw_cpu_s = process_cpu_s() - cpu0;
+    let ort_s = payslip_stream::inference::session_run_seconds() - run0;
 
     // 2. end to end: documents already on the topic, stage consumes, infers, produces, stores offsets
     // 3. the same with a rollout at 50 %: one decision on the decisions topic before the stage starts
@@ -83,30 +109,47 @@ fn main() {
             let stage = InferStage::new(cfg.clone(), brokers.clone(), registry);
             let counters = stage.counters();
             let handle = tokio::spawn(stage.run(rx));
-            // clock starts at the first consumed document (excludes group join), ends when all results are on the topic
+            // clock starts at the first consumed document (excludes group join), ends when every
+            // result is committed (the stage's own count: no reader competes for the CPU)
             while counters.consumed.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            let t = Instant::now();
-            while results_on(&brokers, &cfg.topics.inference) < n as i64 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            let (t, cpu0) = (Instant::now(), process_cpu_s());
+            while counters.results.load(std::sync::atomic::Ordering::Relaxed) < n as u64 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let s = t.elapsed().as_secs_f64();
+            let (s, cpu) = (t.elapsed().as_secs_f64(), process_cpu_s() - cpu0);
+            eprintln!("end to end: {n} documents in {} batches, {s:.2} s", counters.batches.load(std::sync::atomic::Ordering::Relaxed));
             let _ = tx.send(true);
             handle.await.expect("join").expect("stage");
-            s
+            // (the topic's offsets also hold the transactions' commit markers: count the stage's results)
+            assert_eq!(counters.results.load(std::sync::atomic::Ordering::Relaxed), n as u64, "one result per document");
+            (s, cpu)
         })
     };
-    let e2e_s = e2e(None);
-    let split_s = e2e(Some(50.0));
+    let (e2e_s, e2e_cpu) = e2e(None);
+    let (split_s, _) = e2e(Some(50.0));
+    let max_rate = n as f64 / e2e_s;
+    let latency_s: f64 = std::env::var("BENCH_LATENCY_S").ok().and_then(|v| v.parse().ok()).unwrap_or(20.0);
+    let half = latency(&rt, &cfg, &brokers, registry.clone(), (max_rate / 2.0).round(), latency_s);
+    let low = latency(&rt, &cfg, &brokers, registry.clone(), 20.0, latency_s.min(15.0));
     let report = serde_json::json!({
         "documents": n,
         "avg_document_bytes_avro": avg_bytes,
         "max_batch": cfg.batching.max_batch,
         "provider": provider,
-        "raw_onnxruntime_docs_per_s": (n as f64 / raw_s).round(),
-        "end_to_end_docs_per_s": (n as f64 / e2e_s).round(),
+        "build": if cfg!(debug_assertions) { "dev profile (this crate and its per-document dependencies at opt-level 2)" } else { "release" },
+        "onnxruntime_alone_docs_per_s": (n as f64 / ort_s).round(),
+        "onnxruntime_alone_ms_per_doc": (ort_s / n as f64 * 1e5).round() / 100.0,
+        "preprocess_plus_onnxruntime_docs_per_s": (n as f64 / raw_s).round(),
+        "preprocess_plus_onnxruntime_cpu_ms_per_doc": (raw_cpu_s / n as f64 * 1e5).round() / 100.0,
+        "end_to_end_docs_per_s": max_rate.round(),
+        "end_to_end_cpu_ms_per_doc": (e2e_cpu / n as f64 * 1e5).round() / 100.0,
+        "end_to_end_over_onnxruntime_alone": ((ort_s / e2e_s) * 1000.0).round() / 1000.0,
+        "end_to_end_cpu_over_onnxruntime_cpu": ((e2e_cpu / ort_s) * 100.0).round() / 100.0,
         "end_to_end_over_raw": ((raw_s / e2e_s) * 1000.0).round() / 1000.0,
+        "latency_at_half_max": half,
+        "latency_at_20_per_s": low,
         "end_to_end_canary_50pct_docs_per_s": (n as f64 / split_s).round(),
         "canary_50pct_over_end_to_end": ((e2e_s / split_s) * 1000.0).round() / 1000.0,
         "cpus": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
@@ -115,18 +158,56 @@ fn main() {
     println!("{report}");
 }
 
-/// Publishes a running rollout of document_classifier 1.1.0 at `pct` % (as the controller would).
-async fn publish_split(cfg: &PipelineConfig, brokers: &str, pct: f64) {
-    use payslip_stream::rollout::{action, Action, Controller, RolloutCommand};
-    let mut c = Controller::default();
-    let cmd = |a: Action| RolloutCommand { command_id: a.to_string(), rollout_id: "bench".into(), action: a.into(), operator: "bench".into(), reason: None, model: Some("document_classifier".into()), version: Some("1.1.0".into()), issued_at: 0 };
-    let mut d = c.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::START));
-    while d.traffic_percent < pct {
-        d = c.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::ADVANCE));
+/// Runs the stage on fresh topics while documents are produced at `rate`/s for `seconds`; a
+/// `read_committed` reader times each document from its `submitted_at` to its result's arrival.
+fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, registry: Arc<ModelRegistry>, rate: f64, seconds: f64) -> serde_json::Value {
+    use rdkafka::Message;
+    let mut cfg = cfg.clone();
+    let prefix = format!("bench-lat-{}-{}.", std::process::id(), chrono::Utc::now().timestamp_millis());
+    cfg.topics = cfg.topics.clone().with_prefix(&prefix);
+    cfg.kafka.infer_group = format!("{prefix}infer");
+    let count = (rate * seconds).round() as u64;
+    rt.block_on(kafka::admin::ensure_topics(brokers, &cfg)).expect("topics");
+    // the reader, assigned to the end of the (empty) results topic before anything is produced
+    let reader: BaseConsumer = kafka::reader_config(brokers, &format!("{prefix}reader"), &Default::default()).set("fetch.wait.max.ms", "5").create().expect("reader");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in kafka::partitions_of(&reader, &cfg.topics.inference, Duration::from_secs(10)).expect("partitions") {
+        tpl.add_partition_offset(&cfg.topics.inference, p, rdkafka::Offset::Beginning).expect("tpl");
     }
-    assert_eq!(d.traffic_percent, pct, "a phase at exactly {pct} %");
-    let payload = codec::encode(&d, WireFormat::Json).expect("decision encodes");
-    let p: rdkafka::producer::FutureProducer = kafka::producer_config(brokers, &Default::default()).create().expect("producer");
-    let hs = kafka::headers::HeaderSet::new().with("content-type", "application/json").build();
-    p.send(rdkafka::producer::FutureRecord::to(&cfg.topics.decisions).key("bench").payload(&payload).headers(hs), Duration::from_secs(10)).await.expect("decision published");
+    reader.assign(&tpl).expect("assign");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stage = InferStage::new(cfg.clone(), brokers.to_string(), registry);
+    let counters = stage.counters();
+    let handle = rt.spawn(stage.run(rx));
+    while !counters.ready.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let opts = ProduceOptions { brokers: brokers.to_string(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough: Default::default() };
+    let producer = rt.spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 17, start: 0, count, golden_fraction: 1.0, pool: Some(256) }).await });
+    let mut lat: Vec<f64> = Vec::with_capacity(count as usize);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds + 120.0);
+    while (lat.len() as u64) < count && Instant::now() < deadline {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
+            let arrived = chrono::Utc::now().timestamp_millis() as f64;
+            let ct = kafka::headers::get(m.headers(), kafka::headers::CONTENT_TYPE);
+            if let Ok(r) = codec::decode::<payslip_stream::document::InferenceResult>(m.payload().unwrap_or_default(), ct.as_deref()) {
+                lat.push(arrived - r.submitted_at as f64);
+            }
+        }
+    }
+    let sent = rt.block_on(producer).expect("join").expect("produce");
+    let _ = tx.send(true);
+    rt.block_on(handle).expect("join").expect("stage");
+    lat.sort_by(f64::total_cmp);
+    serde_json::json!({
+        "offered_docs_per_s": rate,
+        "achieved_offered_docs_per_s": (sent.achieved_rate * 10.0).round() / 10.0,
+        "missed_rate": sent.missed_rate,
+        "documents": count,
+        "timed": lat.len(),
+        "p50_ms": percentile(&lat, 0.5),
+        "p95_ms": percentile(&lat, 0.95),
+        "p99_ms": percentile(&lat, 0.99),
+        "max_ms": lat.last().copied().unwrap_or(f64::NAN),
+    })
 }

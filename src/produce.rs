@@ -43,8 +43,11 @@ fn input(p: &std::path::Path, message: impl std::fmt::Display) -> ProduceError {
 
 /// Where documents come from.
 pub enum Source {
-    /// Generator documents `start..start + count` of `seed`.
-    Synthetic { seed: u64, start: u64, count: u64, golden_fraction: f64 },
+    /// Generator documents `start..start + count` of `seed`. With `pool: Some(n)` only the first `n`
+    /// are rendered (on every core, before the first is sent) and document `i` is rendered document
+    /// `i % n` under its own id, user and time: rendering rasters costs far more than sending, and a
+    /// load test needs a rate the generator alone cannot reach.
+    Synthetic { seed: u64, start: u64, count: u64, golden_fraction: f64, pool: Option<u64> },
     /// Files: `.json` (one document or JSON lines), `.avro` (Avro object container file).
     Files(Vec<PathBuf>),
     /// Documents already in memory.
@@ -105,10 +108,36 @@ pub fn read_files(paths: &[PathBuf]) -> Result<Vec<PayslipDocument>, ProduceErro
     Ok(out)
 }
 
+/// Documents `start..start + n` of `gen`, rendered on every core.
+fn render_pool(gen: &Generator, start: u64, n: u64) -> Vec<PayslipDocument> {
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let mut all: Vec<(u64, PayslipDocument)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads as u64).map(|t| s.spawn(move || (t..n).step_by(threads).map(|i| (i, gen.document(start + i).document)).collect::<Vec<_>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, d)| d).collect()
+}
+
 pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSummary, ProduceError> {
     let producer: FutureProducer = kafka::producer_config(&opts.brokers, &opts.passthrough).create().map_err(KafkaError::client("the document producer"))?;
     let (total, mut next): (u64, Box<dyn FnMut(u64) -> PayslipDocument + Send>) = match source {
-        Source::Synthetic { seed, start, count, golden_fraction } => {
+        Source::Synthetic { seed, start, count, golden_fraction, pool: Some(n) } if n > 0 => {
+            let gen = Generator::new(GeneratorConfig { seed, golden_fraction, ..Default::default() });
+            let pool = tokio::task::spawn_blocking(move || render_pool(&gen, start, n.min(count))).await.map_err(|e| ProduceError::Input { path: "--pool".into(), message: e.to_string() })?;
+            let users = GeneratorConfig::default().users as u64;
+            (
+                count,
+                Box::new(move |i| {
+                    let mut doc = pool[(i % pool.len() as u64) as usize].clone();
+                    doc.document_id = format!("doc-{seed}-{:08}", start + i);
+                    doc.user_id = format!("user-{:05}", (start + i).wrapping_mul(0x9e37_79b9_7f4a_7c15) % users.max(1));
+                    doc.submitted_at = 0;
+                    doc
+                }),
+            )
+        }
+        Source::Synthetic { seed, start, count, golden_fraction, .. } => {
             let gen = Generator::new(GeneratorConfig { seed, golden_fraction, ..Default::default() });
             (count, Box::new(move |i| gen.document(start + i).document))
         }

@@ -86,6 +86,10 @@ pub enum Command {
         /// Documents per second (default: as fast as possible).
         #[arg(long)]
         rate: Option<f64>,
+        /// Synthetic: render only this many documents and send them round-robin, each under its own
+        /// id, user and time (a load generator: rendering costs ~14 ms a document, sending far less).
+        #[arg(long)]
+        pool: Option<u64>,
         /// Wire format of the values.
         #[arg(long, default_value = "avro")]
         format: WireFormat,

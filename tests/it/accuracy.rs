@@ -30,7 +30,7 @@ async fn classifier_accuracy_through_pipeline_matches_metadata() {
     let n = 800;
     let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
     // seed 5150: neither the training (1001) nor the held-out (2002) documents
-    produce::produce(&opts, Source::Synthetic { seed: 5150, start: 0, count: n, golden_fraction: 1.0 }).await.unwrap();
+    produce::produce(&opts, Source::Synthetic { seed: 5150, start: 0, count: n, golden_fraction: 1.0, pool: None }).await.unwrap();
     let reads = tokio::task::spawn_blocking({
         let t = cfg.topics.inference.clone();
         move || read_topic(&t, n as usize, Duration::from_secs(180), Duration::from_millis(500))

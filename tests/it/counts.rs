@@ -63,7 +63,7 @@ async fn produce_says_when_it_misses_the_requested_rate() {
     let cfg = isolated_config("produce-rate").await;
     let run = |rate: f64, count: u64| {
         let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough: Default::default() };
-        async move { produce::produce(&opts, Source::Synthetic { seed: 5, start: 0, count, golden_fraction: 1.0 }).await.expect("produce") }
+        async move { produce::produce(&opts, Source::Synthetic { seed: 5, start: 0, count, golden_fraction: 1.0, pool: None }).await.expect("produce") }
     };
     let fast = run(1e7, 300).await;
     assert_eq!((fast.sent, fast.failed), (300, 0));
@@ -73,4 +73,31 @@ async fn produce_says_when_it_misses_the_requested_rate() {
     assert_eq!((kept.sent, kept.failed), (60, 0));
     assert!(!kept.missed_rate, "20 documents/s is within reach: {kept:?}");
     assert!(kept.achieved_rate > 15.0 && kept.achieved_rate <= 21.0, "{kept:?}");
+}
+
+/// `produce --pool N`: N documents rendered, every one of `count` sent once under its own id, the
+/// content of document i that of rendered document i mod N.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_from_a_pool_sends_every_document_once_under_its_own_id() {
+    use payslip_stream::{codec, document::PayslipDocument};
+    let cfg = isolated_config("produce-pool").await;
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    let s = produce::produce(&opts, Source::Synthetic { seed: 7, start: 100, count: 500, golden_fraction: 1.0, pool: Some(16) }).await.expect("produce");
+    assert_eq!((s.sent, s.failed), (500, 0));
+    let reads = tokio::task::spawn_blocking(move || read_all(&cfg.topics.documents)).await.unwrap();
+    assert_eq!(reads.len(), 500);
+    let gen = Generator::new(GeneratorConfig { seed: 7, ..Default::default() });
+    let rendered: Vec<PayslipDocument> = (100..116).map(|i| gen.document(i).document).collect();
+    let mut ids = BTreeSet::new();
+    for r in &reads {
+        let d: PayslipDocument = codec::decode(&r.payload, r.header(h::CONTENT_TYPE)).expect("decodes");
+        assert_eq!(r.key.as_deref(), Some(d.document_id.as_str()));
+        let i: u64 = d.document_id.rsplit('-').next().unwrap().parse().unwrap();
+        assert_eq!(d.document_id, format!("doc-7-{i:08}"));
+        let source = &rendered[((i - 100) % 16) as usize];
+        assert_eq!((&d.pages, &d.labels), (&source.pages, &source.labels), "document {i} is rendered document {}", (i - 100) % 16);
+        assert!(d.submitted_at > 0);
+        assert!(ids.insert(i), "document {i} sent twice");
+    }
+    assert_eq!(ids, (100..600).collect::<BTreeSet<u64>>());
 }

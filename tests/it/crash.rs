@@ -142,7 +142,7 @@ impl Run {
         let log = std::env::temp_dir().join(format!("{}.log", unique("crash-stage")));
         let monitor = RunningMonitor::start(&cfg);
         let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(300.0), progress: None, passthrough: Default::default() };
-        let producer = tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 99, start: 0, count: n, golden_fraction: 1.0 }).await });
+        let producer = tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 99, start: 0, count: n, golden_fraction: 1.0, pool: None }).await });
         Run { _dir: dir, cfg, prefix, group, yaml, log, n, monitor: Some(monitor), producer: Some(producer) }
     }
 

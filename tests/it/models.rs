@@ -53,7 +53,7 @@ async fn tampered_model_is_refused_and_the_rest_keep_serving() {
     cfg.models.allow_degraded = vec!["table_detection".into()];
     let stage = RunningStage::start(&cfg, registry);
     let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
-    produce::produce(&opts, Source::Synthetic { seed: 8, start: 0, count: 20, golden_fraction: 1.0 }).await.unwrap();
+    produce::produce(&opts, Source::Synthetic { seed: 8, start: 0, count: 20, golden_fraction: 1.0, pool: None }).await.unwrap();
     let t = cfg.topics.inference.clone();
     let reads = tokio::task::spawn_blocking(move || read_topic(&t, 20, Duration::from_secs(90), Duration::from_secs(1))).await.unwrap();
     stage.stop().await;
@@ -149,7 +149,7 @@ async fn a_stage_that_cannot_run_its_models_refuses_to_start_and_consumes_nothin
     // documents are waiting: a stage that started would consume them
     let (cfg, prefix) = isolated_config_with_prefix("refuse").await;
     let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
-    produce::produce(&opts, Source::Synthetic { seed: 3, start: 0, count: 5, golden_fraction: 1.0 }).await.unwrap();
+    produce::produce(&opts, Source::Synthetic { seed: 3, start: 0, count: 5, golden_fraction: 1.0, pool: None }).await.unwrap();
 
     let group = format!("{prefix}refusing");
     let (status, log) = run_infer_expecting_exit(&tampered_cfg, &prefix, &group, None);

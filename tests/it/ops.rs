@@ -115,7 +115,7 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
 
 async fn produce_documents(cfg: &PipelineConfig, n: u64) {
     let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
-    let s = produce::produce(&opts, Source::Synthetic { seed: 11, start: 0, count: n, golden_fraction: 1.0 }).await.unwrap();
+    let s = produce::produce(&opts, Source::Synthetic { seed: 11, start: 0, count: n, golden_fraction: 1.0, pool: None }).await.unwrap();
     assert_eq!(s.sent, n);
 }
 
@@ -311,7 +311,7 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     let more = 40u64;
     let feed = {
         let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(40.0), progress: None, passthrough: Default::default() };
-        tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 12, start: 0, count: more, golden_fraction: 1.0 }).await })
+        tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 12, start: 0, count: more, golden_fraction: 1.0, pool: None }).await })
     };
     // checkpoint once the monitor is counting the new documents (while they flow)
     let started = Instant::now();
