@@ -28,8 +28,31 @@ fn brokers_of(common: &Common, cfg: &PipelineConfig) -> Option<String> {
     common.brokers.clone().or_else(|| cfg.kafka.brokers.clone()).filter(|b| !b.trim().is_empty())
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    limit_malloc_arenas();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        std::process::exit(1);
+    });
+    runtime.block_on(async_main())
+}
+
+/// glibc gives each thread that allocates its own arena (up to 8 per core) and keeps what each one
+/// freed: with batches decoded on one blocking thread and run on another, and librdkafka's threads,
+/// the infer stage held about 200 MB more while draining a backlog (benches/memory.rs, BENCHMARKS.md).
+/// Two arenas keep allocation contention low on these few threads. An operator's
+/// `MALLOC_ARENA_MAX` wins. Called before any thread exists.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a parameter of the allocator; no other thread runs yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+async fn async_main() {
     payslip_stream::telemetry::init_tracing();
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli).await {

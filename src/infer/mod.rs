@@ -242,11 +242,15 @@ impl InferStage {
             // 1. Collect the next batch. Idle (nothing in flight): wait for a document, take what is
             //    already fetched, and run at once. Busy: keep collecting until the batch is full, the
             //    running batch finishes, or `max_wait_ms` passed since its first document.
+            //    Documents in flight stay within `max_batch_bytes` in all (plus one document), so a
+            //    burst of large documents is processed one batch at a time as before.
             let mut batch: Vec<OwnedMessage> = Vec::new();
-            if !stopping && inflight.len() < PIPELINE_DEPTH && front_done.is_none() {
+            let held: usize = inflight.iter().map(|f| f.bytes).sum();
+            let budget = cfg.batching.max_batch_bytes.saturating_sub(held);
+            if !stopping && inflight.len() < PIPELINE_DEPTH && front_done.is_none() && budget > 0 {
                 let mut deadline: Option<tokio::time::Instant> = None;
                 loop {
-                    if batch.len() >= cfg.batching.max_batch || bytes(&batch) >= cfg.batching.max_batch_bytes {
+                    if batch.len() >= cfg.batching.max_batch || bytes(&batch) >= budget {
                         break;
                     }
                     // what librdkafka already holds, without waiting
@@ -309,11 +313,15 @@ impl InferStage {
                     *e = (*e).min(m.offset());
                 }
                 let (registry, cfg2, counters, routing2) = (self.registry.clone(), self.cfg.clone(), self.counters.clone(), routing.clone());
+                let bytes = bytes(&batch);
                 let handle = tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &routing2, &counters, batch, true));
-                inflight.push_back(InFlight { handle, starts });
+                inflight.push_back(InFlight { handle, starts, bytes });
             }
-            // 3. Publish the oldest batch once it is done, when the pipeline is full, or when stopping.
-            let publish_now = front_done.is_some() || inflight.len() >= PIPELINE_DEPTH || (stopping && !inflight.is_empty());
+            // 3. Publish the oldest batch once it is done, when the pipeline is full (in batches or in
+            //    bytes), or when stopping.
+            let held: usize = inflight.iter().map(|f| f.bytes).sum();
+            let full = inflight.len() >= PIPELINE_DEPTH || held >= cfg.batching.max_batch_bytes;
+            let publish_now = front_done.is_some() || full || (stopping && !inflight.is_empty());
             if !publish_now {
                 continue;
             }
@@ -442,6 +450,8 @@ type BatchOutcome = Result<Result<Vec<Processed>, crate::inference::RunFailure>,
 struct InFlight {
     handle: tokio::task::JoinHandle<Result<Vec<Processed>, crate::inference::RunFailure>>,
     starts: BTreeMap<(String, i32), i64>,
+    /// Bytes of the batch's values (what `batching.max_batch_bytes` bounds across batches in flight).
+    bytes: usize,
 }
 
 impl InferStage {

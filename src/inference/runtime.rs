@@ -115,10 +115,14 @@ pub fn session_for(cfg: &InferenceConfig, model: &str, bytes: &[u8]) -> Result<P
         let dispatch = match p {
             Provider::Tensorrt => TensorRT::default().build().error_on_failure(),
             Provider::Cuda => CUDA::default().build().error_on_failure(),
-            Provider::Cpu => CPU::default().build().error_on_failure(),
+            // no CPU arena: what a run allocates goes back to the process allocator afterwards
+            // instead of staying reserved for the largest batch ever seen
+            Provider::Cpu => CPU::default().with_arena_allocator(false).build().error_on_failure(),
         };
         let built = (|| -> ort::Result<Session> {
-            let mut b = Session::builder(&env)?;
+            // The batch axis varies with every batch (documents, pages, lines): memory patterns are
+            // planned and kept per input shape, which grew the process with each new batch size.
+            let mut b = Session::builder(&env)?.with_memory_pattern(false)?;
             if cfg.intra_threads > 0 {
                 b = b.with_intra_threads(cfg.intra_threads)?;
             }
