@@ -429,6 +429,8 @@ impl InferStage {
         }
         let _ = producer.flush(Timeout::After(Duration::from_secs(10)));
         drop(follower);
+        // the consumer leaves its group on a thread of its own, waited for a bounded time
+        tokio::task::block_in_place(|| crate::kafka::rebalance::close_within(consumer, CONSUMER_CLOSE_LIMIT, "the infer consumer"));
         let summary = self.counters.snapshot();
         tracing::info!(?summary, "infer stage stopped");
         match failure {
@@ -437,6 +439,10 @@ impl InferStage {
         }
     }
 }
+
+/// How long a stopping stage waits for its consumer to leave the group (see
+/// [`crate::kafka::rebalance::close_within`]).
+const CONSUMER_CLOSE_LIMIT: Duration = Duration::from_secs(15);
 
 /// Batches processed at once: one running its models while the next is decoded and preprocessed.
 /// More would only queue behind the models' sessions (one run per session at a time) and hold more

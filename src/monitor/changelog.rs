@@ -35,7 +35,8 @@ pub const META_CHANGELOG_NEXT: &[u8] = b"changelog_next";
 pub struct Changelog {
     topic: String,
     producer: FutureProducer,
-    leader: BaseConsumer<KnownProtocol>,
+    /// Always `Some` until dropped (taken to be closed within a limit).
+    leader: Option<BaseConsumer<KnownProtocol>>,
 }
 
 fn ck(cf: &str, key: &[u8]) -> Vec<u8> {
@@ -45,7 +46,19 @@ fn ck(cf: &str, key: &[u8]) -> Vec<u8> {
     v
 }
 
+impl Drop for Changelog {
+    fn drop(&mut self) {
+        if let Some(leader) = self.leader.take() {
+            kafka::rebalance::close_within(leader, std::time::Duration::from_secs(15), "the monitor's leadership consumer");
+        }
+    }
+}
+
 impl Changelog {
+    fn leader(&self) -> &BaseConsumer<KnownProtocol> {
+        self.leader.as_ref().expect("present until dropped")
+    }
+
     pub fn new(cfg: &PipelineConfig, brokers: &str) -> Result<Self, MonitorError> {
         let topic = cfg.topics.monitor_changelog.clone();
         // one deployment = one changelog topic: its group elects the leader, its transactional id fences
@@ -65,11 +78,11 @@ impl Changelog {
             .set("partition.assignment.strategy", "cooperative-sticky");
         let leader: BaseConsumer<KnownProtocol> = cc.create_with_context(KnownProtocol::of(&cc)).map_err(KafkaError::client("the leadership consumer"))?;
         leader.subscribe(&[&topic]).map_err(KafkaError::broker(format!("subscribe {topic}")))?;
-        Ok(Self { topic, producer, leader })
+        Ok(Self { topic, producer, leader: Some(leader) })
     }
 
     pub fn is_leader(&self) -> bool {
-        self.leader.assignment().map(|a| a.count() > 0).unwrap_or(false)
+        self.leader().assignment().map(|a| a.count() > 0).unwrap_or(false)
     }
 
     /// Waits until this process leads (or `stop`); returns false when stopped first.
@@ -77,7 +90,7 @@ impl Changelog {
         let mut said = false;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             // polling serves the group protocol; the messages are read separately in `restore`
-            let _ = self.leader.poll(Duration::from_millis(200));
+            let _ = self.leader().poll(Duration::from_millis(200));
             if self.is_leader() {
                 return true;
             }
@@ -91,7 +104,7 @@ impl Changelog {
 
     /// Keeps the group membership alive; false when leadership was lost.
     pub fn still_leader(&self) -> bool {
-        let _ = self.leader.poll(Duration::ZERO);
+        let _ = self.leader().poll(Duration::ZERO);
         self.is_leader()
     }
 
