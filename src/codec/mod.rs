@@ -51,8 +51,8 @@ pub trait Record: Serialize + DeserializeOwned + 'static {
 
     /// The Avro datum of `self`: through `apache-avro` unless the record has a direct codec
     /// ([`binary`], for the records on the per-document path).
-    fn to_avro(&self) -> Result<Vec<u8>, String> {
-        avro::encode(self).map_err(|e| e.to_string())
+    fn to_avro(&self) -> Result<Vec<u8>, EncodeError> {
+        avro::encode(self).map_err(|e| EncodeError { record: Self::SCHEMA_NAME, format: WireFormat::Avro, message: e.to_string() })
     }
 
     /// Reads one whole Avro datum (see [`to_avro`](Self::to_avro)).
@@ -64,7 +64,7 @@ pub trait Record: Serialize + DeserializeOwned + 'static {
 /// The records with a direct codec.
 macro_rules! binary_avro {
     () => {
-        fn to_avro(&self) -> Result<Vec<u8>, String> {
+        fn to_avro(&self) -> Result<Vec<u8>, EncodeError> {
             Ok(binary::to_datum(self))
         }
         fn from_avro(bytes: &[u8]) -> Result<Self, DecodeError> {
@@ -142,7 +142,7 @@ pub fn encode<T: Record>(value: &T, format: WireFormat) -> Result<Vec<u8>, Encod
     let err = |message: String| EncodeError { record: T::SCHEMA_NAME, format, message };
     match format {
         WireFormat::Json => serde_json::to_vec(value).map_err(|e| err(e.to_string())),
-        WireFormat::Avro => value.to_avro().map_err(err),
+        WireFormat::Avro => value.to_avro(),
     }
 }
 
