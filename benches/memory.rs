@@ -16,6 +16,10 @@
 //! produced from a pool of 256 rendered ones) drained by the stage with the three models loaded, and
 //! the same backlog with a rollout at 50 % (the candidate classifier loaded as well).
 //!
+//! Each stream also reports its rate (from the stage's start, so start-up is included) and the
+//! stage's CPU per document (user + system, from /proc), for comparing allocators
+//! (`cargo build --features alloc-mimalloc` or `alloc-jemalloc` before running).
+//!
 //! Environment: `BENCH_DOCS` (default 200 per stream). Prints one JSON object; BENCHMARKS.md records it.
 
 use std::{
@@ -42,6 +46,16 @@ const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/payslip.yam
 fn count(brokers: &str, topic: &str) -> i64 {
     let c: BaseConsumer = kafka::client_config(brokers, &Default::default()).create().expect("consumer");
     kafka::read::watermarks(&c, topic, Duration::from_secs(10)).expect("watermarks").values().map(|(lo, hi)| hi - lo).sum()
+}
+
+/// User plus system CPU seconds the process has used (/proc/PID/stat, clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields after the command name, which is in parentheses and may hold spaces
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 fn rss_kb(pid: u32) -> Option<u64> {
@@ -109,6 +123,7 @@ fn run_source(cfg: &PipelineConfig, brokers: &str, name: &str, source: Source, n
         std::thread::sleep(Duration::from_millis(20));
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(child.id()).unwrap_or(0.0);
     let _ = child.kill();
     let _ = child.wait();
     serde_json::json!({
@@ -117,6 +132,8 @@ fn run_source(cfg: &PipelineConfig, brokers: &str, name: &str, source: Source, n
         "results": count(brokers, &cfg.topics.inference),
         "dead_letters": count(brokers, &cfg.topics.documents_dlq),
         "seconds": (seconds * 10.0).round() / 10.0,
+        "docs_per_s": (n as f64 / seconds).round(),
+        "cpu_ms_per_doc": (cpu * 1000.0 / n.max(1) as f64 * 100.0).round() / 100.0,
         "peak_rss_mb": reported_peak_mb(brokers, &cfg.topics.inference),
         "sampled_rss_mb": (sampled as f64 / 1024.0).round(),
     })

@@ -28,8 +28,18 @@ fn brokers_of(common: &Common, cfg: &PipelineConfig) -> Option<String> {
     common.brokers.clone().or_else(|| cfg.kafka.brokers.clone()).filter(|b| !b.trim().is_empty())
 }
 
+// Other allocators for Rust's allocations, for the comparison in BENCHMARKS.md ("Allocator"); with
+// both features, mimalloc.
+#[cfg(feature = "alloc-mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "alloc-jemalloc", not(feature = "alloc-mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
-    limit_malloc_arenas();
+    tune_malloc();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| {
         eprintln!("error: cannot start the async runtime: {e}");
         std::process::exit(1);
@@ -37,17 +47,35 @@ fn main() {
     runtime.block_on(async_main())
 }
 
-/// glibc gives each thread that allocates its own arena (up to 8 per core) and keeps what each one
-/// freed: with batches decoded on one blocking thread and run on another, and librdkafka's threads,
-/// the infer stage held about 200 MB more while draining a backlog (benches/memory.rs, BENCHMARKS.md).
-/// Two arenas keep allocation contention low on these few threads. An operator's
-/// `MALLOC_ARENA_MAX` wins. Called before any thread exists.
-fn limit_malloc_arenas() {
+/// glibc, tuned for a process that allocates batch-sized buffers (decoded rasters, input tensors,
+/// ONNX Runtime's intermediate values: 0.1-8 MB each) on several threads. Measured with
+/// benches/memory.rs (BENCHMARKS.md, "Memory while draining a backlog"):
+/// - glibc gives each thread that allocates its own arena (up to 8 per core) and keeps what each one
+///   freed; two arenas keep contention low on these few threads.
+/// - glibc raises its mmap threshold every time a mapped block is freed (up to 32 MB); after the
+///   first batches, every batch buffer came from the heap and stayed there, fragmented (a 20,000
+///   document backlog peaked at 278 MB, the heaviest documents at 418 MB). A fixed threshold of
+///   128 KiB turns that off: large buffers are mapped and given back when freed (115 and 129 MB,
+///   at the same throughput), and the heap is trimmed once 1 MiB is free at its top.
+///
+/// An operator's `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or
+/// `GLIBC_TUNABLES` wins. Called before any thread exists.
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a parameter of the allocator; no other thread runs yet.
+    {
+        let set = |name: &str| std::env::var_os(name).is_some();
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        // SAFETY: mallopt only sets parameters of the allocator; no other thread runs yet.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+            if !set("MALLOC_ARENA_MAX") && !tunables.contains("glibc.malloc.arena_max") {
+                libc::mallopt(libc::M_ARENA_MAX, 2);
+            }
+            if !set("MALLOC_MMAP_THRESHOLD_") && !tunables.contains("glibc.malloc.mmap_threshold") {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+            }
+            if !set("MALLOC_TRIM_THRESHOLD_") && !tunables.contains("glibc.malloc.trim_threshold") {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024);
+            }
         }
     }
 }
