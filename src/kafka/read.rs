@@ -61,11 +61,12 @@ pub fn watermarks_of(consumer: &BaseConsumer, topic: &str, partition: i32, wait:
 }
 
 /// First offset of each partition with a timestamp at or after `ts_ms`; the high watermark where no
-/// record is that late.
+/// record is that late. A time before the epoch means every record (librdkafka refuses a negative
+/// time: a decision stamped near 0 made the monitor's start fail).
 pub fn offsets_at(consumer: &BaseConsumer, topic: &str, partitions: &BTreeMap<i32, (i64, i64)>, ts_ms: i64) -> Result<BTreeMap<i32, i64>, KafkaError> {
     let mut q = TopicPartitionList::new();
     for p in partitions.keys() {
-        q.add_partition_offset(topic, *p, Offset::Offset(ts_ms)).map_err(KafkaError::broker(format!("offsets-for-times on {topic}")))?;
+        q.add_partition_offset(topic, *p, Offset::Offset(ts_ms.max(0))).map_err(KafkaError::broker(format!("offsets-for-times on {topic}")))?;
     }
     let found = consumer.offsets_for_times(q, Duration::from_secs(30)).map_err(KafkaError::broker(format!("offsets-for-times on {topic}")))?;
     Ok(found

@@ -68,6 +68,11 @@ impl Changelog {
         let tolerance = cfg.kafka.outage_tolerance_ms;
         let mut pc = kafka::producer_config_with(brokers, &cfg.kafka.librdkafka, tolerance);
         pc.set("transactional.id", format!("{topic}.writer")).set("transaction.timeout.ms", tolerance.to_string());
+        // a transaction's first request may meet CONCURRENT_TRANSACTIONS while the broker finishes
+        // the one before; retry it after 5 ms rather than librdkafka's 100 ms (as the infer stage does)
+        if !cfg.kafka.librdkafka.contains_key("retry.backoff.ms") {
+            pc.set("retry.backoff.ms", "5");
+        }
         let producer: FutureProducer = pc.create().map_err(KafkaError::client("the changelog producer"))?;
         let mut cc = kafka::client_config(brokers, &cfg.kafka.librdkafka);
         cc.set("group.id", &group)
@@ -135,11 +140,26 @@ impl Changelog {
                 }
             }
         }
+        // Every delivery report before the commit: rust-rdkafka's commit_transaction flushes first,
+        // and with records in flight that flush waits in 100 ms rounds (src/infer/txn.rs; measured
+        // with benches/throughput.rs: the monitor's batches took over 100 ms each). A record the
+        // broker refused aborts the transaction.
+        let delivered = match kafka::wait_deliveries(futures) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = self.producer.abort_transaction(Duration::from_secs(30));
+                return Err(MonitorError::Delivery(e));
+            }
+        };
+        // the producer's thread releases the last report a moment after its future resolved
+        let settle = std::time::Instant::now();
+        while self.producer.in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(200) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if let Err(e) = self.producer.commit_transaction(Duration::from_secs(60)) {
             let _ = self.producer.abort_transaction(Duration::from_secs(30));
             return Err(err(e));
         }
-        let delivered = kafka::wait_deliveries(futures).map_err(MonitorError::Delivery)?;
         Ok(delivered.iter().map(|d| d.offset + 1).max())
     }
 

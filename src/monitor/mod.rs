@@ -202,7 +202,7 @@ impl MonitorStage {
                 if !state.rollout.rollouts.is_empty() {
                     tracing::info!(rollouts = state.rollout.rollouts.len(), "rollout state restored from the decisions topic");
                 }
-                self.commands_from = answered.map(|t| t - 60_000);
+                self.commands_from = answered.map(|t| t.saturating_sub(60_000).max(0));
             }
         }
         // after a restart no partition counts as idle until it has had time to deliver
@@ -433,8 +433,11 @@ impl MonitorStage {
                 self.view.refresh(&mut view_published, &self.state, frontier);
                 continue;
             }
+            let (inputs, started) = (n, std::time::Instant::now());
             let outbox = self.commit(consumed, emitted, dead)?;
+            let (outputs, committed) = (outbox.len(), started.elapsed());
             self.publish(outbox)?;
+            tracing::debug!(inputs, outputs, commit_ms = committed.as_secs_f64() * 1e3, publish_ms = (started.elapsed() - committed).as_secs_f64() * 1e3, "monitor batch");
             self.view.refresh(&mut view_published, &self.state, frontier);
         }
         Ok(())

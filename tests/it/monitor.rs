@@ -639,3 +639,20 @@ async fn fifty_thousand_pending_feedbacks_are_held_one_key_each_and_resolve_as_o
     let store = payslip_stream::state::RocksStateStore::open(dir.path()).unwrap();
     assert_eq!(store.scan_raw(payslip_stream::state::CF_PENDING_FEEDBACK).unwrap().len(), 0);
 }
+
+/// A monitor that rebuilds its rollouts from the decisions topic reads commands from a minute
+/// before the last answered one. A decision stamped near the epoch made that a negative time, which
+/// librdkafka refuses: the stage did not start. A time before the epoch now means "from the start".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_before_the_epoch_positions_a_reader_at_the_start_of_each_partition() {
+    use rdkafka::consumer::BaseConsumer;
+    let cfg = isolated_config("epoch-offsets").await;
+    let topic = &cfg.topics.commands;
+    produce_raw(topic, (0..6).map(|i| (format!("k{i}"), b"{}".to_vec(), vec![])).collect()).await;
+    let c: BaseConsumer = payslip_stream::kafka::reader_config(&brokers(), &unique("epoch-reader"), &Default::default()).create().unwrap();
+    let marks = payslip_stream::kafka::read::watermarks(&c, topic, Duration::from_secs(10)).unwrap();
+    assert_eq!(marks.values().map(|(lo, hi)| hi - lo).sum::<i64>(), 6);
+    for (&p, &(lo, _)) in &marks {
+        assert_eq!(payslip_stream::kafka::read::offset_at(&c, topic, p, -60_000).unwrap(), lo, "partition {p}");
+    }
+}
