@@ -76,25 +76,37 @@ pub fn classifier_features_into<'a>(pieces: impl IntoIterator<Item = &'a str>, o
 fn sample(raster: &Raster, out_w: usize, out_h: usize, cols: usize, mut put: impl FnMut(usize, usize, f32)) -> Result<(), RasterError> {
     raster.check_size()?;
     let (w, h) = (raster.width as usize, raster.height as usize);
-    let cols = cols.min(out_w);
+    let cols = cols.min(out_w).min(MAX_SAMPLED_COLS);
+    // the source column of each output column, computed once per raster rather than once per row
+    // (the division per pixel was most of the text model's preprocessing)
+    let mut source = [0usize; MAX_SAMPLED_COLS];
+    for (x, s) in source[..cols].iter_mut().enumerate() {
+        *s = (x * w / out_w).min(w - 1);
+    }
+    let source = &source[..cols];
     for y in 0..out_h {
         let row = (y * h / out_h).min(h - 1) * w;
         match raster.encoding {
             // the common case without a per-pixel check
             crate::document::RasterEncoding::GRAY8 => {
-                for x in 0..cols {
-                    put(x, y, raster.pixels[row + (x * w / out_w).min(w - 1)] as f32 / 255.0);
+                let pixels = &raster.pixels[row..row + w];
+                for (x, &s) in source.iter().enumerate() {
+                    put(x, y, pixels[s] as f32 / 255.0);
                 }
             }
             crate::document::RasterEncoding::GRAYF32LE => {
-                for x in 0..cols {
-                    put(x, y, raster.intensity_at(row + (x * w / out_w).min(w - 1))?);
+                for (x, &s) in source.iter().enumerate() {
+                    put(x, y, raster.intensity_at(row + s)?);
                 }
             }
         }
     }
     Ok(())
 }
+
+/// The most output columns [`sample`] produces: a text line's glyph cells (a page has fewer).
+const MAX_SAMPLED_COLS: usize = MAX_LINE_CHARS * GLYPH_W;
+const _: () = assert!(PAGE_RASTER_W <= MAX_SAMPLED_COLS);
 
 /// Length of one table detection input.
 pub const PAGE_TENSOR_LEN: usize = PAGE_RASTER_W * PAGE_RASTER_H;

@@ -115,9 +115,12 @@ pub fn session_for(cfg: &InferenceConfig, model: &str, bytes: &[u8]) -> Result<P
         let dispatch = match p {
             Provider::Tensorrt => TensorRT::default().build().error_on_failure(),
             Provider::Cuda => CUDA::default().build().error_on_failure(),
-            // no CPU arena: what a run allocates goes back to the process allocator afterwards
-            // instead of staying reserved for the largest batch ever seen
-            Provider::Cpu => CPU::default().with_arena_allocator(false).build().error_on_failure(),
+            // The CPU arena keeps a run's intermediate values for the next run. Without it each run
+            // took its ~4.6 MB buffers from glibc, which (with the binary's fixed mmap threshold,
+            // src/main.rs) maps them and gives them back: a quarter of the stage's CPU went to page
+            // faults. With it, a 20,000-document backlog peaks at the same ~115 MB and costs 0.56
+            // instead of 0.89 ms of CPU per document (BENCHMARKS.md, "Allocator").
+            Provider::Cpu => CPU::default().with_arena_allocator(true).build().error_on_failure(),
         };
         let built = (|| -> ort::Result<Session> {
             // The batch axis varies with every batch (documents, pages, lines): memory patterns are
