@@ -10,11 +10,20 @@
 //!    20 documents/s, each document timed from its `submitted_at` (set when it is produced) until a
 //!    `read_committed` reader sees its result: p50/p95/p99.
 //!
+//! 5. **peers** (benches/peers/): a plain Python worker (confluent-kafka, fastavro, numpy,
+//!    onnxruntime) on the same documents; then the monitor stage (the real binary, as a child
+//!    process) and a Quix Streams tumbling-window app, each on the results the plain run wrote:
+//!    docs or results per second, CPU per document, peak RSS, and the ratios.
+//!
+//!   scripts/setup --bench          # the peers' virtual environment (Quix Streams, fastavro)
 //!   scripts/kafka start
-//!   eval "$(scripts/env)"; PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 cargo run --release --example throughput
+//!   eval "$(scripts/env)"; cargo build --release
+//!   PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 cargo run --release --example throughput
 //!
 //! Environment: `BENCH_DOCS` (default 5000), `BENCH_BATCH` (default from pipelines/payslip.yaml),
-//! `BENCH_LATENCY_S` (seconds of each fixed-load run, default 20). Prints one JSON object, with the
+//! `BENCH_LATENCY_S` (seconds of each fixed-load run, default 20), `BENCH_PEERS=0` (skip the
+//! peers), `BENCH_PYTHON` (the peers' interpreter, default the `scripts/setup --bench` one),
+//! `BENCH_MONITOR_COPIES` (the monitor's input: this many copies of the end-to-end results, default 10). Prints one JSON object, with the
 //! build it ran in; BENCHMARKS.md records the figures.
 
 use std::{
@@ -36,6 +45,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 #[path = "support.rs"]
 mod support;
+#[path = "peers/mod.rs"]
+mod peers;
 use support::publish_split;
 
 /// CPU time of this process (user + system) so far, seconds.
@@ -124,11 +135,32 @@ fn main() {
             handle.await.expect("join").expect("stage");
             // (the topic's offsets also hold the transactions' commit markers: count the stage's results)
             assert_eq!(counters.results.load(std::sync::atomic::Ordering::Relaxed), n as u64, "one result per document");
-            (s, cpu)
+            (s, cpu, prefix)
         })
     };
-    let (e2e_s, e2e_cpu) = e2e(None);
-    let (split_s, _) = e2e(Some(50.0));
+    let (e2e_s, e2e_cpu, e2e_prefix) = e2e(None);
+    let (split_s, _, _) = e2e(Some(50.0));
+    // 5. the peers, on the same broker: a Python worker on the same documents, then the monitor
+    //    stage and a Quix Streams window app on the results the plain run wrote
+    let e2e_topics = base_topics.clone().with_prefix(&e2e_prefix);
+    let peers = std::env::var("BENCH_PEERS").map(|v| v != "0").unwrap_or(true);
+    let (python, monitor, quix) = if peers {
+        let python = peers::python_worker(&rt, &cfg, &brokers, &e2e_topics, n);
+        let copies: usize = std::env::var("BENCH_MONITOR_COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+        let (mon_prefix, results) = peers::monitor_input(&rt, &cfg, &brokers, &e2e_topics, copies);
+        let mon_topics = base_topics.clone().with_prefix(&mon_prefix);
+        (
+            python,
+            peers::monitor_stage(&brokers, &mon_prefix, results),
+            peers::quix_window(&brokers, &mon_topics, &mon_prefix, results, cfg.monitor.window_size_ms),
+        )
+    } else {
+        (serde_json::Value::Null, serde_json::Value::Null, serde_json::Value::Null)
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => serde_json::json!((a / b * 100.0).round() / 100.0),
+        _ => serde_json::Value::Null,
+    };
     let max_rate = n as f64 / e2e_s;
     let latency_s: f64 = std::env::var("BENCH_LATENCY_S").ok().and_then(|v| v.parse().ok()).unwrap_or(20.0);
     let half = latency(&rt, &cfg, &brokers, registry.clone(), (max_rate / 2.0).round(), latency_s);
@@ -152,6 +184,11 @@ fn main() {
         "latency_at_20_per_s": low,
         "end_to_end_canary_50pct_docs_per_s": (n as f64 / split_s).round(),
         "canary_50pct_over_end_to_end": ((e2e_s / split_s) * 1000.0).round() / 1000.0,
+        "python_worker": python,
+        "end_to_end_over_python_worker": ratio(Some(n as f64 / e2e_s), python["docs_per_s"].as_f64()),
+        "monitor_stage": monitor,
+        "quix_streams_window": quix,
+        "monitor_over_quix_streams": ratio(monitor["results_per_s"].as_f64(), quix["results_per_s"].as_f64()),
         "cpus": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
         "peak_rss_mb": peak_rss_mb(),
     });
