@@ -219,7 +219,10 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
     while !counters.ready.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let opts = ProduceOptions { brokers: brokers.to_string(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough: Default::default() };
+    // the load generator sends each document as it is due (no linger): its own batching delay is
+    // not the stage's latency
+    let passthrough = [("linger.ms".to_string(), "0".to_string())].into();
+    let opts = ProduceOptions { brokers: brokers.to_string(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough };
     let producer = rt.spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 17, start: 0, count, golden_fraction: 1.0, pool: Some(256) }).await });
     let mut lat: Vec<f64> = Vec::with_capacity(count as usize);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds + 120.0);

@@ -154,6 +154,11 @@ impl InferStage {
             if !cfg.kafka.librdkafka.contains_key("retry.backoff.ms") {
                 pc.set("retry.backoff.ms", "5");
             }
+            // A batch's records are all enqueued at once and its commit waits for their delivery
+            // reports: lingering (5 ms for other producers) only delayed every batch.
+            if !cfg.kafka.librdkafka.contains_key("linger.ms") {
+                pc.set("linger.ms", "0");
+            }
         }
         let producer = kafka::stats::producer_with_stats(pc, self.counters.producer_stats.clone(), "the infer producer")?;
 

@@ -73,6 +73,10 @@ impl Changelog {
         if !cfg.kafka.librdkafka.contains_key("retry.backoff.ms") {
             pc.set("retry.backoff.ms", "5");
         }
+        // a batch's records are enqueued at once and waited for: lingering only delays the batch
+        if !cfg.kafka.librdkafka.contains_key("linger.ms") {
+            pc.set("linger.ms", "0");
+        }
         let producer: FutureProducer = pc.create().map_err(KafkaError::client("the changelog producer"))?;
         let mut cc = kafka::client_config(brokers, &cfg.kafka.librdkafka);
         cc.set("group.id", &group)
