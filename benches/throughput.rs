@@ -23,7 +23,8 @@
 //! Environment: `BENCH_DOCS` (default 5000), `BENCH_BATCH` (default from pipelines/payslip.yaml),
 //! `BENCH_LATENCY_S` (seconds of each fixed-load run, default 20), `BENCH_PEERS=0` (skip the
 //! peers), `BENCH_PYTHON` (the peers' interpreter, default the `scripts/setup --bench` one),
-//! `BENCH_MONITOR_COPIES` (the monitor's input: this many copies of the end-to-end results, default 10). Prints one JSON object, with the
+//! `BENCH_MONITOR_COPIES` (the monitor's input: this many copies of the end-to-end results, default 10),
+//! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`). Prints one JSON object, with the
 //! build it ran in; BENCHMARKS.md records the figures.
 
 use std::{
@@ -80,6 +81,9 @@ fn main() {
     let mut cfg = PipelineConfig::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/payslip.yaml"))).expect("config");
     if let Some(b) = std::env::var("BENCH_BATCH").ok().and_then(|v| v.parse().ok()) {
         cfg.batching.max_batch = b;
+    }
+    if let Some(ms) = std::env::var("BENCH_COMMIT_INTERVAL_MS").ok().and_then(|v| v.parse().ok()) {
+        cfg.kafka.commit_interval_ms = ms;
     }
     let gen = Generator::new(GeneratorConfig { seed: 606, ..Default::default() });
     let docs: Vec<PayslipDocument> = (0..n as u64).map(|i| gen.document(i).document).collect();
@@ -169,6 +173,7 @@ fn main() {
         "documents": n,
         "avg_document_bytes_avro": avg_bytes,
         "max_batch": cfg.batching.max_batch,
+        "commit_interval_ms": cfg.kafka.commit_interval_ms,
         "provider": provider,
         "build": if cfg!(debug_assertions) { "dev profile (this crate and its per-document dependencies at opt-level 2)" } else { "release" },
         "onnxruntime_alone_docs_per_s": (n as f64 / ort_s).round(),

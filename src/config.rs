@@ -224,6 +224,14 @@ pub struct KafkaConfig {
     /// died and does not return (one that returns with its instance id aborts it at once).
     #[serde(default)]
     pub transaction_timeout_ms: Option<u64>,
+    /// Exactly once: how long one transaction of the infer stage may go on taking batches, ms
+    /// (Kafka Streams' `commit.interval.ms`). 0 (the default): one transaction per batch. Longer:
+    /// a busy stage commits the batches of an interval together, paying a transaction's round
+    /// trips once for all of them, while their results become visible to `read_committed` readers
+    /// up to this much later. An idle stage (no batch in flight, nothing fetched) commits at once
+    /// whatever the interval.
+    #[serde(default)]
+    pub commit_interval_ms: u64,
     /// This process's stable identity in the infer group (`group.instance.id`, static membership:
     /// a restarted process gets its partitions back at once) and in its transactional id. Default:
     /// the host name. Processes of one group on one host need distinct values
@@ -326,6 +334,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("librdkafka", &passthrough)
             .field("outage_tolerance_ms", &self.outage_tolerance_ms)
             .field("transaction_timeout_ms", &self.transaction_timeout_ms)
+            .field("commit_interval_ms", &self.commit_interval_ms)
             .field("processing_guarantee", &self.processing_guarantee)
             .field("instance_id", &self.instance_id)
             .field("static_membership", &self.static_membership)
@@ -388,6 +397,9 @@ impl KafkaConfig {
         }
         if let Some(t) = self.transaction_timeout_ms.filter(|t| *t < 1_000 || *t > self.outage_tolerance_ms) {
             return Err(invalid("kafka.transaction_timeout_ms", format!("is {t}; use 1000 to kafka.outage_tolerance_ms ({})", self.outage_tolerance_ms)));
+        }
+        if self.commit_interval_ms > 10_000 || self.commit_interval_ms * 2 > self.transaction_timeout_ms() {
+            return Err(invalid("kafka.commit_interval_ms", format!("is {}; use 0 to 10000, and at most half of the transaction timeout ({} ms)", self.commit_interval_ms, self.transaction_timeout_ms())));
         }
         if self.outage_tolerance_ms < 10_000 || self.outage_tolerance_ms > 900_000 {
             return Err(invalid("kafka.outage_tolerance_ms", format!("is {}; use 10000 to 900000 (the broker's default transaction.max.timeout.ms)", self.outage_tolerance_ms)));

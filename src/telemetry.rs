@@ -37,6 +37,9 @@ pub struct InferCounters {
     pub offsets_stored: AtomicU64,
     /// payslip_infer_transactions_aborted_total (exactly once: batches rolled back and read again)
     pub transactions_aborted: AtomicU64,
+    /// payslip_infer_transactions_committed_total (exactly once: one per batch, or one per commit
+    /// interval while the stage is busy)
+    pub transactions_committed: AtomicU64,
     /// Memory and CPU of this process, sampled once per batch.
     pub process: ProcessSampler,
     /// Model time of answered documents, microseconds (sum over each document's model outputs).
@@ -154,6 +157,7 @@ impl InferCounters {
             dead_letters_by_class: dl.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             batches: self.batches.load(Ordering::Relaxed),
             transactions_aborted: self.transactions_aborted.load(Ordering::Relaxed),
+            transactions_committed: self.transactions_committed.load(Ordering::Relaxed),
         }
     }
 }
@@ -169,4 +173,7 @@ pub struct InferSummary {
     pub batches: u64,
     /// Exactly once: batches whose transaction was aborted and that were read again.
     pub transactions_aborted: u64,
+    /// Exactly once: transactions committed (fewer than batches when a busy stage commits the
+    /// batches of a `kafka.commit_interval_ms` together).
+    pub transactions_committed: u64,
 }

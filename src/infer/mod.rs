@@ -232,6 +232,10 @@ impl InferStage {
         let mut stopping = false;
         let mut failure: Option<StageError> = None;
         let mut aborted_once: std::collections::HashSet<(String, i32, i64)> = Default::default();
+        // exactly once: the transaction being filled, and the first offset of each partition in it
+        let mut open: Option<txn::OpenTxn> = None;
+        let mut open_starts: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let commit_interval = Duration::from_millis(cfg.kafka.commit_interval_ms);
 
         // Batches in flight, oldest first: at most PIPELINE_DEPTH, published strictly in order.
         let mut inflight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
@@ -354,17 +358,36 @@ impl InferStage {
                 for p in processed.iter().filter(|p| p.abort_once) {
                     inject_abort |= aborted_once.insert((p.topic.clone(), p.partition, p.offset));
                 }
-                match txn::commit_batch(&producer, &consumer, cfg, processed, inject_abort).await {
-                    Ok((results, with_error, _dead)) => {
+                let added = txn::add_batch(&producer, &consumer, cfg, &mut open, processed, inject_abort).await;
+                for (k, first) in &oldest.starts {
+                    let e = open_starts.entry(k.clone()).or_insert(*first);
+                    *e = (*e).min(*first);
+                }
+                // Commit when no batch would join the transaction soon (nothing in flight: the
+                // stage is idle, results are not held back), when the commit interval has passed
+                // since it began (0: after every batch), or when stopping.
+                let outcome = match added {
+                    Err(f) => Err(f),
+                    Ok(()) if inflight.is_empty() || stopping || open.as_ref().is_some_and(|t| t.age() >= commit_interval) => {
+                        let txn = open.take().expect("a batch was just added");
+                        txn::commit(&producer, &consumer, cfg, txn).await.map(Some)
+                    }
+                    Ok(()) => Ok(None),
+                };
+                match outcome {
+                    Ok(None) => {}
+                    Ok(Some((results, with_error, _dead))) => {
+                        open_starts.clear();
                         if self.counters.offsets_stored.load(Ordering::Relaxed) == 0 {
                             tracing::info!(since_start_ms = step(started), "first batch committed");
                         }
                         self.counters.results.fetch_add(results, Ordering::Relaxed);
                         self.counters.results_with_error.fetch_add(with_error, Ordering::Relaxed);
                         self.counters.offsets_stored.fetch_add(1, Ordering::Relaxed);
+                        self.counters.transactions_committed.fetch_add(1, Ordering::Relaxed);
                     }
-                    // nothing of the batch is visible and the consumer is back at its start; the
-                    // batches read after it are dropped unpublished and read again too
+                    // nothing of the transaction is visible and the consumer is back at its start;
+                    // the batches read after it are dropped unpublished and read again too
                     Err(txn::TxnFailure::Aborted(_)) => {
                         self.counters.transactions_aborted.fetch_add(1, Ordering::Relaxed);
                         let mut later: BTreeMap<(String, i32), i64> = BTreeMap::new();
@@ -375,8 +398,9 @@ impl InferStage {
                                 *e = (*e).min(first);
                             }
                         }
-                        // partitions the aborted batch had were rewound to its start already
-                        later.retain(|k, _| !oldest.starts.contains_key(k));
+                        // partitions the aborted transaction had were rewound to its start already
+                        later.retain(|k, _| !open_starts.contains_key(k));
+                        open_starts.clear();
                         txn::rewind_to(&consumer, &later);
                     }
                     Err(txn::TxnFailure::Fatal(e)) => {
@@ -413,10 +437,16 @@ impl InferStage {
             }
             self.log_progress(&mut last_log);
         }
-        // batches still in flight after a failure are neither published nor acknowledged: their
-        // documents are read again (after a restart, or by the partitions' next owner)
+        // batches still in flight after a failure are neither published nor acknowledged, and a
+        // transaction still open is aborted: their documents are read again (after a restart, or
+        // by the partitions' next owner)
         for f in inflight.drain(..) {
             let _ = f.handle.await;
+        }
+        if let Some(txn) = open.take() {
+            if let txn::TxnFailure::Fatal(e) = txn::abort(&producer, &consumer, txn, "the stage stopped with the transaction open") {
+                failure = failure.or(Some(StageError::Kafka(e)));
+            }
         }
         self.counters.ready.store(false, Ordering::Relaxed);
         lag_watch.stop().await;

@@ -1,20 +1,22 @@
-//! Exactly-once hand-off (`kafka.processing_guarantee: exactly_once`): one Kafka transaction per
-//! batch holds the batch's results, its dead letters and the group's next input offsets, the way
-//! Kafka Streams' `exactly_once_v2` commits a task. Either all of it becomes visible to
-//! `read_committed` readers and the group moves past the batch, or none of it does.
+//! Exactly-once hand-off (`kafka.processing_guarantee: exactly_once`): one Kafka transaction holds
+//! the results, dead letters and the group's next input offsets of one batch, or of every batch
+//! published within `kafka.commit_interval_ms` while the stage stays busy, the way Kafka Streams'
+//! `exactly_once_v2` commits a task each `commit.interval.ms`. Either all of it becomes visible to
+//! `read_committed` readers and the group moves past those batches, or none of it does.
 //!
 //! The transactional id is `<infer group>.<instance id>`: a restarted process (same instance id)
 //! aborts whatever its predecessor left open as it initialises, and the group generation sent with
 //! the offsets fences a process that lost its partitions in a rebalance (KIP-447).
 //!
-//! Order within a batch: begin, queue every record, add the offsets, wait for every record's
-//! delivery report (a refused record makes the transaction abortable), commit. Waiting for the
+//! Order: begin (with the first batch), queue every record of each batch, then at the commit add
+//! the offsets, wait for every record's delivery report (a refused record makes the transaction
+//! abortable), commit. Waiting for the
 //! reports before the commit is what keeps a transaction short: rust-rdkafka's commit flushes
 //! first and, with records still in flight, waits in 100 ms rounds (BENCHMARKS.md, "Transactions").
 //!
 //! A transaction that must be aborted (a rebalance took a partition, the broker was away longer
-//! than `kafka.transaction_timeout_ms`) is aborted and the consumer rewinds to the batch's first
-//! offsets, so the batch is processed again by whoever owns its partitions; a fatal error (fenced by
+//! than `kafka.transaction_timeout_ms`) is aborted and the consumer rewinds to the first offsets of
+//! every batch in it, so they are processed again by whoever owns its partitions; a fatal error (fenced by
 //! a newer process with the same instance id) stops the stage.
 //!
 //! `kafka.transaction_timeout_ms` (default: the outage tolerance, 10 minutes) bounds how long
@@ -82,42 +84,92 @@ pub(super) fn init(producer: &super::InferProducer, tolerance: Duration) -> Resu
     }
 }
 
-/// Publishes `processed` and moves the group past its offsets in one transaction. Returns the
-/// number of results, results with an error, and dead letters committed.
-pub(super) async fn commit_batch(
+/// The transaction the stage is filling: begun with its first batch, committed when the stage
+/// goes idle, when `kafka.commit_interval_ms` has passed since it began (0: after every batch), or
+/// when the stage stops.
+pub(super) struct OpenTxn {
+    /// First and next offset per input partition, over every batch in it.
+    span: BTreeMap<(String, i32), (i64, i64)>,
+    /// Each record's delivery report, with its topic and whether it is a result (with an error).
+    deliveries: Vec<(rdkafka::producer::DeliveryFuture, String, bool, bool)>,
+    began: std::time::Instant,
+    batches: usize,
+    /// A batch in it holds a `fault-txn-abort` message not aborted before.
+    inject_abort: bool,
+}
+
+impl OpenTxn {
+    /// How long ago it began.
+    pub(super) fn age(&self) -> Duration {
+        self.began.elapsed()
+    }
+}
+
+/// Sends a batch's records in the open transaction, beginning one when none is open. On failure
+/// the transaction (with every batch in it) is aborted and the consumer rewound to its start.
+pub(super) async fn add_batch(
     producer: &super::InferProducer,
     consumer: &super::InferConsumer,
     cfg: &PipelineConfig,
+    open: &mut Option<OpenTxn>,
     processed: Vec<Processed>,
     inject_abort: bool,
-) -> Result<(u64, u64, u64), TxnFailure> {
-    // first and next offset per input partition of the batch
-    let mut span: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
+) -> Result<(), TxnFailure> {
+    let fresh = open.is_none();
+    let txn = open.get_or_insert_with(|| OpenTxn { span: BTreeMap::new(), deliveries: Vec::new(), began: std::time::Instant::now(), batches: 0, inject_abort: false });
     for p in &processed {
-        let e = span.entry((p.topic.clone(), p.partition)).or_insert((p.offset, p.offset + 1));
+        let e = txn.span.entry((p.topic.clone(), p.partition)).or_insert((p.offset, p.offset + 1));
         e.0 = e.0.min(p.offset);
         e.1 = e.1.max(p.offset + 1);
     }
-    let outcome = match tokio::task::block_in_place(|| producer.begin_transaction()) {
-        Ok(()) => publish(producer, consumer, cfg, processed, &span, inject_abort).await,
-        // e.g. the abort of an earlier batch did not complete while the broker was away
-        Err(e) => Err(classify("beginning a transaction", e)),
-    };
-    match outcome {
-        Ok(counts) => Ok(counts),
-        Err(TxnFailure::Fatal(e)) => Err(TxnFailure::Fatal(e)),
-        Err(TxnFailure::Aborted(e)) => {
-            tracing::warn!(error = %e, "aborting the batch's transaction; its documents are read again");
-            if let Err(a) = tokio::task::block_in_place(|| producer.abort_transaction(CALL_TIMEOUT)) {
-                if is_fatal(&a) {
-                    return Err(TxnFailure::Fatal(wrap("aborting a transaction", a)));
-                }
-                tracing::warn!(error = %a, "abort did not complete; the broker aborts the transaction when it times out");
-            }
-            rewind(consumer, &span);
-            Err(TxnFailure::Aborted(e))
+    txn.batches += 1;
+    txn.inject_abort |= inject_abort;
+    if fresh {
+        if let Err(e) = tokio::task::block_in_place(|| producer.begin_transaction()) {
+            // e.g. the abort of an earlier batch did not complete while the broker was away
+            let txn = open.take().expect("just opened");
+            return Err(abandon(producer, consumer, txn, classify("beginning a transaction", e)));
         }
     }
+    for p in processed {
+        match send(producer, cfg, p).await {
+            Ok((fut, topic, p)) => txn.deliveries.push((fut, topic, p.out.is_result, p.out.has_error)),
+            Err(e) => {
+                let txn = open.take().expect("open");
+                return Err(abandon(producer, consumer, txn, TxnFailure::Aborted(e)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves the group past the open transaction's offsets and commits it. Returns the number of
+/// results, results with an error, and dead letters committed. On failure it is aborted and the
+/// consumer rewound to its start.
+pub(super) async fn commit(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, mut txn: OpenTxn) -> Result<(u64, u64, u64), TxnFailure> {
+    match finish(producer, consumer, cfg, &mut txn).await {
+        Ok(counts) => Ok(counts),
+        Err(e) => Err(abandon(producer, consumer, txn, e)),
+    }
+}
+
+/// Aborts an open transaction (the stage stops before it could commit) and rewinds the consumer.
+pub(super) fn abort(producer: &super::InferProducer, consumer: &super::InferConsumer, txn: OpenTxn, why: &str) -> TxnFailure {
+    abandon(producer, consumer, txn, TxnFailure::Aborted(KafkaError::Timeout { what: why.to_string(), seconds: 0 }))
+}
+
+/// Aborts `txn` and rewinds the consumer to its start (an aborted failure), or passes a fatal one on.
+fn abandon(producer: &super::InferProducer, consumer: &super::InferConsumer, txn: OpenTxn, failure: TxnFailure) -> TxnFailure {
+    let TxnFailure::Aborted(e) = failure else { return failure };
+    tracing::warn!(error = %e, batches = txn.batches, "aborting the transaction; its documents are read again");
+    if let Err(a) = tokio::task::block_in_place(|| producer.abort_transaction(CALL_TIMEOUT)) {
+        if is_fatal(&a) {
+            return TxnFailure::Fatal(wrap("aborting a transaction", a));
+        }
+        tracing::warn!(error = %a, "abort did not complete; the broker aborts the transaction when it times out");
+    }
+    rewind(consumer, &txn.span);
+    TxnFailure::Aborted(e)
 }
 
 fn classify(what: &str, e: RdKafkaError) -> TxnFailure {
@@ -128,26 +180,14 @@ fn classify(what: &str, e: RdKafkaError) -> TxnFailure {
     }
 }
 
-async fn publish(
-    producer: &super::InferProducer,
-    consumer: &super::InferConsumer,
-    cfg: &PipelineConfig,
-    processed: Vec<Processed>,
-    span: &BTreeMap<(String, i32), (i64, i64)>,
-    inject_abort: bool,
-) -> Result<(u64, u64, u64), TxnFailure> {
-    let mut futures = Vec::with_capacity(processed.len());
-    for p in processed {
-        let (fut, topic, p) = send(producer, cfg, p).await.map_err(TxnFailure::Aborted)?;
-        futures.push((fut, topic, p.out.is_result, p.out.has_error));
-    }
+async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, txn: &mut OpenTxn) -> Result<(u64, u64, u64), TxnFailure> {
     let mut offsets = TopicPartitionList::new();
-    for ((topic, partition), (_, next)) in span {
+    for ((topic, partition), (_, next)) in &txn.span {
         offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|e| TxnFailure::Aborted(wrap("offsets", e)))?;
     }
     let group = consumer.group_metadata().ok_or_else(|| TxnFailure::Aborted(KafkaError::Timeout { what: "the infer consumer's group membership (no group metadata yet)".into(), seconds: 0 }))?;
     tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)).map_err(|e| classify("sending the batch's offsets to its transaction", e))?;
-    if inject_abort {
+    if txn.inject_abort {
         // everything is sent, only the commit is missing: the latest point an abort can come
         return Err(TxnFailure::Aborted(KafkaError::Timeout { what: "the batch (fault-txn-abort injected an abort)".into(), seconds: 0 }));
     }
@@ -156,7 +196,7 @@ async fn publish(
     // thread serves, waiting 100 ms per round (most of every batch before this ordering: measured
     // with benches/throughput.rs). A record the broker refused makes the transaction abortable.
     let (mut results, mut with_error, mut dead) = (0, 0, 0);
-    for (fut, topic, is_result, has_error) in futures {
+    for (fut, topic, is_result, has_error) in txn.deliveries.drain(..) {
         crate::kafka::delivered(fut, &topic).await.map_err(TxnFailure::Aborted)?;
         if is_result {
             results += 1;

@@ -74,6 +74,7 @@ impl Collector for Figures {
             counter(&mut enc, "payslip_infer_results_with_error", "Results whose error_code is set.", snap.results_with_error)?;
             counter(&mut enc, "payslip_infer_batches", "Batches processed.", snap.batches)?;
             counter(&mut enc, "payslip_infer_transactions_aborted", "Exactly once: batch transactions aborted and read again.", snap.transactions_aborted)?;
+            counter(&mut enc, "payslip_infer_transactions_committed", "Exactly once: transactions committed (one per batch, or per commit interval while busy).", snap.transactions_committed)?;
             {
                 let m = enc.encode_descriptor("payslip_infer_inference_seconds", "Model time of the documents answered (sum over each document's model outputs).", None, MetricType::Counter)?;
                 ConstCounter::new(c.inference_us.load(Ordering::Relaxed) as f64 / 1e6).encode(m)?;

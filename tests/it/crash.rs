@@ -237,7 +237,48 @@ impl Run {
 /// consumer's queue when the abort comes, others arrive afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_transactions_are_processed_again_with_one_answer_per_message() {
-    let mut cfg = isolated_config("txn-abort").await;
+    aborted_transactions("txn-abort", 0).await;
+}
+
+/// The same with `kafka.commit_interval_ms`: a busy stage commits several batches in one
+/// transaction, so an abort rolls back and re-reads every batch of it; still every document has
+/// exactly one result and every bad message one dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_commit_interval_aborted_transactions_of_several_batches_are_processed_again_with_one_answer_per_message() {
+    aborted_transactions("txn-abort-interval", 2_000).await;
+}
+
+/// With `kafka.commit_interval_ms`, a backlog (fetched ahead, so the stage stays busy) is committed
+/// in a few transactions of several batches each, with exactly one result per document. The
+/// interval is long so that this holds however slowly the machine runs the batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_interval_commits_a_backlog_in_few_transactions_with_one_result_per_document() {
+    let mut cfg = isolated_config("txn-interval").await;
+    cfg.kafka.commit_interval_ms = 5_000;
+    let registry = load_registry(&cfg);
+    let gen = Generator::new(GeneratorConfig { seed: 8, ..Default::default() });
+    let n = 320u64;
+    let ct = [("content-type", "application/avro")];
+    produce_raw(&cfg.topics.documents, (0..n).map(|i| (format!("k{}", i % 7), payslip_stream::codec::encode(&gen.document(i).document, WireFormat::Avro).unwrap(), ct.to_vec())).collect()).await;
+    let stage = RunningStage::start(&cfg, registry);
+    let t = cfg.topics.inference.clone();
+    let results = tokio::task::spawn_blocking(move || read_topic(&t, n as usize, Duration::from_secs(120), Duration::from_secs(2))).await.unwrap();
+    let summary = stage.stop().await;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &results {
+        *counts.entry(r.result().document_id).or_default() += 1;
+    }
+    let expected: BTreeSet<String> = (0..n).map(|i| gen.document(i).document.document_id).collect();
+    assert_eq!(counts.keys().cloned().collect::<BTreeSet<_>>(), expected, "every document answered");
+    assert!(counts.values().all(|&c| c == 1), "one result per document");
+    assert_eq!(summary.results, n);
+    assert!(summary.batches >= n / cfg.batching.max_batch as u64, "{summary:?}");
+    assert!(summary.transactions_committed >= 1 && summary.transactions_committed * 3 <= summary.batches, "at least three batches per transaction on average: {summary:?}");
+}
+
+async fn aborted_transactions(name: &str, commit_interval_ms: u64) {
+    let mut cfg = isolated_config(name).await;
+    cfg.kafka.commit_interval_ms = commit_interval_ms;
     cfg.faults.enabled = true;
     let registry = load_registry(&cfg);
     let gen = Generator::new(GeneratorConfig { seed: 7, ..Default::default() });
