@@ -171,7 +171,7 @@ pub struct InferSummary {
     pub dead_letters: u64,
     pub dead_letters_by_class: BTreeMap<String, u64>,
     pub batches: u64,
-    /// Exactly once: batches whose transaction was aborted and that were read again.
+    /// Exactly once: transactions aborted (their batches were read again).
     pub transactions_aborted: u64,
     /// Exactly once: transactions committed (fewer than batches when a busy stage commits the
     /// batches of a `kafka.commit_interval_ms` together).

@@ -10,14 +10,14 @@
 //!
 //! Order: begin (with the first batch), queue every record of each batch, then at the commit add
 //! the offsets, wait for every record's delivery report (a refused record makes the transaction
-//! abortable), commit. Waiting for the
-//! reports before the commit is what keeps a transaction short: rust-rdkafka's commit flushes
-//! first and, with records still in flight, waits in 100 ms rounds (BENCHMARKS.md, "Transactions").
+//! abortable), commit. Waiting for the reports before the commit is what keeps a transaction
+//! short: rust-rdkafka's commit flushes first and, with records still in flight, waits in 100 ms
+//! rounds (BENCHMARKS.md, "Transactions").
 //!
 //! A transaction that must be aborted (a rebalance took a partition, the broker was away longer
 //! than `kafka.transaction_timeout_ms`) is aborted and the consumer rewinds to the first offsets of
-//! every batch in it, so they are processed again by whoever owns its partitions; a fatal error (fenced by
-//! a newer process with the same instance id) stops the stage.
+//! every batch in it, so they are processed again by whoever owns its partitions; a fatal error
+//! (fenced by a newer process with the same instance id) stops the stage.
 //!
 //! `kafka.transaction_timeout_ms` (default: the outage tolerance, 10 minutes) bounds how long
 //! `read_committed` readers wait behind the open transaction of a process that died and does not
@@ -186,7 +186,7 @@ async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer
         offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|e| TxnFailure::Aborted(wrap("offsets", e)))?;
     }
     let group = consumer.group_metadata().ok_or_else(|| TxnFailure::Aborted(KafkaError::Timeout { what: "the infer consumer's group membership (no group metadata yet)".into(), seconds: 0 }))?;
-    tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)).map_err(|e| classify("sending the batch's offsets to its transaction", e))?;
+    tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)).map_err(|e| classify("sending the transaction's input offsets", e))?;
     if txn.inject_abort {
         // everything is sent, only the commit is missing: the latest point an abort can come
         return Err(TxnFailure::Aborted(KafkaError::Timeout { what: "the batch (fault-txn-abort injected an abort)".into(), seconds: 0 }));
@@ -216,8 +216,8 @@ async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer
     loop {
         match tokio::task::block_in_place(|| producer.commit_transaction(CALL_TIMEOUT)) {
             Ok(()) => break,
-            Err(e) if is_retriable(&e) && std::time::Instant::now() < deadline => tracing::warn!(error = %e, "committing the batch's transaction; retrying"),
-            Err(e) => return Err(classify("committing the batch's transaction", e)),
+            Err(e) if is_retriable(&e) && std::time::Instant::now() < deadline => tracing::warn!(error = %e, "committing the transaction; retrying"),
+            Err(e) => return Err(classify("committing the transaction", e)),
         }
     }
     Ok((results, with_error, dead))
