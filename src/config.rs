@@ -542,15 +542,122 @@ pub enum Provider {
     Cpu,
 }
 
-/// What to do when a configured GPU provider cannot be registered.
+impl Provider {
+    /// Whether this is a GPU provider (TensorRT or CUDA).
+    pub fn is_gpu(self) -> bool {
+        !matches!(self, Provider::Cpu)
+    }
+}
+
+/// What to do when no configured GPU provider can be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderFailure {
-    /// Try the next provider in the list (and say so in the log and in each result).
+    /// Run on the providers that registered, CPU at the least (and say so in the log, the model
+    /// status and each result's provider).
     #[default]
     Fallback,
-    /// Refuse to load the model.
+    /// Refuse the model unless a GPU provider registered in its session (TensorRT failing while
+    /// CUDA works is not a failure: CUDA runs).
     Fail,
+}
+
+/// How the CUDA provider's memory arena grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ArenaGrowth {
+    /// Doubles each extension (ONNX Runtime's default): few allocations, up to twice the need.
+    NextPowerOfTwo,
+    /// Extends by what is asked: tighter memory for the varying shapes of a stream.
+    #[default]
+    SameAsRequested,
+}
+
+/// cuDNN's convolution algorithm search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvSearch {
+    /// cuDNN's heuristics: no benchmarking per new shape (the batch axis changes every batch).
+    #[default]
+    Heuristic,
+    /// Benchmarks every algorithm for each new input shape (slow first run of each shape).
+    Exhaustive,
+    /// A fixed default algorithm.
+    Default,
+}
+
+/// Options of the CUDA execution provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CudaConfig {
+    /// GPU ordinal.
+    #[serde(default)]
+    pub device_id: i32,
+    /// Most device memory the provider's arena may take, MiB (0 = no limit).
+    #[serde(default)]
+    pub memory_limit_mb: usize,
+    #[serde(default)]
+    pub arena_extend_strategy: ArenaGrowth,
+    #[serde(default)]
+    pub conv_algorithm_search: ConvSearch,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("all cuda fields have defaults")
+    }
+}
+
+/// Options of the TensorRT execution provider. Its optimisation profile (min/opt/max of each
+/// model's batch axis) is derived from `batching` and `limits`, so engines are built once per
+/// model for every shape the batcher can produce.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorrtConfig {
+    /// Half-precision kernels where TensorRT finds them faster.
+    #[serde(default = "default_true")]
+    pub fp16: bool,
+    /// Where engines and the timing cache are kept across restarts (created if missing); empty:
+    /// no cache (every start builds its engines again, seconds per model).
+    #[serde(default = "default_trt_cache")]
+    pub cache_dir: Option<PathBuf>,
+    /// Largest scratch memory TensorRT may use while building, MiB.
+    #[serde(default = "default_trt_workspace")]
+    pub max_workspace_mb: usize,
+}
+
+fn default_true() -> bool { true }
+fn default_trt_cache() -> Option<PathBuf> { Some(PathBuf::from(".cache/tensorrt")) }
+fn default_trt_workspace() -> usize { 1024 }
+
+impl Default for TensorrtConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("all tensorrt fields have defaults")
+    }
+}
+
+/// The largest batch axis each model sees, from `batching` and `limits` (set by
+/// [`PipelineConfig::validate`]'s caller; defaults match the defaults of those sections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunShapes {
+    /// Documents in one run (classifier rows).
+    pub max_documents: usize,
+    /// Page rasters in one run (table model rows).
+    pub max_pages: usize,
+    /// Line rasters in one run (text model rows).
+    pub max_lines: usize,
+}
+
+impl Default for RunShapes {
+    fn default() -> Self {
+        Self::of(&BatchingConfig::default(), &LimitsConfig::default())
+    }
+}
+
+impl RunShapes {
+    pub fn of(b: &BatchingConfig, l: &LimitsConfig) -> Self {
+        Self { max_documents: b.max_batch, max_pages: b.max_batch * l.max_pages, max_lines: b.max_lines_per_run }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -574,6 +681,23 @@ pub struct InferenceConfig {
     /// the infer stage stops without storing its offsets.
     #[serde(default = "default_run_attempts")]
     pub run_attempts: u32,
+    /// Refuse a model version unless every node of its graph runs on a GPU provider: ONNX
+    /// Runtime's CPU fallback is disabled in its session (`session.disable_cpu_ep_fallback`) and
+    /// the profiled warm-up must place no node on the CPU.
+    #[serde(default)]
+    pub require_gpu: bool,
+    /// Directories of the CUDA and cuDNN libraries, loaded before the CUDA provider registers.
+    /// Empty: the `nvidia/*/lib` directories of the Python environment that holds the ONNX Runtime
+    /// library (the `onnxruntime-gpu` wheel's `nvidia-*` dependencies), when there are any.
+    #[serde(default)]
+    pub library_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    pub cuda: CudaConfig,
+    #[serde(default)]
+    pub tensorrt: TensorrtConfig,
+    /// Batch axes the warm-up runs and TensorRT's profile covers (from `batching` and `limits`).
+    #[serde(skip)]
+    pub shapes: RunShapes,
 }
 
 fn default_providers() -> Vec<Provider> {
@@ -584,7 +708,7 @@ fn default_run_attempts() -> u32 { 3 }
 
 impl Default for InferenceConfig {
     fn default() -> Self {
-        Self { ort_dylib_path: None, providers: default_providers(), on_provider_failure: ProviderFailure::Fallback, intra_threads: default_intra_threads(), run_attempts: default_run_attempts() }
+        serde_yaml::from_str("{}").expect("all inference fields have defaults")
     }
 }
 
@@ -701,6 +825,7 @@ impl PipelineConfig {
                 }
             }
         }
+        cfg.inference.shapes = RunShapes::of(&cfg.batching, &cfg.limits);
         cfg.validate()?;
         cfg.kafka.apply_sasl()?;
         Ok(cfg)
@@ -708,6 +833,7 @@ impl PipelineConfig {
 
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
         let mut cfg: PipelineConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse { path: "<inline>".into(), message: e.to_string() })?;
+        cfg.inference.shapes = RunShapes::of(&cfg.batching, &cfg.limits);
         cfg.validate()?;
         cfg.kafka.apply_sasl()?;
         Ok(cfg)
@@ -740,6 +866,15 @@ impl PipelineConfig {
         }
         if self.inference.providers.is_empty() {
             return Err(invalid("inference.providers", "is empty; list at least `cpu`"));
+        }
+        if self.inference.on_provider_failure == ProviderFailure::Fail && !self.inference.providers.iter().any(|p| p.is_gpu()) {
+            return Err(invalid("inference.on_provider_failure", "is `fail` (refuse unless a GPU provider loads) but inference.providers lists no GPU provider; add `cuda` or `tensorrt`, or use `fallback`"));
+        }
+        if self.inference.require_gpu && !self.inference.providers.iter().any(|p| p.is_gpu()) {
+            return Err(invalid("inference.require_gpu", "is true but inference.providers lists no GPU provider; add `cuda` or `tensorrt`"));
+        }
+        if self.inference.cuda.device_id < 0 {
+            return Err(invalid("inference.cuda.device_id", "must be 0 or more (a GPU ordinal)"));
         }
         let mut seen = Vec::new();
         for p in &self.inference.providers {
@@ -851,6 +986,32 @@ mod tests {
         assert!(e.contains("criteria.m") && e.contains("no per-cohort baseline"), "{e}");
         let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 5, soak_ms: 1, criteria: [{{name: m, metric: latency_p59, max: 1}}]}}]}}\n")).unwrap_err().to_string();
         assert!(e.contains("unknown metric `latency_p59`") && e.contains("latency_p95_ms"), "{e}");
+    }
+
+    #[test]
+    fn gpu_options_parse_and_policies_without_a_gpu_provider_are_refused() {
+        let c = PipelineConfig::from_yaml(&format!(
+            "{BASE}batching: {{max_batch: 8, max_lines_per_run: 2048}}\nlimits: {{max_pages: 4}}\ninference: {{require_gpu: true, cuda: {{device_id: 1, memory_limit_mb: 2048, arena_extend_strategy: next_power_of_two, conv_algorithm_search: exhaustive}}, tensorrt: {{fp16: false, cache_dir: /var/cache/trt}}}}\n"
+        ))
+        .unwrap();
+        assert_eq!((c.inference.cuda.device_id, c.inference.cuda.memory_limit_mb), (1, 2048));
+        assert_eq!((c.inference.cuda.arena_extend_strategy, c.inference.cuda.conv_algorithm_search), (ArenaGrowth::NextPowerOfTwo, ConvSearch::Exhaustive));
+        assert_eq!((c.inference.tensorrt.fp16, c.inference.tensorrt.cache_dir.as_deref()), (false, Some(Path::new("/var/cache/trt"))));
+        // TensorRT's profile and the warm-up follow batching and limits
+        assert_eq!(c.inference.shapes, RunShapes { max_documents: 8, max_pages: 32, max_lines: 2048 });
+        // require_gpu: no CPU appended to the providers
+        assert_eq!(c.inference.inference_order(), vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu]);
+        let d = PipelineConfig::from_yaml(BASE).unwrap();
+        assert_eq!((d.inference.cuda.conv_algorithm_search, d.inference.tensorrt.fp16), (ConvSearch::Heuristic, true));
+        for (yaml, key) in [
+            ("inference: {providers: [cpu], on_provider_failure: fail}", "inference.on_provider_failure"),
+            ("inference: {providers: [cpu], require_gpu: true}", "inference.require_gpu"),
+            ("inference: {cuda: {device_id: -1}}", "inference.cuda.device_id"),
+            ("inference: {tensorrt: {fp32: true}}", "unknown field `fp32`"),
+        ] {
+            let e = PipelineConfig::from_yaml(&format!("{BASE}{yaml}\n")).unwrap_err().to_string();
+            assert!(e.contains(key), "{yaml}: {e}");
+        }
     }
 
     #[test]

@@ -68,6 +68,22 @@ pub struct AlertRule {
     pub models: Vec<String>,
     /// What the runbook says to do.
     pub action: String,
+    /// Thresholds used instead of the tiers' for a window whose results ran on a GPU provider
+    /// (pipeline rules): a process holding a CUDA context and its libraries is far larger than a
+    /// CPU one, so the memory rule has GPU-sized limits.
+    #[serde(default)]
+    pub on_gpu: Option<GpuThresholds>,
+}
+
+/// A rule's thresholds on a GPU host (each replaces its tier's threshold; its `clear` is then the
+/// threshold itself).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuThresholds {
+    #[serde(default)]
+    pub warning: Option<f64>,
+    #[serde(default)]
+    pub critical: Option<f64>,
 }
 
 fn default_min_samples() -> u64 {
@@ -99,6 +115,24 @@ impl AlertRule {
         }
     }
 
+    /// The rule as it applies to `agg`: with its `on_gpu` thresholds when the window's results
+    /// ran on a GPU provider.
+    pub fn for_window(&self, agg: &WindowAggregate) -> std::borrow::Cow<'_, AlertRule> {
+        match (&self.on_gpu, agg.gpu_results > 0) {
+            (Some(g), true) => {
+                let mut r = self.clone();
+                for (tier, threshold) in [(&mut r.warning, g.warning), (&mut r.critical, g.critical)] {
+                    if let (Some(t), Some(v)) = (tier.as_mut(), threshold) {
+                        t.threshold = v;
+                        t.clear = None;
+                    }
+                }
+                std::borrow::Cow::Owned(r)
+            }
+            _ => std::borrow::Cow::Borrowed(self),
+        }
+    }
+
     pub fn tier(&self, sev: Severity) -> Option<&Tier> {
         match sev {
             Severity::Warning => self.warning.as_ref(),
@@ -126,6 +160,16 @@ impl AlertRule {
         }
         if self.for_windows == 0 {
             return bad(format!("alert rule {}: for_windows must be at least 1", self.name));
+        }
+        if let Some(g) = &self.on_gpu {
+            if !self.metric.on_pipeline() {
+                return bad(format!("alert rule {}: on_gpu applies to pipeline metrics (memory_mb, cpu_percent, processing_p95_ms), not {}", self.name, self.metric.name()));
+            }
+            if let (Some(w), Some(c)) = (g.warning, g.critical) {
+                if self.beyond(w, c) {
+                    return bad(format!("alert rule {}: on_gpu warning {w} is beyond on_gpu critical {c}", self.name));
+                }
+            }
         }
         Ok(())
     }
@@ -204,6 +248,7 @@ pub fn evaluate(
     warning: &mut AlertInstance,
     critical: &mut AlertInstance,
 ) -> Vec<AlertEvent> {
+    let rule = &*rule.for_window(agg);
     let reading = agg.metric(rule.metric).filter(|(_, n)| *n >= rule.min_samples);
     let crit_holds = |inst: &AlertInstance, v: f64| {
         rule.critical.as_ref().is_some_and(|t| {
@@ -405,6 +450,7 @@ pub fn default_rules() -> Vec<AlertRule> {
         keep_firing_for_windows: 0,
         models: vec![],
         action: action.into(),
+        on_gpu: None,
     };
     let mut pcda = rule("pcda_accuracy", Metric::PcdaAccuracy, Direction::Below, tier("PCDA_ACCURACY_WARNING", 0.85), None, 20, "Review model performance");
     pcda.models = vec!["document_classifier".into()];
@@ -412,7 +458,11 @@ pub fn default_rules() -> Vec<AlertRule> {
         rule("inference_time", Metric::LatencyP95Ms, Direction::Above, tier("PERFORMANCE_WARNING", 500.0), tier("PERFORMANCE_CRITICAL", 2000.0), 10, "Check hardware acceleration"),
         rule("error_rate", Metric::ErrorRate, Direction::Above, tier("ERROR_RATE_WARNING", 0.05), tier("ERROR_RATE_CRITICAL", 0.10), 20, "Roll back to the previous model version"),
         rule("model_health", Metric::ModelUnavailableRate, Direction::Above, tier("MODEL_DEGRADED", 0.0), tier("MODEL_CRITICAL", 0.5), 1, "Check model files and load errors (models verify); roll back"),
-        rule("memory", Metric::MemoryMb, Direction::Above, tier("MEMORY_WARNING", 200.0), tier("MEMORY_CRITICAL", 300.0), 1, "Reduce batch size"),
+        AlertRule {
+            // CUDA, cuDNN and cuBLAS alone map a few GB into a process that holds a CUDA context
+            on_gpu: Some(GpuThresholds { warning: Some(4096.0), critical: Some(8192.0) }),
+            ..rule("memory", Metric::MemoryMb, Direction::Above, tier("MEMORY_WARNING", 200.0), tier("MEMORY_CRITICAL", 300.0), 1, "Reduce batch size")
+        },
         rule("cpu", Metric::CpuPercent, Direction::Above, tier("CPU_WARNING", 80.0), None, 1, "Optimize model quantization"),
         rule("model_load_time", Metric::ModelLoadMs, Direction::Above, tier("MODEL_LOAD_TIME_WARNING", 5000.0), None, 1, "Investigate model caching"),
         pcda,
@@ -512,6 +562,24 @@ mod tests {
         let fast = WindowAggregate { count: 20, ..Default::default() };
         assert!(info_events(&rules, &s, window(0), &fast).is_empty());
         assert!(info_events(&rules, &Subject::pipeline(), window(0), &a).is_empty());
+    }
+
+    #[test]
+    fn the_memory_rule_has_gpu_sized_limits_for_windows_that_ran_on_a_gpu() {
+        let rule = default_rules().into_iter().find(|r| r.name == "memory").unwrap();
+        let s = Subject::pipeline();
+        let window_of = |mb: u64, gpu: u64| WindowAggregate { count: 10, gpu_results: gpu, max_rss_bytes: mb << 20, cpu_samples: 10, ..Default::default() };
+        let fired = |a: &WindowAggregate| {
+            let (mut w, mut c) = (AlertInstance::default(), AlertInstance::default());
+            evaluate(&rule, &s, window(0), a, &mut w, &mut c).into_iter().map(|e| e.code).collect::<Vec<_>>()
+        };
+        // 2.5 GB: critical on a CPU host, nothing on a GPU host; 5 GB on a GPU host: a warning
+        assert_eq!(fired(&window_of(2500, 0)), vec!["MEMORY_CRITICAL"]);
+        assert!(fired(&window_of(2500, 10)).is_empty());
+        assert_eq!(fired(&window_of(5000, 3)), vec!["MEMORY_WARNING"]);
+        let mut bad = rule.clone();
+        bad.metric = Metric::ErrorRate;
+        assert!(bad.validate("monitor.alerts").is_err());
     }
 
     #[test]

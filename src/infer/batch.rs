@@ -97,11 +97,10 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
         let model_us: f64 = outputs.iter().flatten().map(|o| o.latency_ms * 1000.0).sum();
         counters.inference_us.fetch_add(model_us as u64, std::sync::atomic::Ordering::Relaxed);
         counters.inferred_documents.fetch_add(outputs.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let provider = registry.provider();
         let sample = counters.process.sample();
         for (((i, doc), outs), route) in docs.into_iter().zip(outputs).zip(routes) {
             let m = &batch[i];
-            let out = result_message(cfg, m, doc, outs, &route, &provider, &sample);
+            let out = result_message(cfg, m, doc, outs, &route, &sample);
             slots[i] = Some(Processed { out, topic: m.topic().into(), partition: m.partition(), offset: m.offset(), abort_once: abort_once(m) });
         }
     }

@@ -63,9 +63,11 @@ pub(super) fn result_message(
     doc: PayslipDocument,
     outputs: Vec<crate::document::ModelOutput>,
     route: &Route,
-    provider: &str,
     sample: &ProcessSample,
 ) -> Outgoing {
+    // what ran this document: its outputs' providers (a canary may run elsewhere than the baseline)
+    let provider = crate::inference::provider_of(outputs.iter().map(|o| o.provider.as_str()));
+    let provider = provider.as_str();
     let now = chrono::Utc::now().timestamp_millis();
     let produced_at = m.timestamp().to_millis().unwrap_or(doc.submitted_at);
     let error_code = outputs.iter().find_map(|o| o.error_code.clone());

@@ -16,6 +16,7 @@
 //! (`inference.run_attempts`, with backoff, each retry on a rebuilt session), and if every try fails
 //! `infer` returns [`RunFailure`] instead of answers, so the caller acknowledges nothing.
 
+pub mod gpu;
 pub mod metadata;
 pub mod preprocess;
 pub mod runtime;
@@ -124,10 +125,18 @@ pub struct ModelStatus {
     pub model: String,
     pub version: String,
     pub state: LoadState,
+    /// The provider that ran most of the warm-up's kernel time.
     pub provider: Option<String>,
     pub load_ms: f64,
     pub reason: Option<String>,
+    /// Why configured providers are not in the session (not in this ONNX Runtime build,
+    /// registered but failed).
     pub skipped_providers: Vec<String>,
+    /// Providers registered in the session, in priority order.
+    pub registered_providers: Vec<String>,
+    /// Where the profiled warm-up ran the graph's nodes, per provider.
+    pub placement: Vec<runtime::Placement>,
+    pub warm_up_ms: Option<f64>,
 }
 
 struct LoadedModel {
@@ -135,7 +144,10 @@ struct LoadedModel {
     /// The first character of each label (what the text model's classes stand for).
     glyphs: Vec<char>,
     session: Mutex<Session>,
-    provider: &'static str,
+    provider: String,
+    registered: Vec<&'static str>,
+    placement: Vec<runtime::Placement>,
+    warm_up_ms: f64,
     load_ms: f64,
 }
 
@@ -163,6 +175,17 @@ const RUN_RETRY_FIRST: Duration = Duration::from_millis(200);
 /// First wait before a refused version is tried again; doubles per refusal up to [`RETRY_MAX`].
 const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
 const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Session spec of a model: its input's dimensions after the batch axis, and the largest and
+/// typical batch axis the batcher gives it (documents, page rasters, line rasters).
+fn spec_rows(name: &str, shapes: &crate::config::RunShapes) -> (usize, usize) {
+    match name {
+        CLASSIFIER => (shapes.max_documents, shapes.max_documents),
+        TABLES => (shapes.max_pages, shapes.max_documents),
+        // a synthetic payslip has about 16 text lines
+        _ => (shapes.max_lines, (shapes.max_documents * 16).min(shapes.max_lines)),
+    }
+}
 
 fn expected_input(name: &str) -> Option<Vec<i64>> {
     match name {
@@ -230,8 +253,19 @@ impl ModelRegistry {
         match result {
             Ok((mut model, skipped)) => {
                 model.load_ms = load_ms;
-                tracing::info!(model = %name, %version, provider = model.provider, load_ms, "model loaded");
-                status.push(ModelStatus { model: name.into(), version: version.into(), state: LoadState::Loaded, provider: Some(model.provider.to_string()), load_ms, reason: None, skipped_providers: skipped });
+                tracing::info!(model = %name, %version, provider = %model.provider, load_ms, warm_up_ms = model.warm_up_ms, "model loaded");
+                status.push(ModelStatus {
+                    model: name.into(),
+                    version: version.into(),
+                    state: LoadState::Loaded,
+                    provider: Some(model.provider.clone()),
+                    load_ms,
+                    reason: None,
+                    skipped_providers: skipped,
+                    registered_providers: model.registered.iter().map(|p| p.to_string()).collect(),
+                    placement: model.placement.clone(),
+                    warm_up_ms: Some(model.warm_up_ms),
+                });
                 self.retry.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                 self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::new(model));
                 true
@@ -242,7 +276,18 @@ impl ModelRegistry {
                 let wait = RETRY_FIRST.saturating_mul(1 << (refusals - 1).min(16)).min(RETRY_MAX);
                 retry.insert(key, (Instant::now() + wait, refusals));
                 tracing::error!(model = %name, %version, %reason, refusals, retry_in_s = wait.as_secs(), "model version refused");
-                status.push(ModelStatus { model: name.into(), version: version.into(), state: LoadState::Refused, provider: None, load_ms, reason: Some(reason.to_string()), skipped_providers: vec![] });
+                status.push(ModelStatus {
+                    model: name.into(),
+                    version: version.into(),
+                    state: LoadState::Refused,
+                    provider: None,
+                    load_ms,
+                    reason: Some(reason.to_string()),
+                    skipped_providers: vec![],
+                    registered_providers: vec![],
+                    placement: vec![],
+                    warm_up_ms: None,
+                });
                 false
             }
         }
@@ -257,13 +302,26 @@ impl ModelRegistry {
             return Err(ModelError::InputShape { model, version: ver, declared, expected });
         }
         let bytes = metadata::read_verified(meta, entry)?;
-        let ps = runtime::session_for(inference, name, &bytes)?;
+        let input = entry.inputs.first().map(|i| i.name.as_str()).unwrap_or("input");
+        let (max_rows, typical_rows) = spec_rows(name, &inference.shapes);
+        let spec = runtime::SessionSpec { model: name, input, dims: &expected[1..], max_rows, typical_rows };
+        let ps = runtime::session_for(inference, &spec, &bytes)?;
         let actual: Vec<String> = ps.session.inputs().iter().map(|i| i.name().to_string()).collect();
         if actual.first().map(String::as_str) != entry.inputs.first().map(|i| i.name.as_str()) {
             return Err(ModelError::GraphInputs { model, version: ver, actual, declared: entry.inputs.iter().map(|i| i.name.clone()).collect() });
         }
         let glyphs = entry.labels.iter().map(|l| l.chars().next().unwrap_or(' ')).collect();
-        Ok((LoadedModel { entry: entry.clone(), glyphs, session: Mutex::new(ps.session), provider: ps.provider, load_ms: 0.0 }, ps.skipped))
+        let model = LoadedModel {
+            entry: entry.clone(),
+            glyphs,
+            session: Mutex::new(ps.session),
+            provider: ps.provider,
+            registered: ps.registered,
+            placement: ps.placement,
+            warm_up_ms: ps.warm_up_ms,
+            load_ms: 0.0,
+        };
+        Ok((model, ps.skipped))
     }
 
     pub fn status(&self) -> Vec<ModelStatus> {
@@ -275,9 +333,12 @@ impl ModelRegistry {
         &self.serve
     }
 
-    /// The provider the served models run on (the first loaded one's; all share the list).
+    /// The providers the served versions run on, distinct, `+`-joined in model order (e.g.
+    /// `CUDAExecutionProvider`, or `CUDAExecutionProvider+CPUExecutionProvider` when one model
+    /// fell back); `none` when none is loaded.
     pub fn provider(&self) -> String {
-        self.loaded.read().unwrap_or_else(|p| p.into_inner()).values().next().map(|m| m.provider.to_string()).unwrap_or_else(|| "none".into())
+        let loaded = self.loaded.read().unwrap_or_else(|p| p.into_inner());
+        provider_of(self.serve.iter().filter_map(|(m, v)| loaded.get(&(m.clone(), v.clone()))).map(|m| m.provider.as_str()))
     }
 
     /// Model runs tried again after ONNX Runtime failed them (since start).
@@ -305,15 +366,28 @@ impl ModelRegistry {
         let started = Instant::now();
         let loaded = Self::load_one(&self.metadata, &self.inference, name, version);
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut check = ModelCheck { model: name.into(), version: version.into(), ok: false, provider: None, load_ms, test_inference_ms: None, result: None, error: None };
-        let model = match loaded {
-            Ok((m, _)) => m,
+        let mut check = ModelCheck {
+            model: name.into(),
+            version: version.into(),
+            ok: false,
+            provider: None,
+            placement: vec![],
+            skipped_providers: vec![],
+            load_ms,
+            test_inference_ms: None,
+            result: None,
+            error: None,
+        };
+        let (model, model_skipped) = match loaded {
+            Ok(m) => m,
             Err(e) => {
                 check.error = Some(e.to_string());
                 return check;
             }
         };
-        check.provider = Some(model.provider.to_string());
+        check.provider = Some(model.provider.clone());
+        check.placement = model.placement.clone();
+        check.skipped_providers = model_skipped;
         let t = Instant::now();
         let run = match name {
             CLASSIFIER => run_classifier(&model, &[doc]),
@@ -433,7 +507,7 @@ impl ModelRegistry {
             let base = ModelOutput {
                 model: name.clone(),
                 version: version.clone(),
-                provider: model.provider.to_string(),
+                provider: model.provider.clone(),
                 latency_ms,
                 batch_size: docs.len() as i32,
                 error_code: None,
@@ -471,11 +545,30 @@ pub struct ModelCheck {
     /// The file verified, a session built, and the test inference answered without an error.
     pub ok: bool,
     pub provider: Option<String>,
+    /// Where the session's profiled warm-up ran the graph's nodes.
+    pub placement: Vec<runtime::Placement>,
+    pub skipped_providers: Vec<String>,
     pub load_ms: f64,
     pub test_inference_ms: Option<f64>,
     /// What the test inference answered, in words.
     pub result: Option<String>,
     pub error: Option<String>,
+}
+
+/// A result's provider from its outputs' (or the served versions'): the distinct providers in
+/// order, `+`-joined, without `none` (a model that did not run); `none` when nothing ran.
+pub fn provider_of<'a>(providers: impl IntoIterator<Item = &'a str>) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    for p in providers {
+        if p != "none" && !p.is_empty() && !seen.contains(&p) {
+            seen.push(p);
+        }
+    }
+    if seen.is_empty() {
+        "none".into()
+    } else {
+        seen.join("+")
+    }
 }
 
 fn unavailable(name: &str, version: &str) -> ModelOutput {

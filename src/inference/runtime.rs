@@ -1,20 +1,41 @@
-//! ONNX Runtime: loading the shared library, the process-wide environment, and choosing the
-//! execution provider a session actually runs on.
+//! ONNX Runtime: loading the shared library, the process-wide environment, and building the session
+//! of a model version on the execution providers ONNX Runtime actually gives it.
 //!
-//! Providers are tried in configured order. A GPU provider that the loaded ONNX Runtime build does
-//! not include, or that fails to register (no device, missing CUDA libraries), is skipped with a
-//! logged reason, unless `on_provider_failure: fail`. Each provider is registered alone with
-//! `error_on_failure`, so the provider recorded for a session is the one ONNX Runtime accepted, not
-//! the one that was asked for.
+//! **One session, every provider.** The configured providers are registered together in one
+//! session, in order (`[tensorrt, cuda, cpu]` by default), the way ONNX Runtime intends: its graph
+//! partitioner gives TensorRT the nodes it takes, CUDA the nodes TensorRT rejects, and the CPU what
+//! neither runs. A provider missing from the loaded ONNX Runtime build is left out with that
+//! reason; one that is in the build but fails to register or to build the session (no device, a
+//! missing CUDA/cuDNN/TensorRT library, an invalid device id) is dropped with ONNX Runtime's error
+//! and the rest are tried again ([`build_on_providers`]).
+//!
+//! **Observed, not assumed.** Each session is built with profiling on; a warm-up runs the model on
+//! zero inputs at the batch axes the batcher produces ([`warm_up_rows`]), then profiling ends and
+//! the profile says on which provider each node ran and for how long ([`Placement`]). The provider
+//! recorded for the session is the one that ran most of that time, and the shares go to the model
+//! status, `models verify` and the log.
+//!
+//! **Policies.** `on_provider_failure: fail` refuses a model unless a GPU provider registered in its
+//! session; `require_gpu: true` also disables ONNX Runtime's CPU fallback
+//! (`session.disable_cpu_ep_fallback`) and refuses a model whose warm-up placed any node on the CPU.
+//!
+//! CUDA and cuDNN are looked for before the first GPU session: the `nvidia-*` wheels that
+//! `onnxruntime-gpu` depends on put them under `site-packages/nvidia/*/lib`, which the dynamic
+//! loader does not search; they are loaded from there (or from `inference.library_dirs`) once.
 
-use std::{path::PathBuf, sync::OnceLock};
-
-use ort::{
-    ep::{ExecutionProvider, CPU, CUDA, TensorRT},
-    session::Session,
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+    time::Instant,
 };
 
-use crate::config::{InferenceConfig, Provider, ProviderFailure};
+use ort::{
+    ep::{ArenaExtendStrategy, ExecutionProvider, ExecutionProviderDispatch, CPU, CUDA, TensorRT},
+    session::{builder::SessionBuilder, Session},
+    value::Tensor,
+};
+
+use crate::config::{ArenaGrowth, ConvSearch, InferenceConfig, Provider, ProviderFailure};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RuntimeError {
@@ -24,16 +45,25 @@ pub enum RuntimeError {
     Init { path: String, message: String },
     #[error("no execution provider could load {model}: {attempts}")]
     NoProvider { model: String, attempts: String },
+    /// `on_provider_failure: fail` or `require_gpu`, and the session has no GPU provider.
+    #[error("{model}: {policy} and no GPU provider registered ({attempts})")]
+    NoGpu { model: String, policy: &'static str, attempts: String },
+    /// `require_gpu`, and the warm-up ran nodes on the CPU.
+    #[error("{model}: inference.require_gpu is true and {nodes} of its nodes ran on CPUExecutionProvider ({placement})")]
+    CpuNodes { model: String, nodes: u32, placement: String },
     /// ONNX Runtime could not say whether a provider is in its build.
     #[error("availability check of {provider} failed: {message}")]
     Availability { provider: &'static str, message: String },
+    /// The warm-up or its profile failed on a session that was built.
+    #[error("{model}: warm-up failed: {message}")]
+    WarmUp { model: String, message: String },
 }
 
 impl RuntimeError {
     /// A missing or broken library needs an operator; a provider may register later (a GPU that
     /// was busy or not yet visible).
     pub fn retryable(&self) -> bool {
-        matches!(self, RuntimeError::NoProvider { .. } | RuntimeError::Availability { .. })
+        matches!(self, RuntimeError::NoProvider { .. } | RuntimeError::NoGpu { .. } | RuntimeError::Availability { .. } | RuntimeError::WarmUp { .. })
     }
 }
 
@@ -64,21 +94,18 @@ pub fn environment(cfg: &InferenceConfig) -> Result<ort::environment::Environmen
     .clone()
 }
 
-/// A session and the provider it runs on.
-pub struct ProvidedSession {
-    pub session: Session,
-    /// ONNX Runtime's name, e.g. `CPUExecutionProvider`.
-    pub provider: &'static str,
-    /// Why earlier providers in the list were not used.
-    pub skipped: Vec<String>,
-}
-
-fn provider_name(p: Provider) -> &'static str {
+/// ONNX Runtime's name of a provider, e.g. `CUDAExecutionProvider`.
+pub fn provider_name(p: Provider) -> &'static str {
     match p {
         Provider::Tensorrt => TensorRT::NAME,
         Provider::Cuda => CUDA::NAME,
         Provider::Cpu => CPU::NAME,
     }
+}
+
+/// Whether an ONNX Runtime provider name (or a `+`-joined list of them) names a GPU provider.
+pub fn is_gpu_provider(name: &str) -> bool {
+    name.split('+').any(|n| n == TensorRT::NAME || n == CUDA::NAME)
 }
 
 /// Whether the loaded ONNX Runtime build includes a provider.
@@ -91,67 +118,324 @@ pub fn provider_available(p: Provider) -> Result<bool, RuntimeError> {
     r.map_err(|e| RuntimeError::Availability { provider: provider_name(p), message: e.to_string() })
 }
 
-/// Builds a session for `model` from verified bytes on the first provider that works.
-pub fn session_for(cfg: &InferenceConfig, model: &str, bytes: &[u8]) -> Result<ProvidedSession, RuntimeError> {
-    let env = environment(cfg)?;
-    let mut skipped = Vec::new();
-    for &p in &cfg.inference_order() {
-        let name = provider_name(p);
-        match provider_available(p) {
-            Ok(true) => {}
-            Ok(false) => {
-                let why = format!("{name}: not included in this ONNX Runtime build");
-                if cfg.on_provider_failure == ProviderFailure::Fail && p != Provider::Cpu {
-                    return Err(RuntimeError::NoProvider { model: model.into(), attempts: why });
-                }
-                skipped.push(why);
-                continue;
-            }
-            Err(e) => {
-                skipped.push(format!("{name}: {e}"));
-                continue;
-            }
+/// How much of a model one provider ran in its profiled warm-up.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Placement {
+    pub provider: String,
+    /// Distinct graph nodes (after ONNX Runtime's fusions: a TensorRT engine is one node).
+    pub nodes: u32,
+    pub node_share: f64,
+    /// Share of the nodes' kernel time.
+    pub time_share: f64,
+}
+
+/// `CUDAExecutionProvider 100% of 3 nodes, 100% of time; ...`
+pub fn placement_text(p: &[Placement]) -> String {
+    p.iter().map(|p| format!("{} {:.0}% of nodes ({}), {:.0}% of time", p.provider, p.node_share * 100.0, p.nodes, p.time_share * 100.0)).collect::<Vec<_>>().join("; ")
+}
+
+/// Reads an ONNX Runtime profile (a JSON array of trace events): per provider, the distinct nodes
+/// that ran and their kernel time. Ordered by time, largest first.
+pub fn placement_from_profile(json: &str) -> Result<Vec<Placement>, String> {
+    let events: Vec<serde_json::Value> = serde_json::from_str(json).map_err(|e| format!("profile is not a JSON array of events: {e}"))?;
+    let mut per: std::collections::BTreeMap<String, (std::collections::BTreeSet<String>, f64)> = Default::default();
+    for e in &events {
+        if e.get("cat").and_then(|c| c.as_str()) != Some("Node") {
+            continue;
         }
-        let dispatch = match p {
-            Provider::Tensorrt => TensorRT::default().build().error_on_failure(),
-            Provider::Cuda => CUDA::default().build().error_on_failure(),
-            // The CPU arena keeps a run's intermediate values for the next run. Without it each run
-            // took its ~4.6 MB buffers from glibc, which (with the binary's fixed mmap threshold,
-            // src/main.rs) maps them and gives them back: a quarter of the stage's CPU went to page
-            // faults. With it, a 20,000-document backlog peaks at the same ~115 MB and costs 0.56
-            // instead of 0.89 ms of CPU per document (BENCHMARKS.md, "Allocator").
-            Provider::Cpu => CPU::default().with_arena_allocator(true).build().error_on_failure(),
-        };
-        let built = (|| -> ort::Result<Session> {
-            // The batch axis varies with every batch (documents, pages, lines): memory patterns are
-            // planned and kept per input shape, which grew the process with each new batch size.
-            let mut b = Session::builder(&env)?.with_memory_pattern(false)?;
-            if cfg.intra_threads > 0 {
-                b = b.with_intra_threads(cfg.intra_threads)?;
+        let Some(name) = e.get("name").and_then(|n| n.as_str()).and_then(|n| n.strip_suffix("_kernel_time")) else { continue };
+        let Some(provider) = e.pointer("/args/provider").and_then(|p| p.as_str()) else { continue };
+        let slot = per.entry(provider.to_string()).or_default();
+        slot.0.insert(name.to_string());
+        slot.1 += e.get("dur").and_then(|d| d.as_f64()).unwrap_or(0.0);
+    }
+    let nodes: usize = per.values().map(|(n, _)| n.len()).sum();
+    let time: f64 = per.values().map(|(_, t)| t).sum();
+    if nodes == 0 {
+        return Err("the profile records no node (did the warm-up run?)".into());
+    }
+    let mut out: Vec<Placement> = per
+        .into_iter()
+        .map(|(provider, (n, t))| Placement { provider, nodes: n.len() as u32, node_share: n.len() as f64 / nodes as f64, time_share: if time > 0.0 { t / time } else { 0.0 } })
+        .collect();
+    out.sort_by(|a, b| b.time_share.total_cmp(&a.time_share).then(b.nodes.cmp(&a.nodes)));
+    Ok(out)
+}
+
+/// Batch axes the warm-up runs a model at: 1 on the CPU (its kernels need no per-shape set-up);
+/// with a GPU provider also the typical and the largest (TensorRT builds its engine for its
+/// profile, CUDA/cuDNN pick kernels and grow their arena per shape), so that the first batches
+/// of a stream do not pay for it.
+pub fn warm_up_rows(max_rows: usize, typical_rows: usize, gpu: bool) -> Vec<usize> {
+    let mut v = vec![1];
+    if gpu {
+        v.push(typical_rows.clamp(1, max_rows.max(1)));
+        v.push(max_rows.max(1));
+    }
+    v.dedup();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// What the session of one model version is built for.
+pub struct SessionSpec<'a> {
+    pub model: &'a str,
+    /// The graph input's name (TensorRT's profile names it).
+    pub input: &'a str,
+    /// The input's dimensions after the batch axis.
+    pub dims: &'a [i64],
+    /// Largest and typical batch axis the batcher produces for this model.
+    pub max_rows: usize,
+    pub typical_rows: usize,
+}
+
+/// A session, the providers it was built with, and where its warm-up ran.
+pub struct ProvidedSession {
+    pub session: Session,
+    /// The provider that ran most of the warm-up's kernel time, e.g. `CUDAExecutionProvider`.
+    pub provider: String,
+    /// Providers registered in the session, in priority order.
+    pub registered: Vec<&'static str>,
+    /// Why listed providers are not in the session.
+    pub skipped: Vec<String>,
+    /// Per provider, its share of the warm-up's nodes and time.
+    pub placement: Vec<Placement>,
+    pub warm_up_ms: f64,
+}
+
+/// Why one attempt at building a session failed.
+#[derive(Debug, Clone)]
+pub enum BuildError {
+    /// This provider failed to register.
+    Register(Provider, String),
+    /// The session failed to build with these providers registered.
+    Commit(String),
+}
+
+/// Builds a session on `providers` with `build`, dropping failed providers: a provider that fails
+/// to register is dropped with its error; when the session fails to build, the first GPU provider
+/// still listed is taken as the cause and dropped. Returns what was built, the providers it was
+/// built on, and one reason per dropped provider. Gives up when the CPU alone fails (or, without
+/// the CPU in the list, when no provider is left).
+pub fn build_on_providers<S>(mut providers: Vec<Provider>, mut build: impl FnMut(&[Provider]) -> Result<S, BuildError>) -> (Result<(S, Vec<Provider>), String>, Vec<String>) {
+    let mut dropped = Vec::new();
+    loop {
+        if providers.is_empty() {
+            return (Err("no provider left".into()), dropped);
+        }
+        match build(&providers) {
+            Ok(s) => return (Ok((s, providers)), dropped),
+            Err(BuildError::Register(p, e)) => {
+                dropped.push(format!("{}: registered but failed: {e}", provider_name(p)));
+                providers.retain(|&q| q != p);
             }
-            let mut b = b.with_execution_providers([dispatch])?;
-            b.commit_from_memory(bytes)
-        })();
-        match built {
-            Ok(session) => {
-                if !skipped.is_empty() {
-                    tracing::info!(model, provider = name, skipped = %skipped.join("; "), "model session created after skipping providers");
-                } else {
-                    tracing::info!(model, provider = name, "model session created");
+            Err(BuildError::Commit(e)) => match providers.iter().position(|p| p.is_gpu()) {
+                Some(i) => {
+                    let p = providers.remove(i);
+                    dropped.push(format!("{}: session failed to build with it: {e}", provider_name(p)));
                 }
-                return Ok(ProvidedSession { session, provider: name, skipped });
+                None => return (Err(e), dropped),
+            },
+        }
+    }
+}
+
+fn dispatch(cfg: &InferenceConfig, p: Provider, spec: &SessionSpec) -> ExecutionProviderDispatch {
+    match p {
+        Provider::Tensorrt => {
+            let t = &cfg.tensorrt;
+            let profile = |rows: usize| {
+                let dims: Vec<String> = std::iter::once(rows as i64).chain(spec.dims.iter().copied()).map(|d| d.to_string()).collect();
+                format!("{}:{}", spec.input, dims.join("x"))
+            };
+            let mut trt = TensorRT::default()
+                .with_device_id(cfg.cuda.device_id)
+                .with_fp16(t.fp16)
+                .with_max_workspace_size(t.max_workspace_mb << 20)
+                .with_profile_min_shapes(profile(1))
+                .with_profile_opt_shapes(profile(spec.typical_rows.clamp(1, spec.max_rows.max(1))))
+                .with_profile_max_shapes(profile(spec.max_rows.max(1)));
+            if let Some(dir) = &t.cache_dir {
+                let dir = dir.display().to_string();
+                trt = trt.with_engine_cache(true).with_engine_cache_path(&dir).with_timing_cache(true).with_timing_cache_path(&dir);
             }
-            Err(e) => {
-                let why = format!("{name}: {e}");
-                tracing::warn!(model, provider = name, error = %e, "execution provider failed to register");
-                if cfg.on_provider_failure == ProviderFailure::Fail {
-                    return Err(RuntimeError::NoProvider { model: model.into(), attempts: why });
-                }
-                skipped.push(why);
+            trt.build().error_on_failure()
+        }
+        Provider::Cuda => {
+            let c = &cfg.cuda;
+            let mut cuda = CUDA::default()
+                .with_device_id(c.device_id)
+                .with_arena_extend_strategy(match c.arena_extend_strategy {
+                    ArenaGrowth::NextPowerOfTwo => ArenaExtendStrategy::NextPowerOfTwo,
+                    ArenaGrowth::SameAsRequested => ArenaExtendStrategy::SameAsRequested,
+                })
+                .with_conv_algorithm_search(match c.conv_algorithm_search {
+                    ConvSearch::Heuristic => ort::ep::cuda::ConvAlgorithmSearch::Heuristic,
+                    ConvSearch::Exhaustive => ort::ep::cuda::ConvAlgorithmSearch::Exhaustive,
+                    ConvSearch::Default => ort::ep::cuda::ConvAlgorithmSearch::Default,
+                });
+            if c.memory_limit_mb > 0 {
+                cuda = cuda.with_memory_limit(c.memory_limit_mb << 20);
+            }
+            cuda.build().error_on_failure()
+        }
+        // The CPU arena keeps a run's intermediate values for the next run. Without it each run
+        // took its ~4.6 MB buffers from glibc, which (with the binary's fixed mmap threshold,
+        // src/main.rs) maps them and gives them back: a quarter of the stage's CPU went to page
+        // faults (BENCHMARKS.md, "Allocator").
+        Provider::Cpu => CPU::default().with_arena_allocator(true).build().error_on_failure(),
+    }
+}
+
+/// Directories holding the CUDA/cuDNN/TensorRT libraries of the Python environment the ONNX
+/// Runtime library comes from: `site-packages/nvidia/*/lib` (also `nvidia/cu13/lib`) and
+/// `site-packages/tensorrt_libs`.
+pub fn wheel_library_dirs(ort_dylib: &Path) -> Vec<PathBuf> {
+    let Some(site) = ort_dylib.ancestors().find(|a| a.file_name().is_some_and(|n| n == "site-packages" || n == "dist-packages")) else { return vec![] };
+    let mut dirs = Vec::new();
+    let mut visit = |d: PathBuf| {
+        if d.is_dir() && std::fs::read_dir(&d).is_ok_and(|mut r| r.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().contains(".so")))) {
+            dirs.push(d);
+        }
+    };
+    if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+        let mut pkgs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        pkgs.sort();
+        for p in pkgs {
+            visit(p.join("lib"));
+        }
+    }
+    visit(site.join("tensorrt_libs"));
+    dirs
+}
+
+/// TensorRT's libraries (its provider loads them by these names).
+const TENSORRT_DYLIBS: &[&str] = &["libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10"];
+
+/// Loads the CUDA, cuDNN and TensorRT libraries found in `dirs`, in dependency order, so the
+/// providers find them. Returns (loaded, missing) library names.
+fn preload_gpu_libraries(dirs: &[PathBuf]) -> (Vec<String>, Vec<String>) {
+    let (mut loaded, mut missing) = (Vec::new(), Vec::new());
+    for name in ort::ep::cuda::CUDA_DYLIBS.iter().chain(ort::ep::cuda::CUDNN_DYLIBS).chain(TENSORRT_DYLIBS) {
+        match dirs.iter().map(|d| d.join(name)).find(|p| p.exists()) {
+            Some(path) => match ort::util::preload_dylib(&path) {
+                Ok(()) => loaded.push(name.to_string()),
+                Err(e) => missing.push(format!("{name} ({e})")),
+            },
+            None => missing.push(name.to_string()),
+        }
+    }
+    (loaded, missing)
+}
+
+static PRELOADED: OnceLock<()> = OnceLock::new();
+
+/// Once per process, before the first GPU session: CUDA/cuDNN/TensorRT from
+/// `inference.library_dirs`, else from the ONNX Runtime library's Python environment.
+fn ensure_gpu_libraries(cfg: &InferenceConfig) {
+    PRELOADED.get_or_init(|| {
+        let dirs = if cfg.library_dirs.is_empty() { dylib_path(cfg).map(|p| wheel_library_dirs(&p)).unwrap_or_default() } else { cfg.library_dirs.clone() };
+        if dirs.is_empty() {
+            tracing::info!("no CUDA library directory configured or found next to ONNX Runtime; the GPU providers rely on the loader's path (LD_LIBRARY_PATH)");
+            return;
+        }
+        let (loaded, missing) = preload_gpu_libraries(&dirs);
+        let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        tracing::info!(dirs = %dirs.join(":"), loaded = loaded.len(), missing = %missing.join(", "), "GPU libraries preloaded");
+    });
+}
+
+fn build_session(env: &ort::environment::Environment, cfg: &InferenceConfig, spec: &SessionSpec, providers: &[Provider], bytes: &[u8], profile: &Path) -> Result<Session, BuildError> {
+    let commit = |e: ort::Error<SessionBuilder>| BuildError::Commit(e.to_string());
+    // The batch axis varies with every batch (documents, pages, lines): memory patterns are
+    // planned and kept per input shape, which grew the process with each new batch size.
+    let mut b = Session::builder(env).map_err(|e| BuildError::Commit(e.to_string()))?.with_memory_pattern(false).map_err(commit)?;
+    if cfg.intra_threads > 0 {
+        b = b.with_intra_threads(cfg.intra_threads).map_err(commit)?;
+    }
+    if cfg.require_gpu {
+        b = b.with_disable_cpu_fallback().map_err(commit)?;
+    }
+    b = b.with_profiling(profile).map_err(commit)?;
+    for &p in providers {
+        dispatch(cfg, p, spec).register(&mut b).map_err(|e| BuildError::Register(p, e.to_string()))?;
+    }
+    b.commit_from_memory(bytes).map_err(|e| BuildError::Commit(e.to_string()))
+}
+
+/// Runs the warm-up shapes on zero inputs with profiling on, ends profiling and reads where the
+/// nodes ran.
+fn warm_up(session: &mut Session, spec: &SessionSpec, gpu: bool) -> Result<Vec<Placement>, String> {
+    let per_row: usize = spec.dims.iter().map(|&d| d.max(1) as usize).product();
+    for rows in warm_up_rows(spec.max_rows, spec.typical_rows, gpu) {
+        let shape: Vec<i64> = std::iter::once(rows as i64).chain(spec.dims.iter().copied()).collect();
+        let input = Tensor::from_array((shape, vec![0f32; rows * per_row].into_boxed_slice())).map_err(|e| e.to_string())?;
+        session.run(ort::inputs![input]).map_err(|e| format!("run at batch axis {rows}: {e}"))?;
+    }
+    let file = session.end_profiling().map_err(|e| format!("ending the profile: {e}"))?;
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("reading the profile {file}: {e}"));
+    let _ = std::fs::remove_file(&file);
+    placement_from_profile(&text?)
+}
+
+/// Builds, warms up and observes the session of `spec.model` from verified bytes.
+pub fn session_for(cfg: &InferenceConfig, spec: &SessionSpec, bytes: &[u8]) -> Result<ProvidedSession, RuntimeError> {
+    let env = environment(cfg)?;
+    let model = spec.model;
+    let mut skipped = Vec::new();
+    let mut order = Vec::new();
+    for p in cfg.inference_order() {
+        match provider_available(p) {
+            Ok(true) => order.push(p),
+            Ok(false) => skipped.push(format!("{}: not included in this ONNX Runtime build", provider_name(p))),
+            Err(e) => skipped.push(format!("{}: {e}", provider_name(p))),
+        }
+    }
+    if order.iter().any(|p| p.is_gpu()) {
+        ensure_gpu_libraries(cfg);
+        if let Some(dir) = &cfg.tensorrt.cache_dir {
+            if order.contains(&Provider::Tensorrt) {
+                let _ = std::fs::create_dir_all(dir);
             }
         }
     }
-    Err(RuntimeError::NoProvider { model: model.into(), attempts: skipped.join("; ") })
+    let policy = if cfg.require_gpu { Some("inference.require_gpu is true") } else { (cfg.on_provider_failure == ProviderFailure::Fail).then_some("inference.on_provider_failure is fail") };
+    let no_gpu = |skipped: &[String]| RuntimeError::NoGpu { model: model.into(), policy: policy.unwrap_or_default(), attempts: skipped.join("; ") };
+    if policy.is_some() && !order.iter().any(|p| p.is_gpu()) {
+        return Err(no_gpu(&skipped));
+    }
+    let profile = std::env::temp_dir().join(format!("payslip-ort-profile-{}-{model}", std::process::id()));
+    const NO_GPU_LEFT: &str = "no GPU provider left";
+    let (built, dropped) = build_on_providers(order, |ps| {
+        // under a GPU policy a session on the CPU alone is not built at all
+        if policy.is_some() && !ps.iter().any(|p| p.is_gpu()) {
+            return Err(BuildError::Commit(NO_GPU_LEFT.into()));
+        }
+        build_session(&env, cfg, spec, ps, bytes, &profile)
+    });
+    for d in &dropped {
+        tracing::warn!(model, reason = %d, "execution provider dropped");
+    }
+    skipped.extend(dropped);
+    let (mut session, providers) = match built {
+        Ok(b) => b,
+        Err(e) if e == NO_GPU_LEFT => return Err(no_gpu(&skipped)),
+        Err(e) => return Err(RuntimeError::NoProvider { model: model.into(), attempts: skipped.iter().cloned().chain([e]).collect::<Vec<_>>().join("; ") }),
+    };
+    let gpu = providers.iter().any(|p| p.is_gpu());
+    let started = Instant::now();
+    let placement = warm_up(&mut session, spec, gpu).map_err(|message| RuntimeError::WarmUp { model: model.into(), message })?;
+    let warm_up_ms = started.elapsed().as_secs_f64() * 1e3;
+    if cfg.require_gpu {
+        if let Some(cpu) = placement.iter().find(|p| p.provider == CPU::NAME && p.nodes > 0) {
+            return Err(RuntimeError::CpuNodes { model: model.into(), nodes: cpu.nodes, placement: placement_text(&placement) });
+        }
+    }
+    let provider = placement.first().map(|p| p.provider.clone()).unwrap_or_else(|| provider_name(providers[0]).to_string());
+    let registered: Vec<&'static str> = providers.iter().map(|&p| provider_name(p)).collect();
+    tracing::info!(model, provider = %provider, registered = %registered.join(","), placement = %placement_text(&placement), warm_up_ms, skipped = %skipped.join("; "), "model session created");
+    Ok(ProvidedSession { session, provider, registered, skipped, placement, warm_up_ms })
 }
 
 impl InferenceConfig {
@@ -159,9 +443,91 @@ impl InferenceConfig {
     /// does not end with it, so fallback always has somewhere to go.
     pub fn inference_order(&self) -> Vec<Provider> {
         let mut v = self.providers.clone();
-        if self.on_provider_failure == ProviderFailure::Fallback && !v.contains(&Provider::Cpu) {
+        if self.on_provider_failure == ProviderFailure::Fallback && !self.require_gpu && !v.contains(&Provider::Cpu) {
             v.push(Provider::Cpu);
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Provider::*;
+
+    #[test]
+    fn a_provider_that_fails_to_register_is_dropped_and_the_rest_share_one_session() {
+        let mut tries = Vec::new();
+        let (built, dropped) = build_on_providers(vec![Tensorrt, Cuda, Cpu], |ps| {
+            tries.push(ps.to_vec());
+            if ps.contains(&Tensorrt) {
+                Err(BuildError::Register(Tensorrt, "libnvinfer.so.10: cannot open shared object file".into()))
+            } else {
+                Ok("session")
+            }
+        });
+        assert_eq!(built.unwrap(), ("session", vec![Cuda, Cpu]));
+        assert_eq!(tries, vec![vec![Tensorrt, Cuda, Cpu], vec![Cuda, Cpu]]);
+        assert_eq!(dropped, vec!["TensorrtExecutionProvider: registered but failed: libnvinfer.so.10: cannot open shared object file".to_string()]);
+    }
+
+    #[test]
+    fn a_session_that_fails_to_build_drops_gpu_providers_in_order_down_to_the_cpu() {
+        let (built, dropped) = build_on_providers(vec![Tensorrt, Cuda, Cpu], |ps| if ps.iter().any(|p| p.is_gpu()) { Err(BuildError::Commit("invalid device ordinal".into())) } else { Ok(()) });
+        assert_eq!(built.unwrap().1, vec![Cpu]);
+        assert_eq!(dropped.len(), 2);
+        assert!(dropped[0].starts_with("TensorrtExecutionProvider: session failed") && dropped[1].starts_with("CUDAExecutionProvider: session failed"), "{dropped:?}");
+        // the CPU failing too is the end
+        let (built, _) = build_on_providers(vec![Cuda, Cpu], |_| Err::<(), _>(BuildError::Commit("bad model".into())));
+        assert_eq!(built.unwrap_err(), "bad model");
+        // no CPU in the list: nothing is left once the GPU providers are gone
+        let (built, dropped) = build_on_providers(vec![Cuda], |_| Err::<(), _>(BuildError::Register(Cuda, "no device".into())));
+        assert!(built.is_err() && dropped.len() == 1);
+    }
+
+    #[test]
+    fn the_profile_says_where_nodes_ran_and_for_how_long() {
+        let json = r#"[
+            {"cat":"Session","name":"model_run","dur":900,"args":{}},
+            {"cat":"Node","name":"fc1_kernel_time","dur":300,"args":{"op_name":"Gemm","provider":"CUDAExecutionProvider"}},
+            {"cat":"Node","name":"fc1_fence_before","dur":1,"args":{"op_name":"Gemm"}},
+            {"cat":"Node","name":"fc1_kernel_time","dur":300,"args":{"op_name":"Gemm","provider":"CUDAExecutionProvider"}},
+            {"cat":"Node","name":"relu_kernel_time","dur":200,"args":{"op_name":"Relu","provider":"CUDAExecutionProvider"}},
+            {"cat":"Node","name":"argmax_kernel_time","dur":200,"args":{"op_name":"ArgMax","provider":"CPUExecutionProvider"}}
+        ]"#;
+        let p = placement_from_profile(json).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].provider.as_str(), p[0].nodes), ("CUDAExecutionProvider", 2));
+        assert!((p[0].node_share - 2.0 / 3.0).abs() < 1e-9 && (p[0].time_share - 0.8).abs() < 1e-9, "{p:?}");
+        assert_eq!((p[1].provider.as_str(), p[1].nodes), ("CPUExecutionProvider", 1));
+        assert!(placement_from_profile("[]").is_err());
+    }
+
+    #[test]
+    fn warm_up_covers_the_batchers_shapes_on_a_gpu_and_one_row_on_the_cpu() {
+        assert_eq!(warm_up_rows(1024, 512, false), vec![1]);
+        assert_eq!(warm_up_rows(1024, 512, true), vec![1, 512, 1024]);
+        assert_eq!(warm_up_rows(32, 32, true), vec![1, 32]);
+        assert_eq!(warm_up_rows(1, 16, true), vec![1]);
+    }
+
+    #[test]
+    fn gpu_provider_names() {
+        assert!(is_gpu_provider("CUDAExecutionProvider") && is_gpu_provider("CPUExecutionProvider+TensorrtExecutionProvider"));
+        assert!(!is_gpu_provider("CPUExecutionProvider") && !is_gpu_provider("none"));
+    }
+
+    #[test]
+    fn wheel_library_dirs_are_found_next_to_the_onnxruntime_library() {
+        let site = tempfile::tempdir().unwrap();
+        let sp = site.path().join("lib/python3.11/site-packages");
+        for d in ["onnxruntime/capi", "nvidia/cudnn/lib", "nvidia/cublas/lib", "nvidia/empty/lib"] {
+            std::fs::create_dir_all(sp.join(d)).unwrap();
+        }
+        std::fs::write(sp.join("nvidia/cudnn/lib/libcudnn.so.9"), b"").unwrap();
+        std::fs::write(sp.join("nvidia/cublas/lib/libcublas.so.13"), b"").unwrap();
+        let dirs = wheel_library_dirs(&sp.join("onnxruntime/capi/libonnxruntime.so.1.31.0"));
+        assert_eq!(dirs, vec![sp.join("nvidia/cublas/lib"), sp.join("nvidia/cudnn/lib")]);
+        assert!(wheel_library_dirs(Path::new("/usr/lib/libonnxruntime.so")).is_empty());
     }
 }

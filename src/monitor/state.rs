@@ -183,6 +183,7 @@ impl MonitorState {
         let p = self.window_mut(&Subject::pipeline(), range);
         p.count += 1;
         p.errors += r.error_code.is_some() as u64;
+        p.gpu_results += crate::inference::runtime::is_gpu_provider(&r.provider) as u64;
         p.latency.record_ms(r.end_to_end_ms);
         if let Some(rss) = r.process_rss_bytes {
             p.max_rss_bytes = p.max_rss_bytes.max(rss.max(0) as u64);

@@ -37,6 +37,20 @@ impl Collector for Figures {
         if let Some(rss) = crate::telemetry::rss_bytes_of_self() {
             gauge(&mut enc, "payslip_process_resident_memory_bytes", "Resident memory of this process.", rss as f64)?;
         }
+        if let Some(devices) = crate::inference::gpu::gpu_memory() {
+            let mut used = enc.encode_descriptor("payslip_gpu_memory_used_bytes", "Memory in use on the GPU (all processes), from NVML.", None, MetricType::Gauge)?;
+            for d in &devices {
+                ConstGauge::new(d.used_bytes as f64).encode(used.encode_family(&[("device", d.index.to_string().as_str()), ("name", d.name.as_str())])?)?;
+            }
+            let mut total = enc.encode_descriptor("payslip_gpu_memory_total_bytes", "Memory of the GPU, from NVML.", None, MetricType::Gauge)?;
+            for d in &devices {
+                ConstGauge::new(d.total_bytes as f64).encode(total.encode_family(&[("device", d.index.to_string().as_str()), ("name", d.name.as_str())])?)?;
+            }
+            let mut mine = enc.encode_descriptor("payslip_gpu_process_memory_bytes", "GPU memory this process holds, from NVML (absent where the driver does not list the process).", None, MetricType::Gauge)?;
+            for d in devices.iter().filter(|d| d.process_bytes.is_some()) {
+                ConstGauge::new(d.process_bytes.unwrap_or_default() as f64).encode(mine.encode_family(&[("device", d.index.to_string().as_str())])?)?;
+            }
+        }
         if let Some(ticks) = crate::telemetry::clock_ticks_of_self() {
             let m = enc.encode_descriptor("payslip_process_cpu_seconds", "CPU time (user and system) of this process.", None, MetricType::Counter)?;
             ConstCounter::new(ticks as f64 / 100.0).encode(m)?;
@@ -55,6 +69,19 @@ impl Collector for Figures {
                     let provider = m.provider.clone().unwrap_or_default();
                     let loaded = (m.state == LoadState::Loaded) as i64;
                     ConstGauge::new(loaded).encode(fam.encode_family(&[("model", m.model.as_str()), ("version", m.version.as_str()), ("provider", provider.as_str())])?)?;
+                }
+            }
+            {
+                let mut fam = enc.encode_descriptor(
+                    "payslip_model_node_share",
+                    "Share of a loaded version's graph nodes its profiled warm-up ran on each execution provider (1 on one provider; below 1 when ONNX Runtime placed some nodes elsewhere).",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for m in &status {
+                    for p in &m.placement {
+                        ConstGauge::new(p.node_share).encode(fam.encode_family(&[("model", m.model.as_str()), ("version", m.version.as_str()), ("provider", p.provider.as_str())])?)?;
+                    }
                 }
             }
             {

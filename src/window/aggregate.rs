@@ -126,6 +126,10 @@ pub struct WindowAggregate {
     pub cpu_samples: u64,
     /// Longest model load time reported by results in the window.
     pub max_load_ms: f64,
+    /// Results (pipeline subject) whose models ran on a GPU provider: the window is a GPU host's,
+    /// and rules with `on_gpu` thresholds use them.
+    #[serde(default)]
+    pub gpu_results: u64,
     /// ONNX Runtime runs of this subject by batch size (documents per run): moments of ln(run time
     /// in ms), each run weighted 1 (each of its documents adds 1/batch size). What the rollout
     /// compares latency on: runs, corrected for batch size (see `rollout::stats`).
@@ -236,6 +240,7 @@ impl WindowAggregate {
         self.max_cpu_percent = self.max_cpu_percent.max(o.max_cpu_percent);
         self.cpu_samples += o.cpu_samples;
         self.max_load_ms = self.max_load_ms.max(o.max_load_ms);
+        self.gpu_results += o.gpu_results;
         for (k, m) in &o.runs {
             self.runs.entry(*k).or_default().merge(m);
         }

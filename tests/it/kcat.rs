@@ -46,13 +46,17 @@ async fn kcat_json_document_gets_a_result_kcat_can_read() {
     let mut parts = lines[0].splitn(3, '\t');
     let (key, headers, value) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
     assert_eq!(key, doc.document_id);
-    for expected in ["content-type=application/json", "schema=payslip.v1.InferenceResult", "trace-id=kcat-trace-1", "provider=CPUExecutionProvider"] {
+    for expected in ["content-type=application/json", "schema=payslip.v1.InferenceResult", "trace-id=kcat-trace-1", "provider="] {
         assert!(headers.contains(expected), "header {expected} missing in {headers}");
     }
     assert!(headers.contains(&format!("result-id={}", InferenceResult::id_for(&doc.document_id))), "{headers}");
     assert!(headers.contains("model-versions=document_classifier=1.0.0"), "{headers}");
     let result: InferenceResult = serde_json::from_str(value).expect("value is JSON");
     assert_eq!(result.document_id, doc.document_id);
+    // the provider header and field say what ran the outputs
+    let ran = result.outputs.iter().map(|o| o.provider.as_str()).collect::<Vec<_>>();
+    assert_eq!(result.provider, payslip_stream::inference::provider_of(ran.iter().copied()), "{value}");
+    assert!(headers.contains(&format!("provider={}", result.provider)) && result.provider.ends_with("ExecutionProvider"), "{headers}");
     assert_eq!(result.true_format, doc.labels.map(|l| l.format));
     assert!(result.output("document_classifier").unwrap().label.is_some());
 }

@@ -5,8 +5,8 @@ use std::{path::Path, process::Command, time::Duration};
 
 use payslip_stream::{
     codec::WireFormat,
-    config::{InferenceConfig, Provider, ProviderFailure},
-    inference::{codes, ModelRegistry},
+    config::{CudaConfig, InferenceConfig, Provider, ProviderFailure},
+    inference::{codes, runtime, ModelRegistry},
     produce::{self, ProduceOptions, Source},
 };
 
@@ -81,24 +81,86 @@ async fn tampered_model_is_refused_and_the_rest_keep_serving() {
     assert!(stderr.contains("1 model version(s) refused"), "{stderr}");
 }
 
-#[test]
-fn unavailable_gpu_provider_falls_back_to_cpu_and_says_so() {
+/// Whether the loaded ONNX Runtime build has the CUDA provider (the GPU wheel); the provider tests
+/// take the branch the host offers and assert what must hold on it.
+fn cuda_in_build() -> bool {
     let cfg = repo_config();
-    let inf = InferenceConfig { providers: vec![Provider::Cuda, Provider::Cpu], ..InferenceConfig::default() };
+    runtime::environment(&cfg.inference).unwrap();
+    runtime::provider_available(Provider::Cuda).unwrap()
+}
+
+#[test]
+fn a_gpu_provider_that_cannot_run_falls_back_to_the_cpu_and_says_why() {
+    let cfg = repo_config();
+    // on a GPU build, an invalid device id is the seam: CUDA is in the build, registered, and fails
+    let cuda = CudaConfig { device_id: 99, ..CudaConfig::default() };
+    let inf = InferenceConfig { providers: vec![Provider::Cuda, Provider::Cpu], cuda, shapes: cfg.inference.shapes, ..InferenceConfig::default() };
     let reg = ModelRegistry::load(&cfg.models, &inf, &[]).unwrap();
-    for s in reg.status() {
+    let why = if cuda_in_build() { "CUDAExecutionProvider: registered but failed" } else { "CUDAExecutionProvider: not included in this ONNX Runtime build" };
+    let status = reg.status();
+    assert_eq!(status.len(), 3);
+    for s in &status {
         assert_eq!(s.state, "loaded");
         assert_eq!(s.provider.as_deref(), Some("CPUExecutionProvider"));
-        assert!(s.skipped_providers.iter().any(|p| p.starts_with("CUDAExecutionProvider")), "{:?}", s.skipped_providers);
+        assert_eq!(s.registered_providers, vec!["CPUExecutionProvider".to_string()]);
+        // observed: the profiled warm-up ran every node on the CPU
+        assert_eq!(s.placement.len(), 1, "{:?}", s.placement);
+        assert_eq!((s.placement[0].provider.as_str(), s.placement[0].node_share), ("CPUExecutionProvider", 1.0));
+        assert!(s.placement[0].nodes >= 1 && s.warm_up_ms.is_some());
+        assert!(s.skipped_providers.iter().any(|p| p.starts_with(why)), "{:?}", s.skipped_providers);
     }
     assert_eq!(reg.provider(), "CPUExecutionProvider");
+}
 
-    // on_provider_failure: fail refuses instead of silently running on CPU
-    let strict = InferenceConfig { providers: vec![Provider::Cuda, Provider::Cpu], on_provider_failure: ProviderFailure::Fail, ..InferenceConfig::default() };
+#[test]
+fn fail_and_require_gpu_refuse_a_model_without_a_gpu_provider_and_say_why() {
+    let cfg = repo_config();
+    let broken = CudaConfig { device_id: 99, ..CudaConfig::default() };
+    // on_provider_failure: fail means "fail unless a GPU provider loaded"
+    let strict = InferenceConfig { providers: vec![Provider::Cuda, Provider::Cpu], on_provider_failure: ProviderFailure::Fail, cuda: broken.clone(), shapes: cfg.inference.shapes, ..InferenceConfig::default() };
     let reg = ModelRegistry::load(&cfg.models, &strict, &[]).unwrap();
     for s in reg.status() {
         assert_eq!(s.state, "refused");
-        assert!(s.reason.as_deref().unwrap().contains("CUDAExecutionProvider"), "{:?}", s.reason);
+        let reason = s.reason.unwrap();
+        assert!(reason.contains("on_provider_failure is fail and no GPU provider registered") && reason.contains("CUDAExecutionProvider"), "{reason}");
+        assert!(s.provider.is_none());
+    }
+    // require_gpu: the same without a GPU provider
+    let gpu_only = InferenceConfig { providers: vec![Provider::Cuda, Provider::Cpu], require_gpu: true, cuda: broken, shapes: cfg.inference.shapes, ..InferenceConfig::default() };
+    let reg = ModelRegistry::load(&cfg.models, &gpu_only, &[]).unwrap();
+    for s in reg.status() {
+        assert_eq!(s.state, "refused");
+        assert!(s.reason.as_deref().unwrap().contains("require_gpu is true and no GPU provider registered"), "{:?}", s.reason);
+    }
+    // and the stage: a required model that is refused stops it before it reads anything (models verify exits non-zero)
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0'}}\ninference:\n  providers: [cuda, cpu]\n  require_gpu: true\n  cuda: {{device_id: 99}}\n",
+        repo().join("models/model_metadata.json").display()
+    );
+    let cfg_path = dir.path().join("pipeline.yaml");
+    std::fs::write(&cfg_path, yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_payslip-stream")).args(["models", "verify", "--config"]).arg(&cfg_path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("require_gpu is true"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn on_a_gpu_build_the_session_holds_every_provider_and_the_warm_up_says_where_nodes_ran() {
+    if !cuda_in_build() {
+        // a CPU build: the provider list is CPU alone, which the tests above cover
+        eprintln!("CPU build of ONNX Runtime: the GPU branch of the provider tests does not apply here");
+        return;
+    }
+    let cfg = repo_config();
+    let inf = InferenceConfig { providers: vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu], shapes: cfg.inference.shapes, ..InferenceConfig::default() };
+    let reg = ModelRegistry::load(&cfg.models, &inf, &[]).unwrap();
+    for s in reg.status() {
+        assert_eq!(s.state, "loaded", "{:?}", s.reason);
+        assert!(s.registered_providers.contains(&"CUDAExecutionProvider".to_string()), "{:?}", s.registered_providers);
+        let shares: f64 = s.placement.iter().map(|p| p.node_share).sum();
+        assert!((shares - 1.0).abs() < 1e-9, "{:?}", s.placement);
+        assert!(payslip_stream::inference::runtime::is_gpu_provider(s.provider.as_deref().unwrap()), "{:?}", s.placement);
     }
 }
 

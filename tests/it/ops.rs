@@ -223,7 +223,8 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     assert_eq!(m["status"], "healthy");
     let checks = m["models"].as_array().unwrap();
     assert_eq!(checks.len(), 3, "{m}");
-    assert!(checks.iter().all(|c| c["ok"] == true && c["provider"] == "CPUExecutionProvider" && c["test_inference_ms"].as_f64().is_some()), "{m}");
+    // the provider is the one the warm-up observed running most of the model (any host)
+    assert!(checks.iter().all(|c| c["ok"] == true && c["provider"] == c["placement"][0]["provider"] && c["test_inference_ms"].as_f64().is_some()), "{m}");
     let (status, t) = api.request("POST", "/models/test-load", None, Some(r#"{"model_type": "document_classifier", "version": "1.1.0"}"#)).await;
     assert_eq!(status, 200, "{t}");
     assert_eq!((t["model"].clone(), t["version"].clone(), t["ok"].clone()), (Value::from("document_classifier"), Value::from("1.1.0"), Value::from(true)));
