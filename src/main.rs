@@ -18,6 +18,19 @@ use payslip_stream::{
     produce::{self, ProduceOptions, Source},
 };
 
+/// Prints each model version's status as a JSON line; fails when any version was refused.
+fn print_model_status(registry: &ModelRegistry, consequence: &str) -> Result<()> {
+    let mut refused = 0;
+    for s in registry.status() {
+        println!("{}", serde_json::to_string(&s)?);
+        refused += (s.state != LoadState::Loaded) as usize;
+    }
+    if refused > 0 {
+        bail!("{refused} model version(s) refused{consequence}");
+    }
+    Ok(())
+}
+
 fn load_config(common: &Common) -> Result<PipelineConfig> {
     let cfg = PipelineConfig::load(&common.config).map_err(|e| anyhow!("{e}"))?;
     let topics = cfg.topics.clone().with_prefix(&common.topic_prefix);
@@ -176,15 +189,15 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 vec![]
             };
             let registry = ModelRegistry::load(&cfg.models, &cfg.inference, &extra).map_err(|e| anyhow!(e))?;
-            let mut refused = 0;
-            for s in registry.status() {
-                println!("{}", serde_json::to_string(&s)?);
-                refused += (s.state != LoadState::Loaded) as usize;
+            print_model_status(&registry, "")
+        }
+        Command::Models { command: ModelsCommand::Bench { common, docs, rounds } } => {
+            let cfg = load_config(&common)?;
+            let registry = ModelRegistry::load(&cfg.models, &cfg.inference, &[]).map_err(|e| anyhow!(e))?;
+            for round in payslip_stream::inference::bench::run(&cfg, &registry, docs, rounds).map_err(|e| anyhow!(e))? {
+                println!("{}", serde_json::to_string(&round)?);
             }
-            if refused > 0 {
-                bail!("{refused} model version(s) refused");
-            }
-            Ok(())
+            print_model_status(&registry, ": their outputs were MODEL_UNAVAILABLE")
         }
         Command::Openapi => {
             print!("{}", payslip_stream::ops::server::openapi_text());

@@ -375,6 +375,20 @@ pub enum ModelsCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Time the served models on synthetic documents in the batches the stage makes, without
+    /// Kafka: per round, documents per second, ONNX Runtime's share of the time, resident and GPU
+    /// memory; then each version's provider and node placement. One JSON line per round, then
+    /// the status lines. What `scripts/gpu-check` compares providers with.
+    Bench {
+        #[command(flatten)]
+        common: Common,
+        /// Documents per round.
+        #[arg(long, default_value_t = 2000)]
+        docs: u64,
+        /// Rounds over the same documents (the first pays for first-run allocations).
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
 }
 
 #[derive(Subcommand)]

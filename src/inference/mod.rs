@@ -16,6 +16,7 @@
 //! (`inference.run_attempts`, with backoff, each retry on a rebuilt session), and if every try fails
 //! `infer` returns [`RunFailure`] instead of answers, so the caller acknowledges nothing.
 
+pub mod bench;
 pub mod gpu;
 pub mod metadata;
 pub mod preprocess;

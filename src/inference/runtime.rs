@@ -359,9 +359,9 @@ fn build_session(env: &ort::environment::Environment, cfg: &InferenceConfig, spe
     }
     b = b.with_profiling(profile).map_err(commit)?;
     for &p in providers {
-        dispatch(cfg, p, spec).register(&mut b).map_err(|e| BuildError::Register(p, e.to_string()))?;
+        dispatch(cfg, p, spec).register(&mut b).map_err(|e| BuildError::Register(p, e.to_string().trim().to_string()))?;
     }
-    b.commit_from_memory(bytes).map_err(|e| BuildError::Commit(e.to_string()))
+    b.commit_from_memory(bytes).map_err(|e| BuildError::Commit(e.to_string().trim().to_string()))
 }
 
 /// Runs the warm-up shapes on zero inputs with profiling on, ends profiling and reads where the
@@ -405,7 +405,11 @@ pub fn session_for(cfg: &InferenceConfig, spec: &SessionSpec, bytes: &[u8]) -> R
     if policy.is_some() && !order.iter().any(|p| p.is_gpu()) {
         return Err(no_gpu(&skipped));
     }
-    let profile = std::env::temp_dir().join(format!("payslip-ort-profile-{}-{model}", std::process::id()));
+    // ONNX Runtime names the file prefix + a timestamp in seconds: sessions of the same model built
+    // at the same time (a health check beside a rebuild, tests) need prefixes of their own
+    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let profile = std::env::temp_dir().join(format!("payslip-ort-profile-{}-{n}-{model}", std::process::id()));
     const NO_GPU_LEFT: &str = "no GPU provider left";
     let (built, dropped) = build_on_providers(order, |ps| {
         // under a GPU policy a session on the CPU alone is not built at all
