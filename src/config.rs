@@ -531,7 +531,14 @@ pub struct ModelsConfig {
     /// version that cannot be loaded stops the stage before it consumes anything.
     #[serde(default)]
     pub allow_degraded: Vec<String>,
+    /// A version that nothing routes to any more (a candidate rolled back, a baseline replaced by a
+    /// promoted candidate) is unloaded after this many milliseconds, so memory does not grow with
+    /// every rollout. The wait lets batches routed before the decision finish on it.
+    #[serde(default = "default_unload_after_ms")]
+    pub unload_after_ms: u64,
 }
+
+fn default_unload_after_ms() -> u64 { 30_000 }
 
 /// Execution providers, in the order they are tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -898,6 +905,9 @@ impl PipelineConfig {
         }
         if self.models.serve.is_empty() {
             return Err(invalid("models.serve", format!("is empty; name a version for each of {MODEL_NAMES:?}")));
+        }
+        if self.models.unload_after_ms < 100 {
+            return Err(invalid("models.unload_after_ms", "must be at least 100 (batches routed before a decision finish on the version meanwhile)"));
         }
         for name in &self.models.allow_degraded {
             if !MODEL_NAMES.contains(&name.as_str()) {

@@ -23,7 +23,7 @@ fn print_model_status(registry: &ModelRegistry, consequence: &str) -> Result<()>
     let mut refused = 0;
     for s in registry.status() {
         println!("{}", serde_json::to_string(&s)?);
-        refused += (s.state != LoadState::Loaded) as usize;
+        refused += (s.state == LoadState::Refused) as usize;
     }
     if refused > 0 {
         bail!("{refused} model version(s) refused{consequence}");
@@ -198,6 +198,23 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&round)?);
             }
             print_model_status(&registry, ": their outputs were MODEL_UNAVAILABLE")
+        }
+        Command::Models { command: ModelsCommand::Backup { common, to } } => {
+            let cfg = load_config(&common)?;
+            let (dir, manifest) = payslip_stream::inference::backup::backup(&cfg.models.metadata, &to).map_err(|e| anyhow!(e))?;
+            println!("{}", serde_json::json!({"backup": dir.display().to_string(), "files": manifest.files, "created_at": manifest.created_at}));
+            Ok(())
+        }
+        Command::Models { command: ModelsCommand::Restore { common, from, date, check } } => {
+            use payslip_stream::inference::backup;
+            let cfg = load_config(&common)?;
+            let dir = backup::locate(&from, date.as_deref()).map_err(|e| anyhow!(e))?;
+            let done = backup::restore(&dir, &cfg.models.metadata, check).map_err(|e| anyhow!(e))?;
+            println!("{}", serde_json::to_string(&done)?);
+            if !check {
+                eprintln!("restored {} file(s) from {} ({} replaced); infer processes load the restored files at their next load (restart them, or `payslip-stream models verify` first)", done.files, done.backup, done.replaced.len());
+            }
+            Ok(())
         }
         Command::Openapi => {
             print!("{}", payslip_stream::ops::server::openapi_text());

@@ -389,6 +389,29 @@ pub enum ModelsCommand {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+    /// Back up the model repository (models.metadata and every file it lists, each verified
+    /// against its sha256 first) into DIR/YYYY-MM-DD.
+    Backup {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restore the model repository from a backup: every file verified against the backup's
+    /// sha256 before anything is written; the whole restore is refused on a mismatch.
+    Restore {
+        #[command(flatten)]
+        common: Common,
+        /// A backup directory, or the directory of dated backups (the latest is taken).
+        #[arg(long)]
+        from: PathBuf,
+        /// The backup of this day (YYYY-MM-DD) in --from.
+        #[arg(long)]
+        date: Option<String>,
+        /// Verify the backup and say what would change, without writing.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -16,6 +16,7 @@
 //! (`inference.run_attempts`, with backoff, each retry on a rebuilt session), and if every try fails
 //! `infer` returns [`RunFailure`] instead of answers, so the caller acknowledges nothing.
 
+pub mod backup;
 pub mod bench;
 pub mod gpu;
 pub mod metadata;
@@ -84,6 +85,8 @@ text_enum! {
     pub enum LoadState {
         Loaded = "loaded",
         Refused = "refused",
+        /// Loaded earlier, unloaded once nothing routed to it (loaded again if something does).
+        Unloaded = "unloaded",
     }
 }
 
@@ -168,6 +171,8 @@ pub struct ModelRegistry {
     run_retries: AtomicU64,
     /// Run time and batch size of every successful model run, per version.
     runs: stats::RunStats,
+    /// Loaded versions that routing no longer names, and since when ([`ModelRegistry::retire_unrouted`]).
+    unrouted: Mutex<BTreeMap<(String, String), Instant>>,
 }
 
 /// Wait before the first retry of a failed run; each further retry waits 4 times longer.
@@ -217,6 +222,7 @@ impl ModelRegistry {
             load_lock: Mutex::new(()),
             run_retries: AtomicU64::new(0),
             runs: stats::RunStats::default(),
+            unrouted: Mutex::new(BTreeMap::new()),
         };
         for (name, version) in wanted {
             registry.ensure_loaded(&name, &version);
@@ -323,6 +329,44 @@ impl ModelRegistry {
             load_ms: 0.0,
         };
         Ok((model, ps.skipped))
+    }
+
+    /// Sessions held (one per loaded version).
+    pub fn session_count(&self) -> usize {
+        self.loaded.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Unloads the loaded versions that `in_use` has not named for `grace`: their sessions and
+    /// memory go as soon as no batch holds them (a batch in flight keeps its own reference). A
+    /// version named again before the grace is over stays. Returns the versions unloaded.
+    pub fn retire_unrouted(&self, in_use: &std::collections::BTreeSet<(String, String)>, grace: Duration) -> Vec<(String, String)> {
+        let now = Instant::now();
+        let loaded: Vec<(String, String)> = self.loaded.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut unrouted = self.unrouted.lock().unwrap_or_else(|p| p.into_inner());
+        unrouted.retain(|k, _| !in_use.contains(k) && loaded.contains(k));
+        let mut gone = Vec::new();
+        for key in loaded.into_iter().filter(|k| !in_use.contains(k)) {
+            let since = *unrouted.entry(key.clone()).or_insert(now);
+            if now.duration_since(since) >= grace {
+                gone.push(key);
+            }
+        }
+        if gone.is_empty() {
+            return gone;
+        }
+        let _one_at_a_time = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loaded = self.loaded.write().unwrap_or_else(|p| p.into_inner());
+        let mut status = self.status.write().unwrap_or_else(|p| p.into_inner());
+        for key in &gone {
+            unrouted.remove(key);
+            loaded.remove(key);
+            if let Some(s) = status.iter_mut().find(|s| s.model == key.0 && s.version == key.1) {
+                s.state = LoadState::Unloaded;
+                s.reason = Some(format!("unloaded: no rollout or served version routed to it for {} ms", grace.as_millis()));
+            }
+            tracing::info!(model = %key.0, version = %key.1, sessions = loaded.len(), "model version unloaded: nothing routes to it");
+        }
+        gone
     }
 
     pub fn status(&self) -> Vec<ModelStatus> {

@@ -84,6 +84,7 @@ impl Collector for Figures {
                     }
                 }
             }
+            gauge(&mut enc, "payslip_model_sessions", "ONNX Runtime sessions held (one per loaded model version; versions nothing routes to are unloaded).", registry.session_count() as f64)?;
             {
                 let mut fam = enc.encode_descriptor("payslip_model_load_seconds", "Time it took to load the model version.", None, MetricType::Gauge)?;
                 for m in &status {

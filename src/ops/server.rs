@@ -149,7 +149,7 @@ fn overall(ops: &OpsState) -> (&'static str, Vec<String>) {
         }
     }
     if let Some(r) = ops.registry() {
-        for m in r.status().iter().filter(|m| m.state != LoadState::Loaded && r.served_versions().get(&m.model) == Some(&m.version)) {
+        for m in r.status().iter().filter(|m| m.state == LoadState::Refused && r.served_versions().get(&m.model) == Some(&m.version)) {
             degraded.push(format!("served model {} {} is not loaded: {}", m.model, m.version, m.reason.clone().unwrap_or_default()));
         }
     }

@@ -10,9 +10,14 @@
 //! so an EMERGENCY_ROLLBACK reaches routing as soon as the broker delivers it (typically well under a
 //! second). If the topic cannot be read at start (broker slow, topic just created), the stage still
 //! starts, routing every document to the baseline (never to a candidate it has not seen a decision
-//! for), says so in its log, and keeps retrying in the background. Candidate versions are loaded before the split that needs them is applied. Routing is
-//! per document at the moment its batch runs; each result records the cohort, the versions that ran
-//! and the decision it was routed under (`rollout` header).
+//! for), says so in its log, and keeps retrying in the background.
+//!
+//! Candidate versions are loaded, and warmed up at the batcher's shapes, before the split that needs
+//! them is applied, so no document waits for a load. A version nothing routes to any more (a
+//! candidate rolled back, a baseline replaced by a promoted candidate) is unloaded once it has gone
+//! `models.unload_after_ms` unrouted, time for batches routed before the decision to finish on it.
+//! Routing is per document at the moment its batch runs; each result records the cohort, the
+//! versions that ran and the decision it was routed under (`rollout` header).
 
 use std::{
     collections::BTreeMap,
@@ -87,6 +92,14 @@ impl Routing {
 
     pub fn latest(&self, rollout_id: &str) -> Option<&RolloutDecision> {
         self.latest.get(rollout_id)
+    }
+
+    /// Every (model, version) a document can be routed to now: the baselines (promoted versions in
+    /// place of the configured ones) and the candidate of each rollout sending traffic.
+    pub fn versions_in_use(&self, serve: &BTreeMap<String, String>) -> std::collections::BTreeSet<(String, String)> {
+        let mut v: std::collections::BTreeSet<(String, String)> = serve.iter().map(|(m, v)| (m.clone(), self.promoted.get(m).unwrap_or(v).clone())).collect();
+        v.extend(self.active().map(|d| (d.model.clone(), d.candidate_version.clone())));
+        v
     }
 
     /// The route of a document of `user_id`, given the configured baseline versions.
@@ -202,9 +215,14 @@ impl Follower {
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
             let (routing, stop, cfg, brokers) = (routing.clone(), stop.clone(), cfg.clone(), brokers.to_string());
+            let grace = Duration::from_millis(cfg.models.unload_after_ms);
             std::thread::Builder::new().name("rollout-follower".into()).spawn(move || {
                 let mut consumer = first.ok();
                 while !stop.load(Ordering::Relaxed) {
+                    // versions nothing routes to any more are unloaded once batches routed before
+                    // the decision had time to finish on them
+                    let in_use = routing.read().unwrap_or_else(|p| p.into_inner()).versions_in_use(registry.served_versions());
+                    registry.retire_unrouted(&in_use, grace);
                     let Some(c) = &consumer else {
                         std::thread::sleep(Duration::from_secs(2));
                         match catch_up(&cfg, &brokers, |d| take(&routing, &registry, d, false)) {

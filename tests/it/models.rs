@@ -181,6 +181,106 @@ fn sessions_of_the_same_models_built_at_once_in_one_process_all_load() {
     }
 }
 
+/// Publishes a decision as the controller would.
+async fn publish_decision(cfg: &payslip_stream::config::PipelineConfig, d: &payslip_stream::rollout::records::RolloutDecision) {
+    let payload = payslip_stream::codec::encode(d, WireFormat::Json).unwrap();
+    let p: rdkafka::producer::FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).create().unwrap();
+    let hs = payslip_stream::kafka::headers::HeaderSet::new().with("content-type", "application/json").build();
+    p.send(rdkafka::producer::FutureRecord::to(&cfg.topics.decisions).key(&d.rollout_id).payload(&payload).headers(hs), Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_is_warm_before_it_takes_traffic_and_unloaded_once_nothing_routes_to_it() {
+    use payslip_stream::rollout::{action, routing::Follower, Action, Controller, RolloutCommand};
+    let mut cfg = isolated_config("unload").await;
+    cfg.models.unload_after_ms = 300;
+    let registry = load_registry(&cfg);
+    assert_eq!(registry.session_count(), 3);
+    let mut controller = Controller::default();
+    let cmd = |a: Action| RolloutCommand { command_id: unique("cmd"), rollout_id: "unload".into(), action: a.into(), operator: "test".into(), reason: None, model: Some("document_classifier".into()), version: Some("1.1.0".into()), issued_at: 0 };
+    publish_decision(&cfg, &controller.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::START))).await;
+
+    // the follower reads the decisions to their end before the stage takes documents: the
+    // candidate is loaded and warmed up before any document is routed to it
+    let follower = {
+        let (cfg, registry) = (cfg.clone(), registry.clone());
+        tokio::task::spawn_blocking(move || Follower::start(&cfg, &brokers(), registry)).await.unwrap()
+    };
+    assert_eq!(registry.session_count(), 4);
+    let candidate = registry.status().into_iter().find(|s| s.version == "1.1.0").unwrap();
+    assert_eq!(candidate.state, "loaded");
+    assert!(candidate.warm_up_ms.is_some() && !candidate.placement.is_empty(), "{candidate:?}");
+    let routing = follower.routing();
+    let canary_user = (0..10_000).map(|i| format!("user-{i}")).find(|u| routing.read().unwrap().route(registry.served_versions(), u).cohort == "canary").unwrap();
+
+    // a rollback: nothing routes to 1.1.0 any more, and after unload_after_ms its session is gone
+    publish_decision(&cfg, &controller.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::EMERGENCY_ROLLBACK))).await;
+    let started = std::time::Instant::now();
+    while registry.session_count() != 3 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the rolled-back candidate is still loaded: {:?}", registry.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!registry.is_loaded("document_classifier", "1.1.0"));
+    let candidate = registry.status().into_iter().find(|s| s.version == "1.1.0").unwrap();
+    assert_eq!(candidate.state, "unloaded", "{candidate:?}");
+    assert_eq!(routing.read().unwrap().route(registry.served_versions(), &canary_user).versions["document_classifier"], "1.0.0");
+    // the baselines stay
+    assert!(["document_classifier", "table_detection", "text_recognition"].iter().all(|m| registry.is_loaded(m, "1.0.0")));
+    drop(follower);
+}
+
+#[test]
+fn models_backup_and_restore_verify_every_sha256_and_a_bad_backup_changes_nothing() {
+    let bin = env!("CARGO_BIN_EXE_payslip-stream");
+    let work = tempfile::tempdir().unwrap();
+    let live = work.path().join("models");
+    std::fs::create_dir_all(&live).unwrap();
+    copy_models(&live);
+    let cfg_path = work.path().join("pipeline.yaml");
+    std::fs::write(&cfg_path, format!("models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0'}}\n", live.join("model_metadata.json").display())).unwrap();
+    let backups = work.path().join("backups");
+    let run = |args: &[&str]| Command::new(bin).args(args).arg("--config").arg(&cfg_path).output().unwrap();
+
+    let out = run(&["models", "backup", "--to", backups.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dated = std::path::PathBuf::from(made["backup"].as_str().unwrap());
+    assert_eq!(dated.parent().unwrap(), backups);
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(live.join("model_metadata.json")).unwrap()).unwrap();
+    let files: std::collections::BTreeSet<&str> = meta["models"].as_array().unwrap().iter().map(|m| m["file"].as_str().unwrap()).collect();
+    assert_eq!(made["files"].as_array().unwrap().len(), files.len(), "every listed file is in the backup: {made}");
+
+    // a live file is damaged and another deleted: the restore (latest backup) puts both back
+    let first = *files.iter().next().unwrap();
+    let last = *files.iter().last().unwrap();
+    std::fs::write(live.join(first), b"not a model").unwrap();
+    std::fs::remove_file(live.join(last)).unwrap();
+    let date = dated.file_name().unwrap().to_str().unwrap();
+    let check = run(&["models", "restore", "--from", backups.to_str().unwrap(), "--date", date, "--check"]);
+    assert!(check.status.success());
+    let would: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(would["replaced"].as_array().unwrap().len(), 2, "{would}");
+    assert_eq!(std::fs::read(live.join(first)).unwrap(), b"not a model", "--check writes nothing");
+    let out = run(&["models", "restore", "--from", backups.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let verify = run(&["models", "verify", "--all"]);
+    assert!(verify.status.success(), "restored models verify: {}", String::from_utf8_lossy(&verify.stdout));
+
+    // a backup whose file was tampered with is refused whole, and the live repository is untouched
+    std::fs::write(dated.join(first), b"tampered").unwrap();
+    std::fs::remove_file(live.join(last)).unwrap();
+    let out = run(&["models", "restore", "--from", dated.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("restore refused, nothing was changed") && err.contains(first), "{err}");
+    assert!(!live.join(last).exists(), "a refused restore writes nothing");
+    // and a tampered live file is never backed up
+    std::fs::write(live.join(first), b"tampered too").unwrap();
+    let out = run(&["models", "backup", "--to", backups.to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("backup refused"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(dated.join(first)).unwrap(), b"tampered", "a refused backup leaves the earlier one alone");
+}
+
 #[test]
 fn models_bench_times_the_served_models_in_the_stages_batches_and_says_what_ran() {
     let out = Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
