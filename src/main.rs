@@ -199,6 +199,37 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
             print_model_status(&registry, ": their outputs were MODEL_UNAVAILABLE")
         }
+        Command::Models { command: ModelsCommand::Optimize { common, model, version, method, new_version } } => {
+            let cfg = load_config(&common)?;
+            let dir = cfg.models.metadata.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            let script = [dir.join("optimize.py"), std::path::PathBuf::from("models/optimize.py")].into_iter().find(|p| p.exists()).ok_or_else(|| {
+                anyhow!("models/optimize.py not found next to {} or under ./models: run from the repository root", cfg.models.metadata.display())
+            })?;
+            let new_version = new_version.unwrap_or_else(|| format!("{version}-{method}"));
+            let python = std::env::var("PAYSLIP_PYTHON").unwrap_or_else(|_| "python3".into());
+            let exe = std::env::current_exe().context("locating this binary for the held-out dump")?;
+            let out = std::process::Command::new(&python)
+                .arg(&script)
+                .args(["--metadata".as_ref(), cfg.models.metadata.as_os_str()])
+                .args(["--model", &model, "--version", &version, "--method", &method, "--as", &new_version])
+                .args(["--bin".as_ref(), exe.as_os_str()])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running {python} {}", script.display()))?;
+            if !out.status.success() {
+                bail!("{} failed ({}); nothing was added to {}", script.display(), out.status, cfg.models.metadata.display());
+            }
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            // the new version loads, verifies and answers like any other
+            let registry = ModelRegistry::load(&cfg.models, &cfg.inference, &[(model.clone(), new_version.clone())]).map_err(|e| anyhow!(e))?;
+            match registry.status().into_iter().find(|s| s.model == model && s.version == new_version) {
+                Some(s) if s.state == LoadState::Loaded => {
+                    eprintln!("{model} {new_version} added to {} as a candidate and loaded on {}; roll it out with rollout.candidate or `rollout start --model {model} --version {new_version}`", cfg.models.metadata.display(), s.provider.unwrap_or_default());
+                    Ok(())
+                }
+                s => bail!("{model} {new_version} was written but does not load: {:?}", s.and_then(|s| s.reason)),
+            }
+        }
         Command::Models { command: ModelsCommand::Backup { common, to } } => {
             let cfg = load_config(&common)?;
             let (dir, manifest) = payslip_stream::inference::backup::backup(&cfg.models.metadata, &to).map_err(|e| anyhow!(e))?;

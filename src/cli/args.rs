@@ -389,6 +389,23 @@ pub enum ModelsCommand {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+    /// Quantize a model version (int8, ONNX Runtime's quantization tooling, models/optimize.py),
+    /// measure it against its source on held-out documents (accuracy, size, batch run time), and
+    /// add it to models.metadata as a candidate with those figures; then load it once to check it.
+    Optimize {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        /// Only int8 (dynamic quantization) for now.
+        #[arg(long, default_value = "int8")]
+        method: String,
+        /// The new version's name (default: VERSION-METHOD).
+        #[arg(long = "as")]
+        new_version: Option<String>,
+    },
     /// Back up the model repository (models.metadata and every file it lists, each verified
     /// against its sha256 first) into DIR/YYYY-MM-DD.
     Backup {

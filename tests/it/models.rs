@@ -282,6 +282,45 @@ fn models_backup_and_restore_verify_every_sha256_and_a_bad_backup_changes_nothin
 }
 
 #[test]
+fn models_optimize_quantizes_a_version_measures_it_against_its_source_and_adds_it_as_a_candidate() {
+    let work = tempfile::tempdir().unwrap();
+    let live = work.path().join("models");
+    std::fs::create_dir_all(&live).unwrap();
+    copy_models(&live);
+    std::fs::copy(repo().join("models/optimize.py"), live.join("optimize.py")).unwrap();
+    std::fs::copy(repo().join("models/train.py"), live.join("train.py")).unwrap();
+    let meta_path = live.join("model_metadata.json");
+    let cfg_path = work.path().join("pipeline.yaml");
+    std::fs::write(&cfg_path, format!("models:\n  metadata: {}\n  serve: {{text_recognition: '1.0.0'}}\n", meta_path.display())).unwrap();
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_payslip-stream")).args(args).arg("--config").arg(&cfg_path).output().unwrap();
+
+    let out = run(&["models", "optimize", "--model", "text_recognition", "--version", "1.0.0", "--method", "int8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let entry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((entry["version"].as_str(), entry["role"].as_str()), (Some("1.0.0-int8"), Some("candidate")));
+    let o = &entry["optimization"];
+    assert_eq!(o["source_version"], "1.0.0");
+    assert!(o["size_bytes"].as_u64().unwrap() < o["source_size_bytes"].as_u64().unwrap(), "int8 weights are smaller: {o}");
+    assert!(o["batch_ms_p50"].as_f64().unwrap() > 0.0 && o["source_batch_ms_p50"].as_f64().unwrap() > 0.0, "{o}");
+    let (q, src) = (entry["heldout"]["char_accuracy"].as_f64().unwrap(), o["source_heldout"]["char_accuracy"].as_f64().unwrap());
+    assert!(q > 0.5 && (q - src).abs() < 0.05, "held-out accuracy measured on both: {q} vs {src}");
+    // it is in the metadata with its sha256, and it loads and answers like any version
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    let listed = meta["models"].as_array().unwrap().iter().find(|m| m["version"] == "1.0.0-int8").unwrap();
+    assert_eq!(listed["sha256"], entry["sha256"]);
+    let verify = run(&["models", "verify", "--all"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(String::from_utf8_lossy(&verify.stdout).lines().any(|l| l.contains("\"1.0.0-int8\"") && l.contains("\"loaded\"")));
+    // an existing version is never overwritten, and a tampered source is never optimized
+    let before = std::fs::read(&meta_path).unwrap();
+    assert!(!run(&["models", "optimize", "--model", "text_recognition", "--version", "1.0.0"]).status.success());
+    std::fs::write(live.join("text_recognition/1.1.0.onnx"), b"tampered").unwrap();
+    let out = run(&["models", "optimize", "--model", "text_recognition", "--version", "1.1.0"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("tampered"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&meta_path).unwrap(), before, "refused optimizations leave the metadata as it was");
+}
+
+#[test]
 fn models_bench_times_the_served_models_in_the_stages_batches_and_says_what_ran() {
     let out = Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
         .current_dir(repo())
