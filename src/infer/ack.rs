@@ -24,6 +24,7 @@ pub(super) struct Delivery {
     pub topic: String,
     pub is_result: bool,
     pub has_error: bool,
+    pub dead_class: Option<&'static str>,
 }
 
 pub(super) async fn ack_loop(mut rx: mpsc::Receiver<Pending>, consumer: Arc<super::InferConsumer>, counters: Arc<InferCounters>) -> Result<(), StageError> {
@@ -35,6 +36,9 @@ pub(super) async fn ack_loop(mut rx: mpsc::Receiver<Pending>, consumer: Arc<supe
                 if d.has_error {
                     counters.results_with_error.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+            if let Some(class) = d.dead_class {
+                counters.dead_letter(class);
             }
         }
         // Highest offset per partition; earlier ones are implied.

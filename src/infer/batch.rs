@@ -51,7 +51,6 @@ pub(crate) fn process_batch(cfg: &PipelineConfig, registry: &ModelRegistry, rout
                 slots.push(None);
             }
             Err((class, message)) => {
-                counters.dead_letter(class);
                 tracing::warn!(class, %message, topic = m.topic(), partition = m.partition(), offset = m.offset(), "document dead-lettered");
                 slots.push(Some(Processed { out: dead_letter(cfg, m, class, &message), topic: m.topic().into(), partition: m.partition(), offset: m.offset(), abort_once: abort_once(m) }));
             }

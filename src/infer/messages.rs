@@ -21,6 +21,9 @@ pub(crate) struct Outgoing {
     pub headers: HeaderSet,
     pub is_result: bool,
     pub has_error: bool,
+    /// A dead letter's class (`payslip_infer_dead_letters_total{class}` counts it once it is
+    /// committed or delivered, not when it is made: an aborted batch is made again).
+    pub dead_class: Option<&'static str>,
 }
 
 /// What one input message became, and its position.
@@ -38,7 +41,7 @@ fn source_of(m: &OwnedMessage) -> String {
     format!("{}/{}/{}", m.topic(), m.partition(), m.offset())
 }
 
-pub(super) fn dead_letter(cfg: &PipelineConfig, m: &OwnedMessage, class: &str, message: &str) -> Outgoing {
+pub(super) fn dead_letter(cfg: &PipelineConfig, m: &OwnedMessage, class: &'static str, message: &str) -> Outgoing {
     let headers = HeaderSet::new()
         .copy_from(m.headers())
         .with(h::ERROR_CLASS, class)
@@ -54,6 +57,7 @@ pub(super) fn dead_letter(cfg: &PipelineConfig, m: &OwnedMessage, class: &str, m
         headers,
         is_result: false,
         has_error: false,
+        dead_class: Some(class),
     }
 }
 
@@ -123,7 +127,7 @@ pub(super) fn result_message(
             headers = headers.with(x.key, String::from_utf8_lossy(x.value.unwrap_or_default()));
         }
     }
-    Outgoing { topic: cfg.topics.inference.clone(), key: Some(doc.document_id.into_bytes()), payload, headers, is_result: true, has_error }
+    Outgoing { topic: cfg.topics.inference.clone(), key: Some(doc.document_id.into_bytes()), payload, headers, is_result: true, has_error, dead_class: None }
 }
 
 fn fnv(s: &str) -> u64 {
@@ -145,5 +149,5 @@ pub(super) fn shortened_dead_letter(cfg: &PipelineConfig, original: &Outgoing, r
         .with("dlq.original-sha256", hex::encode(Sha256::digest(&original.payload)))
         .with("dlq.truncated-to", keep.to_string())
         .with("dlq.truncated-because", refusal.to_string());
-    Outgoing { topic: cfg.topics.documents_dlq.clone(), key: original.key.clone(), payload: original.payload[..keep].to_vec(), headers, is_result: false, has_error: false }
+    Outgoing { topic: cfg.topics.documents_dlq.clone(), key: original.key.clone(), payload: original.payload[..keep].to_vec(), headers, is_result: false, has_error: false, dead_class: original.dead_class }
 }

@@ -376,7 +376,10 @@ impl InferStage {
                 };
                 match outcome {
                     Ok(None) => {}
-                    Ok(Some((results, with_error, _dead))) => {
+                    Ok(Some((results, with_error, dead))) => {
+                        for class in dead {
+                            self.counters.dead_letter(class);
+                        }
                         open_starts.clear();
                         if self.counters.offsets_stored.load(Ordering::Relaxed) == 0 {
                             tracing::info!(since_start_ms = step(started), "first batch committed");
@@ -415,7 +418,7 @@ impl InferStage {
             for p in processed {
                 match send(&producer, cfg, p).await {
                     Ok((fut, topic, p)) => {
-                        pending.deliveries.push(Delivery { future: fut, topic, is_result: p.out.is_result, has_error: p.out.has_error });
+                        pending.deliveries.push(Delivery { future: fut, topic, is_result: p.out.is_result, has_error: p.out.has_error, dead_class: p.out.dead_class });
                         pending.positions.push((p.topic, p.partition, p.offset));
                     }
                     Err(e) => {

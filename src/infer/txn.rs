@@ -91,7 +91,7 @@ pub(super) struct OpenTxn {
     /// First and next offset per input partition, over every batch in it.
     span: BTreeMap<(String, i32), (i64, i64)>,
     /// Each record's delivery report, with its topic and whether it is a result (with an error).
-    deliveries: Vec<(rdkafka::producer::DeliveryFuture, String, bool, bool)>,
+    deliveries: Vec<(rdkafka::producer::DeliveryFuture, String, bool, bool, Option<&'static str>)>,
     began: std::time::Instant,
     batches: usize,
     /// A batch in it holds a `fault-txn-abort` message not aborted before.
@@ -133,7 +133,7 @@ pub(super) async fn add_batch(
     }
     for p in processed {
         match send(producer, cfg, p).await {
-            Ok((fut, topic, p)) => txn.deliveries.push((fut, topic, p.out.is_result, p.out.has_error)),
+            Ok((fut, topic, p)) => txn.deliveries.push((fut, topic, p.out.is_result, p.out.has_error, p.out.dead_class)),
             Err(e) => {
                 let txn = open.take().expect("open");
                 return Err(abandon(producer, consumer, txn, TxnFailure::Aborted(e)));
@@ -144,9 +144,9 @@ pub(super) async fn add_batch(
 }
 
 /// Moves the group past the open transaction's offsets and commits it. Returns the number of
-/// results, results with an error, and dead letters committed. On failure it is aborted and the
-/// consumer rewound to its start.
-pub(super) async fn commit(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, mut txn: OpenTxn) -> Result<(u64, u64, u64), TxnFailure> {
+/// results, results with an error, and the classes of the dead letters committed. On failure it
+/// is aborted and the consumer rewound to its start.
+pub(super) async fn commit(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, mut txn: OpenTxn) -> Result<(u64, u64, Vec<&'static str>), TxnFailure> {
     match finish(producer, consumer, cfg, &mut txn).await {
         Ok(counts) => Ok(counts),
         Err(e) => Err(abandon(producer, consumer, txn, e)),
@@ -180,7 +180,7 @@ fn classify(what: &str, e: RdKafkaError) -> TxnFailure {
     }
 }
 
-async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, txn: &mut OpenTxn) -> Result<(u64, u64, u64), TxnFailure> {
+async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, txn: &mut OpenTxn) -> Result<(u64, u64, Vec<&'static str>), TxnFailure> {
     let mut offsets = TopicPartitionList::new();
     for ((topic, partition), (_, next)) in &txn.span {
         offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|e| TxnFailure::Aborted(wrap("offsets", e)))?;
@@ -195,15 +195,14 @@ async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer
     // first, and with records still in flight its flush polls an event queue the producer's own
     // thread serves, waiting 100 ms per round (most of every batch before this ordering: measured
     // with benches/throughput.rs). A record the broker refused makes the transaction abortable.
-    let (mut results, mut with_error, mut dead) = (0, 0, 0);
-    for (fut, topic, is_result, has_error) in txn.deliveries.drain(..) {
+    let (mut results, mut with_error, mut dead) = (0, 0, Vec::new());
+    for (fut, topic, is_result, has_error, dead_class) in txn.deliveries.drain(..) {
         crate::kafka::delivered(fut, &topic).await.map_err(TxnFailure::Aborted)?;
         if is_result {
             results += 1;
             with_error += has_error as u64;
-        } else {
-            dead += 1;
         }
+        dead.extend(dead_class);
     }
     // the producer's thread finishes serving the last report a moment after its future resolved;
     // until then librdkafka still counts it in flight and the flush would take its 100 ms round

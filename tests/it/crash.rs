@@ -312,4 +312,5 @@ async fn aborted_transactions(name: &str, commit_interval_ms: u64) {
     let marked = n / every;
     assert!((1..=marked).contains(&summary.transactions_aborted), "{} transactions aborted for {marked} marked messages", summary.transactions_aborted);
     assert_eq!(summary.results, n - 2, "the stage counts committed results only");
+    assert_eq!(summary.dead_letters, 2, "and committed dead letters only, each once (their aborted attempts are not counted)");
 }
