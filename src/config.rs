@@ -483,6 +483,10 @@ pub struct TopicsConfig {
     /// Results, feedback and commands the monitor could not decode, with the reason.
     #[serde(default = "t_monitor_dlq")]
     pub monitor_dlq: String,
+    /// The model registry (compacted, one partition, key `model/version`): `models publish`
+    /// announces versions here and every infer process follows it.
+    #[serde(default = "t_models")]
+    pub models: String,
     /// Partitions for topics this program creates (existing topics are left as they are).
     #[serde(default = "default_partitions")]
     pub partitions: i32,
@@ -507,6 +511,7 @@ fn t_decisions() -> String { "litert.rollout.decisions.v1".into() }
 fn t_commands() -> String { "litert.rollout.commands.v1".into() }
 fn t_changelog() -> String { "litert.monitor.changelog.v1".into() }
 fn t_monitor_dlq() -> String { "litert.monitor.dlq.v1".into() }
+fn t_models() -> String { "litert.models.v1".into() }
 fn default_partitions() -> i32 { 6 }
 fn default_replication() -> i32 { 1 }
 fn default_retention_hours() -> u32 { 168 }

@@ -199,6 +199,16 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
             print_model_status(&registry, ": their outputs were MODEL_UNAVAILABLE")
         }
+        Command::Models { command: ModelsCommand::Publish { common, model, version, file, operator } } => {
+            let cfg = load_config(&common)?;
+            let brokers = brokers_of(&common, &cfg).ok_or_else(|| anyhow!("models publish needs a broker: pass --brokers (or PAYSLIP_BROKERS)"))?;
+            payslip_stream::kafka::admin::ensure_topics(&brokers, &cfg).await.map_err(|e| anyhow!(e))?;
+            let publisher = cfg.kafka.principal().unwrap_or(operator);
+            let a = payslip_stream::inference::announce::publish(&cfg, &brokers, &model, &version, &file, &publisher).await.map_err(|e| anyhow!(e))?;
+            println!("{}", serde_json::to_string(&a)?);
+            eprintln!("{model} {version} announced on {}; roll it out with `payslip-stream rollout start --model {model} --version {version}`", cfg.topics.models);
+            Ok(())
+        }
         Command::Models { command: ModelsCommand::Optimize { common, model, version, method, new_version } } => {
             let cfg = load_config(&common)?;
             let dir = cfg.models.metadata.parent().map(std::path::Path::to_path_buf).unwrap_or_default();

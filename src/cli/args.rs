@@ -389,6 +389,24 @@ pub enum ModelsCommand {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+    /// Check a model file and announce it on the model registry topic (litert.models.v1) as
+    /// VERSION of MODEL: sha256, graph inputs against the preprocessing, a test inference and a
+    /// held-out evaluation first; a refused file is never announced. Running infer processes take
+    /// it in without a restart; `rollout start --model M --version V` then rolls it out.
+    Publish {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        /// The .onnx file (copied into the model repository as MODEL/VERSION.onnx).
+        #[arg(long)]
+        file: PathBuf,
+        /// Who publishes (with SASL: the authenticated principal instead).
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+    },
     /// Quantize a model version (int8, ONNX Runtime's quantization tooling, models/optimize.py),
     /// measure it against its source on held-out documents (accuracy, size, batch run time), and
     /// add it to models.metadata as a candidate with those figures; then load it once to check it.

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use super::ModelError;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TensorSpec {
     pub name: String,
     /// `-1` marks a dynamic dimension (the batch).

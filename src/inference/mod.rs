@@ -16,6 +16,7 @@
 //! (`inference.run_attempts`, with backoff, each retry on a rebuilt session), and if every try fails
 //! `infer` returns [`RunFailure`] instead of answers, so the caller acknowledges nothing.
 
+pub mod announce;
 pub mod backup;
 pub mod bench;
 pub mod gpu;
@@ -161,7 +162,8 @@ pub struct ModelRegistry {
     loaded: RwLock<BTreeMap<(String, String), Arc<LoadedModel>>>,
     serve: BTreeMap<String, String>,
     status: RwLock<Vec<ModelStatus>>,
-    metadata: ModelMetadata,
+    /// The seed (`model_metadata.json`) plus the versions announced on the registry topic since.
+    metadata: RwLock<ModelMetadata>,
     inference: InferenceConfig,
     /// When a refused version may be tried again, and how many times it was refused.
     retry: Mutex<BTreeMap<(String, String), (Instant, u32)>>,
@@ -212,22 +214,86 @@ impl ModelRegistry {
         wanted.extend(extra.iter().cloned());
         wanted.sort();
         wanted.dedup();
-        let registry = Self {
+        let registry = Self::with_metadata(meta, models, inference);
+        for (name, version) in wanted {
+            registry.ensure_loaded(&name, &version);
+        }
+        Ok(registry)
+    }
+
+    /// A registry over `meta` that has loaded nothing yet (versions load on first use).
+    pub fn with_metadata(meta: ModelMetadata, models: &ModelsConfig, inference: &InferenceConfig) -> Self {
+        Self {
             loaded: RwLock::new(BTreeMap::new()),
             serve: models.serve.clone(),
             status: RwLock::new(Vec::new()),
-            metadata: meta,
+            metadata: RwLock::new(meta),
             inference: inference.clone(),
             retry: Mutex::new(BTreeMap::new()),
             load_lock: Mutex::new(()),
             run_retries: AtomicU64::new(0),
             runs: stats::RunStats::default(),
             unrouted: Mutex::new(BTreeMap::new()),
-        };
-        for (name, version) in wanted {
-            registry.ensure_loaded(&name, &version);
         }
-        Ok(registry)
+    }
+
+    /// Takes a version announced on the registry topic into the metadata, so it can be loaded
+    /// when a decision routes to it. Versions are immutable: the same version with another sha256
+    /// is refused (false, logged); a repeated announcement changes nothing.
+    pub fn announce(&self, entry: metadata::ModelEntry) -> bool {
+        let mut meta = self.metadata.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = meta.entry(&entry.name, &entry.version) {
+            if !known.sha256.eq_ignore_ascii_case(&entry.sha256) {
+                tracing::error!(model = %entry.name, version = %entry.version, known = %known.sha256, announced = %entry.sha256, "announcement refused: this version is known with another sha256 (versions are immutable)");
+            }
+            return false;
+        }
+        tracing::info!(model = %entry.name, version = %entry.version, file = %entry.file, "model version announced");
+        meta.models.push(entry);
+        true
+    }
+
+    /// Every version the metadata knows (seed and announced), as (model, version).
+    pub fn listed_versions(&self) -> Vec<(String, String)> {
+        self.metadata.read().unwrap_or_else(|p| p.into_inner()).models.iter().map(|m| (m.name.clone(), m.version.clone())).collect()
+    }
+
+    /// Held-out figures of one version on `docs` (their ground truth): the classifier's accuracy
+    /// (overall and on PCDA payslips), the text model's share of lines read exactly.
+    pub fn evaluate(&self, name: &str, version: &str, docs: &[PayslipDocument]) -> Result<serde_json::Map<String, serde_json::Value>, RunFailure> {
+        let versions: BTreeMap<String, String> = [(name.to_string(), version.to_string())].into();
+        let (mut right, mut labelled, mut pcda_right, mut pcda, mut lines_exact, mut lines) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        for chunk in docs.chunks(32) {
+            let refs: Vec<&PayslipDocument> = chunk.iter().collect();
+            for (doc, outs) in chunk.iter().zip(self.run_models(&refs, &versions, &mut 0, false)?) {
+                let Some(o) = outs.first() else { continue };
+                if let (Some(truth), Some(label)) = (doc.labels.as_ref().map(|l| &l.format), &o.label) {
+                    labelled += 1;
+                    right += (truth == label) as u64;
+                    if truth == "PCDA" {
+                        pcda += 1;
+                        pcda_right += (truth == label) as u64;
+                    }
+                }
+                let truth: Vec<&str> = doc.pages.iter().flat_map(|p| p.lines.iter()).filter(|l| l.raster.is_some()).map(|l| l.text.trim_end()).collect();
+                if !o.lines.is_empty() {
+                    lines += truth.len() as u64;
+                    lines_exact += truth.iter().zip(&o.lines).filter(|(t, r)| **t == r.as_str()).count() as u64;
+                }
+            }
+        }
+        let mut m = serde_json::Map::new();
+        m.insert("documents".into(), docs.len().into());
+        if labelled > 0 {
+            m.insert("accuracy".into(), (right as f64 / labelled as f64).into());
+        }
+        if pcda > 0 {
+            m.insert("pcda_accuracy".into(), (pcda_right as f64 / pcda as f64).into());
+        }
+        if lines > 0 {
+            m.insert("line_exact".into(), (lines_exact as f64 / lines as f64).into());
+        }
+        Ok(m)
     }
 
     /// Whether `name` `version` is loaded (never blocks on a load in progress).
@@ -252,7 +318,8 @@ impl ModelRegistry {
             return false;
         }
         let started = Instant::now();
-        let result = Self::load_one(&self.metadata, &self.inference, name, version);
+        let meta = self.metadata.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = Self::load_one(&meta, &self.inference, name, version);
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut status = self.status.write().unwrap_or_else(|p| p.into_inner());
         // the latest attempt is the status
@@ -409,7 +476,8 @@ impl ModelRegistry {
     /// load time) and runs `doc` through it once.
     pub fn check_isolated(&self, name: &str, version: &str, doc: &PayslipDocument) -> ModelCheck {
         let started = Instant::now();
-        let loaded = Self::load_one(&self.metadata, &self.inference, name, version);
+        let meta = self.metadata.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let loaded = Self::load_one(&meta, &self.inference, name, version);
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut check = ModelCheck {
             model: name.into(),
@@ -466,7 +534,8 @@ impl ModelRegistry {
     fn rebuild(&self, name: &str, version: &str) -> Option<Arc<LoadedModel>> {
         let _one_at_a_time = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
-        match Self::load_one(&self.metadata, &self.inference, name, version) {
+        let meta = self.metadata.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match Self::load_one(&meta, &self.inference, name, version) {
             Ok((mut model, _)) => {
                 model.load_ms = started.elapsed().as_secs_f64() * 1e3;
                 let model = Arc::new(model);

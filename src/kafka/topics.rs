@@ -18,6 +18,7 @@ pub enum TopicRole {
     Commands,
     MonitorChangelog,
     MonitorDlq,
+    Models,
 }
 
 /// How many partitions a topic is created with.
@@ -45,7 +46,7 @@ pub struct TopicSpec {
 }
 
 /// Every topic of the project.
-pub const REGISTRY: [TopicSpec; 10] = [
+pub const REGISTRY: [TopicSpec; 11] = [
     TopicSpec { role: TopicRole::Documents, config_key: "documents", alias: "documents", partitions: Partitions::Configured, compacted: false, record: "payslip.v1.PayslipDocument" },
     TopicSpec { role: TopicRole::Inference, config_key: "inference", alias: "inference", partitions: Partitions::Configured, compacted: false, record: "payslip.v1.InferenceResult" },
     TopicSpec { role: TopicRole::DocumentsDlq, config_key: "documents_dlq", alias: "dlq", partitions: Partitions::Configured, compacted: false, record: "payslip.v1.PayslipDocument" },
@@ -59,6 +60,8 @@ pub const REGISTRY: [TopicSpec; 10] = [
     TopicSpec { role: TopicRole::MonitorChangelog, config_key: "monitor_changelog", alias: "changelog", partitions: Partitions::Single, compacted: true, record: "" },
     // Results, feedback and commands the monitor could not decode: original bytes and headers plus the reason.
     TopicSpec { role: TopicRole::MonitorDlq, config_key: "monitor_dlq", alias: "monitor-dlq", partitions: Partitions::Configured, compacted: false, record: "" },
+    // The model registry: the latest announcement of each model version, kept forever.
+    TopicSpec { role: TopicRole::Models, config_key: "models", alias: "models", partitions: Partitions::Single, compacted: true, record: "litert.v1.ModelAnnouncement" },
 ];
 
 impl TopicSpec {
@@ -89,6 +92,7 @@ impl TopicsConfig {
             TopicRole::Commands => &self.commands,
             TopicRole::MonitorChangelog => &self.monitor_changelog,
             TopicRole::MonitorDlq => &self.monitor_dlq,
+            TopicRole::Models => &self.models,
         }
     }
 
@@ -104,6 +108,7 @@ impl TopicsConfig {
             TopicRole::Commands => &mut self.commands,
             TopicRole::MonitorChangelog => &mut self.monitor_changelog,
             TopicRole::MonitorDlq => &mut self.monitor_dlq,
+            TopicRole::Models => &mut self.models,
         }
     }
 
@@ -163,6 +168,7 @@ mod tests {
             crate::alert::AlertEvent::SCHEMA_NAME,
             crate::rollout::RolloutDecision::SCHEMA_NAME,
             crate::rollout::RolloutCommand::SCHEMA_NAME,
+            crate::inference::announce::ModelAnnouncement::SCHEMA_NAME,
         ];
         for s in REGISTRY.iter().filter(|s| !s.record.is_empty()) {
             assert!(known.contains(&s.record), "{} carries unknown record {}", s.config_key, s.record);

@@ -28,6 +28,7 @@ pub mod records;
 pub mod state;
 pub mod view;
 
+use crate::inference::announce::ModelAnnouncement;
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
@@ -328,7 +329,14 @@ impl MonitorStage {
 
         let wcfg = self.window_config();
         let max_batch = self.cfg.monitor.max_batch;
-        let updates = self.available_updates();
+        // candidates newer than the served versions: the seed metadata's, the registry topic's, and
+        // (below) each version announced there while the monitor runs
+        let mut registry_versions = Vec::new();
+        let registry_reader = crate::rollout::routing::catch_up_topic(&self.cfg, &self.brokers, &self.cfg.topics.models, |a: ModelAnnouncement| registry_versions.push(a))
+            .map_err(|e| tracing::warn!(error = %e, "cannot read the model registry topic: MODEL_UPDATE_AVAILABLE from model_metadata.json only"))
+            .ok();
+        let mut updates = self.available_updates();
+        updates.extend(self.updates_in(&registry_versions));
         let mut announced = self.state.announce_updates(&updates, now_ms());
         if let Some(cmd) = self.auto_start_command() {
             announced.extend(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
@@ -346,6 +354,15 @@ impl MonitorStage {
             if partitions_checked.elapsed() >= PARTITION_CHECK {
                 partitions_checked = std::time::Instant::now();
                 self.assign_new_partitions(&consumer, &topics, &mut assigned)?;
+                let mut fresh = Vec::new();
+                while let Some(Ok(m)) = registry_reader.as_ref().and_then(|r| r.poll(Duration::ZERO)) {
+                    fresh.extend(crate::rollout::routing::decode::<ModelAnnouncement>(&m));
+                }
+                let events = self.state.announce_updates(&self.updates_in(&fresh), now_ms());
+                if !events.is_empty() {
+                    let outbox = self.commit(BTreeMap::new(), events, Vec::new())?;
+                    self.publish(outbox)?;
+                }
             }
             let mut consumed: BTreeMap<String, i64> = BTreeMap::new();
             let mut commanded: Vec<Emitted> = Vec::new();
@@ -492,6 +509,14 @@ impl MonitorStage {
             version: None,
             issued_at: at,
         })
+    }
+
+    /// (model, served version, newer candidate version) among versions announced on the registry topic.
+    fn updates_in(&self, announced: &[ModelAnnouncement]) -> Vec<(String, String, String)> {
+        announced
+            .iter()
+            .filter_map(|a| self.cfg.models.serve.get(&a.name).filter(|served| a.role == "candidate" && version_newer(&a.version, served)).map(|served| (a.name.clone(), served.clone(), a.version.clone())))
+            .collect()
     }
 
     /// (model, served version, newer candidate version) from model_metadata.json.

@@ -139,8 +139,17 @@ pub fn read_decisions(cfg: &PipelineConfig, brokers: &str) -> Result<Vec<Rollout
 
 /// Reads the decisions topic from its beginning to its end now, calling `f` with each decision,
 /// and returns the consumer positioned there (to follow what comes next).
-fn catch_up(cfg: &PipelineConfig, brokers: &str, mut f: impl FnMut(RolloutDecision)) -> Result<BaseConsumer, KafkaError> {
-    let topic = &cfg.topics.decisions;
+fn catch_up(cfg: &PipelineConfig, brokers: &str, f: impl FnMut(RolloutDecision)) -> Result<BaseConsumer, KafkaError> {
+    catch_up_topic(cfg, brokers, &cfg.topics.decisions, f)
+}
+
+/// Takes a model version announced on the registry topic into the registry's metadata.
+fn announced(registry: &ModelRegistry, a: crate::inference::announce::ModelAnnouncement) {
+    registry.announce(a.entry());
+}
+
+/// [`catch_up`] for any compacted control topic of records `R`.
+pub(crate) fn catch_up_topic<R: codec::Record>(cfg: &PipelineConfig, brokers: &str, topic: &str, mut f: impl FnMut(R)) -> Result<BaseConsumer, KafkaError> {
     let mut c = kafka::reader_config(brokers, "payslip-rollout-follower", &cfg.kafka.librdkafka);
     c.set("fetch.wait.max.ms", "100");
     let consumer: BaseConsumer = c.create().map_err(KafkaError::client("the decisions reader"))?;
@@ -163,12 +172,12 @@ fn catch_up(cfg: &PipelineConfig, brokers: &str, mut f: impl FnMut(RolloutDecisi
     Ok(cursor.into_consumer())
 }
 
-fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<RolloutDecision> {
+pub(crate) fn decode<R: codec::Record>(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<R> {
     let ct = h::get(m.headers(), h::CONTENT_TYPE);
-    match codec::decode::<RolloutDecision>(m.payload()?, ct.as_deref()) {
+    match codec::decode::<R>(m.payload()?, ct.as_deref()) {
         Ok(d) => Some(d),
         Err(e) => {
-            tracing::warn!(error = %e, partition = m.partition(), offset = m.offset(), "undecodable rollout decision skipped");
+            tracing::warn!(error = %e, topic = m.topic(), partition = m.partition(), offset = m.offset(), record = R::SCHEMA_NAME, "undecodable record skipped");
             None
         }
     }
@@ -211,6 +220,9 @@ impl Follower {
     /// on a thread until dropped. Never fails: see the module doc for what happens when it cannot read.
     pub fn start(cfg: &PipelineConfig, brokers: &str, registry: Arc<ModelRegistry>) -> Self {
         let routing = Arc::new(RwLock::new(Routing::default()));
+        // versions announced on the registry topic first: a decision may route to one of them
+        let models_first = catch_up_topic(cfg, brokers, &cfg.topics.models, |a| announced(&registry, a))
+            .map_err(|e| tracing::error!(error = %e, "cannot read the model registry topic yet: only model_metadata.json's versions are known until it can"));
         let first = catch_up(cfg, brokers, |d| take(&routing, &registry, d, true)).map_err(|e| tracing::error!(error = %e, "cannot read the rollout decisions yet: routing every document to the baseline until it can"));
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
@@ -218,7 +230,27 @@ impl Follower {
             let grace = Duration::from_millis(cfg.models.unload_after_ms);
             std::thread::Builder::new().name("rollout-follower".into()).spawn(move || {
                 let mut consumer = first.ok();
+                let (mut models, mut models_retry) = (models_first.ok(), Instant::now());
                 while !stop.load(Ordering::Relaxed) {
+                    match &models {
+                        Some(mc) => {
+                            while let Some(r) = mc.poll(Duration::ZERO) {
+                                match r {
+                                    Ok(m) => {
+                                        if let Some(a) = decode(&m) {
+                                            announced(&registry, a);
+                                        }
+                                    }
+                                    Err(e) => tracing::warn!(error = %e, "model registry reader"),
+                                }
+                            }
+                        }
+                        None if models_retry.elapsed() > Duration::from_secs(2) => {
+                            models_retry = Instant::now();
+                            models = catch_up_topic(&cfg, &brokers, &cfg.topics.models, |a| announced(&registry, a)).map_err(|e| tracing::warn!(error = %e, "model registry topic still unreadable")).ok();
+                        }
+                        None => {}
+                    }
                     // versions nothing routes to any more are unloaded once batches routed before
                     // the decision had time to finish on them
                     let in_use = routing.read().unwrap_or_else(|p| p.into_inner()).versions_in_use(registry.served_versions());

@@ -8,6 +8,7 @@ use payslip_stream::{
     config::{CudaConfig, InferenceConfig, Provider, ProviderFailure},
     inference::{codes, runtime, ModelRegistry},
     produce::{self, ProduceOptions, Source},
+    synth::{Generator, GeneratorConfig},
 };
 
 use crate::support::*;
@@ -318,6 +319,132 @@ fn models_optimize_quantizes_a_version_measures_it_against_its_source_and_adds_i
     let out = run(&["models", "optimize", "--model", "text_recognition", "--version", "1.1.0"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("tampered"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(&meta_path).unwrap(), before, "refused optimizations leave the metadata as it was");
+}
+
+/// Waits (at most 60 s) for an alert event on the alerts topic that `pred` accepts.
+async fn wait_for_alert(cfg: &payslip_stream::config::PipelineConfig, what: &str, pred: impl Fn(&payslip_stream::alert::AlertEvent) -> bool) {
+    let started = std::time::Instant::now();
+    loop {
+        let alerts = cfg.topics.alerts.clone();
+        let events: Vec<payslip_stream::alert::AlertEvent> =
+            tokio::task::spawn_blocking(move || read_all(&alerts)).await.unwrap().iter().map(|r| payslip_stream::codec::decode(&r.payload, r.header("content-type")).unwrap()).collect();
+        if events.iter().any(&pred) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no {what}: {:?}", events.iter().map(|e| (&e.code, &e.version, &e.status, &e.metric)).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Publishes the controller's decisions that put `version` of the classifier at 50 % under rollout `id`.
+async fn roll_out_at_half(cfg: &payslip_stream::config::PipelineConfig, id: &str, version: &str) -> payslip_stream::rollout::Controller {
+    use payslip_stream::rollout::{action, Action, Controller, RolloutCommand};
+    let mut c = Controller::default();
+    let cmd = |a: Action| RolloutCommand { command_id: unique("cmd"), rollout_id: id.into(), action: a.into(), operator: "test".into(), reason: None, model: Some("document_classifier".into()), version: Some(version.into()), issued_at: 0 };
+    let mut d = c.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::START));
+    while d.traffic_percent < 50.0 {
+        d = c.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::ADVANCE));
+    }
+    assert_eq!(d.traffic_percent, 50.0);
+    publish_decision(cfg, &d).await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_published_while_the_stage_runs_is_rolled_out_without_a_restart_a_refused_file_is_never_announced_and_a_tampered_one_raises_model_critical() {
+    use payslip_stream::inference::announce::{publish, PublishError};
+    let state = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = monitor_config("publish", state.path()).await;
+    let repo_dir = tempfile::tempdir().unwrap();
+    copy_models(repo_dir.path());
+    cfg.models.metadata = repo_dir.path().join("model_metadata.json");
+    let monitor = RunningMonitor::start(&cfg);
+    let registry = load_registry(&cfg);
+    let stage = RunningStage::start(&cfg, registry.clone());
+    let uploads = tempfile::tempdir().unwrap();
+
+    // refused: not a model, and a model whose graph does not take the classifier's input
+    let garbage = uploads.path().join("garbage.onnx");
+    std::fs::write(&garbage, b"not a model").unwrap();
+    let wrong = uploads.path().join("tables.onnx");
+    std::fs::copy(repo().join("models/table_detection/1.1.0.onnx"), &wrong).unwrap();
+    for (file, why) in [(&garbage, "failed its checks"), (&wrong, "invalid dimensions for input: page")] {
+        match publish(&cfg, &brokers(), "document_classifier", "1.2.0", file, "test").await {
+            Err(PublishError::Refused(m)) => assert!(m.contains(why), "{m}"),
+            other => panic!("{} was not refused: {other:?}", file.display()),
+        }
+    }
+    assert!(read_all(&cfg.topics.models).is_empty(), "a refused file is never announced");
+    assert!(!repo_dir.path().join("document_classifier/1.2.0.onnx").exists());
+
+    // a good file: checked, copied into the repository, announced with its held-out figures
+    let good = uploads.path().join("classifier.onnx");
+    std::fs::copy(repo().join("models/document_classifier/1.1.0.onnx"), &good).unwrap();
+    let a = publish(&cfg, &brokers(), "document_classifier", "1.2.0", &good, "test").await.unwrap();
+    let heldout: serde_json::Value = serde_json::from_str(&a.heldout_json).unwrap();
+    assert!(heldout["accuracy"].as_f64().unwrap() > 0.9, "{heldout}");
+    assert!(repo_dir.path().join("document_classifier/1.2.0.onnx").exists());
+    // the monitor says an update is available, from the announcement
+    wait_for_alert(&cfg, "MODEL_UPDATE_AVAILABLE for the published version", |e| e.code == "MODEL_UPDATE_AVAILABLE" && e.metric == "candidate 1.2.0" && e.model == "document_classifier").await;
+
+    // rolled out at 50 % with the stage still running: canary documents run 1.2.0
+    let mut controller = roll_out_at_half(&cfg, "publish-1.2.0", "1.2.0").await;
+    let gen = Generator::new(GeneratorConfig { seed: 77, ..Default::default() });
+    let docs: Vec<_> = (0..60).map(|i| gen.document(i).document).collect();
+    // the decision reaches the stage within a second or two; documents sent after it are routed by it
+    let started = std::time::Instant::now();
+    while !registry.is_loaded("document_classifier", "1.2.0") {
+        assert!(started.elapsed() < Duration::from_secs(30), "the stage never loaded the published version");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    produce::produce(&ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() }, Source::Documents(docs)).await.unwrap();
+    let t = cfg.topics.inference.clone();
+    let results: Vec<_> = tokio::task::spawn_blocking(move || read_topic(&t, 60, Duration::from_secs(60), Duration::from_secs(1))).await.unwrap().iter().map(|r| r.result()).collect();
+    assert_eq!(results.len(), 60);
+    let canary: Vec<_> = results.iter().filter(|r| r.cohort == "canary").collect();
+    assert!(!canary.is_empty() && canary.len() < 60, "about half canary: {}", canary.len());
+    assert!(canary.iter().all(|r| r.model_versions.get("document_classifier").map(String::as_str) == Some("1.2.0") && r.error_code.is_none()), "{canary:?}");
+    assert!(results.iter().all(|r| r.error_code.is_none()));
+    let status = registry.status().into_iter().find(|s| s.version == "1.2.0").unwrap();
+    assert!(status.warm_up_ms.is_some(), "warmed up before it took traffic: {status:?}");
+
+    // 1.2.0 rolled back; 1.3.0 published, then its file in the repository tampered with: the stage
+    // refuses it at load with the reason, its canary documents say MODEL_UNAVAILABLE, the baseline
+    // keeps serving, and the monitor raises MODEL_CRITICAL for it
+    let stop = payslip_stream::rollout::RolloutCommand { command_id: unique("cmd"), rollout_id: "publish-1.2.0".into(), action: payslip_stream::rollout::action::EMERGENCY_ROLLBACK.into(), operator: "test".into(), reason: None, model: None, version: None, issued_at: 0 };
+    publish_decision(&cfg, &controller.apply_command(&cfg.rollout, &cfg.models.serve, &stop)).await;
+    publish(&cfg, &brokers(), "document_classifier", "1.3.0", &good, "test").await.unwrap();
+    let stored = repo_dir.path().join("document_classifier/1.3.0.onnx");
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&stored, bytes).unwrap();
+    roll_out_at_half(&cfg, "publish-1.3.0", "1.3.0").await;
+    let started = std::time::Instant::now();
+    let refused = loop {
+        if let Some(s) = registry.status().into_iter().find(|s| s.version == "1.3.0") {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the stage never tried the tampered version");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.state, "refused");
+    assert!(refused.reason.as_deref().unwrap_or_default().contains("sha256 mismatch"), "{refused:?}");
+    let more: Vec<_> = (60..120).map(|i| gen.document(i).document).collect();
+    produce::produce(&ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() }, Source::Documents(more)).await.unwrap();
+    let t = cfg.topics.inference.clone();
+    let results: Vec<_> = tokio::task::spawn_blocking(move || read_topic(&t, 120, Duration::from_secs(60), Duration::from_secs(1))).await.unwrap().iter().map(|r| r.result()).collect();
+    let later: Vec<_> = results.iter().filter(|r| r.model_versions.get("document_classifier").map(String::as_str) == Some("1.3.0")).collect();
+    assert!(!later.is_empty(), "some documents were routed to 1.3.0");
+    assert!(later.iter().all(|r| r.output("document_classifier").unwrap().error_code.as_deref() == Some(codes::MODEL_UNAVAILABLE)));
+    assert!(results.iter().filter(|r| r.cohort == "baseline").all(|r| r.error_code.is_none()), "the baseline keeps serving");
+    // one document stamped past the window's end moves the watermark on, so the window closes
+    let mut closer = gen.document(500).document;
+    closer.submitted_at = chrono::Utc::now().timestamp_millis() + cfg.monitor.window_size_ms + 2_000;
+    produce::produce(&ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() }, Source::Documents(vec![closer])).await.unwrap();
+    wait_for_alert(&cfg, "MODEL_CRITICAL for the tampered version", |e| e.code == "MODEL_CRITICAL" && e.version == "1.3.0" && e.status == "FIRING").await;
+    stage.stop().await;
+    monitor.stop().await;
 }
 
 #[test]
