@@ -230,15 +230,27 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 bail!("{} failed ({}); nothing was added to {}", script.display(), out.status, cfg.models.metadata.display());
             }
             print!("{}", String::from_utf8_lossy(&out.stdout));
-            // the new version loads, verifies and answers like any other
+            let written: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading the new entry optimize.py printed")?;
             let registry = ModelRegistry::load(&cfg.models, &cfg.inference, &[(model.clone(), new_version.clone())]).map_err(|e| anyhow!(e))?;
             match registry.status().into_iter().find(|s| s.model == model && s.version == new_version) {
-                Some(s) if s.state == LoadState::Loaded => {
-                    eprintln!("{model} {new_version} added to {} as a candidate and loaded on {}; roll it out with rollout.candidate or `rollout start --model {model} --version {new_version}`", cfg.models.metadata.display(), s.provider.unwrap_or_default());
-                    Ok(())
-                }
+                Some(s) if s.state == LoadState::Loaded => eprintln!("{model} {new_version} added to {} as a candidate and loaded on {}", cfg.models.metadata.display(), s.provider.unwrap_or_default()),
                 s => bail!("{model} {new_version} was written but does not load: {:?}", s.and_then(|s| s.reason)),
             }
+            // with a broker: announced on the registry topic with the comparison against its source
+            if let Some(brokers) = brokers_of(&common, &cfg) {
+                let file = cfg.models.metadata.parent().unwrap_or(std::path::Path::new(".")).join(written["file"].as_str().unwrap_or_default());
+                let mut figures = serde_json::Map::new();
+                figures.insert("optimization".into(), written["optimization"].clone());
+                figures.insert("optimize_heldout".into(), written["heldout"].clone());
+                payslip_stream::kafka::admin::ensure_topics(&brokers, &cfg).await.map_err(|e| anyhow!(e))?;
+                let publisher = cfg.kafka.principal().unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "operator".into()));
+                let a = payslip_stream::inference::announce::publish_with(&cfg, &brokers, &model, &new_version, &file, &publisher, figures).await.map_err(|e| anyhow!(e))?;
+                eprintln!("{model} {new_version} announced on {} with its figures; roll it out with `payslip-stream rollout start --model {model} --version {new_version}`", cfg.topics.models);
+                drop(a);
+            } else {
+                eprintln!("not announced (no broker given): infer processes see it at their next start; with --brokers it is announced on the model registry topic");
+            }
+            Ok(())
         }
         Command::Models { command: ModelsCommand::Backup { common, to } } => {
             let cfg = load_config(&common)?;

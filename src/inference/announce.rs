@@ -79,7 +79,9 @@ pub enum PublishError {
 const HELDOUT_DOCUMENTS: u64 = 300;
 
 /// Checks `file` as version `version` of `model` and returns its announcement (not yet sent).
-pub fn check(cfg: &PipelineConfig, model: &str, version: &str, file: &Path, publisher: &str) -> Result<ModelAnnouncement, PublishError> {
+/// `figures` are added to the held-out figures measured here (`models optimize`'s comparison with
+/// the source version).
+pub fn check(cfg: &PipelineConfig, model: &str, version: &str, file: &Path, publisher: &str, figures: &serde_json::Map<String, serde_json::Value>) -> Result<ModelAnnouncement, PublishError> {
     let refused = |m: String| PublishError::Refused(m);
     if !super::MODEL_NAMES.contains(&model) {
         return Err(refused(format!("{model} is not a model this build serves ({:?})", super::MODEL_NAMES)));
@@ -106,6 +108,7 @@ pub fn check(cfg: &PipelineConfig, model: &str, version: &str, file: &Path, publ
         return Err(refused(format!("{model} {version} failed its checks: {}", check.error.unwrap_or_default())));
     }
     entry.heldout = registry.evaluate(model, version, &docs).map_err(|e| refused(format!("held-out evaluation failed: {e}")))?;
+    entry.heldout.extend(figures.clone());
     // into the model repository, under the name the announcement gives
     let dest = meta.dir.join(&rel);
     if std::fs::read(&dest).map(|b| sha256_hex(&b) != sha256).unwrap_or(true) {
@@ -134,9 +137,14 @@ pub fn check(cfg: &PipelineConfig, model: &str, version: &str, file: &Path, publ
 /// Checks and announces: the record is on the topic (acknowledged by every in-sync replica) when
 /// this returns.
 pub async fn publish(cfg: &PipelineConfig, brokers: &str, model: &str, version: &str, file: &Path, publisher: &str) -> Result<ModelAnnouncement, PublishError> {
+    publish_with(cfg, brokers, model, version, file, publisher, Default::default()).await
+}
+
+/// [`publish`] with figures measured elsewhere added to the announcement's held-out figures.
+pub async fn publish_with(cfg: &PipelineConfig, brokers: &str, model: &str, version: &str, file: &Path, publisher: &str, figures: serde_json::Map<String, serde_json::Value>) -> Result<ModelAnnouncement, PublishError> {
     let a = {
         let (cfg, model, version, file, publisher) = (cfg.clone(), model.to_string(), version.to_string(), file.to_path_buf(), publisher.to_string());
-        tokio::task::spawn_blocking(move || check(&cfg, &model, &version, &file, &publisher)).await.map_err(|e| PublishError::Refused(e.to_string()))??
+        tokio::task::spawn_blocking(move || check(&cfg, &model, &version, &file, &publisher, &figures)).await.map_err(|e| PublishError::Refused(e.to_string()))??
     };
     let payload = crate::codec::encode(&a, crate::codec::WireFormat::Avro).map_err(|e| PublishError::Refused(e.to_string()))?;
     let producer: rdkafka::producer::FutureProducer = crate::kafka::producer_config(brokers, &cfg.kafka.librdkafka).create().map_err(crate::kafka::error::KafkaError::client("the model publisher"))?;

@@ -268,7 +268,22 @@ impl Follower {
                     };
                     match c.poll(Duration::from_millis(100)) {
                         Some(Ok(m)) => {
-                            if let Some(d) = decode(&m) {
+                            if let Some(d) = decode::<RolloutDecision>(&m) {
+                                // a decision for a version published a moment ago may arrive before
+                                // its announcement: give the registry topic a few seconds to catch up
+                                let known = |r: &ModelRegistry| r.listed_versions().iter().any(|(m, v)| *m == d.model && *v == d.candidate_version);
+                                // (only for decisions that route to it: a rollback is never delayed)
+                                let routes_to_it = d.status.is_active() || d.status == Status::Promoted;
+                                if let (Some(mc), true, false) = (&models, routes_to_it, known(&registry)) {
+                                    let until = Instant::now() + Duration::from_secs(3);
+                                    while !known(&registry) && Instant::now() < until {
+                                        if let Some(Ok(m)) = mc.poll(Duration::from_millis(100)) {
+                                            if let Some(a) = decode(&m) {
+                                                announced(&registry, a);
+                                            }
+                                        }
+                                    }
+                                }
                                 take(&routing, &registry, d, false);
                             }
                         }

@@ -13,21 +13,6 @@ use payslip_stream::{
 
 use crate::support::*;
 
-fn copy_models(to: &Path) {
-    let from = repo().join("models");
-    for entry in std::fs::read_dir(&from).unwrap() {
-        let e = entry.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(to.join(e.file_name())).unwrap();
-            for f in std::fs::read_dir(e.path()).unwrap() {
-                let f = f.unwrap();
-                std::fs::copy(f.path(), to.join(e.file_name()).join(f.file_name())).unwrap();
-            }
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_model_is_refused_and_the_rest_keep_serving() {
@@ -295,9 +280,18 @@ fn models_optimize_quantizes_a_version_measures_it_against_its_source_and_adds_i
     std::fs::write(&cfg_path, format!("models:\n  metadata: {}\n  serve: {{text_recognition: '1.0.0'}}\n", meta_path.display())).unwrap();
     let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_payslip-stream")).args(args).arg("--config").arg(&cfg_path).output().unwrap();
 
-    let out = run(&["models", "optimize", "--model", "text_recognition", "--version", "1.0.0", "--method", "int8"]);
+    let prefix = format!("{}.", unique("optimize"));
+    let out = run(&["models", "optimize", "--model", "text_recognition", "--version", "1.0.0", "--method", "int8", "--brokers", &brokers(), "--topic-prefix", &prefix]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let entry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // announced on the registry topic with the comparison against its source
+    let announced = read_all(&format!("{prefix}litert.models.v1"));
+    assert_eq!(announced.len(), 1);
+    let a: payslip_stream::inference::announce::ModelAnnouncement = payslip_stream::codec::decode(&announced[0].payload, announced[0].header("content-type")).unwrap();
+    assert_eq!((a.version.as_str(), a.sha256.as_str()), ("1.0.0-int8", entry["sha256"].as_str().unwrap()));
+    let figures: serde_json::Value = serde_json::from_str(&a.heldout_json).unwrap();
+    assert_eq!(figures["optimization"]["source_version"], "1.0.0", "{figures}");
+    assert!(figures["optimization"]["size_bytes"].as_u64().is_some() && figures["line_exact"].as_f64().is_some(), "{figures}");
     assert_eq!((entry["version"].as_str(), entry["role"].as_str()), (Some("1.0.0-int8"), Some("candidate")));
     let o = &entry["optimization"];
     assert_eq!(o["source_version"], "1.0.0");

@@ -64,6 +64,11 @@ impl Setup {
 
     /// Without the changelog a monitor that lost its state rebuilds the rollout from the decisions topic.
     async fn with_changelog(name: &str, candidate: &str, soak_ms: i64, changelog: bool) -> Self {
+        Self::build(name, CLASSIFIER, candidate, soak_ms, changelog, None).await
+    }
+
+    /// A rollout of `model` `candidate`; `metadata`: a model repository other than the project's.
+    async fn build(name: &str, model: &str, candidate: &str, soak_ms: i64, changelog: bool, metadata: Option<&std::path::Path>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (mut cfg, prefix) = isolated_config_with_prefix(name).await;
         let mut phases = default_phases();
@@ -77,8 +82,8 @@ impl Setup {
              topics:\n  partitions: 3\n\
              faults:\n  enabled: true\n\
              monitor:\n  changelog: {changelog}\n  state_dir: {state}\n  window_size_ms: 1000\n  allowed_lateness_ms: 300\n  idle_timeout_ms: 2000\n  max_batch: 500\n\
-             rollout:\n  candidate: {{model: {CLASSIFIER}, version: '{candidate}'}}\n  phases: {phases}\n",
-            meta = repo().join("models/model_metadata.json").display(),
+             rollout:\n  candidate: {{model: {model}, version: '{candidate}'}}\n  phases: {phases}\n",
+            meta = metadata.map(std::path::Path::to_path_buf).unwrap_or_else(|| repo().join("models/model_metadata.json")).display(),
             state = dir.path().join("state").display(),
             phases = serde_json::to_string(&phases).unwrap(),
         );
@@ -154,13 +159,18 @@ struct Feed {
 
 impl Feed {
     fn start(topic: &str, rate: f64, seed: u64) -> Self {
+        Self::start_with(topic, rate, seed, false)
+    }
+
+    /// `rasters`: documents with page and line rasters (what the table and text models read).
+    fn start_with(topic: &str, rate: f64, seed: u64, rasters: bool) -> Self {
         let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
         let faulty: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         let task = {
             let (stop, sent, faulty, topic) = (stop.clone(), sent.clone(), faulty.clone(), topic.to_string());
             tokio::spawn(async move {
                 let p: FutureProducer = kafka::producer_config(&brokers(), &Default::default()).create().unwrap();
-                let g = Generator::new(GeneratorConfig { seed, users: 20_000, rasters: false, ..Default::default() });
+                let g = Generator::new(GeneratorConfig { seed, users: 20_000, rasters, ..Default::default() });
                 let started = Instant::now();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -221,6 +231,39 @@ async fn wait_for_results(s: &Setup, sent: u64) -> Vec<(InferenceResult, Option<
         assert!(started.elapsed() < Duration::from_secs(120), "{} of {sent} documents have results", ids.len());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_int8_text_model_made_by_models_optimize_while_the_stages_run_is_announced_and_its_rollout_runs_to_a_decision() {
+    let models = tempfile::tempdir().unwrap();
+    copy_models(models.path());
+    for f in ["optimize.py", "train.py"] {
+        std::fs::copy(repo().join("models").join(f), models.path().join(f)).unwrap();
+    }
+    let s = Setup::build("rollout-int8", "text_recognition", "1.0.0-int8", 2_000, true, Some(&models.path().join("model_metadata.json"))).await;
+    let infer = s.spawn("infer", 0);
+    let monitor = s.spawn("monitor", 0);
+    let feed = Feed::start_with(&s.cfg.topics.documents, 60.0, 31, true);
+    let out = Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+        .args(["models", "optimize", "--model", "text_recognition", "--version", "1.0.0", "--method", "int8", "--config"])
+        .arg(&s.yaml)
+        .args(["--brokers", &brokers(), "--topic-prefix", &s.prefix])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let start = s.cli(&["start", "--model", "text_recognition", "--version", "1.0.0-int8"]);
+    assert_eq!((start.action, start.candidate_version.as_str()), (action::START, "1.0.0-int8"), "{}", start.reason);
+    // the controller judges the candidate on its windows: any verdict after START is a decision
+    let d = s.wait_for("after START", 180, &[&infer, &monitor], |d| d.rollout_id == start.rollout_id && d.seq > start.seq && d.action != action::REJECTED).await;
+    assert!([action::ADVANCE, action::HOLD, action::ROLLBACK_PHASE, action::PROMOTE, action::EMERGENCY_ROLLBACK].contains(&d.action), "{} {}", d.action, d.reason);
+    assert!(!d.criteria.is_empty(), "decided on criteria: {}", d.reason);
+    let sent = feed.stop().await;
+    let results = wait_for_results(&s, sent).await;
+    drop((infer, monitor));
+    // the running infer process served the announced version without a restart, and it read text
+    let int8: Vec<&InferenceResult> = results.iter().map(|(r, _)| r).filter(|r| r.model_versions.get("text_recognition").map(String::as_str) == Some("1.0.0-int8")).collect();
+    assert!(!int8.is_empty(), "no document was routed to the int8 version");
+    assert!(int8.iter().all(|r| r.output("text_recognition").is_some_and(|o| o.error_code.is_none() && !o.lines.is_empty())), "the int8 version answered every routed document");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

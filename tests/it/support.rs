@@ -269,3 +269,20 @@ pub async fn produce_records<T: payslip_stream::codec::Record>(topic: &str, key:
 pub fn widen_effects(phases: &mut [payslip_stream::rollout::PhaseSpec]) {
     payslip_stream::rollout::config::scale_effects(phases, 4.0, 50.0);
 }
+
+/// Copies the repository's models/ (metadata and every version's file) into `to`.
+pub fn copy_models(to: &std::path::Path) {
+    let from = repo().join("models");
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let e = entry.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(to.join(e.file_name())).unwrap();
+            for f in std::fs::read_dir(e.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(e.file_name()).join(f.file_name())).unwrap();
+            }
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
