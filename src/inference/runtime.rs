@@ -118,6 +118,18 @@ pub fn provider_available(p: Provider) -> Result<bool, RuntimeError> {
     r.map_err(|e| RuntimeError::Availability { provider: provider_name(p), message: e.to_string() })
 }
 
+/// The profiled warm-up could not run or its profile could not be read (retryable: a rebuilt
+/// session may warm up).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct WarmUpError(pub String);
+
+impl WarmUpError {
+    pub fn retryable(&self) -> bool {
+        true
+    }
+}
+
 /// How much of a model one provider ran in its profiled warm-up.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Placement {
@@ -136,8 +148,8 @@ pub fn placement_text(p: &[Placement]) -> String {
 
 /// Reads an ONNX Runtime profile (a JSON array of trace events): per provider, the distinct nodes
 /// that ran and their kernel time. Ordered by time, largest first.
-pub fn placement_from_profile(json: &str) -> Result<Vec<Placement>, String> {
-    let events: Vec<serde_json::Value> = serde_json::from_str(json).map_err(|e| format!("profile is not a JSON array of events: {e}"))?;
+pub fn placement_from_profile(json: &str) -> Result<Vec<Placement>, WarmUpError> {
+    let events: Vec<serde_json::Value> = serde_json::from_str(json).map_err(|e| WarmUpError(format!("profile is not a JSON array of events: {e}")))?;
     let mut per: std::collections::BTreeMap<String, (std::collections::BTreeSet<String>, f64)> = Default::default();
     for e in &events {
         if e.get("cat").and_then(|c| c.as_str()) != Some("Node") {
@@ -152,7 +164,7 @@ pub fn placement_from_profile(json: &str) -> Result<Vec<Placement>, String> {
     let nodes: usize = per.values().map(|(n, _)| n.len()).sum();
     let time: f64 = per.values().map(|(_, t)| t).sum();
     if nodes == 0 {
-        return Err("the profile records no node (did the warm-up run?)".into());
+        return Err(WarmUpError("the profile records no node (did the warm-up run?)".into()));
     }
     let mut out: Vec<Placement> = per
         .into_iter()
@@ -366,15 +378,15 @@ fn build_session(env: &ort::environment::Environment, cfg: &InferenceConfig, spe
 
 /// Runs the warm-up shapes on zero inputs with profiling on, ends profiling and reads where the
 /// nodes ran.
-fn warm_up(session: &mut Session, spec: &SessionSpec, gpu: bool) -> Result<Vec<Placement>, String> {
+fn warm_up(session: &mut Session, spec: &SessionSpec, gpu: bool) -> Result<Vec<Placement>, WarmUpError> {
     let per_row: usize = spec.dims.iter().map(|&d| d.max(1) as usize).product();
     for rows in warm_up_rows(spec.max_rows, spec.typical_rows, gpu) {
         let shape: Vec<i64> = std::iter::once(rows as i64).chain(spec.dims.iter().copied()).collect();
-        let input = Tensor::from_array((shape, vec![0f32; rows * per_row].into_boxed_slice())).map_err(|e| e.to_string())?;
-        session.run(ort::inputs![input]).map_err(|e| format!("run at batch axis {rows}: {e}"))?;
+        let input = Tensor::from_array((shape, vec![0f32; rows * per_row].into_boxed_slice())).map_err(|e| WarmUpError(e.to_string()))?;
+        session.run(ort::inputs![input]).map_err(|e| WarmUpError(format!("run at batch axis {rows}: {e}")))?;
     }
-    let file = session.end_profiling().map_err(|e| format!("ending the profile: {e}"))?;
-    let text = std::fs::read_to_string(&file).map_err(|e| format!("reading the profile {file}: {e}"));
+    let file = session.end_profiling().map_err(|e| WarmUpError(format!("ending the profile: {e}")))?;
+    let text = std::fs::read_to_string(&file).map_err(|e| WarmUpError(format!("reading the profile {file}: {e}")));
     let _ = std::fs::remove_file(&file);
     placement_from_profile(&text?)
 }
@@ -429,7 +441,7 @@ pub fn session_for(cfg: &InferenceConfig, spec: &SessionSpec, bytes: &[u8]) -> R
     };
     let gpu = providers.iter().any(|p| p.is_gpu());
     let started = Instant::now();
-    let placement = warm_up(&mut session, spec, gpu).map_err(|message| RuntimeError::WarmUp { model: model.into(), message })?;
+    let placement = warm_up(&mut session, spec, gpu).map_err(|e| RuntimeError::WarmUp { model: model.into(), message: e.0 })?;
     let warm_up_ms = started.elapsed().as_secs_f64() * 1e3;
     if cfg.require_gpu {
         if let Some(cpu) = placement.iter().find(|p| p.provider == CPU::NAME && p.nodes > 0) {
