@@ -474,7 +474,7 @@ async fn a_partition_added_to_the_results_topic_is_read_without_a_restart() {
     use rdkafka::{
         admin::{AdminClient, AdminOptions, NewPartitions},
         client::DefaultClientContext,
-        producer::{FutureProducer, FutureRecord},
+        producer::{FutureProducer, FutureRecord, Producer},
     };
 
     let dir = tempfile::tempdir().unwrap();
@@ -490,6 +490,21 @@ async fn a_partition_added_to_the_results_topic_is_read_without_a_restart() {
     }
     // five results in window 0 and a tick in window 3, all on the new partition
     let p: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).create().unwrap();
+    // the broker answers CreatePartitions before every metadata response carries the new partition; a
+    // producer that still sees one partition fails a send to partition 3 at once (UnknownPartition)
+    let started = Instant::now();
+    loop {
+        let (producer, topic) = (p.clone(), cfg.topics.inference.clone());
+        let seen = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&topic), Duration::from_secs(10)).map(|m| m.topics().first().map_or(0, |t| t.partitions().iter().filter(|p| p.leader() >= 0).count())))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        if seen == 4 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the producer saw {seen} partitions with a leader 30 s after the topic grew to 4");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut on_new: Vec<InferenceResult> = (0..5).map(|i| mk(&format!("new-{i}"), *BASE + 2_000 + i)).collect();
     on_new.push(mk("tick", *BASE + 3 * W));
     for r in &on_new {
