@@ -25,6 +25,14 @@ pub enum ProduceError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Encode(#[from] codec::EncodeError),
+    /// The broker did not take some documents (each error with how many it failed); the others
+    /// were delivered.
+    #[error("{failed} of {total} documents were not delivered ({})", summarise(errors))]
+    Undelivered { failed: u64, total: u64, errors: std::collections::BTreeMap<String, u64> },
+}
+
+fn summarise(errors: &std::collections::BTreeMap<String, u64>) -> String {
+    errors.iter().map(|(e, n)| format!("{n}× {e}")).collect::<Vec<_>>().join("; ")
 }
 
 impl ProduceError {
@@ -32,6 +40,7 @@ impl ProduceError {
     pub fn retryable(&self) -> bool {
         match self {
             ProduceError::Kafka(e) => e.retryable(),
+            ProduceError::Undelivered { .. } => true,
             ProduceError::Input { .. } | ProduceError::Encode(_) => false,
         }
     }
@@ -80,6 +89,9 @@ pub struct ProduceSummary {
     pub missed_rate: bool,
     /// The furthest the run fell behind its schedule, seconds.
     pub max_behind_seconds: f64,
+    /// Delivery errors by message, when some documents were not delivered.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub errors: std::collections::BTreeMap<String, u64>,
 }
 
 /// Reads documents from files.
@@ -209,6 +221,10 @@ pub async fn produce(opts: &ProduceOptions, source: Source) -> Result<ProduceSum
             tracing::warn!(requested_rate = rate, achieved_rate = format!("{:.1}", summary.achieved_rate), max_behind_s = format!("{:.1}", summary.max_behind_seconds), "produce missed the requested --rate");
         }
     }
+    if summary.failed > 0 {
+        // "sent" means acknowledged: a document the broker did not take is an error, never a count
+        return Err(ProduceError::Undelivered { failed: summary.failed, total, errors: summary.errors });
+    }
     Ok(summary)
 }
 
@@ -217,10 +233,12 @@ fn tally(s: &mut ProduceSummary, r: Result<rdkafka::producer::future_producer::O
         Ok(Ok(_)) => s.sent += 1,
         Ok(Err((e, _))) => {
             s.failed += 1;
+            *s.errors.entry(e.to_string()).or_default() += 1;
             tracing::warn!(error = %e, "document not delivered");
         }
         Err(e) => {
             s.failed += 1;
+            *s.errors.entry(e.to_string()).or_default() += 1;
             tracing::warn!(error = %e, "document not delivered");
         }
     }

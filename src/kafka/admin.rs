@@ -78,7 +78,35 @@ async fn create(brokers: &str, kafka: &KafkaConfig, topics: &TopicsConfig, specs
             Err((name, code)) => return Err(KafkaError::Broker { what: format!("cannot create topic {name}"), source: rdkafka::error::KafkaError::AdminOp(code) }),
         }
     }
+    wait_until_led(&admin, &out, specs);
     Ok(out)
+}
+
+/// Waits (up to 30 s) until the broker's metadata shows every partition of the topics just created
+/// with a leader. CreateTopics answers once the controller has recorded them, before each broker
+/// serves them: records produced in between can be refused (a CI run lost 3 of 800 documents sent
+/// right after their topic was created). Blocking (`ensure_named` runs outside tokio).
+fn wait_until_led(admin: &AdminClient<DefaultClientContext>, created: &[String], specs: &[(String, i32, bool, Option<String>)]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for name in created {
+        let expected = specs.iter().find(|s| &s.0 == name).map_or(1, |s| s.1).max(1) as usize;
+        loop {
+            let led = admin
+                .inner()
+                .fetch_metadata(Some(name), Duration::from_secs(5))
+                .ok()
+                .and_then(|m| m.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().iter().filter(|p| p.error().is_none() && p.leader() >= 0).count()))
+                .unwrap_or(0);
+            if led >= expected {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(topic = %name, led, expected, "a topic just created still has partitions without a leader after 30 s");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// The `max.message.bytes` a topic accepts (its own setting, or the broker's default it inherits).
