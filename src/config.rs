@@ -139,6 +139,12 @@ pub struct MonitorConfig {
     /// (a standby takes over when the leader dies). Needs Kafka transactions.
     #[serde(default = "yes")]
     pub changelog: bool,
+    /// Warm standbys: with 1 or more, a monitor process waiting for the leadership tails the
+    /// changelog into its own state, so a takeover replays seconds of changes instead of the whole
+    /// topic; 0 keeps waiting processes cold (they replay everything when they take over). The state
+    /// is one changelog partition, so every waiting process is a warm replica when this is ≥ 1.
+    #[serde(default = "default_standby_replicas")]
+    pub standby_replicas: u32,
     /// A firing alert whose subject has had no window for this many closed window ranges (a
     /// rolled-back candidate, a retired version) resolves with the reason "no data"; 0: never.
     #[serde(default = "default_resolve_silent_after")]
@@ -157,6 +163,7 @@ fn default_retention_ms() -> i64 { 7 * 24 * 3_600_000 }
 fn default_monitor_batch() -> usize { 1000 }
 fn default_resolve_silent_after() -> u32 { 5 }
 fn yes() -> bool { true }
+fn default_standby_replicas() -> u32 { 1 }
 
 impl Default for MonitorConfig {
     fn default() -> Self {

@@ -10,6 +10,13 @@
 //! transactional id is shared, so initialising transactions fences a leader that is still alive but
 //! no longer assigned.
 //!
+//! Warm standbys (`monitor.standby_replicas` ≥ 1): while a member waits for the partition it tails
+//! the committed changelog into its own RocksDB, recording the next offset it applied with every
+//! write, so a takeover replays only what the leader wrote since (seconds), not the whole topic. With
+//! `standby_replicas: 0` a waiting member reads nothing and replays everything when it takes over.
+//! Restoring keeps serving the group protocol (a restore longer than `max.poll.interval.ms` would
+//! otherwise hand the partition away), and its progress is logged and shown in [`Progress`].
+//!
 //! Why not split the state by input partition: results are keyed by document id, so every window of
 //! every subject draws from all input partitions; partition-local state would split each window.
 //! Scaling the monitor out needs a repartition by subject first (see README "Status").
@@ -18,9 +25,11 @@ use std::time::Duration;
 
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
-    message::Message,
+    message::{BorrowedMessage, Message},
     producer::{FutureProducer, FutureRecord, Producer},
+    Offset, TopicPartitionList,
 };
+use serde::Serialize;
 
 use super::MonitorError;
 use crate::{
@@ -32,12 +41,74 @@ use crate::{
 /// Local meta key: next changelog offset this RocksDB has applied.
 pub const META_CHANGELOG_NEXT: &[u8] = b"changelog_next";
 
+/// Where this process's copy of the changelog stands (the log, `/health/detailed` and `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Progress {
+    /// Whether a waiting member keeps its copy warm (`monitor.standby_replicas` ≥ 1).
+    pub warm: bool,
+    /// Next changelog offset the local state has applied.
+    pub applied_offset: i64,
+    /// The changelog's end as last seen (last stable offset, transaction markers included).
+    pub end_offset: Option<i64>,
+    /// Records between the local state and the changelog's end: 0 once the reader reached the end,
+    /// else the end minus the next offset applied (an upper bound: it counts transaction markers).
+    pub lag_records: Option<i64>,
+    /// Changelog records this process applied since it started (tailing and restoring).
+    pub records_applied: u64,
+    /// The last takeover: from being handed the partition to reading the inputs, milliseconds.
+    pub last_takeover_ms: Option<u64>,
+    /// Records the last takeover replayed before it could resume.
+    pub last_takeover_records: Option<u64>,
+}
+
+impl Progress {
+    /// Records between the local state and the changelog's end, when known.
+    pub fn lag(&self) -> Option<i64> {
+        self.lag_records
+    }
+}
+
+/// The tail reader's context: reaching the end of the partition is how a standby knows it is level
+/// with the leader, not an error to log (librdkafka also reports it as a client error).
+struct EndIsNews;
+
+impl rdkafka::ClientContext for EndIsNews {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "librdkafka: the changelog tail reader");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EndIsNews {}
+
+/// A standby's reader of the committed changelog, positioned after what its store has applied.
+struct Tail {
+    reader: BaseConsumer<EndIsNews>,
+    /// Whether the copy was level with the changelog's end at the last pump (logged on change).
+    caught_up: bool,
+    /// When the changelog's end was last asked for.
+    end_checked: std::time::Instant,
+    /// Whether the reader's last word was that it reached the end (no record since).
+    at_end: bool,
+}
+
+/// Records applied in one RocksDB write while tailing or restoring.
+const APPLY_CHUNK: u64 = 5_000;
+
 pub struct Changelog {
     topic: String,
     producer: FutureProducer,
     /// Always `Some` until dropped (taken to be closed within a limit).
     leader: Option<BaseConsumer<KnownProtocol>>,
+    /// Tail the changelog while waiting (`monitor.standby_replicas` ≥ 1).
+    warm: bool,
+    /// Shared with the operations view ([`super::view::ViewHandle::changelog_cell`]).
+    progress: ProgressCell,
 }
+
+/// Where [`Progress`] is kept: the changelog writes it, the operations view reads it.
+pub type ProgressCell = std::sync::Arc<std::sync::Mutex<Option<Progress>>>;
 
 fn ck(cf: &str, key: &[u8]) -> Vec<u8> {
     let mut v = cf.as_bytes().to_vec();
@@ -59,7 +130,7 @@ impl Changelog {
         self.leader.as_ref().expect("present until dropped")
     }
 
-    pub fn new(cfg: &PipelineConfig, brokers: &str) -> Result<Self, MonitorError> {
+    pub fn new(cfg: &PipelineConfig, brokers: &str, progress: ProgressCell) -> Result<Self, MonitorError> {
         let topic = cfg.topics.monitor_changelog.clone();
         // one deployment = one changelog topic: its group elects the leader, its transactional id fences
         let group = format!("{topic}.leader");
@@ -87,33 +158,175 @@ impl Changelog {
             .set("partition.assignment.strategy", "cooperative-sticky");
         let leader: BaseConsumer<KnownProtocol> = cc.create_with_context(KnownProtocol::of(&cc)).map_err(KafkaError::client("the leadership consumer"))?;
         leader.subscribe(&[&topic]).map_err(KafkaError::broker(format!("subscribe {topic}")))?;
-        Ok(Self { topic, producer, leader: Some(leader) })
+        let warm = cfg.monitor.standby_replicas > 0;
+        *progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(Progress { warm, ..Progress::default() });
+        Ok(Self { topic, producer, leader: Some(leader), warm, progress })
+    }
+
+    /// Where the local copy stands now.
+    pub fn progress(&self) -> Progress {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_default()
+    }
+
+    fn note(&self, f: impl FnOnce(&mut Progress)) {
+        f(self.progress.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Progress::default));
+    }
+
+    /// Records the takeover that just completed (logged by the caller).
+    pub fn note_takeover(&self, took: Duration, records: u64) {
+        self.note(|p| {
+            p.last_takeover_ms = Some(took.as_millis() as u64);
+            p.last_takeover_records = Some(records);
+        });
+    }
+
+    /// A read_committed reader of the changelog: the leader's aborted writes are never applied.
+    fn reader(cfg: &PipelineConfig, brokers: &str, group: &str) -> Result<BaseConsumer, MonitorError> {
+        let mut rc = kafka::reader_config(brokers, group, &cfg.kafka.librdkafka);
+        rc.set("isolation.level", "read_committed");
+        Ok(rc.create().map_err(KafkaError::client("the changelog reader"))?)
+    }
+
+    /// Adds one changelog record to `batch` (an unknown column family is skipped).
+    fn apply(batch: &mut StateBatch, store: &RocksStateStore, m: &BorrowedMessage<'_>) {
+        let key = m.key().unwrap_or_default();
+        let Some(sep) = key.iter().position(|&b| b == 0) else { return };
+        let cf = std::str::from_utf8(&key[..sep]).unwrap_or("");
+        let Some(cf) = ALL_CFS.iter().find(|c| **c == cf) else { return };
+        match m.payload() {
+            Some(v) => batch.put_raw(store, cf, &key[sep + 1..], v),
+            None => batch.delete(store, cf, &key[sep + 1..]),
+        }
+    }
+
+    fn open_tail(&self, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore) -> Result<Tail, MonitorError> {
+        let from: i64 = store.get_json(crate::state::CF_META, META_CHANGELOG_NEXT)?.unwrap_or(0);
+        let mut rc = kafka::reader_config(brokers, "payslip-monitor-standby", &cfg.kafka.librdkafka);
+        // reaching the end is how the copy knows it is level with the leader
+        rc.set("isolation.level", "read_committed").set("enable.partition.eof", "true");
+        let reader: BaseConsumer<EndIsNews> = rc.create_with_context(EndIsNews).map_err(KafkaError::client("the changelog reader"))?;
+        let mut tpl = TopicPartitionList::new();
+        // an offset compacted or deleted away resets to the earliest one kept (reader_config)
+        tpl.add_partition_offset(&self.topic, 0, Offset::Offset(from)).map_err(KafkaError::broker(format!("position {}/0", self.topic)))?;
+        reader.assign(&tpl).map_err(KafkaError::broker(format!("assign {}", self.topic)))?;
+        self.note(|p| p.applied_offset = from);
+        tracing::info!(topic = %self.topic, from, "monitor standby: keeping a warm copy of the state (tailing the changelog)");
+        Ok(Tail { reader, caught_up: false, end_checked: std::time::Instant::now() - Duration::from_secs(60), at_end: false })
+    }
+
+    /// Applies what the changelog delivers within `wait` (at most [`APPLY_CHUNK`] records) to the
+    /// local store, with the next offset; a read error is logged and tried again next time.
+    fn pump(&self, tail: &mut Tail, store: &RocksStateStore, wait: Duration) -> Result<(), MonitorError> {
+        let mut batch = StateBatch::default();
+        let (mut n, mut next, mut at_end) = (0u64, None, false);
+        let mut timeout = wait;
+        while n < APPLY_CHUNK {
+            match tail.reader.poll(timeout) {
+                None => break,
+                Some(Ok(m)) => {
+                    Self::apply(&mut batch, store, &m);
+                    next = Some(m.offset() + 1);
+                    n += 1;
+                    at_end = false;
+                }
+                // the reader passed the last committed record (and the markers after it)
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                    at_end = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, topic = %self.topic, "monitor standby: reading the changelog failed; trying again");
+                    break;
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+        if let Some(next) = next {
+            batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &next);
+            store.write(batch)?;
+        }
+        // the end (last stable offset) is asked for at most once a second
+        let end = if tail.end_checked.elapsed() >= Duration::from_secs(1) {
+            tail.end_checked = std::time::Instant::now();
+            tail.reader.fetch_watermarks(&self.topic, 0, Duration::from_secs(2)).ok().map(|(_, hi)| hi).filter(|hi| *hi >= 0)
+        } else {
+            None
+        };
+        if n > 0 || at_end {
+            tail.at_end = at_end;
+        }
+        let level = tail.at_end;
+        self.note(|p| {
+            if let Some(next) = next {
+                p.applied_offset = next;
+            }
+            p.records_applied += n;
+            if end.is_some() {
+                p.end_offset = end;
+            }
+            if level {
+                p.lag_records = Some(0);
+            } else if let Some(e) = p.end_offset {
+                p.lag_records = Some((e - p.applied_offset).max(0));
+            }
+        });
+        if level != tail.caught_up {
+            tail.caught_up = level;
+            let p = self.progress();
+            if level {
+                tracing::info!(applied_offset = p.applied_offset, records_applied = p.records_applied, "monitor standby: warm copy caught up with the changelog");
+            } else if let Some(lag) = p.lag().filter(|l| *l > APPLY_CHUNK as i64) {
+                tracing::info!(lag, applied_offset = p.applied_offset, "monitor standby: warm copy behind the changelog");
+            }
+        }
+        Ok(())
     }
 
     pub fn is_leader(&self) -> bool {
         self.leader().assignment().map(|a| a.count() > 0).unwrap_or(false)
     }
 
-    /// Waits until this process leads (or `stop`); returns false when stopped first.
-    pub fn wait_for_leadership(&self, stop: &std::sync::atomic::AtomicBool) -> bool {
+    /// Waits until this process leads (or `stop`); returns false when stopped first. A warm standby
+    /// applies the committed changelog to `store` meanwhile.
+    pub fn wait_for_leadership(&self, stop: &std::sync::atomic::AtomicBool, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore) -> Result<bool, MonitorError> {
         let mut said = false;
+        let mut tail: Option<Tail> = None;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            // polling serves the group protocol; the messages are read separately in `restore`
-            let _ = self.leader().poll(Duration::from_millis(200));
+            // polling serves the group protocol; the messages are read separately (tail, `restore`)
+            let _ = self.leader().poll(if self.warm { Duration::ZERO } else { Duration::from_millis(200) });
             if self.is_leader() {
-                return true;
+                self.pause_assigned();
+                return Ok(true);
             }
             if !said {
-                tracing::info!(topic = %self.topic, "monitor standby: waiting for leadership");
+                tracing::info!(topic = %self.topic, warm = self.warm, "monitor standby: waiting for leadership");
                 said = true;
             }
+            if self.warm {
+                if tail.is_none() {
+                    tail = Some(self.open_tail(cfg, brokers, store)?);
+                }
+                if let Some(t) = &mut tail {
+                    self.pump(t, store, Duration::from_millis(200))?;
+                }
+            }
         }
-        false
+        Ok(false)
+    }
+
+    /// The leadership consumer only serves the group protocol: it fetches nothing.
+    fn pause_assigned(&self) {
+        if let Ok(a) = self.leader().assignment() {
+            if a.count() > 0 {
+                let _ = self.leader().pause(&a);
+            }
+        }
     }
 
     /// Keeps the group membership alive; false when leadership was lost.
     pub fn still_leader(&self) -> bool {
         let _ = self.leader().poll(Duration::ZERO);
+        self.pause_assigned();
         self.is_leader()
     }
 
@@ -164,45 +377,67 @@ impl Changelog {
             let _ = self.producer.abort_transaction(Duration::from_secs(30));
             return Err(err(e));
         }
-        Ok(delivered.iter().map(|d| d.offset + 1).max())
+        let next = delivered.iter().map(|d| d.offset + 1).max();
+        if let Some(next) = next {
+            self.note(|p| {
+                p.applied_offset = next;
+                p.end_offset = Some(next);
+                p.lag_records = Some(0);
+            });
+        }
+        Ok(next)
     }
 
-    /// Applies committed changelog entries after what `store` has applied, up to the current end.
+    /// Applies committed changelog entries after what `store` has applied, up to the current end;
+    /// returns how many. The group protocol is served meanwhile, and progress is logged every
+    /// [`APPLY_CHUNK`] records.
     pub fn restore(&self, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore) -> Result<u64, MonitorError> {
         let from: i64 = store.get_json(crate::state::CF_META, META_CHANGELOG_NEXT)?.unwrap_or(0);
-        let mut rc = kafka::reader_config(brokers, "payslip-monitor-restore", &cfg.kafka.librdkafka);
-        rc.set("isolation.level", "read_committed");
-        let reader: BaseConsumer = rc.create().map_err(KafkaError::client("the changelog reader"))?;
+        let reader = Self::reader(cfg, brokers, "payslip-monitor-restore")?;
         // with read_committed, the high watermark is the last stable offset; what lies between the
         // last record and it (markers, aborted records) is passed over by the cursor
         let (lo, hi) = kafka::watermarks_of(&reader, &self.topic, 0, Duration::from_secs(30))?;
         let start = from.max(lo);
+        self.note(|p| {
+            p.applied_offset = from;
+            p.end_offset = Some(hi);
+            p.lag_records = Some((hi - start).max(0));
+        });
         if start >= hi {
+            self.note(|p| p.lag_records = Some(0));
+            tracing::info!(applied = 0, from = start, to = hi, "monitor state restored from the changelog (nothing to replay)");
             return Ok(0);
         }
         let cursor = RangeCursor::open(reader, [(self.topic.clone(), PartitionRange { partition: 0, start, end: hi })], format!("restoring from {}", self.topic))?;
         let mut batch = StateBatch::default();
         let mut applied = 0u64;
+        let started = std::time::Instant::now();
         // a restore of any length goes on while records arrive; it fails only when none do
         cursor.for_each(Duration::from_secs(60), |m| {
-            let key = m.key().unwrap_or_default();
-            let Some(sep) = key.iter().position(|&b| b == 0) else { return Ok(()) };
-            let cf = std::str::from_utf8(&key[..sep]).unwrap_or("");
-            let Some(cf) = ALL_CFS.iter().find(|c| **c == cf) else { return Ok(()) };
-            match m.payload() {
-                Some(v) => batch.put_raw(store, cf, &key[sep + 1..], v),
-                None => batch.delete(store, cf, &key[sep + 1..]),
-            }
+            Self::apply(&mut batch, store, m);
             applied += 1;
-            if applied % 5000 == 0 {
+            if applied % APPLY_CHUNK == 0 {
                 batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &(m.offset() + 1));
                 store.write(std::mem::take(&mut batch))?;
-                tracing::info!(applied, offset = m.offset(), end = hi, "monitor state restore in progress");
+                // keep the membership: a restore longer than max.poll.interval.ms must not lose the partition
+                let _ = self.leader().poll(Duration::ZERO);
+                self.note(|p| {
+                    p.applied_offset = m.offset() + 1;
+                    p.records_applied += APPLY_CHUNK;
+                    p.lag_records = Some((hi - m.offset() - 1).max(0));
+                });
+                let rate = applied as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                tracing::info!(applied, offset = m.offset(), end = hi, records_per_s = rate.round(), remaining_s = ((hi - m.offset()) as f64 / rate).round(), "monitor state restore in progress");
             }
             Ok::<(), MonitorError>(())
         })?;
         batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &hi);
         store.write(batch)?;
+        self.note(|p| {
+            p.applied_offset = hi;
+            p.records_applied += applied % APPLY_CHUNK;
+            p.lag_records = Some(0);
+        });
         tracing::info!(applied, from = start, to = hi, "monitor state restored from the changelog");
         Ok(applied)
     }

@@ -141,7 +141,7 @@ impl MonitorStage {
         let store = RocksStateStore::open(&cfg.monitor.state_dir)?;
         view.set_checkpointer(store.checkpointer());
         let producer = kafka::stats::producer_with_stats(kafka::producer_config_with(&brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms), view.producer_stats(), "the monitor producer")?;
-        let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::new(&cfg, &brokers)?) } else { None };
+        let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::new(&cfg, &brokers, view.changelog_cell())?) } else { None };
         Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view })
     }
 
@@ -286,16 +286,19 @@ impl MonitorStage {
     fn lead(&mut self, stop: &AtomicBool, initialised: &mut bool) -> Result<(), MonitorError> {
         self.commands_from = None;
         self.view.set_role(view::Role::Standby);
+        let mut takeover: Option<(std::time::Instant, u64)> = None;
         if let Some(c) = &self.changelog {
-            if !c.wait_for_leadership(stop) {
+            if !c.wait_for_leadership(stop, &self.cfg, &self.brokers, &self.store)? {
                 return Ok(());
             }
+            let won = std::time::Instant::now();
             if !*initialised {
                 c.init()?;
                 *initialised = true;
             }
-            c.restore(&self.cfg, &self.brokers, &self.store)?;
-            tracing::info!("monitor leads: state restored, resuming");
+            let replayed = c.restore(&self.cfg, &self.brokers, &self.store)?;
+            takeover = Some((won, replayed));
+            tracing::info!(replayed, "monitor leads: state restored, resuming");
         }
         self.load()?;
         self.recover_outbox()?;
@@ -324,6 +327,11 @@ impl MonitorStage {
             self.state.watermark.register(&format!("{}/{}", e.topic(), e.partition()), wall);
         }
         tracing::info!(state_dir = %self.store.path(), open_windows = self.state.windows.len(), resumed_partitions = stored.len(), "monitor stage started");
+        if let (Some(c), Some((won, replayed))) = (&self.changelog, takeover) {
+            let took = won.elapsed();
+            c.note_takeover(took, replayed);
+            tracing::info!(takeover_ms = took.as_millis() as u64, replayed, warm = c.progress().warm, "monitor takeover complete: from being handed the partition to reading the inputs");
+        }
         self.view.set_role(view::Role::Leader);
         let mut view_published = std::time::Instant::now() - view::PUBLISH_EVERY;
 

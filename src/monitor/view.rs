@@ -66,6 +66,8 @@ pub struct MonitorView {
     /// RocksDB's estimate of the state's live data, bytes.
     pub state_bytes: Option<u64>,
     pub rollouts: Vec<RolloutView>,
+    /// This process's copy of the changelog (None without `monitor.changelog`).
+    pub changelog: Option<super::changelog::Progress>,
     pub updated_at_ms: i64,
 }
 
@@ -77,6 +79,8 @@ pub struct ViewHandle {
     store: Arc<RwLock<Option<crate::state::Checkpointer>>>,
     /// librdkafka's latest statistics of the monitor's producer.
     producer_stats: crate::kafka::stats::StatsCell,
+    /// The changelog's progress, written by the changelog as it tails and restores.
+    changelog: super::changelog::ProgressCell,
 }
 
 impl ViewHandle {
@@ -86,7 +90,9 @@ impl ViewHandle {
     }
 
     pub fn get(&self) -> MonitorView {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut v = self.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
+        v.changelog = *self.changelog.lock().unwrap_or_else(|p| p.into_inner());
+        v
     }
 
     /// Checkpoints of the running monitor's state (None before the stage opened it).
@@ -102,6 +108,11 @@ impl ViewHandle {
         let mut v = self.inner.write().unwrap_or_else(|p| p.into_inner());
         v.role = role;
         v.updated_at_ms = chrono::Utc::now().timestamp_millis();
+    }
+
+    /// Where the changelog keeps this process's [`super::changelog::Progress`].
+    pub(super) fn changelog_cell(&self) -> super::changelog::ProgressCell {
+        self.changelog.clone()
     }
 
     /// Notes the windows that just closed (before the next refresh publishes them).

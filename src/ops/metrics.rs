@@ -147,6 +147,20 @@ impl Collector for Figures {
             if let Some(b) = v.state_bytes {
                 gauge(&mut enc, "payslip_monitor_state_bytes", "RocksDB's estimate of the monitor state's live data.", b as f64)?;
             }
+            if let Some(p) = &v.changelog {
+                gauge(&mut enc, "payslip_monitor_standby_warm", "1 when a waiting monitor process keeps a warm copy of the state (monitor.standby_replicas >= 1).", p.warm as i64 as f64)?;
+                gauge(&mut enc, "payslip_monitor_changelog_applied_offset", "Next changelog offset this process's state has applied.", p.applied_offset as f64)?;
+                if let Some(lag) = p.lag() {
+                    gauge(&mut enc, "payslip_monitor_changelog_lag_records", "Changelog records (transaction markers included) between this process's state and the changelog's end, as last seen while tailing or restoring.", lag as f64)?;
+                }
+                counter(&mut enc, "payslip_monitor_changelog_records_applied", "Changelog records applied to this process's state (warm tailing and restores).", p.records_applied)?;
+                if let Some(ms) = p.last_takeover_ms {
+                    gauge(&mut enc, "payslip_monitor_last_takeover_seconds", "The last takeover: from being handed the leadership to reading the inputs (restore, state load, outbox recovery).", ms as f64 / 1e3)?;
+                }
+                if let Some(n) = p.last_takeover_records {
+                    gauge(&mut enc, "payslip_monitor_last_takeover_replayed_records", "Changelog records the last takeover replayed before resuming.", n as f64)?;
+                }
+            }
             {
                 let mut fam = enc.encode_descriptor("payslip_rollout_phase", "Current phase (1-based) of each rollout the controller holds.", None, MetricType::Gauge)?;
                 for r in &v.rollouts {

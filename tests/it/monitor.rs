@@ -265,6 +265,100 @@ fn stream(n_windows: i64, per_window: i64) -> Vec<InferenceResult> {
     v
 }
 
+/// Waits until `f` holds for the view, or fails with `what`.
+async fn wait_view(view: &payslip_stream::monitor::view::ViewHandle, what: &str, f: impl Fn(&payslip_stream::monitor::view::MonitorView) -> bool) -> payslip_stream::monitor::view::MonitorView {
+    let started = Instant::now();
+    loop {
+        let v = view.get();
+        if f(&v) {
+            return v;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "{what}: {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Results `from..from+n` (100 ms apart from `t0`) and a tick `far` ahead that closes their windows.
+fn phase(tag: &str, n: i64, t0: i64, tick_at: i64) -> Vec<InferenceResult> {
+    let mut v: Vec<InferenceResult> = (0..n).map(|i| result(&format!("{tag}-{i}"), t0 + i * 100, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("ARMY"))])).collect();
+    v.push(result(&format!("{tag}-tick"), tick_at, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("ARMY"))]));
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_standby_tails_the_changelog_and_takes_over_replaying_nothing_while_a_cold_one_replays_everything() {
+    use payslip_stream::monitor::view::Role;
+    let (dir_a, dir_b, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cfg, _) = monitor_config("warm", dir_a.path()).await;
+    let at = |dir: &tempfile::TempDir, replicas: u32| {
+        let mut c = cfg.clone();
+        c.monitor.state_dir = dir.path().to_path_buf();
+        c.monitor.standby_replicas = replicas;
+        c
+    };
+    let (a, view_a) = RunningMonitor::start_with_view(&at(&dir_a, 1));
+    wait_view(&view_a, "the first monitor did not lead", |v| v.role == Role::Leader).await;
+    let (b, view_b) = RunningMonitor::start_with_view(&at(&dir_b, 1));
+    wait_view(&view_b, "the second monitor did not wait as a standby", |v| v.role == Role::Standby).await;
+
+    // phase 1: two 10 s windows closed by a tick in a later one, all while b tails
+    let w = 10_000;
+    let p1 = phase("one", 150, *BASE, *BASE + 5 * w);
+    produce_records(&cfg.topics.inference, "k", &p1).await;
+    wait_for_pipeline_total(&cfg.topics.metrics, 150).await;
+    // the leader has written everything (its last write, the outbox cleanup, follows the
+    // publication) and the standby has applied all of it
+    let mut last = None;
+    let settled = loop {
+        let (pa, pb) = (view_a.get().changelog.unwrap(), view_b.get().changelog.unwrap());
+        if pa.applied_offset == pb.applied_offset && last == Some(pa.applied_offset) {
+            break pb;
+        }
+        last = (pa.applied_offset == pb.applied_offset).then_some(pa.applied_offset);
+        wait_view(&view_b, "the standby did not catch up", |v| v.changelog.is_some_and(|p| p.applied_offset >= pa.applied_offset)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(settled.warm && settled.records_applied > 0, "the standby applied the changelog while waiting: {settled:?}");
+    assert_eq!(settled.lag(), Some(0), "{settled:?}");
+    let summary_a = a.stop().await;
+    assert_eq!(summary_a.results_applied, 151);
+
+    let v = wait_view(&view_b, "the warm standby did not take over", |v| v.role == Role::Leader && v.changelog.is_some_and(|p| p.last_takeover_ms.is_some())).await;
+    let p = v.changelog.unwrap();
+    assert_eq!(p.last_takeover_records, Some(0), "a caught-up warm standby replays nothing: {p:?}");
+    assert!(v.changelog.unwrap().warm);
+    wait_view(&view_b, "the standby's state did not hold the leader's counters", |v| v.counters.results_applied == 151).await;
+
+    // phase 2 on b; then c joins cold and reads nothing while it waits
+    let p2 = phase("two", 100, *BASE + 5 * w + 100, *BASE + 9 * w);
+    produce_records(&cfg.topics.inference, "k", &p2).await;
+    wait_for_pipeline_total(&cfg.topics.metrics, 150 + 1 + 100).await;
+    let (c, view_c) = RunningMonitor::start_with_view(&at(&dir_c, 0));
+    let waiting = wait_view(&view_c, "the third monitor did not wait as a standby", |v| v.role == Role::Standby).await;
+    let written = view_b.get().changelog.unwrap().applied_offset;
+    assert!(!waiting.changelog.unwrap().warm);
+    let summary_b = b.stop().await;
+    assert_eq!(summary_b.results_applied, 151 + 101);
+
+    let v = wait_view(&view_c, "the cold standby did not take over", |v| v.role == Role::Leader && v.changelog.is_some_and(|p| p.last_takeover_ms.is_some())).await;
+    let p = v.changelog.unwrap();
+    let replayed = p.last_takeover_records.unwrap();
+    assert!(replayed > 0 && replayed == p.records_applied, "a cold standby replays the changelog when it takes over: {p:?}");
+    assert!(p.applied_offset >= written, "{p:?} (b wrote up to {written})");
+
+    // phase 3 on c: the totals over all three leaders are exact, and nothing was published twice
+    let p3 = phase("three", 50, *BASE + 9 * w + 100, *BASE + 14 * w);
+    produce_records(&cfg.topics.inference, "k", &p3).await;
+    wait_for_pipeline_total(&cfg.topics.metrics, 150 + 1 + 100 + 1 + 50).await;
+    let summary_c = c.stop().await;
+    assert_eq!(summary_c.results_applied, 151 + 101 + 51);
+    let metrics = metrics_of(&read_all(&cfg.topics.metrics));
+    let ids: BTreeSet<&String> = metrics.iter().map(|m| &m.metrics_id).collect();
+    assert_eq!(ids.len(), metrics.len(), "a window snapshot was published twice");
+    let total: i64 = metrics.iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+    assert_eq!(total, 150 + 1 + 100 + 1 + 50, "every window closed exactly once across two takeovers");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_keeps_window_totals_exact_without_duplicate_events() {
     let dir = tempfile::tempdir().unwrap();
@@ -417,6 +511,7 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     wait_for_pipeline_total(&cfg.topics.metrics, n).await;
     let log = std::fs::read_to_string(standby_dir.join("monitor.log")).unwrap();
     assert!(log.contains("restored from the changelog"), "the standby rebuilt its state from the changelog:\n{log}");
+    assert!(log.contains("keeping a warm copy of the state") && log.contains("monitor takeover complete"), "the standby tailed the changelog while it waited and logged its takeover:\n{log}");
     let pid = standby.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(standby.wait().unwrap().success());

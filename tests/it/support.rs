@@ -222,10 +222,16 @@ pub struct RunningMonitor {
 
 impl RunningMonitor {
     pub fn start(cfg: &PipelineConfig) -> Self {
+        Self::start_with_view(cfg).0
+    }
+
+    /// Starts the stage with the view the operations API would read (role, counters, changelog).
+    pub fn start_with_view(cfg: &PipelineConfig) -> (Self, payslip_stream::monitor::view::ViewHandle) {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (cfg, flag) = (cfg.clone(), stop.clone());
-        let handle = tokio::task::spawn_blocking(move || payslip_stream::monitor::MonitorStage::open(cfg, brokers())?.run(flag));
-        Self { stop, handle: Some(handle) }
+        let view = payslip_stream::monitor::view::ViewHandle::default();
+        let (cfg, flag, v) = (cfg.clone(), stop.clone(), view.clone());
+        let handle = tokio::task::spawn_blocking(move || payslip_stream::monitor::MonitorStage::open_with_view(cfg, brokers(), v)?.run(flag));
+        (Self { stop, handle: Some(handle) }, view)
     }
 
     pub async fn stop(mut self) -> payslip_stream::monitor::MonitorSummary {
