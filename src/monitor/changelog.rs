@@ -2,7 +2,8 @@
 //!
 //! Every state batch the monitor writes to RocksDB is also written, before it, to the compacted
 //! topic `monitor_changelog` (one message per key: `cf \0 key` → value, a tombstone for a delete)
-//! inside one Kafka transaction. The topic has one partition, and the monitor processes of a
+//! inside one Kafka transaction; the predictions' expiry index is derived by the reader instead of
+//! written. The topic has one partition, and the monitor processes of a
 //! deployment join one consumer group on it: the member that is assigned the partition is the
 //! leader and runs the stage; the others wait. When the leader dies, the group hands the partition to
 //! a standby, which replays the committed changelog (read_committed, from the last offset its own
@@ -35,7 +36,7 @@ use super::MonitorError;
 use crate::{
     config::PipelineConfig,
     kafka::{self, range::PartitionRange, rebalance::KnownProtocol, KafkaError, RangeCursor},
-    state::{RocksStateStore, StateBatch, ALL_CFS},
+    state::{RocksStateStore, StateBatch, ALL_CFS, CF_PREDICTIONS, CF_PREDICTION_EXPIRY},
 };
 
 /// Local meta key: next changelog offset this RocksDB has applied.
@@ -187,15 +188,33 @@ impl Changelog {
         Ok(rc.create().map_err(KafkaError::client("the changelog reader"))?)
     }
 
-    /// Adds one changelog record to `batch` (an unknown column family is skipped).
+    /// Adds one changelog record to `batch` (an unknown column family is skipped). The predictions'
+    /// expiry index is not in the changelog (see [`Self::append`]): it is derived here from each
+    /// prediction put, and its entry removed with each prediction deleted.
     fn apply(batch: &mut StateBatch, store: &RocksStateStore, m: &BorrowedMessage<'_>) {
         let key = m.key().unwrap_or_default();
         let Some(sep) = key.iter().position(|&b| b == 0) else { return };
         let cf = std::str::from_utf8(&key[..sep]).unwrap_or("");
         let Some(cf) = ALL_CFS.iter().find(|c| **c == cf) else { return };
+        let id = &key[sep + 1..];
+        let expiry = |event_ms: i64| std::str::from_utf8(id).ok().map(|id| super::expiry_key(event_ms, id));
         match m.payload() {
-            Some(v) => batch.put_raw(store, cf, &key[sep + 1..], v),
-            None => batch.delete(store, cf, &key[sep + 1..]),
+            Some(v) => {
+                batch.put_raw(store, cf, id, v);
+                if *cf == CF_PREDICTIONS {
+                    if let Some(k) = serde_json::from_slice::<super::state::Prediction>(v).ok().and_then(|p| expiry(p.event_ms)) {
+                        batch.put_raw(store, CF_PREDICTION_EXPIRY, &k, b"null");
+                    }
+                }
+            }
+            None => {
+                if *cf == CF_PREDICTIONS {
+                    if let Some(k) = store.get_json::<super::state::Prediction>(CF_PREDICTIONS, id).ok().flatten().and_then(|p| expiry(p.event_ms)) {
+                        batch.delete(store, CF_PREDICTION_EXPIRY, &k);
+                    }
+                }
+                batch.delete(store, cf, id);
+            }
         }
     }
 
@@ -335,15 +354,18 @@ impl Changelog {
         Ok(self.producer.init_transactions(Duration::from_secs(60)).map_err(KafkaError::broker("init transactions"))?)
     }
 
-    /// Writes a batch's operations in one transaction; returns the next changelog offset.
+    /// Writes a batch's operations in one transaction; returns the next changelog offset. The
+    /// predictions' expiry index is left out: a reader derives it from the predictions (half the
+    /// records per result, so half the changelog to write, keep and replay).
     pub fn append(&self, batch: &StateBatch) -> Result<Option<i64>, MonitorError> {
-        if batch.ops().is_empty() {
+        let ops: Vec<_> = batch.ops().iter().filter(|(cf, _, _)| *cf != CF_PREDICTION_EXPIRY).collect();
+        if ops.is_empty() {
             return Ok(None);
         }
         let err = |e: rdkafka::error::KafkaError| MonitorError::Delivery(KafkaError::Delivery { topic: self.topic.clone(), source: e });
         self.producer.begin_transaction().map_err(err)?;
-        let mut futures = Vec::with_capacity(batch.ops().len());
-        for (cf, key, value) in batch.ops() {
+        let mut futures = Vec::with_capacity(ops.len());
+        for (cf, key, value) in ops {
             let k = ck(cf, key);
             let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).key(&k[..]);
             if let Some(v) = value {

@@ -567,9 +567,10 @@ impl MonitorStage {
                 b.put_json(store, CF_ALERTS, key.as_bytes(), v);
             }
         }
-        for (id, p) in std::mem::take(&mut st.new_predictions) {
-            b.put_json(store, CF_PREDICTIONS, id.as_bytes(), &p);
-            b.put_json(store, CF_PREDICTION_EXPIRY, &expiry_key(p.event_ms, &id), &serde_json::Value::Null);
+        let predicted = std::mem::take(&mut st.new_predictions);
+        for (id, p) in &predicted {
+            b.put_json(store, CF_PREDICTIONS, id.as_bytes(), p);
+            b.put_json(store, CF_PREDICTION_EXPIRY, &expiry_key(p.event_ms, id), &serde_json::Value::Null);
         }
         // predictions past retention (event time), a bounded number per batch
         if let Some(wm) = st.watermark.current() {
@@ -577,8 +578,10 @@ impl MonitorStage {
             for key in store.scan_before(CF_PREDICTION_EXPIRY, &expiry_key(cutoff, ""), 10_000)? {
                 b.delete(store, CF_PREDICTION_EXPIRY, &key);
                 let id = &key[17..];
-                // a document predicted again later keeps its newer prediction
-                if store.get_json::<Prediction>(CF_PREDICTIONS, id)?.is_some_and(|p| p.event_ms < cutoff) {
+                // a document predicted again later keeps its newer prediction (also one put by this
+                // very batch, which the store does not hold yet)
+                let again = std::str::from_utf8(id).is_ok_and(|id| predicted.contains_key(id));
+                if !again && store.get_json::<Prediction>(CF_PREDICTIONS, id)?.is_some_and(|p| p.event_ms < cutoff) {
                     b.delete(store, CF_PREDICTIONS, id);
                 }
             }
@@ -629,7 +632,7 @@ impl MonitorStage {
 
 
 /// `event time (16 hex digits, order-preserving) | document id`.
-fn expiry_key(event_ms: i64, document_id: &str) -> Vec<u8> {
+pub(crate) fn expiry_key(event_ms: i64, document_id: &str) -> Vec<u8> {
     format!("{:016x}|{document_id}", (event_ms as u64) ^ 0x8000_0000_0000_0000).into_bytes()
 }
 

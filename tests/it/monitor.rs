@@ -339,6 +339,16 @@ async fn a_warm_standby_tails_the_changelog_and_takes_over_replaying_nothing_whi
     assert!(!waiting.changelog.unwrap().warm);
     let summary_b = b.stop().await;
     assert_eq!(summary_b.results_applied, 151 + 101);
+    // the changelog carries the predictions, not their expiry index: each copy derives it
+    let index_of = |dir: &tempfile::TempDir| {
+        let store = payslip_stream::state::RocksStateStore::open(dir.path()).unwrap();
+        let count = |cf| store.scan_raw(cf).unwrap().len();
+        (count(payslip_stream::state::CF_PREDICTIONS), count(payslip_stream::state::CF_PREDICTION_EXPIRY))
+    };
+    // (the view holds the store open for live checkpoints)
+    let b_view = view_b.get();
+    drop(view_b);
+    assert_eq!(index_of(&dir_b), (252, 252), "the warm copy's predictions and their expiry index: {b_view:?}");
 
     let v = wait_view(&view_c, "the cold standby did not take over", |v| v.role == Role::Leader && v.changelog.is_some_and(|p| p.last_takeover_ms.is_some())).await;
     let p = v.changelog.unwrap();
@@ -352,6 +362,8 @@ async fn a_warm_standby_tails_the_changelog_and_takes_over_replaying_nothing_whi
     wait_for_pipeline_total(&cfg.topics.metrics, 150 + 1 + 100 + 1 + 50).await;
     let summary_c = c.stop().await;
     assert_eq!(summary_c.results_applied, 151 + 101 + 51);
+    drop(view_c);
+    assert_eq!(index_of(&dir_c), (303, 303), "the cold copy's predictions and their expiry index");
     let metrics = metrics_of(&read_all(&cfg.topics.metrics));
     let ids: BTreeSet<&String> = metrics.iter().map(|m| &m.metrics_id).collect();
     assert_eq!(ids.len(), metrics.len(), "a window snapshot was published twice");
