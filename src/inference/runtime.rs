@@ -223,6 +223,22 @@ pub enum BuildError {
     Register(Provider, String),
     /// The session failed to build with these providers registered.
     Commit(String),
+    /// A GPU policy refuses to build on the providers left (none of them is a GPU).
+    NoGpuLeft,
+}
+
+/// Why [`build_on_providers`] gave up.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GaveUp {
+    /// Every listed provider was dropped (the list had no CPU).
+    #[error("no provider left")]
+    NoProviderLeft,
+    /// A GPU policy stopped once no GPU provider was left.
+    #[error("no GPU provider left")]
+    NoGpuLeft,
+    /// The session failed on the CPU alone: ONNX Runtime's reason.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Builds a session on `providers` with `build`, dropping failed providers: a provider that fails
@@ -230,14 +246,15 @@ pub enum BuildError {
 /// still listed is taken as the cause and dropped. Returns what was built, the providers it was
 /// built on, and one reason per dropped provider. Gives up when the CPU alone fails (or, without
 /// the CPU in the list, when no provider is left).
-pub fn build_on_providers<S>(mut providers: Vec<Provider>, mut build: impl FnMut(&[Provider]) -> Result<S, BuildError>) -> (Result<(S, Vec<Provider>), String>, Vec<String>) {
+pub fn build_on_providers<S>(mut providers: Vec<Provider>, mut build: impl FnMut(&[Provider]) -> Result<S, BuildError>) -> (Result<(S, Vec<Provider>), GaveUp>, Vec<String>) {
     let mut dropped = Vec::new();
     loop {
         if providers.is_empty() {
-            return (Err("no provider left".into()), dropped);
+            return (Err(GaveUp::NoProviderLeft), dropped);
         }
         match build(&providers) {
             Ok(s) => return (Ok((s, providers)), dropped),
+            Err(BuildError::NoGpuLeft) => return (Err(GaveUp::NoGpuLeft), dropped),
             Err(BuildError::Register(p, e)) => {
                 dropped.push(format!("{}: registered but failed: {e}", provider_name(p)));
                 providers.retain(|&q| q != p);
@@ -247,7 +264,7 @@ pub fn build_on_providers<S>(mut providers: Vec<Provider>, mut build: impl FnMut
                     let p = providers.remove(i);
                     dropped.push(format!("{}: session failed to build with it: {e}", provider_name(p)));
                 }
-                None => return (Err(e), dropped),
+                None => return (Err(GaveUp::Failed(e)), dropped),
             },
         }
     }
@@ -422,11 +439,10 @@ pub fn session_for(cfg: &InferenceConfig, spec: &SessionSpec, bytes: &[u8]) -> R
     static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let profile = std::env::temp_dir().join(format!("payslip-ort-profile-{}-{n}-{model}", std::process::id()));
-    const NO_GPU_LEFT: &str = "no GPU provider left";
     let (built, dropped) = build_on_providers(order, |ps| {
         // under a GPU policy a session on the CPU alone is not built at all
         if policy.is_some() && !ps.iter().any(|p| p.is_gpu()) {
-            return Err(BuildError::Commit(NO_GPU_LEFT.into()));
+            return Err(BuildError::NoGpuLeft);
         }
         build_session(&env, cfg, spec, ps, bytes, &profile)
     });
@@ -436,8 +452,8 @@ pub fn session_for(cfg: &InferenceConfig, spec: &SessionSpec, bytes: &[u8]) -> R
     skipped.extend(dropped);
     let (mut session, providers) = match built {
         Ok(b) => b,
-        Err(e) if e == NO_GPU_LEFT => return Err(no_gpu(&skipped)),
-        Err(e) => return Err(RuntimeError::NoProvider { model: model.into(), attempts: skipped.iter().cloned().chain([e]).collect::<Vec<_>>().join("; ") }),
+        Err(GaveUp::NoGpuLeft) => return Err(no_gpu(&skipped)),
+        Err(e) => return Err(RuntimeError::NoProvider { model: model.into(), attempts: skipped.iter().cloned().chain([e.to_string()]).collect::<Vec<_>>().join("; ") }),
     };
     let gpu = providers.iter().any(|p| p.is_gpu());
     let started = Instant::now();
@@ -495,10 +511,10 @@ mod tests {
         assert!(dropped[0].starts_with("TensorrtExecutionProvider: session failed") && dropped[1].starts_with("CUDAExecutionProvider: session failed"), "{dropped:?}");
         // the CPU failing too is the end
         let (built, _) = build_on_providers(vec![Cuda, Cpu], |_| Err::<(), _>(BuildError::Commit("bad model".into())));
-        assert_eq!(built.unwrap_err(), "bad model");
+        assert_eq!(built.unwrap_err(), GaveUp::Failed("bad model".into()));
         // no CPU in the list: nothing is left once the GPU providers are gone
         let (built, dropped) = build_on_providers(vec![Cuda], |_| Err::<(), _>(BuildError::Register(Cuda, "no device".into())));
-        assert!(built.is_err() && dropped.len() == 1);
+        assert!(built.unwrap_err() == GaveUp::NoProviderLeft && dropped.len() == 1);
     }
 
     #[test]
