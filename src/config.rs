@@ -164,6 +164,7 @@ fn default_monitor_batch() -> usize { 1000 }
 fn default_resolve_silent_after() -> u32 { 5 }
 fn yes() -> bool { true }
 fn default_standby_replicas() -> u32 { 1 }
+fn default_commit_interval_ms() -> u64 { 100 }
 
 impl Default for MonitorConfig {
     fn default() -> Self {
@@ -232,12 +233,12 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub transaction_timeout_ms: Option<u64>,
     /// Exactly once: how long one transaction of the infer stage may go on taking batches, ms
-    /// (Kafka Streams' `commit.interval.ms`). 0 (the default): one transaction per batch. Longer:
-    /// a busy stage commits the batches of an interval together, paying a transaction's round
-    /// trips once for all of them, while their results become visible to `read_committed` readers
-    /// up to this much later. An idle stage (no batch in flight, nothing fetched) commits at once
-    /// whatever the interval.
-    #[serde(default)]
+    /// (Kafka Streams' `commit.interval.ms`; 100, its exactly-once default, is ours). 0: one
+    /// transaction per batch. Longer: a busy stage commits the batches of an interval together,
+    /// paying a transaction's round trips once for all of them, while their results become visible
+    /// to `read_committed` readers up to this much later. An idle stage (no batch in flight,
+    /// nothing fetched) commits at once whatever the interval.
+    #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
     /// This process's stable identity in the infer group (`group.instance.id`, static membership:
     /// a restarted process gets its partitions back at once) and in its transactional id. Default:
