@@ -309,13 +309,16 @@ async fn a_warm_standby_tails_the_changelog_and_takes_over_replaying_nothing_whi
     // the leader has written everything (its last write, the outbox cleanup, follows the
     // publication) and the standby has applied all of it
     let mut last = None;
+    let settling = Instant::now();
     let settled = loop {
+        assert!(settling.elapsed() < Duration::from_secs(90), "the leader's changelog did not settle with the standby level with it");
         let (pa, pb) = (view_a.get().changelog.unwrap(), view_b.get().changelog.unwrap());
         if pa.applied_offset == pb.applied_offset && last == Some(pa.applied_offset) {
             break pb;
         }
         last = (pa.applied_offset == pb.applied_offset).then_some(pa.applied_offset);
         wait_view(&view_b, "the standby did not catch up", |v| v.changelog.is_some_and(|p| p.applied_offset >= pa.applied_offset)).await;
+        // the next look, half a second on, must see the same offset on both sides
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(settled.warm && settled.records_applied > 0, "the standby applied the changelog while waiting: {settled:?}");
