@@ -17,6 +17,9 @@
 //! the partition, and how many records it replayed. Logs: `BENCH_LOG=DIR` keeps both processes'.
 //! Prints one JSON object; BENCHMARKS.md records it.
 
+#[path = "support.rs"]
+mod support;
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -26,7 +29,7 @@ use std::{
 use payslip_stream::{
     codec::{self, WireFormat},
     config::PipelineConfig,
-    document::{InferenceResult, ModelOutput},
+    document::InferenceResult,
     kafka,
 };
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -95,38 +98,7 @@ fn fill_changelog(brokers: &str, topic: &str, n: u64) -> f64 {
 }
 
 fn result(i: u64, at: i64) -> InferenceResult {
-    let out = ModelOutput {
-        model: "document_classifier".into(),
-        version: "1.0.0".into(),
-        provider: "CPUExecutionProvider".into(),
-        latency_ms: 5.0,
-        batch_size: 1,
-        error_code: None,
-        label: Some("PCDA".into()),
-        confidence: None,
-        regions: vec![],
-        lines: vec![],
-        load_ms: None,
-    };
-    InferenceResult {
-        result_id: InferenceResult::id_for(&format!("bench-{i}")),
-        document_id: format!("bench-{i}"),
-        user_id: format!("u-{}", i % 1000),
-        tenant: "bench".into(),
-        cohort: "baseline".into(),
-        submitted_at: at,
-        processed_at: at,
-        provider: "CPUExecutionProvider".into(),
-        model_versions: [("document_classifier".to_string(), "1.0.0".to_string())].into_iter().collect(),
-        outputs: vec![out],
-        inference_ms: 5.0,
-        end_to_end_ms: 20.0,
-        error_code: None,
-        true_format: None,
-        source: "bench".into(),
-        process_rss_bytes: None,
-        process_cpu_percent: None,
-    }
+    support::synthetic_result(i, at, &["document_classifier"])
 }
 
 /// Results at 100/s (current event time) until `stop`.

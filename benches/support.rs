@@ -10,6 +10,8 @@ use payslip_stream::{
 
 /// Publishes a running rollout of document_classifier 1.1.0 at `pct` % (as the controller would), so
 /// the stage loads the candidate too and splits each batch by version.
+// not every harness that includes this file uses it
+#[allow(dead_code)]
 pub async fn publish_split(cfg: &PipelineConfig, brokers: &str, pct: f64) {
     use payslip_stream::rollout::{action, Action, Controller, RolloutCommand};
     let mut c = Controller::default();
@@ -23,4 +25,44 @@ pub async fn publish_split(cfg: &PipelineConfig, brokers: &str, pct: f64) {
     let p: rdkafka::producer::FutureProducer = kafka::producer_config(brokers, &Default::default()).create().expect("producer");
     let hs = kafka::headers::HeaderSet::new().with("content-type", "application/json").build();
     p.send(rdkafka::producer::FutureRecord::to(&cfg.topics.decisions).key("bench").payload(&payload).headers(hs), Duration::from_secs(10)).await.expect("decision published");
+}
+
+/// A synthetic result of document `bench-{i}` at event time `at`: one output per model in `models`
+/// (the classifier's labelled PCDA), latencies and batch sizes varying with `i`.
+// not every harness that includes this file uses it
+#[allow(dead_code)]
+pub fn synthetic_result(i: u64, at: i64, models: &[&str]) -> payslip_stream::document::InferenceResult {
+    use payslip_stream::document::{InferenceResult, ModelOutput};
+    let out = |model: &str| ModelOutput {
+        model: model.into(),
+        version: "1.0.0".into(),
+        provider: "CPUExecutionProvider".into(),
+        latency_ms: 3.0 + (i % 13) as f64,
+        batch_size: 1 + (i % 8) as i32,
+        error_code: None,
+        label: (model == "document_classifier").then(|| "PCDA".to_string()),
+        confidence: None,
+        regions: vec![],
+        lines: vec![],
+        load_ms: None,
+    };
+    InferenceResult {
+        result_id: InferenceResult::id_for(&format!("bench-{i}")),
+        document_id: format!("bench-{i}"),
+        user_id: format!("u-{}", i % 1000),
+        tenant: "bench".into(),
+        cohort: "baseline".into(),
+        submitted_at: at,
+        processed_at: at,
+        provider: "CPUExecutionProvider".into(),
+        model_versions: models.iter().map(|m| (m.to_string(), "1.0.0".to_string())).collect(),
+        outputs: models.iter().map(|m| out(m)).collect(),
+        inference_ms: 9.0,
+        end_to_end_ms: 20.0 + (i % 31) as f64,
+        error_code: None,
+        true_format: Some("PCDA".into()),
+        source: "bench".into(),
+        process_rss_bytes: Some(90 << 20),
+        process_cpu_percent: None,
+    }
 }

@@ -149,6 +149,19 @@ pub struct MonitorConfig {
     /// rolled-back candidate, a retired version) resolves with the reason "no data"; 0: never.
     #[serde(default = "default_resolve_silent_after")]
     pub resolve_silent_after_windows: u32,
+    /// Scale-out: every monitor process also runs a pre-aggregation member of the consumer group
+    /// `<kafka.infer_group>-monitor-pre` over the results and feedback topics (co-partitioned by
+    /// document id). Each member aggregates its partitions into partial windows and publishes them
+    /// to `topics.monitor_partials` in Kafka transactions with its input offsets; the leader merges
+    /// the partials, closes windows, evaluates alerts and runs the rollout (src/monitor/pre.rs).
+    /// Off (default): the leader reads the results and feedback itself.
+    #[serde(default)]
+    pub scale_out: bool,
+    /// Scale-out: the pre-aggregation members' transaction timeout, ms. A member killed in the
+    /// middle of a commit holds the partials topic's readers back this long at most; a
+    /// transaction lasts one batch's sends and its commit.
+    #[serde(default = "default_pre_transaction_timeout_ms")]
+    pub pre_transaction_timeout_ms: u64,
     /// Alert rules (default: the runbook's thresholds; see src/alert/mod.rs `default_rules`).
     #[serde(default = "crate::alert::default_rules")]
     pub alerts: Vec<crate::alert::AlertRule>,
@@ -164,6 +177,7 @@ fn default_monitor_batch() -> usize { 1000 }
 fn default_resolve_silent_after() -> u32 { 5 }
 fn yes() -> bool { true }
 fn default_standby_replicas() -> u32 { 1 }
+fn default_pre_transaction_timeout_ms() -> u64 { 10_000 }
 fn default_commit_interval_ms() -> u64 { 100 }
 
 impl Default for MonitorConfig {
@@ -192,6 +206,12 @@ impl MonitorConfig {
         }
         if self.max_batch == 0 {
             return Err(invalid("monitor.max_batch", "must be at least 1"));
+        }
+        if self.scale_out && !self.changelog {
+            return Err(invalid("monitor.scale_out", "needs monitor.changelog: true (the closing stage's leader election and state replication)"));
+        }
+        if !(1_000..=900_000).contains(&self.pre_transaction_timeout_ms) {
+            return Err(invalid("monitor.pre_transaction_timeout_ms", format!("is {}; use 1000 to 900000", self.pre_transaction_timeout_ms)));
         }
         let mut names = std::collections::BTreeSet::new();
         for r in &self.alerts {
@@ -495,6 +515,10 @@ pub struct TopicsConfig {
     /// announces versions here and every infer process follows it.
     #[serde(default = "t_models")]
     pub models: String,
+    /// Scale-out (`monitor.scale_out`): partial window aggregates from the pre-aggregation
+    /// members to the closing stage (one partition).
+    #[serde(default = "t_monitor_partials")]
+    pub monitor_partials: String,
     /// Partitions for topics this program creates (existing topics are left as they are).
     #[serde(default = "default_partitions")]
     pub partitions: i32,
@@ -519,6 +543,7 @@ fn t_decisions() -> String { "litert.rollout.decisions.v1".into() }
 fn t_commands() -> String { "litert.rollout.commands.v1".into() }
 fn t_changelog() -> String { "litert.monitor.changelog.v1".into() }
 fn t_monitor_dlq() -> String { "litert.monitor.dlq.v1".into() }
+fn t_monitor_partials() -> String { "litert.monitor.partials.v1".into() }
 fn t_models() -> String { "litert.models.v1".into() }
 fn default_partitions() -> i32 { 6 }
 fn default_replication() -> i32 { 1 }

@@ -165,7 +165,6 @@ mod tests {
             crate::window::WindowRange { start_ms: 0, end_ms: 10 },
             &Default::default(),
             &Default::default(),
-            10,
         );
         for f in [WireFormat::Avro, WireFormat::Json] {
             let v = decode_value(Some(PayslipDocument::SCHEMA_NAME), Some(f.content_type()), &encode(&doc, f).unwrap()).unwrap();

@@ -129,7 +129,40 @@ pub fn spawn_monitor(cfg: PipelineConfig, brokers: String, mut shutdown: watch::
         let _ = shutdown.changed().await;
         flag.store(true, Ordering::Relaxed);
     });
-    tokio::task::spawn_blocking(move || MonitorStage::open_with_view(cfg, brokers, view)?.run(stop))
+    tokio::task::spawn_blocking(move || {
+        // scaled out, this process is also a member of the pre-aggregation group; either one
+        // failing stops both
+        let pre = if cfg.monitor.scale_out {
+            let member = crate::monitor::pre::PreAggregator::open(cfg.clone(), brokers.clone(), view.pre_cell())?;
+            let stop = stop.clone();
+            let handle = std::thread::Builder::new()
+                .name("monitor-pre".into())
+                .spawn(move || {
+                    let r = member.run(stop.clone());
+                    if r.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+                .map_err(|e| MonitorError::State(crate::state::StateError::Rocks { path: "monitor-pre thread".into(), message: e.to_string() }))?;
+            Some(handle)
+        } else {
+            None
+        };
+        let monitor = MonitorStage::open_with_view(cfg, brokers, view).and_then(|m| m.run(stop.clone()));
+        stop.store(true, Ordering::Relaxed);
+        if let Some(h) = pre {
+            match h.join() {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "monitor pre-aggregation failed");
+                    return Err(e);
+                }
+                Err(_) => tracing::error!("monitor pre-aggregation panicked"),
+                Ok(Ok(_)) => {}
+            }
+        }
+        monitor
+    })
 }
 
 /// Runs the Alertmanager bridge ([`crate::alert::forward`]) on a blocking thread until `shutdown`.
@@ -169,6 +202,7 @@ pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts
             // the embedded broker forgets everything at exit, so the monitor's offsets must too
             cfg.monitor.state_dir = std::env::temp_dir().join(format!("payslip-embedded-state-{}", std::process::id()));
             cfg.monitor.changelog = false;
+            cfg.monitor.scale_out = false;
             cfg.kafka.embedded = true;
             let b = e.bootstrap_servers();
             show(Started::EmbeddedBroker(&b));

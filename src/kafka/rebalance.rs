@@ -24,15 +24,23 @@ use rdkafka::{
 };
 
 /// See the module doc.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct KnownProtocol {
     cooperative: bool,
+    /// Counts assignments and revocations, for a consumer that must notice them between polls.
+    changes: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl KnownProtocol {
     /// The protocol `cfg` asks for.
     pub fn of(cfg: &ClientConfig) -> Self {
-        Self { cooperative: cfg.get("partition.assignment.strategy").is_some_and(|s| s.contains("cooperative")) }
+        Self { cooperative: cfg.get("partition.assignment.strategy").is_some_and(|s| s.contains("cooperative")), changes: None }
+    }
+
+    /// Also counts every assignment and revocation into `changes`.
+    pub fn counting(mut self, changes: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.changes = Some(changes);
+        self
     }
 }
 
@@ -56,6 +64,9 @@ impl ConsumerContext for KnownProtocol {
         };
         if let Err(e) = outcome {
             tracing::warn!(error = %e, "applying a rebalance failed");
+        }
+        if let Some(c) = &self.changes {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }

@@ -19,6 +19,7 @@ pub enum TopicRole {
     MonitorChangelog,
     MonitorDlq,
     Models,
+    MonitorPartials,
 }
 
 /// How many partitions a topic is created with.
@@ -46,7 +47,7 @@ pub struct TopicSpec {
 }
 
 /// Every topic of the project.
-pub const REGISTRY: [TopicSpec; 11] = [
+pub const REGISTRY: [TopicSpec; 12] = [
     TopicSpec { role: TopicRole::Documents, config_key: "documents", alias: "documents", partitions: Partitions::Configured, compacted: false, record: "payslip.v1.PayslipDocument" },
     TopicSpec { role: TopicRole::Inference, config_key: "inference", alias: "inference", partitions: Partitions::Configured, compacted: false, record: "payslip.v1.InferenceResult" },
     TopicSpec { role: TopicRole::DocumentsDlq, config_key: "documents_dlq", alias: "dlq", partitions: Partitions::Configured, compacted: false, record: "payslip.v1.PayslipDocument" },
@@ -62,6 +63,9 @@ pub const REGISTRY: [TopicSpec; 11] = [
     TopicSpec { role: TopicRole::MonitorDlq, config_key: "monitor_dlq", alias: "monitor-dlq", partitions: Partitions::Configured, compacted: false, record: "" },
     // The model registry: the latest announcement of each model version, kept forever.
     TopicSpec { role: TopicRole::Models, config_key: "models", alias: "models", partitions: Partitions::Single, compacted: true, record: "litert.v1.ModelAnnouncement" },
+    // Scale-out (`monitor.scale_out`): partial window aggregates from the pre-aggregation members to
+    // the closing stage; one partition, because the closing stage is one leader (see src/monitor/pre.rs).
+    TopicSpec { role: TopicRole::MonitorPartials, config_key: "monitor_partials", alias: "partials", partitions: Partitions::Single, compacted: false, record: "" },
 ];
 
 impl TopicSpec {
@@ -93,6 +97,7 @@ impl TopicsConfig {
             TopicRole::MonitorChangelog => &self.monitor_changelog,
             TopicRole::MonitorDlq => &self.monitor_dlq,
             TopicRole::Models => &self.models,
+            TopicRole::MonitorPartials => &self.monitor_partials,
         }
     }
 
@@ -109,6 +114,7 @@ impl TopicsConfig {
             TopicRole::MonitorChangelog => &mut self.monitor_changelog,
             TopicRole::MonitorDlq => &mut self.monitor_dlq,
             TopicRole::Models => &mut self.models,
+            TopicRole::MonitorPartials => &mut self.monitor_partials,
         }
     }
 

@@ -24,6 +24,8 @@
 
 pub mod changelog;
 mod outbox;
+pub mod partial;
+pub mod pre;
 pub mod records;
 pub mod state;
 pub mod view;
@@ -74,6 +76,10 @@ pub enum MonitorError {
     /// Another monitor process took over; this one stops (restart it to become a standby).
     #[error("lost leadership of the monitor group to another process")]
     LostLeadership,
+    /// `monitor.scale_out` joins feedback with results per partition: both topics need the same
+    /// number of partitions.
+    #[error("monitor.scale_out: {results} has {results_partitions} partitions and {feedback} has {feedback_partitions}; the feedback join needs both keyed by document id with the same partition count (add partitions to the smaller one, or set monitor.scale_out: false)")]
+    NotCoPartitioned { results: String, results_partitions: usize, feedback: String, feedback_partitions: usize },
 }
 
 impl MonitorError {
@@ -84,7 +90,7 @@ impl MonitorError {
             MonitorError::Kafka(e) | MonitorError::Delivery(e) => e.retryable(),
             MonitorError::Rollout(e) => e.retryable(),
             MonitorError::LostLeadership => true,
-            MonitorError::State(_) | MonitorError::CorruptOutbox { .. } => false,
+            MonitorError::State(_) | MonitorError::CorruptOutbox { .. } | MonitorError::NotCoPartitioned { .. } => false,
         }
     }
 }
@@ -302,7 +308,13 @@ impl MonitorStage {
         }
         self.load()?;
         self.recover_outbox()?;
-        let topics = [self.cfg.topics.inference.clone(), self.cfg.topics.feedback.clone(), self.cfg.topics.commands.clone()];
+        // scaled out, the pre-aggregation members read the results and feedback, and the leader their partials
+        let scale_out = self.cfg.monitor.scale_out;
+        let topics: Vec<String> = if scale_out {
+            vec![self.cfg.topics.monitor_partials.clone(), self.cfg.topics.commands.clone()]
+        } else {
+            vec![self.cfg.topics.inference.clone(), self.cfg.topics.feedback.clone(), self.cfg.topics.commands.clone()]
+        };
         let consumer: BaseConsumer = kafka::reader_config(&self.brokers, &format!("{}-monitor-assign", self.cfg.kafka.infer_group), &self.cfg.kafka.librdkafka)
             .create()
             .map_err(KafkaError::client("the monitor consumer"))?;
@@ -325,6 +337,9 @@ impl MonitorStage {
         // commands are rare and carry processing time: they do not hold the watermark back
         for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands) {
             self.state.watermark.register(&format!("{}/{}", e.topic(), e.partition()), wall);
+        }
+        if scale_out {
+            self.register_scaled_inputs(&consumer)?;
         }
         tracing::info!(state_dir = %self.store.path(), open_windows = self.state.windows.len(), resumed_partitions = stored.len(), "monitor stage started");
         if let (Some(c), Some((won, replayed))) = (&self.changelog, takeover) {
@@ -354,6 +369,8 @@ impl MonitorStage {
             self.publish(outbox)?;
         }
         let mut assigned: BTreeSet<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        // scaled out: when each input partition's owner last reported it had read what there was
+        let mut reported: BTreeMap<String, i64> = BTreeMap::new();
         let mut partitions_checked = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             if self.changelog.as_ref().is_some_and(|c| !c.still_leader()) {
@@ -362,6 +379,9 @@ impl MonitorStage {
             if partitions_checked.elapsed() >= PARTITION_CHECK {
                 partitions_checked = std::time::Instant::now();
                 self.assign_new_partitions(&consumer, &topics, &mut assigned)?;
+                if scale_out {
+                    self.register_scaled_inputs(&consumer)?;
+                }
                 let mut fresh = Vec::new();
                 while let Some(Ok(m)) = registry_reader.as_ref().and_then(|r| r.poll(Duration::ZERO)) {
                     fresh.extend(crate::rollout::routing::decode::<ModelAnnouncement>(&m));
@@ -396,7 +416,20 @@ impl MonitorStage {
                 let wall = now_ms();
                 // what cannot be used goes to the monitor's dead-letter topic with the reason
                 let limits = &self.cfg.limits;
-                let unusable: Option<(&str, String)> = if m.topic() == self.cfg.topics.commands {
+                let unusable: Option<(&str, String)> = if scale_out && m.topic() == self.cfg.topics.monitor_partials {
+                    match serde_json::from_slice::<partial::PartialBatch>(payload) {
+                        Ok(p) => {
+                            self.state.apply_partial(&p, wall, &wcfg);
+                            if p.caught_up {
+                                reported.insert(p.source.clone(), wall);
+                            } else {
+                                reported.remove(&p.source);
+                            }
+                            None
+                        }
+                        Err(e) => Some(("undecodable_partial", e.to_string())),
+                    }
+                } else if m.topic() == self.cfg.topics.commands {
                     match codec::decode::<crate::rollout::RolloutCommand>(payload, ct.as_deref()) {
                         Ok(cmd) => match limits.check_event_time("issued_at", cmd.issued_at, wall) {
                             Ok(()) => {
@@ -444,6 +477,14 @@ impl MonitorStage {
                 }
             }
             let wall = now_ms();
+            if scale_out {
+                // an input partition may go idle only while its owner in the pre-aggregation group
+                // reports that it has read what there is; one without a fresh report (its member
+                // died or is restoring, or none has joined yet) holds the watermark at its clock
+                let stale = 2 * pre::heartbeat_interval(&wcfg).as_millis() as i64;
+                let (results, feedback) = (format!("{}/", self.cfg.topics.inference), format!("{}/", self.cfg.topics.feedback));
+                self.state.watermark.touch_where(wall, |k| (k.starts_with(&results) || k.starts_with(&feedback)) && reported.get(k).is_none_or(|t| wall - t > stale));
+            }
             let frontier = self.state.watermark.frontier(&format!("{}/", self.cfg.topics.inference), &wcfg, wall);
             let due = self.state.due_feedback(frontier);
             let resolved_any = !due.is_empty();
@@ -491,6 +532,19 @@ impl MonitorStage {
         }
         let added: Vec<String> = tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
         tracing::info!(?added, "monitor reads partitions added to its inputs");
+        Ok(())
+    }
+
+    /// Scaled out: the results and feedback partitions hold the watermark back under their own
+    /// names (`topic/partition`), as when the leader reads them itself; the partials move them.
+    fn register_scaled_inputs(&mut self, consumer: &BaseConsumer) -> Result<(), MonitorError> {
+        let wall = now_ms();
+        for t in [self.cfg.topics.inference.clone(), self.cfg.topics.feedback.clone()] {
+            let Ok(md) = consumer.fetch_metadata(Some(&t), Duration::from_secs(5)) else { continue };
+            for p in md.topics().iter().flat_map(|t| t.partitions()) {
+                self.state.watermark.register(&format!("{t}/{}", p.id()), wall);
+            }
+        }
         Ok(())
     }
 

@@ -71,8 +71,9 @@ impl WindowMetrics {
         format!("{}|{}", subject.key(), range.start_ms)
     }
 
-    /// The published record of a closed window; the `_total` fields are the monitor's counters.
-    pub fn from_window(subject: &Subject, range: WindowRange, a: &WindowAggregate, totals: &super::state::MonitorCounters, watermark: i64) -> Self {
+    /// The published record of a closed window; the `_total` fields are the monitor's counters,
+    /// `emitted_at` the window's end (event time).
+    pub fn from_window(subject: &Subject, range: WindowRange, a: &WindowAggregate, totals: &super::state::MonitorCounters) -> Self {
         let m = |x: Metric| a.metric(x).map(|(v, _)| v);
         WindowMetrics {
             metrics_id: Self::id(subject, range),
@@ -101,7 +102,9 @@ impl WindowMetrics {
             dropped_late_total: totals.dropped_late as i64,
             feedback_orphan_total: totals.feedback_orphans as i64,
             dead_lettered_total: totals.undecodable as i64,
-            emitted_at: watermark,
+            // event time, not the watermark of the moment: a live run, a scaled-out one and a
+            // replay publish the same bytes for the same window
+            emitted_at: range.end_ms,
         }
     }
 }

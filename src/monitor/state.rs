@@ -105,6 +105,77 @@ pub fn window_key(subject: &Subject, start_ms: i64) -> Vec<u8> {
     format!("{:016x}|{}", (start_ms as u64) ^ 0x8000_0000_0000_0000, subject.key()).into_bytes()
 }
 
+/// Where result and feedback counts go: the monitor's open windows, or one batch's partial
+/// aggregates ([`super::partial`]). Both count through [`add_result`] and [`add_feedback`], so a
+/// window merged from partials equals the window counted directly.
+pub(crate) trait WindowSink {
+    fn window(&mut self, subject: &Subject, range: WindowRange) -> &mut WindowAggregate;
+}
+
+impl WindowSink for MonitorState {
+    fn window(&mut self, subject: &Subject, range: WindowRange) -> &mut WindowAggregate {
+        self.window_mut(subject, range)
+    }
+}
+
+/// The classifier's prediction in `r`, kept to join the document's feedback.
+pub(crate) fn prediction_of(r: &InferenceResult) -> Option<Prediction> {
+    let c = r.outputs.iter().find(|o| o.model == CLASSIFIER)?;
+    let subject = Subject { model: c.model.clone(), version: c.version.clone(), cohort: r.cohort.clone() };
+    Some(Prediction { subject, label: c.label.clone(), event_ms: r.submitted_at, result_id: Some(r.result_id.clone()) })
+}
+
+/// Counts one admitted result into its window (each model's subject and the pipeline's).
+pub(crate) fn add_result(sink: &mut impl WindowSink, r: &InferenceResult, range: WindowRange) {
+    for o in &r.outputs {
+        let subject = Subject { model: o.model.clone(), version: o.version.clone(), cohort: r.cohort.clone() };
+        let a = sink.window(&subject, range);
+        a.count += 1;
+        match o.error_code.as_deref() {
+            Some(code) => {
+                a.errors += 1;
+                a.unavailable += (code == codes::MODEL_UNAVAILABLE) as u64;
+            }
+            None => {
+                a.latency.record_ms(o.latency_ms);
+                a.record_run(o.latency_ms, o.batch_size);
+            }
+        }
+        if let Some(l) = o.load_ms {
+            a.max_load_ms = a.max_load_ms.max(l);
+        }
+        if o.model == CLASSIFIER {
+            if let (Some(truth), Some(label)) = (&r.true_format, &o.label) {
+                a.score(truth, label);
+            }
+        }
+    }
+    let p = sink.window(&Subject::pipeline(), range);
+    p.count += 1;
+    p.errors += r.error_code.is_some() as u64;
+    p.gpu_results += crate::inference::runtime::is_gpu_provider(&r.provider) as u64;
+    p.latency.record_ms(r.end_to_end_ms);
+    if let Some(rss) = r.process_rss_bytes {
+        p.max_rss_bytes = p.max_rss_bytes.max(rss.max(0) as u64);
+    }
+    if let Some(cpu) = r.process_cpu_percent {
+        p.max_cpu_percent = p.max_cpu_percent.max(cpu);
+        p.cpu_samples += 1;
+    }
+}
+
+/// Counts one admitted feedback into its prediction's window.
+pub(crate) fn add_feedback(sink: &mut impl WindowSink, f: &DocumentFeedback, pred: &Prediction, range: WindowRange) {
+    let a = sink.window(&pred.subject, range);
+    if let Some(r) = f.rating {
+        a.ratings += 1;
+        a.ratings_positive += (r >= 4) as u64;
+    }
+    if let (Some(truth), Some(label)) = (&f.corrected_format, &pred.label) {
+        a.score(truth, label);
+    }
+}
+
 #[derive(Default)]
 pub struct MonitorState {
     pub windows: BTreeMap<(i64, Subject), StoredWindow>,
@@ -147,51 +218,15 @@ impl MonitorState {
     pub fn apply_result(&mut self, r: &InferenceResult, partition: &str, wall_ms: i64, cfg: &WindowConfig) {
         let ts = r.submitted_at;
         self.watermark.observe(partition, ts, wall_ms);
-        if let Some(c) = r.outputs.iter().find(|o| o.model == CLASSIFIER) {
-            let subject = Subject { model: c.model.clone(), version: c.version.clone(), cohort: r.cohort.clone() };
-            self.new_predictions.insert(r.document_id.clone(), Prediction { subject, label: c.label.clone(), event_ms: ts, result_id: Some(r.result_id.clone()) });
+        if let Some(p) = prediction_of(r) {
+            self.new_predictions.insert(r.document_id.clone(), p);
         }
         if admit(ts, cfg.size_ms, self.watermark.current()) == Admission::TooLate {
             self.counters.dropped_late += 1;
             return;
         }
         self.counters.results_applied += 1;
-        let range = assign(ts, cfg.size_ms);
-        for o in &r.outputs {
-            let subject = Subject { model: o.model.clone(), version: o.version.clone(), cohort: r.cohort.clone() };
-            let a = self.window_mut(&subject, range);
-            a.count += 1;
-            match o.error_code.as_deref() {
-                Some(code) => {
-                    a.errors += 1;
-                    a.unavailable += (code == codes::MODEL_UNAVAILABLE) as u64;
-                }
-                None => {
-                    a.latency.record_ms(o.latency_ms);
-                    a.record_run(o.latency_ms, o.batch_size);
-                }
-            }
-            if let Some(l) = o.load_ms {
-                a.max_load_ms = a.max_load_ms.max(l);
-            }
-            if o.model == CLASSIFIER {
-                if let (Some(truth), Some(label)) = (&r.true_format, &o.label) {
-                    a.score(truth, label);
-                }
-            }
-        }
-        let p = self.window_mut(&Subject::pipeline(), range);
-        p.count += 1;
-        p.errors += r.error_code.is_some() as u64;
-        p.gpu_results += crate::inference::runtime::is_gpu_provider(&r.provider) as u64;
-        p.latency.record_ms(r.end_to_end_ms);
-        if let Some(rss) = r.process_rss_bytes {
-            p.max_rss_bytes = p.max_rss_bytes.max(rss.max(0) as u64);
-        }
-        if let Some(cpu) = r.process_cpu_percent {
-            p.max_cpu_percent = p.max_cpu_percent.max(cpu);
-            p.cpu_samples += 1;
-        }
+        add_result(self, r, assign(ts, cfg.size_ms));
     }
 
     /// Takes feedback in: applied at once when its prediction is known, else kept pending.
@@ -243,14 +278,7 @@ impl MonitorState {
             return;
         }
         self.counters.feedback_applied += 1;
-        let a = self.window_mut(&pred.subject, assign(f.given_at, cfg.size_ms));
-        if let Some(r) = f.rating {
-            a.ratings += 1;
-            a.ratings_positive += (r >= 4) as u64;
-        }
-        if let (Some(truth), Some(label)) = (&f.corrected_format, &pred.label) {
-            a.score(truth, label);
-        }
+        add_feedback(self, f, &pred, assign(f.given_at, cfg.size_ms));
     }
 
     /// MODEL_UPDATE_AVAILABLE for each (model, served, candidate) not announced before.
@@ -284,7 +312,7 @@ impl MonitorState {
             self.dirty_windows.remove(key);
             self.closed_windows.push(key.clone());
             self.counters.windows_closed += 1;
-            out.push(Emitted::Metrics(WindowMetrics::from_window(&w.subject, w.range, &w.agg, &self.counters, wm)));
+            out.push(Emitted::Metrics(WindowMetrics::from_window(&w.subject, w.range, &w.agg, &self.counters)));
             for rule in rules.iter().filter(|r| r.applies_to(&w.subject)) {
                 let wk = alert::instance_key(&rule.name, Severity::Warning, &w.subject);
                 let ck = alert::instance_key(&rule.name, Severity::Critical, &w.subject);

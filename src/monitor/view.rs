@@ -68,6 +68,8 @@ pub struct MonitorView {
     pub rollouts: Vec<RolloutView>,
     /// This process's copy of the changelog (None without `monitor.changelog`).
     pub changelog: Option<super::changelog::Progress>,
+    /// This process's pre-aggregation member (None without `monitor.scale_out`).
+    pub pre: Option<super::pre::PreCounters>,
     pub updated_at_ms: i64,
 }
 
@@ -81,6 +83,8 @@ pub struct ViewHandle {
     producer_stats: crate::kafka::stats::StatsCell,
     /// The changelog's progress, written by the changelog as it tails and restores.
     changelog: super::changelog::ProgressCell,
+    /// The pre-aggregation member's counters.
+    pre: super::pre::PreCell,
 }
 
 impl ViewHandle {
@@ -92,7 +96,13 @@ impl ViewHandle {
     pub fn get(&self) -> MonitorView {
         let mut v = self.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
         v.changelog = *self.changelog.lock().unwrap_or_else(|p| p.into_inner());
+        v.pre = self.pre.lock().unwrap_or_else(|p| p.into_inner()).clone();
         v
+    }
+
+    /// Where this process's pre-aggregation member keeps its counters.
+    pub fn pre_cell(&self) -> super::pre::PreCell {
+        self.pre.clone()
     }
 
     /// Checkpoints of the running monitor's state (None before the stage opened it).

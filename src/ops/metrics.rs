@@ -147,6 +147,16 @@ impl Collector for Figures {
             if let Some(b) = v.state_bytes {
                 gauge(&mut enc, "payslip_monitor_state_bytes", "RocksDB's estimate of the monitor state's live data.", b as f64)?;
             }
+            if let Some(p) = &v.pre {
+                counter(&mut enc, "payslip_monitor_pre_results", "Results this process's pre-aggregation member aggregated into partial windows (monitor.scale_out).", p.results)?;
+                counter(&mut enc, "payslip_monitor_pre_feedback_joined", "Feedback this process's pre-aggregation member joined with its prediction.", p.feedback_joined)?;
+                counter(&mut enc, "payslip_monitor_pre_batches", "Pre-aggregation transactions committed by this process.", p.batches)?;
+                counter(&mut enc, "payslip_monitor_pre_batches_discarded", "Pre-aggregation batches discarded by a rebalance or an aborted transaction, then read again.", p.batches_discarded)?;
+                gauge(&mut enc, "payslip_monitor_pre_partitions", "Results and feedback partitions this process's pre-aggregation member owns.", p.partitions as f64)?;
+                if let Some(ms) = p.last_assignment_ms {
+                    gauge(&mut enc, "payslip_monitor_pre_last_assignment_seconds", "The last assignment: restoring the predictions of the partitions taken.", ms as f64 / 1e3)?;
+                }
+            }
             if let Some(p) = &v.changelog {
                 gauge(&mut enc, "payslip_monitor_standby_warm", "1 when a waiting monitor process keeps a warm copy of the state (monitor.standby_replicas >= 1).", p.warm as i64 as f64)?;
                 gauge(&mut enc, "payslip_monitor_changelog_applied_offset", "Next changelog offset this process's state has applied.", p.applied_offset as f64)?;

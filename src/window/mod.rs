@@ -93,6 +93,16 @@ impl WatermarkTracker {
         }
     }
 
+    /// Treats the partitions `which` selects as having had input at `wall_ms`: they hold the
+    /// watermark at their clock instead of going idle.
+    pub fn touch_where(&mut self, wall_ms: i64, which: impl Fn(&str) -> bool) {
+        for (k, c) in self.partitions.iter_mut() {
+            if which(k) {
+                c.last_input_wall_ms = c.last_input_wall_ms.max(wall_ms);
+            }
+        }
+    }
+
     /// Forgets a partition (revoked from this process).
     pub fn remove(&mut self, key: &str) {
         self.partitions.remove(key);

@@ -484,20 +484,7 @@ async fn checkpoint_wipe_restore_then_continue_with_identical_totals() {
 async fn a_standby_takes_over_when_the_leader_is_killed() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (cfg, prefix) = monitor_config("takeover", &dir_a.path().join("state")).await;
-    let spawn = |dir: &std::path::Path| {
-        let yaml = write_monitor_yaml(dir, &dir.join("state"));
-        let log = std::fs::File::create(dir.join("monitor.log")).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
-            .args(["run", "--stage", "monitor", "--config"])
-            .arg(&yaml)
-            .args(["--brokers", &brokers(), "--topic-prefix", &prefix])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    };
+    let spawn = |dir: &std::path::Path| spawn_logged(dir, &write_monitor_yaml(dir, &dir.join("state")), &["--topic-prefix", &prefix]);
     let mut a = spawn(dir_a.path());
     let mut b = spawn(dir_b.path());
     let leads = |dir: &std::path::Path| std::fs::read_to_string(dir.join("monitor.log")).unwrap_or_default().contains("monitor leads");
@@ -780,4 +767,182 @@ async fn a_time_before_the_epoch_positions_a_reader_at_the_start_of_each_partiti
     for (&p, &(lo, _)) in &marks {
         assert_eq!(payslip_stream::kafka::read::offset_at(&c, topic, p, -60_000).unwrap(), lo, "partition {p}");
     }
+}
+
+/// Produces records keyed by document id (spread over the partitions as the infer stage spreads
+/// results): all queued first, the deliveries awaited together.
+async fn produce_by_document<T: payslip_stream::codec::Record>(topic: &str, records: &[(String, T)]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).create().expect("producer");
+    let hs = payslip_stream::kafka::headers::HeaderSet::new().with("content-type", "application/avro").build();
+    let mut pending = Vec::with_capacity(records.len());
+    for (key, r) in records {
+        let payload = codec::encode(r, codec::WireFormat::Avro).unwrap();
+        pending.push(payslip_stream::kafka::enqueue(&p, FutureRecord::to(topic).key(key).payload(&payload).headers(hs.clone())).await.expect("queued"));
+    }
+    for f in pending {
+        payslip_stream::kafka::delivered(f, topic).await.expect("delivered");
+    }
+}
+
+/// A monitor process of a scaled-out deployment (`monitor.scale_out`), logging to `dir/monitor.log`.
+fn spawn_scaled(dir: &std::path::Path, prefix: &str, member: &str) -> std::process::Child {
+    let yaml = format!(
+        "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 1000\n  allowed_lateness_ms: 0\n  idle_timeout_ms: 3000\n  max_batch: 200\n  scale_out: true\n",
+        repo().join("models/model_metadata.json").display(),
+        dir.join("state").display()
+    );
+    std::fs::write(dir.join("pipeline.yaml"), yaml).unwrap();
+    spawn_logged(dir, &dir.join("pipeline.yaml"), &["--topic-prefix", prefix, "--group", &format!("{prefix}infer"), "--instance-id", member])
+}
+
+/// `payslip-stream run --stage monitor` with `yaml` and `args`, logging at info to `dir/monitor.log`.
+fn spawn_logged(dir: &std::path::Path, yaml: &std::path::Path, args: &[&str]) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("monitor.log")).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+        .args(["run", "--stage", "monitor", "--config"])
+        .arg(yaml)
+        .args(["--brokers", &brokers()])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn log_of(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("monitor.log")).unwrap_or_default()
+}
+
+/// Results this member aggregated, from the summary it logs when it stops.
+fn member_results(log: &str) -> u64 {
+    let line = log.lines().find(|l| l.contains("monitor pre-aggregation stopped")).unwrap_or_else(|| panic!("no pre-aggregation summary in:\n{log}"));
+    let rest = &line[line.find("results: ").expect("results counted") + 9..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap()].parse().unwrap()
+}
+
+/// `members` monitor processes scaled out over one results topic (3 partitions): results keyed by
+/// document id, feedback for every tenth document, errors that fire and resolve alerts; with
+/// `kill_leader`, the process leading the closing stage is killed -9 while results flow.
+async fn scaled_out_run(members: usize, kill_leader: bool) {
+    let dirs: Vec<tempfile::TempDir> = (0..members).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (cfg, prefix) = monitor_config(&format!("scaled-{members}"), &dirs[0].path().join("state")).await;
+    let mut children: Vec<Option<std::process::Child>> = dirs.iter().enumerate().map(|(i, d)| Some(spawn_scaled(d.path(), &prefix, &format!("m{i}")))).collect();
+    // every member holds partitions (the group has them all) and one leads before the input starts
+    let started = Instant::now();
+    while !dirs.iter().all(|d| log_of(d.path()).contains("partitions assigned")) || !dirs.iter().any(|d| log_of(d.path()).contains("monitor leads")) {
+        assert!(started.elapsed() < Duration::from_secs(90), "the members did not all join: {:?}", dirs.iter().map(|d| log_of(d.path())).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut results = stream(60, 40);
+    let n = results.len() as i64;
+    let mut tick = stream(1, 1).remove(0);
+    tick.document_id = "tick".into();
+    tick.submitted_at = *BASE + 200_000; // closes window 59; its own stays open
+    results.push(tick);
+    // feedback for every tenth document, given 10 s (ten windows, two chunks) after its result, so
+    // that its window is still open when it arrives right after its result's chunk
+    let feedback_of = |r: &InferenceResult| (r.document_id.clone(), feedback(&r.document_id, r.submitted_at + 10_000, 5));
+    let n_feedback = results.iter().take(n as usize).step_by(10).count();
+    let keyed: Vec<(String, InferenceResult)> = results.into_iter().map(|r| (r.document_id.clone(), r)).collect();
+    let (topic, feedback_topic) = (cfg.topics.inference.clone(), cfg.topics.feedback.clone());
+    let producer = tokio::spawn(async move {
+        for (k, chunk) in keyed.chunks(200).enumerate() {
+            produce_by_document(&topic, chunk).await;
+            let fb: Vec<(String, DocumentFeedback)> = chunk.iter().enumerate().filter(|(i, (id, _))| (k * 200 + i) % 10 == 0 && id != "tick").map(|(_, (_, r))| feedback_of(r)).collect();
+            produce_by_document(&feedback_topic, &fb).await;
+            // results keep coming while a member is killed: a chunk per 200 ms (poll interval of the producer)
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    if kill_leader {
+        let started = Instant::now();
+        while read_all(&cfg.topics.metrics).len() < 10 {
+            assert!(started.elapsed() < Duration::from_secs(90), "no window snapshots from the scaled-out monitor");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leader = dirs.iter().position(|d| log_of(d.path()).contains("monitor leads")).unwrap();
+        let mut child = children[leader].take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    producer.await.unwrap();
+
+    wait_for_pipeline_total(&cfg.topics.metrics, n).await;
+    // the feedback lands in the windows of its predictions, joined on the member owning its partition
+    let started = Instant::now();
+    loop {
+        let ratings: i64 = metrics_of(&read_all(&cfg.topics.metrics)).iter().map(|m| m.ratings).sum();
+        if ratings >= n_feedback as i64 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "only {ratings} of {n_feedback} ratings counted");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut counted = Vec::new();
+    for (i, c) in children.iter_mut().enumerate() {
+        if let Some(mut child) = c.take() {
+            Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+            assert!(child.wait().unwrap().success(), "member {i} stops cleanly:\n{}", log_of(dirs[i].path()));
+            counted.push((i, member_results(&log_of(dirs[i].path()))));
+        }
+    }
+    eprintln!("results aggregated per member still running: {counted:?}");
+    let metrics = metrics_of(&read_all(&cfg.topics.metrics));
+    let ids: BTreeSet<&String> = metrics.iter().map(|m| &m.metrics_id).collect();
+    assert_eq!(ids.len(), metrics.len(), "a window snapshot was published twice");
+    let total: i64 = metrics.iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+    assert_eq!(total, n, "window totals equal the input exactly");
+    assert_eq!(metrics.iter().map(|m| m.ratings).sum::<i64>(), n_feedback as i64, "each feedback counted once");
+    assert!(metrics.iter().all(|m| m.feedback_orphan_total == 0 && m.dropped_late_total == 0), "nothing orphaned or late");
+    let alerts = alerts_of(&read_all(&cfg.topics.alerts));
+    let keys: BTreeSet<(String, String)> = alerts.iter().map(|a| (a.alert_id.clone(), a.status.clone())).collect();
+    assert_eq!(keys.len(), alerts.len(), "an alert event was published twice");
+    // 12 error windows: each fires and resolves one ERROR_RATE_CRITICAL episode
+    assert_eq!(alerts.iter().filter(|a| a.code == "ERROR_RATE_CRITICAL").count(), 24);
+    // the load was split: every member still running aggregated a share
+    for (i, c) in &counted {
+        assert!(*c > 0, "member {i} aggregated no results:\n{}", log_of(dirs[*i].path()));
+    }
+    if kill_leader {
+        for (i, _) in &counted {
+            let log = log_of(dirs[*i].path());
+            assert!(log.matches("partitions assigned").count() >= 2 && log.contains("restore_ms="), "member {i} took over partitions of the killed one and logged how long:\n{log}");
+        }
+        assert!(dirs.iter().any(|d| log_of(d.path()).contains("monitor takeover complete")), "a standby took over the closing stage");
+    } else {
+        // no member failed: every result was aggregated by exactly one of them (the tick too)
+        assert_eq!(counted.iter().map(|(_, c)| c).sum::<u64>(), n as u64 + 1, "{counted:?}");
+        // a replay of the same input by one process publishes the same bytes for every window the
+        // live run closed (the replay also closes the tick's window at the end of its input)
+        let mut rcfg = payslip_stream::config::PipelineConfig::load(&dirs[0].path().join("pipeline.yaml")).unwrap();
+        rcfg.topics = rcfg.topics.clone().with_prefix(&prefix);
+        let opts = payslip_stream::replay::ReplayOptions { brokers: brokers(), from: payslip_stream::kafka::range::Bound::Beginning, to: None, group: None, progress: None };
+        let m = payslip_stream::replay::MonitorReplayOptions { output_suffix: ".replay".into(), dry_run: false, allow_production: false };
+        tokio::task::spawn_blocking(move || payslip_stream::replay::monitor_replay(&rcfg, &opts, &m).unwrap()).await.unwrap();
+        let by_id = |t: &str| -> BTreeMap<String, Vec<u8>> { read_all(t).into_iter().map(|r| (metrics_of(std::slice::from_ref(&r))[0].metrics_id.clone(), r.payload)).collect() };
+        let live = by_id(&cfg.topics.metrics);
+        let replayed: BTreeMap<String, Vec<u8>> = by_id(&format!("{}.replay", cfg.topics.metrics)).into_iter().filter(|(k, _)| live.contains_key(k)).collect();
+        assert_eq!(live.len(), metrics.len());
+        assert!(live == replayed, "the replay's window snapshots are byte-identical to the scaled-out run's ({} live, {} replayed)", live.len(), replayed.len());
+        let rule_alerts = |t: &str| -> BTreeSet<Vec<u8>> {
+            read_all(t).into_iter().filter(|r| alerts_of(std::slice::from_ref(r))[0].window_end <= *BASE + 60_000 && alerts_of(std::slice::from_ref(r))[0].code == "ERROR_RATE_CRITICAL").map(|r| r.payload).collect()
+        };
+        let (a, b) = (rule_alerts(&cfg.topics.alerts), rule_alerts(&format!("{}.replay", cfg.topics.alerts)));
+        assert_eq!(a.len(), 24);
+        assert!(a == b, "the replay's alert events are byte-identical to the scaled-out run's");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_scaled_out_monitor_processes_split_the_results_and_count_each_exactly_once() {
+    scaled_out_run(2, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_among_three_scaled_out_monitor_processes_keeps_totals_exact_without_duplicate_events() {
+    scaled_out_run(3, true).await;
 }
