@@ -7,13 +7,15 @@
 //!   PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 $CARGO_TARGET_DIR/release/examples/scale
 //!
 //! Each round: fresh topics with 6 partitions; `BENCH_RESULTS` results (default 300,000, keyed by
-//! document id, 1,000 per second of event time, so 60 per 5 s window and partition, plus a tick that
-//! closes the last window) are written before any monitor starts; then the processes (the real
+//! document id, 1,000 per second of event time, then a tick far ahead on every results and feedback
+//! partition that closes the last window without waiting for idleness) are written before any
+//! monitor starts; then the processes (the real
 //! binary next to this example, one state directory each) start together, and the clock runs until
 //! the window snapshots on the metrics topic count every result. Reported per round: wall seconds
 //! from spawn to the last window, results/s over that span, and the CPU seconds the monitor
 //! processes used (utime + stime from /proc). Start-up (group joins, the leader election) is inside
-//! the span, the same for every round. Logs: `BENCH_LOG=DIR`. Prints one JSON object.
+//! the span, the same for every round. `BENCH_BROKER_PID=<pid>` also reports the broker's CPU
+//! seconds over the same span. Logs: `BENCH_LOG=DIR`. Prints one JSON object.
 
 #[path = "support.rs"]
 mod support;
@@ -27,7 +29,7 @@ use std::{
 use payslip_stream::{
     codec::{self, WireFormat},
     config::PipelineConfig,
-    document::InferenceResult,
+    document::{DocumentFeedback, InferenceResult},
     kafka,
     monitor::records::WindowMetrics,
 };
@@ -63,18 +65,22 @@ fn result(i: u64, at: i64) -> InferenceResult {
     support::synthetic_result(i, at, &["table_detection", "text_recognition", "document_classifier"])
 }
 
-/// Writes the backlog: `n` results and a tick far ahead that closes their last window.
-fn fill(brokers: &str, topic: &str, n: u64, t0: i64) -> f64 {
+/// Writes the backlog: `n` results, then on every partition of the results and the feedback topic
+/// a tick far ahead in event time, so the watermark passes every window of the backlog without
+/// waiting for a partition to go idle (a feedback tick has no prediction: it ends as an orphan).
+fn fill(brokers: &str, cfg: &PipelineConfig, n: u64, t0: i64) -> f64 {
     let mut pc = kafka::producer_config(brokers, &Default::default());
     pc.set("linger.ms", "20").set("batch.size", "1000000").set("queue.buffering.max.messages", "500000");
     let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = pc.create().expect("producer");
     let started = Instant::now();
     let hs = kafka::headers::HeaderSet::new().with("content-type", "application/avro").build();
-    for i in 0..=n {
-        let at = if i == n { t0 + n as i64 + 600_000 } else { t0 + i as i64 };
-        let r = result(i, at);
-        let payload = codec::encode(&r, WireFormat::Avro).expect("encode");
-        let mut rec = BaseRecord::to(topic).key(&r.document_id).payload(&payload).headers(hs.clone());
+    let tick = t0 + n as i64 + 600_000;
+    let mut records: Vec<(String, Vec<u8>, Option<i32>)> = Vec::new();
+    let send = |topic: &str, key: &str, payload: &[u8], partition: Option<i32>| {
+        let mut rec = BaseRecord::to(topic).key(key).payload(payload).headers(hs.clone());
+        if let Some(part) = partition {
+            rec = rec.partition(part);
+        }
         loop {
             match p.send(rec) {
                 Ok(()) => break,
@@ -85,6 +91,20 @@ fn fill(brokers: &str, topic: &str, n: u64, t0: i64) -> f64 {
                 }
             }
         }
+    };
+    for i in 0..n {
+        let r = result(i, t0 + i as i64);
+        send(&cfg.topics.inference, &r.document_id, &codec::encode(&r, WireFormat::Avro).expect("encode"), None);
+    }
+    for part in 0..cfg.topics.partitions {
+        let mut r = result(n + part as u64, tick);
+        r.document_id = format!("tick-{part}");
+        records.push((cfg.topics.inference.clone(), codec::encode(&r, WireFormat::Avro).expect("encode"), Some(part)));
+        let f = DocumentFeedback { document_id: format!("tick-feedback-{part}"), user_id: "u".into(), given_at: tick, corrected_format: None, corrected_net_pay: None, rating: Some(5) };
+        records.push((cfg.topics.feedback.clone(), codec::encode(&f, WireFormat::Avro).expect("encode"), Some(part)));
+    }
+    for (topic, payload, part) in &records {
+        send(topic, "tick", payload, *part);
     }
     p.flush(Duration::from_secs(300)).expect("backlog written");
     started.elapsed().as_secs_f64()
@@ -118,9 +138,11 @@ fn round(brokers: &str, n: u64, processes: usize, scale_out: bool, rt: &tokio::r
     cfg.topics.partitions = 6;
     rt.block_on(kafka::admin::ensure_topics(brokers, &cfg)).expect("topics");
     let t0 = (chrono::Utc::now().timestamp_millis() - 6 * 3_600_000) / 60_000 * 60_000;
-    let fill_s = fill(brokers, &cfg.topics.inference, n, t0);
+    let fill_s = fill(brokers, &cfg, n, t0);
     let dir = std::env::temp_dir().join(format!("{prefix}dir"));
     std::fs::create_dir_all(&dir).expect("dir");
+    let broker_pid: Option<u32> = std::env::var("BENCH_BROKER_PID").ok().and_then(|p| p.parse().ok());
+    let broker_cpu0 = broker_pid.map(cpu_seconds);
     let started = Instant::now();
     let mut children: Vec<Child> = (0..processes)
         .map(|i| {
@@ -128,7 +150,7 @@ fn round(brokers: &str, n: u64, processes: usize, scale_out: bool, rt: &tokio::r
             std::fs::write(
                 &yaml,
                 format!(
-                    "models:\n  metadata: {}/models/model_metadata.json\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 5000\n  idle_timeout_ms: 3000\n  scale_out: {scale_out}\n",
+                    "models:\n  metadata: {}/models/model_metadata.json\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 5000\n  idle_timeout_ms: 60000\n  scale_out: {scale_out}\n",
                     env!("CARGO_MANIFEST_DIR"),
                     dir.join(format!("m{i}")).display(),
                 ),
@@ -152,6 +174,7 @@ fn round(brokers: &str, n: u64, processes: usize, scale_out: bool, rt: &tokio::r
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu: f64 = children.iter().map(|c| cpu_seconds(c.id())).sum();
+    let broker_cpu = broker_pid.zip(broker_cpu0).map(|(p, c0)| ((cpu_seconds(p) - c0) * 100.0).round() / 100.0);
     for c in children.iter_mut() {
         let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
         let _ = c.wait();
@@ -166,6 +189,7 @@ fn round(brokers: &str, n: u64, processes: usize, scale_out: bool, rt: &tokio::r
         "results_per_s": (n as f64 / wall).round(),
         "cpu_s": (cpu * 100.0).round() / 100.0,
         "cpu_ms_per_result": (cpu * 1e3 / n as f64 * 1e4).round() / 1e4,
+        "broker_cpu_s": broker_cpu,
     })
 }
 

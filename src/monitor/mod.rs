@@ -334,8 +334,9 @@ impl MonitorStage {
         }
         consumer.assign(&tpl).map_err(KafkaError::broker("assign the monitor's inputs"))?;
         let wall = now_ms();
-        // commands are rare and carry processing time: they do not hold the watermark back
-        for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands) {
+        // commands are rare and carry processing time: they do not hold the watermark back; nor do
+        // the partials, which move the clocks of the input partitions they come from
+        for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands && e.topic() != self.cfg.topics.monitor_partials) {
             self.state.watermark.register(&format!("{}/{}", e.topic(), e.partition()), wall);
         }
         if scale_out {
@@ -527,7 +528,7 @@ impl MonitorStage {
         }
         consumer.incremental_assign(&tpl).map_err(KafkaError::broker("assign new input partitions"))?;
         let wall = now_ms();
-        for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands) {
+        for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands && e.topic() != self.cfg.topics.monitor_partials) {
             self.state.watermark.register(&format!("{}/{}", e.topic(), e.partition()), wall);
         }
         let added: Vec<String> = tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
