@@ -22,7 +22,7 @@ mod support;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -35,17 +35,7 @@ use payslip_stream::{
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 fn spawn(yaml: &Path, brokers: &str, prefix: &str, log: &Path) -> Child {
-    let exe = std::env::current_exe().expect("exe").parent().and_then(|d| d.parent()).expect("target dir").join("payslip-stream");
-    Command::new(&exe)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--stage", "monitor", "--brokers", brokers, "--topic-prefix", prefix, "--config"])
-        .arg(yaml)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("{} (run `cargo build` first): {e}", exe.display()))
+    support::spawn_monitor(yaml, brokers, &["--topic-prefix", prefix], log)
 }
 
 fn log_has(log: &Path, what: &str) -> bool {

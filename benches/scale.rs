@@ -22,7 +22,7 @@ mod support;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -35,21 +35,8 @@ use payslip_stream::{
 };
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
-fn exe() -> PathBuf {
-    std::env::current_exe().expect("exe").parent().and_then(|d| d.parent()).expect("target dir").join("payslip-stream")
-}
-
 fn spawn(yaml: &Path, brokers: &str, prefix: &str, member: &str, log: &Path) -> Child {
-    Command::new(exe())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--stage", "monitor", "--brokers", brokers, "--topic-prefix", prefix, "--group", &format!("{prefix}infer"), "--instance-id", member, "--config"])
-        .arg(yaml)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("{} (build it with `cargo build --release --bins` first): {e}", exe().display()))
+    support::spawn_monitor(yaml, brokers, &["--topic-prefix", prefix, "--group", &format!("{prefix}infer"), "--instance-id", member], log)
 }
 
 /// utime + stime of `pid`, seconds.
@@ -199,7 +186,7 @@ fn main() {
     let logs = std::env::var("BENCH_LOG").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir().join(format!("bench-scale-logs-{}", std::process::id())));
     std::fs::create_dir_all(&logs).expect("log dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let build = if exe().to_string_lossy().contains("/release/") { "release" } else { "debug" };
+    let build = if support::sibling_binary().to_string_lossy().contains("/release/") { "release" } else { "debug" };
     let rounds: Vec<serde_json::Value> = [(1, false), (1, true), (2, true), (3, true)].into_iter().map(|(k, s)| round(&brokers, n, k, s, &rt, &logs)).collect();
     let base = rounds[0]["results_per_s"].as_f64().unwrap_or(1.0);
     let out = serde_json::json!({

@@ -66,3 +66,27 @@ pub fn synthetic_result(i: u64, at: i64, models: &[&str]) -> payslip_stream::doc
         process_cpu_percent: None,
     }
 }
+
+/// The `payslip-stream` binary built beside the running harness (same profile).
+#[allow(dead_code)]
+pub fn sibling_binary() -> std::path::PathBuf {
+    std::env::current_exe().expect("exe").parent().and_then(|d| d.parent()).expect("target dir").join("payslip-stream")
+}
+
+/// `payslip-stream run --stage monitor --brokers B --config YAML ARGS...` from the repository,
+/// logging at info to `log`.
+#[allow(dead_code)]
+pub fn spawn_monitor(yaml: &std::path::Path, brokers: &str, args: &[&str], log: &std::path::Path) -> std::process::Child {
+    let exe = sibling_binary();
+    std::process::Command::new(&exe)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--stage", "monitor", "--brokers", brokers, "--config"])
+        .arg(yaml)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} (build it first: see the harness's doc): {e}", exe.display()))
+}

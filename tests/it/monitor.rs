@@ -812,6 +812,16 @@ fn spawn_logged(dir: &std::path::Path, yaml: &std::path::Path, args: &[&str]) ->
         .unwrap()
 }
 
+/// Waits until `ready` holds, looking again every 100 ms, and fails naming `what` after 90 s.
+async fn until(what: &str, ready: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < Duration::from_secs(90), "not within 90 s: {what}");
+        // the interval between looks, not a wait for the outcome
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn log_of(dir: &std::path::Path) -> String {
     std::fs::read_to_string(dir.join("monitor.log")).unwrap_or_default()
 }
@@ -831,11 +841,7 @@ async fn scaled_out_run(members: usize, kill_leader: bool) {
     let (cfg, prefix) = monitor_config(&format!("scaled-{members}"), &dirs[0].path().join("state")).await;
     let mut children: Vec<Option<std::process::Child>> = dirs.iter().enumerate().map(|(i, d)| Some(spawn_scaled(d.path(), &prefix, &format!("m{i}")))).collect();
     // every member holds partitions (the group has them all) and one leads before the input starts
-    let started = Instant::now();
-    while !dirs.iter().all(|d| log_of(d.path()).contains("partitions assigned")) || !dirs.iter().any(|d| log_of(d.path()).contains("monitor leads")) {
-        assert!(started.elapsed() < Duration::from_secs(90), "the members did not all join: {:?}", dirs.iter().map(|d| log_of(d.path())).collect::<Vec<_>>());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until("every member holds partitions and one leads", || dirs.iter().all(|d| log_of(d.path()).contains("partitions assigned")) && dirs.iter().any(|d| log_of(d.path()).contains("monitor leads"))).await;
 
     let mut results = stream(60, 40);
     let n = results.len() as i64;
@@ -850,20 +856,17 @@ async fn scaled_out_run(members: usize, kill_leader: bool) {
     let keyed: Vec<(String, InferenceResult)> = results.into_iter().map(|r| (r.document_id.clone(), r)).collect();
     let (topic, feedback_topic) = (cfg.topics.inference.clone(), cfg.topics.feedback.clone());
     let producer = tokio::spawn(async move {
+        // results keep coming while a member is killed: one chunk per 200 ms tick
+        let mut pace = tokio::time::interval(Duration::from_millis(200));
         for (k, chunk) in keyed.chunks(200).enumerate() {
+            pace.tick().await;
             produce_by_document(&topic, chunk).await;
             let fb: Vec<(String, DocumentFeedback)> = chunk.iter().enumerate().filter(|(i, (id, _))| (k * 200 + i) % 10 == 0 && id != "tick").map(|(_, (_, r))| feedback_of(r)).collect();
             produce_by_document(&feedback_topic, &fb).await;
-            // results keep coming while a member is killed: a chunk per 200 ms (poll interval of the producer)
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
     if kill_leader {
-        let started = Instant::now();
-        while read_all(&cfg.topics.metrics).len() < 10 {
-            assert!(started.elapsed() < Duration::from_secs(90), "no window snapshots from the scaled-out monitor");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until("ten window snapshots from the scaled-out monitor", || read_all(&cfg.topics.metrics).len() >= 10).await;
         let leader = dirs.iter().position(|d| log_of(d.path()).contains("monitor leads")).unwrap();
         let mut child = children[leader].take().unwrap();
         child.kill().unwrap();
@@ -873,15 +876,7 @@ async fn scaled_out_run(members: usize, kill_leader: bool) {
 
     wait_for_pipeline_total(&cfg.topics.metrics, n).await;
     // the feedback lands in the windows of its predictions, joined on the member owning its partition
-    let started = Instant::now();
-    loop {
-        let ratings: i64 = metrics_of(&read_all(&cfg.topics.metrics)).iter().map(|m| m.ratings).sum();
-        if ratings >= n_feedback as i64 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(90), "only {ratings} of {n_feedback} ratings counted");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    until("every feedback counted in a window", || metrics_of(&read_all(&cfg.topics.metrics)).iter().map(|m| m.ratings).sum::<i64>() >= n_feedback as i64).await;
     let mut counted = Vec::new();
     for (i, c) in children.iter_mut().enumerate() {
         if let Some(mut child) = c.take() {
