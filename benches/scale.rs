@@ -1,6 +1,8 @@
 //! Monitor scale-out harness (not a test): results/s of the monitor with one process reading every
-//! partition (`monitor.scale_out: false`) and with 1, 2 and 3 scaled-out processes
-//! (`monitor.scale_out: true`), on the same backlog, in one invocation.
+//! partition (`monitor.scale_out: false`), with 1, 2 and 3 scaled-out processes
+//! (`monitor.scale_out: true`) closing every window in one closing partition, and with 2 and 3
+//! processes sharing as many closing partitions (`monitor.closing_partitions`), on the same
+//! backlog, in one invocation.
 //!
 //!   scripts/kafka start
 //!   eval "$(scripts/env)"; cargo build --release --bins --example scale
@@ -117,12 +119,14 @@ fn counted(brokers: &str, topic: &str) -> i64 {
     total
 }
 
-fn round(brokers: &str, n: u64, processes: usize, scale_out: bool, rt: &tokio::runtime::Runtime, logs: &Path) -> serde_json::Value {
-    let mode = if scale_out { format!("scale_out-{processes}") } else { "single".to_string() };
+fn round(brokers: &str, n: u64, processes: usize, scale_out: bool, closing: u32, rt: &tokio::runtime::Runtime, logs: &Path) -> serde_json::Value {
+    let mode = if scale_out { format!("scale_out-{processes}-closing-{closing}") } else { "single".to_string() };
     let prefix = format!("bench-scale-{}-{}-{mode}.", std::process::id(), chrono::Utc::now().timestamp_millis());
     let mut cfg = PipelineConfig::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/payslip.yaml"))).expect("config");
     cfg.topics = cfg.topics.clone().with_prefix(&prefix);
     cfg.topics.partitions = 6;
+    cfg.monitor.scale_out = scale_out;
+    cfg.monitor.closing_partitions = closing;
     rt.block_on(kafka::admin::ensure_topics(brokers, &cfg)).expect("topics");
     let t0 = (chrono::Utc::now().timestamp_millis() - 6 * 3_600_000) / 60_000 * 60_000;
     let fill_s = fill(brokers, &cfg, n, t0);
@@ -137,7 +141,7 @@ fn round(brokers: &str, n: u64, processes: usize, scale_out: bool, rt: &tokio::r
             std::fs::write(
                 &yaml,
                 format!(
-                    "models:\n  metadata: {}/models/model_metadata.json\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 5000\n  idle_timeout_ms: 60000\n  scale_out: {scale_out}\n",
+                    "models:\n  metadata: {}/models/model_metadata.json\n  serve: {{document_classifier: '1.0.0', table_detection: '1.0.0', text_recognition: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 5000\n  idle_timeout_ms: 60000\n  scale_out: {scale_out}\n  closing_partitions: {closing}\n",
                     env!("CARGO_MANIFEST_DIR"),
                     dir.join(format!("m{i}")).display(),
                 ),
@@ -170,6 +174,7 @@ fn round(brokers: &str, n: u64, processes: usize, scale_out: bool, rt: &tokio::r
     serde_json::json!({
         "mode": mode,
         "processes": processes,
+        "closing_partitions": closing,
         "results": n,
         "fill_s": (fill_s * 10.0).round() / 10.0,
         "wall_s": (wall * 100.0).round() / 100.0,
@@ -187,7 +192,7 @@ fn main() {
     std::fs::create_dir_all(&logs).expect("log dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let build = if support::sibling_binary().to_string_lossy().contains("/release/") { "release" } else { "debug" };
-    let rounds: Vec<serde_json::Value> = [(1, false), (1, true), (2, true), (3, true)].into_iter().map(|(k, s)| round(&brokers, n, k, s, &rt, &logs)).collect();
+    let rounds: Vec<serde_json::Value> = [(1, false, 1), (1, true, 1), (2, true, 1), (3, true, 1), (2, true, 2), (3, true, 3)].into_iter().map(|(k, s, c)| round(&brokers, n, k, s, c, &rt, &logs)).collect();
     let base = rounds[0]["results_per_s"].as_f64().unwrap_or(1.0);
     let out = serde_json::json!({
         "build": build,

@@ -141,8 +141,8 @@ pub struct MonitorConfig {
     pub changelog: bool,
     /// Warm standbys: with 1 or more, a monitor process waiting for the leadership tails the
     /// changelog into its own state, so a takeover replays seconds of changes instead of the whole
-    /// topic; 0 keeps waiting processes cold (they replay everything when they take over). The state
-    /// is one changelog partition, so every waiting process is a warm replica when this is ≥ 1.
+    /// topic; 0 keeps waiting processes cold (they replay everything when they take over). With
+    /// this ≥ 1 every process is a warm replica of every closing partition it does not lead.
     #[serde(default = "default_standby_replicas")]
     pub standby_replicas: u32,
     /// A firing alert whose subject has had no window for this many closed window ranges (a
@@ -162,6 +162,15 @@ pub struct MonitorConfig {
     /// transaction lasts one batch's sends and its commit.
     #[serde(default = "default_pre_transaction_timeout_ms")]
     pub pre_transaction_timeout_ms: u64,
+    /// Scale-out: partitions of the closing stage. The partials are keyed by model (the pipeline
+    /// subject is copied to every partition, for the rollout's memory criteria); each partition has
+    /// its own changelog partition, transactional id and state directory, and the monitor
+    /// processes share the partitions out through a consumer group on the changelog topic
+    /// (src/monitor/shard.rs). 1 (default): one process closes every window. The changelog and
+    /// partials topics are created with this many partitions; existing ones must have exactly as
+    /// many.
+    #[serde(default = "default_closing_partitions")]
+    pub closing_partitions: u32,
     /// Alert rules (default: the runbook's thresholds; see src/alert/mod.rs `default_rules`).
     #[serde(default = "crate::alert::default_rules")]
     pub alerts: Vec<crate::alert::AlertRule>,
@@ -178,6 +187,7 @@ fn default_resolve_silent_after() -> u32 { 5 }
 fn yes() -> bool { true }
 fn default_standby_replicas() -> u32 { 1 }
 fn default_pre_transaction_timeout_ms() -> u64 { 10_000 }
+fn default_closing_partitions() -> u32 { 1 }
 fn default_commit_interval_ms() -> u64 { 100 }
 
 impl Default for MonitorConfig {
@@ -209,6 +219,12 @@ impl MonitorConfig {
         }
         if self.scale_out && !self.changelog {
             return Err(invalid("monitor.scale_out", "needs monitor.changelog: true (the closing stage's leader election and state replication)"));
+        }
+        if !(1..=256).contains(&self.closing_partitions) {
+            return Err(invalid("monitor.closing_partitions", format!("is {}; use 1 to 256", self.closing_partitions)));
+        }
+        if self.closing_partitions > 1 && !self.scale_out {
+            return Err(invalid("monitor.closing_partitions", "more than 1 needs monitor.scale_out: true (the partials are what is keyed by model)"));
         }
         if !(1_000..=900_000).contains(&self.pre_transaction_timeout_ms) {
             return Err(invalid("monitor.pre_transaction_timeout_ms", format!("is {}; use 1000 to 900000", self.pre_transaction_timeout_ms)));

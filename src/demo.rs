@@ -26,7 +26,7 @@ use crate::{
     document::{InferenceResult, PayslipDocument},
     inference::ModelRegistry,
     kafka::{self, headers as h, headers::HeaderSet},
-    monitor::{records::WindowMetrics, MonitorStage},
+    monitor::records::WindowMetrics,
     rollout::{action, CandidateSpec, RolloutDecision},
     infer::{InferStage, StageError},
     kafka::KafkaError,
@@ -162,7 +162,7 @@ pub async fn run(cfg: PipelineConfig, brokers: String, registry: Arc<ModelRegist
     let monitor_stop = Arc::new(AtomicBool::new(false));
     let monitor = {
         let (cfg, brokers, stop) = (cfg.clone(), brokers.clone(), monitor_stop.clone());
-        tokio::task::spawn_blocking(move || MonitorStage::open(cfg, brokers)?.run(stop))
+        tokio::task::spawn_blocking(move || crate::monitor::run(cfg, brokers, Default::default(), stop))
     };
 
     let mut printer_cfg = kafka::consumer_config(&brokers, &format!("payslip-demo-printer-{}", std::process::id()), &cfg.kafka.librdkafka);

@@ -21,7 +21,7 @@ use crate::{
     inference::{ModelError, ModelRegistry, ModelStatus},
     infer::{InferStage, StageError},
     kafka::{embedded::EmbeddedBroker, KafkaError},
-    monitor::{MonitorError, MonitorStage, MonitorSummary},
+    monitor::{MonitorError, MonitorSummary},
     telemetry::InferSummary,
 };
 
@@ -144,12 +144,12 @@ pub fn spawn_monitor(cfg: PipelineConfig, brokers: String, mut shutdown: watch::
                     }
                     r
                 })
-                .map_err(|e| MonitorError::State(crate::state::StateError::Rocks { path: "monitor-pre thread".into(), message: e.to_string() }))?;
+                .map_err(|e| MonitorError::Thread { what: "monitor-pre", message: e.to_string() })?;
             Some(handle)
         } else {
             None
         };
-        let monitor = MonitorStage::open_with_view(cfg, brokers, view).and_then(|m| m.run(stop.clone()));
+        let monitor = crate::monitor::run(cfg, brokers, view, stop.clone());
         stop.store(true, Ordering::Relaxed);
         if let Some(h) = pre {
             match h.join() {
@@ -203,6 +203,7 @@ pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts
             cfg.monitor.state_dir = std::env::temp_dir().join(format!("payslip-embedded-state-{}", std::process::id()));
             cfg.monitor.changelog = false;
             cfg.monitor.scale_out = false;
+            cfg.monitor.closing_partitions = 1;
             cfg.kafka.embedded = true;
             let b = e.bootstrap_servers();
             show(Started::EmbeddedBroker(&b));

@@ -35,7 +35,7 @@ pub async fn ensure_topics(brokers: &str, cfg: &PipelineConfig) -> Result<Vec<St
         .iter()
         .map(|s| {
             let max_bytes = matches!(s.role, TopicRole::DocumentsDlq | TopicRole::MonitorDlq).then(|| dlq_bytes.clone());
-            (topics.name(s.role).to_string(), s.partition_count(topics), s.compacted, max_bytes)
+            (topics.name(s.role).to_string(), s.partition_count(topics, cfg.monitor.closing_partitions), s.compacted, max_bytes)
         })
         .collect();
     let created = create(brokers, kafka, topics, &specs).await?;

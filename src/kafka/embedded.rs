@@ -18,7 +18,7 @@ impl EmbeddedBroker {
         let cluster = MockCluster::new(1).map_err(KafkaError::client("the embedded broker"))?;
         for s in &REGISTRY {
             let t = topics.name(s.role);
-            cluster.create_topic(t, s.partition_count(topics), 1).map_err(KafkaError::broker(format!("embedded broker: cannot create {t}")))?;
+            cluster.create_topic(t, s.partition_count(topics, 1), 1).map_err(KafkaError::broker(format!("embedded broker: cannot create {t}")))?;
         }
         Ok(Self { cluster })
     }

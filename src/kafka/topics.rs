@@ -29,6 +29,9 @@ pub enum Partitions {
     Configured,
     /// Exactly one (a total order is part of the topic's meaning).
     Single,
+    /// `monitor.closing_partitions`: one per partition of the monitor's closing stage (its
+    /// changelog and the partials it merges).
+    Closing,
 }
 
 /// One row of the registry.
@@ -58,14 +61,14 @@ pub const REGISTRY: [TopicSpec; 12] = [
     TopicSpec { role: TopicRole::Decisions, config_key: "decisions", alias: "decisions", partitions: Partitions::Single, compacted: true, record: "litert.v1.RolloutDecision" },
     TopicSpec { role: TopicRole::Commands, config_key: "commands", alias: "commands", partitions: Partitions::Configured, compacted: false, record: "litert.v1.RolloutCommand" },
     // Monitor state replication; its single partition is also what the monitor processes elect a leader on.
-    TopicSpec { role: TopicRole::MonitorChangelog, config_key: "monitor_changelog", alias: "changelog", partitions: Partitions::Single, compacted: true, record: "" },
+    TopicSpec { role: TopicRole::MonitorChangelog, config_key: "monitor_changelog", alias: "changelog", partitions: Partitions::Closing, compacted: true, record: "" },
     // Results, feedback and commands the monitor could not decode: original bytes and headers plus the reason.
     TopicSpec { role: TopicRole::MonitorDlq, config_key: "monitor_dlq", alias: "monitor-dlq", partitions: Partitions::Configured, compacted: false, record: "" },
     // The model registry: the latest announcement of each model version, kept forever.
     TopicSpec { role: TopicRole::Models, config_key: "models", alias: "models", partitions: Partitions::Single, compacted: true, record: "litert.v1.ModelAnnouncement" },
     // Scale-out (`monitor.scale_out`): partial window aggregates from the pre-aggregation members to
     // the closing stage; one partition, because the closing stage is one leader (see src/monitor/pre.rs).
-    TopicSpec { role: TopicRole::MonitorPartials, config_key: "monitor_partials", alias: "partials", partitions: Partitions::Single, compacted: false, record: "" },
+    TopicSpec { role: TopicRole::MonitorPartials, config_key: "monitor_partials", alias: "partials", partitions: Partitions::Closing, compacted: false, record: "" },
 ];
 
 impl TopicSpec {
@@ -73,11 +76,12 @@ impl TopicSpec {
         REGISTRY.iter().find(|s| s.role == role).expect("every role is in the registry")
     }
 
-    /// Partitions to create it with under `topics`.
-    pub fn partition_count(&self, topics: &TopicsConfig) -> i32 {
+    /// Partitions to create it with under `topics` and `monitor.closing_partitions`.
+    pub fn partition_count(&self, topics: &TopicsConfig, closing: u32) -> i32 {
         match self.partitions {
             Partitions::Configured => topics.partitions,
             Partitions::Single => 1,
+            Partitions::Closing => closing.max(1) as i32,
         }
     }
 }

@@ -1,26 +1,20 @@
-//! Changelog and leadership: how a standby monitor takes over.
+//! Changelog: how a closing partition's state is replicated and how a standby takes over.
 //!
-//! Every state batch the monitor writes to RocksDB is also written, before it, to the compacted
-//! topic `monitor_changelog` (one message per key: `cf \0 key` → value, a tombstone for a delete)
-//! inside one Kafka transaction; the predictions' expiry index is derived by the reader instead of
-//! written. The topic has one partition, and the monitor processes of a
-//! deployment join one consumer group on it: the member that is assigned the partition is the
-//! leader and runs the stage; the others wait. When the leader dies, the group hands the partition to
-//! a standby, which replays the committed changelog (read_committed, from the last offset its own
-//! RocksDB has applied) into its local state and resumes at the input offsets found there. The
-//! transactional id is shared, so initialising transactions fences a leader that is still alive but
-//! no longer assigned.
+//! Every state batch a closing partition ([`super::shard`]) writes to RocksDB is also written,
+//! before it, to its own partition of the compacted topic `monitor_changelog` (one message per key:
+//! `cf \0 key` → value, a tombstone for a delete) inside one Kafka transaction; the predictions'
+//! expiry index is derived by the reader instead of written. Each partition has its own
+//! transactional id (`<topic>.writer` for partition 0, `<topic>.writer-<p>` for the others), so a
+//! process that takes a partition over fences the one that held it before. A process that is
+//! handed a partition replays its committed changelog (read_committed, from the last offset its own
+//! copy has applied) into that partition's RocksDB and resumes at the input offsets found there.
 //!
-//! Warm standbys (`monitor.standby_replicas` ≥ 1): while a member waits for the partition it tails
-//! the committed changelog into its own RocksDB, recording the next offset it applied with every
-//! write, so a takeover replays only what the leader wrote since (seconds), not the whole topic. With
-//! `standby_replicas: 0` a waiting member reads nothing and replays everything when it takes over.
-//! Restoring keeps serving the group protocol (a restore longer than `max.poll.interval.ms` would
-//! otherwise hand the partition away), and its progress is logged and shown in [`Progress`].
-//!
-//! Why not split the state by input partition: results are keyed by document id, so every window of
-//! every subject draws from all input partitions; partition-local state would split each window.
-//! Scaling the monitor out needs a repartition by subject first (see README "Status").
+//! Warm standbys (`monitor.standby_replicas` ≥ 1): while a process does not own a partition it
+//! tails that partition's committed changelog into its own copy, recording the next offset it
+//! applied with every write, so a takeover replays only what the owner wrote since (seconds), not
+//! the whole topic. With `standby_replicas: 0` nothing is tailed and a takeover replays
+//! everything. Restores of any length go on while records arrive; their progress is logged and
+//! shown in [`Progress`].
 
 use std::time::Duration;
 
@@ -35,7 +29,7 @@ use serde::Serialize;
 use super::MonitorError;
 use crate::{
     config::PipelineConfig,
-    kafka::{self, range::PartitionRange, rebalance::KnownProtocol, KafkaError, RangeCursor},
+    kafka::{self, range::PartitionRange, KafkaError, RangeCursor},
     state::{RocksStateStore, StateBatch, ALL_CFS, CF_PREDICTIONS, CF_PREDICTION_EXPIRY},
 };
 
@@ -75,7 +69,7 @@ struct EndIsNews;
 
 impl rdkafka::ClientContext for EndIsNews {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_) | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)) {
             tracing::error!(error = %error, reason, "librdkafka: the changelog tail reader");
         }
     }
@@ -84,7 +78,7 @@ impl rdkafka::ClientContext for EndIsNews {
 impl rdkafka::consumer::ConsumerContext for EndIsNews {}
 
 /// A standby's reader of the committed changelog, positioned after what its store has applied.
-struct Tail {
+pub struct Tail {
     reader: BaseConsumer<EndIsNews>,
     /// Whether the copy was level with the changelog's end at the last pump (logged on change).
     caught_up: bool,
@@ -97,13 +91,13 @@ struct Tail {
 /// Records applied in one RocksDB write while tailing or restoring.
 const APPLY_CHUNK: u64 = 5_000;
 
+/// One closing partition's changelog: its writer while the partition is owned here, its reader
+/// for restores and for the warm copy while it is not.
 pub struct Changelog {
     topic: String,
-    producer: FutureProducer,
-    /// Always `Some` until dropped (taken to be closed within a limit).
-    leader: Option<BaseConsumer<KnownProtocol>>,
-    /// Tail the changelog while waiting (`monitor.standby_replicas` ≥ 1).
-    warm: bool,
+    partition: i32,
+    /// Created when the partition is owned here (a standby only reads).
+    producer: Option<FutureProducer>,
     /// Shared with the operations view ([`super::view::ViewHandle::changelog_cell`]).
     progress: ProgressCell,
 }
@@ -118,28 +112,41 @@ fn ck(cf: &str, key: &[u8]) -> Vec<u8> {
     v
 }
 
-impl Drop for Changelog {
-    fn drop(&mut self) {
-        if let Some(leader) = self.leader.take() {
-            kafka::rebalance::close_within(leader, std::time::Duration::from_secs(15), "the monitor's leadership consumer");
-        }
+/// The transactional id of a closing partition's changelog writer (partition 0 keeps the id of
+/// the single-partition design, so an existing deployment fences its old leader).
+pub fn writer_id(topic: &str, partition: i32) -> String {
+    if partition == 0 {
+        format!("{topic}.writer")
+    } else {
+        format!("{topic}.writer-{partition}")
     }
 }
 
 impl Changelog {
-    fn leader(&self) -> &BaseConsumer<KnownProtocol> {
-        self.leader.as_ref().expect("present until dropped")
+    fn producer(&self) -> &FutureProducer {
+        self.producer.as_ref().expect("the writer exists while the partition is owned")
     }
 
-    pub fn new(cfg: &PipelineConfig, brokers: &str, progress: ProgressCell) -> Result<Self, MonitorError> {
-        let topic = cfg.topics.monitor_changelog.clone();
-        // one deployment = one changelog topic: its group elects the leader, its transactional id fences
-        let group = format!("{topic}.leader");
+    /// A reader of `partition` (a standby's warm copy, a restore); [`Self::writer`] adds its writer.
+    pub fn new(cfg: &PipelineConfig, partition: i32, progress: ProgressCell) -> Self {
+        let warm = cfg.monitor.standby_replicas > 0;
+        let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+        if p.is_none() {
+            *p = Some(Progress { warm, ..Progress::default() });
+        }
+        drop(p);
+        Self { topic: cfg.topics.monitor_changelog.clone(), partition, producer: None, progress }
+    }
+
+    /// The partition's changelog with its transactional writer (the partition is owned here).
+    pub fn writer(cfg: &PipelineConfig, brokers: &str, partition: i32, progress: ProgressCell) -> Result<Self, MonitorError> {
+        let mut c = Self::new(cfg, partition, progress);
+        let topic = &c.topic;
         // a transactional producer's message timeout may not exceed its transaction timeout: both
-        // are the outage tolerance (a new leader's init_transactions aborts an open one at once)
+        // are the outage tolerance (a new owner's init_transactions aborts an open one at once)
         let tolerance = cfg.kafka.outage_tolerance_ms;
         let mut pc = kafka::producer_config_with(brokers, &cfg.kafka.librdkafka, tolerance);
-        pc.set("transactional.id", format!("{topic}.writer")).set("transaction.timeout.ms", tolerance.to_string());
+        pc.set("transactional.id", writer_id(topic, partition)).set("transaction.timeout.ms", tolerance.to_string());
         // a transaction's first request may meet CONCURRENT_TRANSACTIONS while the broker finishes
         // the one before; retry it after 5 ms rather than librdkafka's 100 ms (as the infer stage does)
         if !cfg.kafka.librdkafka.contains_key("retry.backoff.ms") {
@@ -149,19 +156,12 @@ impl Changelog {
         if !cfg.kafka.librdkafka.contains_key("linger.ms") {
             pc.set("linger.ms", "0");
         }
-        let producer: FutureProducer = pc.create().map_err(KafkaError::client("the changelog producer"))?;
-        let mut cc = kafka::client_config(brokers, &cfg.kafka.librdkafka);
-        cc.set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "1000")
-            // a joining standby must not take the partition from a live leader
-            .set("partition.assignment.strategy", "cooperative-sticky");
-        let leader: BaseConsumer<KnownProtocol> = cc.create_with_context(KnownProtocol::of(&cc)).map_err(KafkaError::client("the leadership consumer"))?;
-        leader.subscribe(&[&topic]).map_err(KafkaError::broker(format!("subscribe {topic}")))?;
-        let warm = cfg.monitor.standby_replicas > 0;
-        *progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(Progress { warm, ..Progress::default() });
-        Ok(Self { topic, producer, leader: Some(leader), warm, progress })
+        c.producer = Some(pc.create().map_err(KafkaError::client("the changelog producer"))?);
+        Ok(c)
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
     }
 
     /// Where the local copy stands now.
@@ -218,7 +218,7 @@ impl Changelog {
         }
     }
 
-    fn open_tail(&self, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore) -> Result<Tail, MonitorError> {
+    pub fn open_tail(&self, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore) -> Result<Tail, MonitorError> {
         let from: i64 = store.get_json(crate::state::CF_META, META_CHANGELOG_NEXT)?.unwrap_or(0);
         let mut rc = kafka::reader_config(brokers, "payslip-monitor-standby", &cfg.kafka.librdkafka);
         // reaching the end is how the copy knows it is level with the leader
@@ -226,16 +226,16 @@ impl Changelog {
         let reader: BaseConsumer<EndIsNews> = rc.create_with_context(EndIsNews).map_err(KafkaError::client("the changelog reader"))?;
         let mut tpl = TopicPartitionList::new();
         // an offset compacted or deleted away resets to the earliest one kept (reader_config)
-        tpl.add_partition_offset(&self.topic, 0, Offset::Offset(from)).map_err(KafkaError::broker(format!("position {}/0", self.topic)))?;
+        tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(from)).map_err(KafkaError::broker(format!("position {}/{}", self.topic, self.partition)))?;
         reader.assign(&tpl).map_err(KafkaError::broker(format!("assign {}", self.topic)))?;
         self.note(|p| p.applied_offset = from);
-        tracing::info!(topic = %self.topic, from, "monitor standby: keeping a warm copy of the state (tailing the changelog)");
+        tracing::info!(topic = %self.topic, partition = self.partition, from, "monitor standby: keeping a warm copy of the state (tailing the changelog)");
         Ok(Tail { reader, caught_up: false, end_checked: std::time::Instant::now() - Duration::from_secs(60), at_end: false })
     }
 
     /// Applies what the changelog delivers within `wait` (at most [`APPLY_CHUNK`] records) to the
     /// local store, with the next offset; a read error is logged and tried again next time.
-    fn pump(&self, tail: &mut Tail, store: &RocksStateStore, wait: Duration) -> Result<(), MonitorError> {
+    pub fn pump(&self, tail: &mut Tail, store: &RocksStateStore, wait: Duration) -> Result<(), MonitorError> {
         let mut batch = StateBatch::default();
         let (mut n, mut next, mut at_end) = (0u64, None, false);
         let mut timeout = wait;
@@ -254,7 +254,7 @@ impl Changelog {
                     break;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, topic = %self.topic, "monitor standby: reading the changelog failed; trying again");
+                    tracing::warn!(error = %e, topic = %self.topic, partition = self.partition, "monitor standby: reading the changelog failed; trying again");
                     break;
                 }
             }
@@ -267,7 +267,7 @@ impl Changelog {
         // the end (last stable offset) is asked for at most once a second
         let end = if tail.end_checked.elapsed() >= Duration::from_secs(1) {
             tail.end_checked = std::time::Instant::now();
-            tail.reader.fetch_watermarks(&self.topic, 0, Duration::from_secs(2)).ok().map(|(_, hi)| hi).filter(|hi| *hi >= 0)
+            tail.reader.fetch_watermarks(&self.topic, self.partition, Duration::from_secs(2)).ok().map(|(_, hi)| hi).filter(|hi| *hi >= 0)
         } else {
             None
         };
@@ -293,65 +293,17 @@ impl Changelog {
             tail.caught_up = level;
             let p = self.progress();
             if level {
-                tracing::info!(applied_offset = p.applied_offset, records_applied = p.records_applied, "monitor standby: warm copy caught up with the changelog");
+                tracing::info!(partition = self.partition, applied_offset = p.applied_offset, records_applied = p.records_applied, "monitor standby: warm copy caught up with the changelog");
             } else if let Some(lag) = p.lag().filter(|l| *l > APPLY_CHUNK as i64) {
-                tracing::info!(lag, applied_offset = p.applied_offset, "monitor standby: warm copy behind the changelog");
+                tracing::info!(partition = self.partition, lag, applied_offset = p.applied_offset, "monitor standby: warm copy behind the changelog");
             }
         }
         Ok(())
     }
 
-    pub fn is_leader(&self) -> bool {
-        self.leader().assignment().map(|a| a.count() > 0).unwrap_or(false)
-    }
-
-    /// Waits until this process leads (or `stop`); returns false when stopped first. A warm standby
-    /// applies the committed changelog to `store` meanwhile.
-    pub fn wait_for_leadership(&self, stop: &std::sync::atomic::AtomicBool, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore) -> Result<bool, MonitorError> {
-        let mut said = false;
-        let mut tail: Option<Tail> = None;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            // polling serves the group protocol; the messages are read separately (tail, `restore`)
-            let _ = self.leader().poll(if self.warm { Duration::ZERO } else { Duration::from_millis(200) });
-            if self.is_leader() {
-                self.pause_assigned();
-                return Ok(true);
-            }
-            if !said {
-                tracing::info!(topic = %self.topic, warm = self.warm, "monitor standby: waiting for leadership");
-                said = true;
-            }
-            if self.warm {
-                if tail.is_none() {
-                    tail = Some(self.open_tail(cfg, brokers, store)?);
-                }
-                if let Some(t) = &mut tail {
-                    self.pump(t, store, Duration::from_millis(200))?;
-                }
-            }
-        }
-        Ok(false)
-    }
-
-    /// The leadership consumer only serves the group protocol: it fetches nothing.
-    fn pause_assigned(&self) {
-        if let Ok(a) = self.leader().assignment() {
-            if a.count() > 0 {
-                let _ = self.leader().pause(&a);
-            }
-        }
-    }
-
-    /// Keeps the group membership alive; false when leadership was lost.
-    pub fn still_leader(&self) -> bool {
-        let _ = self.leader().poll(Duration::ZERO);
-        self.pause_assigned();
-        self.is_leader()
-    }
-
-    /// Fences earlier leaders (same transactional id).
+    /// Fences earlier owners of the partition (same transactional id).
     pub fn init(&self) -> Result<(), MonitorError> {
-        Ok(self.producer.init_transactions(Duration::from_secs(60)).map_err(KafkaError::broker("init transactions"))?)
+        Ok(self.producer().init_transactions(Duration::from_secs(60)).map_err(KafkaError::broker("init transactions"))?)
     }
 
     /// Writes a batch's operations in one transaction; returns the next changelog offset. The
@@ -363,18 +315,18 @@ impl Changelog {
             return Ok(None);
         }
         let err = |e: rdkafka::error::KafkaError| MonitorError::Delivery(KafkaError::Delivery { topic: self.topic.clone(), source: e });
-        self.producer.begin_transaction().map_err(err)?;
+        self.producer().begin_transaction().map_err(err)?;
         let mut futures = Vec::with_capacity(ops.len());
         for (cf, key, value) in ops {
             let k = ck(cf, key);
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).key(&k[..]);
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).partition(self.partition).key(&k[..]);
             if let Some(v) = value {
                 rec = rec.payload(&v[..]);
             }
-            match kafka::enqueue_blocking(&self.producer, rec) {
+            match kafka::enqueue_blocking(self.producer(), rec) {
                 Ok(f) => futures.push((f, self.topic.as_str())),
                 Err(e) => {
-                    let _ = self.producer.abort_transaction(Duration::from_secs(30));
+                    let _ = self.producer().abort_transaction(Duration::from_secs(30));
                     return Err(MonitorError::Delivery(e));
                 }
             }
@@ -386,17 +338,17 @@ impl Changelog {
         let delivered = match kafka::wait_deliveries(futures) {
             Ok(d) => d,
             Err(e) => {
-                let _ = self.producer.abort_transaction(Duration::from_secs(30));
+                let _ = self.producer().abort_transaction(Duration::from_secs(30));
                 return Err(MonitorError::Delivery(e));
             }
         };
         // the producer's thread releases the last report a moment after its future resolved
         let settle = std::time::Instant::now();
-        while self.producer.in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(200) {
+        while self.producer().in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(200) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        if let Err(e) = self.producer.commit_transaction(Duration::from_secs(60)) {
-            let _ = self.producer.abort_transaction(Duration::from_secs(30));
+        if let Err(e) = self.producer().commit_transaction(Duration::from_secs(60)) {
+            let _ = self.producer().abort_transaction(Duration::from_secs(30));
             return Err(err(e));
         }
         let next = delivered.iter().map(|d| d.offset + 1).max();
@@ -411,14 +363,14 @@ impl Changelog {
     }
 
     /// Applies committed changelog entries after what `store` has applied, up to the current end;
-    /// returns how many. The group protocol is served meanwhile, and progress is logged every
-    /// [`APPLY_CHUNK`] records.
-    pub fn restore(&self, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore) -> Result<u64, MonitorError> {
+    /// returns how many. `keep_alive` runs every [`APPLY_CHUNK`] records (the owner's own stop
+    /// check), and progress is logged then.
+    pub fn restore(&self, cfg: &PipelineConfig, brokers: &str, store: &RocksStateStore, keep_alive: &dyn Fn() -> bool) -> Result<u64, MonitorError> {
         let from: i64 = store.get_json(crate::state::CF_META, META_CHANGELOG_NEXT)?.unwrap_or(0);
         let reader = Self::reader(cfg, brokers, "payslip-monitor-restore")?;
         // with read_committed, the high watermark is the last stable offset; what lies between the
         // last record and it (markers, aborted records) is passed over by the cursor
-        let (lo, hi) = kafka::watermarks_of(&reader, &self.topic, 0, Duration::from_secs(30))?;
+        let (lo, hi) = kafka::watermarks_of(&reader, &self.topic, self.partition, Duration::from_secs(30))?;
         let start = from.max(lo);
         self.note(|p| {
             p.applied_offset = from;
@@ -427,10 +379,10 @@ impl Changelog {
         });
         if start >= hi {
             self.note(|p| p.lag_records = Some(0));
-            tracing::info!(applied = 0, from = start, to = hi, "monitor state restored from the changelog (nothing to replay)");
+            tracing::info!(partition = self.partition, applied = 0, from = start, to = hi, "monitor state restored from the changelog (nothing to replay)");
             return Ok(0);
         }
-        let cursor = RangeCursor::open(reader, [(self.topic.clone(), PartitionRange { partition: 0, start, end: hi })], format!("restoring from {}", self.topic))?;
+        let cursor = RangeCursor::open(reader, [(self.topic.clone(), PartitionRange { partition: self.partition, start, end: hi })], format!("restoring from {}", self.topic))?;
         let mut batch = StateBatch::default();
         let mut applied = 0u64;
         let started = std::time::Instant::now();
@@ -441,15 +393,16 @@ impl Changelog {
             if applied % APPLY_CHUNK == 0 {
                 batch.put_json(store, crate::state::CF_META, META_CHANGELOG_NEXT, &(m.offset() + 1));
                 store.write(std::mem::take(&mut batch))?;
-                // keep the membership: a restore longer than max.poll.interval.ms must not lose the partition
-                let _ = self.leader().poll(Duration::ZERO);
+                if !keep_alive() {
+                    return Err(MonitorError::LostLeadership);
+                }
                 self.note(|p| {
                     p.applied_offset = m.offset() + 1;
                     p.records_applied += APPLY_CHUNK;
                     p.lag_records = Some((hi - m.offset() - 1).max(0));
                 });
                 let rate = applied as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                tracing::info!(applied, offset = m.offset(), end = hi, records_per_s = rate.round(), remaining_s = ((hi - m.offset()) as f64 / rate).round(), "monitor state restore in progress");
+                tracing::info!(partition = self.partition, applied, offset = m.offset(), end = hi, records_per_s = rate.round(), remaining_s = ((hi - m.offset()) as f64 / rate).round(), "monitor state restore in progress");
             }
             Ok::<(), MonitorError>(())
         })?;
@@ -460,7 +413,7 @@ impl Changelog {
             p.records_applied += applied % APPLY_CHUNK;
             p.lag_records = Some(0);
         });
-        tracing::info!(applied, from = start, to = hi, "monitor state restored from the changelog");
+        tracing::info!(partition = self.partition, applied, from = start, to = hi, "monitor state restored from the changelog");
         Ok(applied)
     }
 }

@@ -19,14 +19,20 @@
 //! controller ([`crate::rollout`]) runs on each closed window range: its state is part of the batch
 //! and its decisions leave through the outbox like alerts, so they too are published exactly once.
 //!
-//! One process leads and owns its state directory; standbys wait and take over from the changelog
-//! ([`changelog`]).
+//! With `monitor.changelog` (the default), the stage is split into `monitor.closing_partitions`
+//! closing partitions, each owned by one process of the deployment and replicated through its own
+//! changelog partition; the processes share them out through a consumer group and keep warm copies
+//! of the ones they do not own ([`shard`], [`changelog`]). With one closing partition (the
+//! default) that is one leader and its standbys. Scaled out (`monitor.scale_out`), a pre-aggregation
+//! group reads the results and feedback and the closing partitions read its partials, keyed by
+//! model ([`pre`], [`partial`]).
 
 pub mod changelog;
 mod outbox;
 pub mod partial;
 pub mod pre;
 pub mod records;
+pub mod shard;
 pub mod state;
 pub mod view;
 
@@ -78,6 +84,12 @@ pub enum MonitorError {
     LostLeadership,
     /// `monitor.scale_out` joins feedback with results per partition: both topics need the same
     /// number of partitions.
+    /// A thread of the stage could not be started.
+    #[error("cannot start the {what} thread: {message}")]
+    Thread { what: &'static str, message: String },
+    /// The changelog or partials topic does not have `monitor.closing_partitions` partitions.
+    #[error("monitor.closing_partitions is {configured} but {topic} has {partitions} partitions; they must match (create the topic with {configured} partitions, or set monitor.closing_partitions: {partitions})")]
+    ClosingPartitions { topic: String, partitions: usize, configured: usize },
     #[error("monitor.scale_out: {results} has {results_partitions} partitions and {feedback} has {feedback_partitions}; the feedback join needs both keyed by document id with the same partition count (add partitions to the smaller one, or set monitor.scale_out: false)")]
     NotCoPartitioned { results: String, results_partitions: usize, feedback: String, feedback_partitions: usize },
 }
@@ -90,7 +102,7 @@ impl MonitorError {
             MonitorError::Kafka(e) | MonitorError::Delivery(e) => e.retryable(),
             MonitorError::Rollout(e) => e.retryable(),
             MonitorError::LostLeadership => true,
-            MonitorError::State(_) | MonitorError::CorruptOutbox { .. } | MonitorError::NotCoPartitioned { .. } => false,
+            MonitorError::State(_) | MonitorError::CorruptOutbox { .. } | MonitorError::NotCoPartitioned { .. } | MonitorError::ClosingPartitions { .. } | MonitorError::Thread { .. } => false,
         }
     }
 }
@@ -128,6 +140,10 @@ pub struct MonitorStage {
     legacy_keys: Vec<&'static [u8]>,
     /// What the operations API sees of this stage.
     view: view::ViewHandle,
+    /// The closing partition this stage runs ([`shard`]), of `monitor.closing_partitions`.
+    partition: u32,
+    /// Cleared when the group takes the partition away (None: not elected, it runs until stopped).
+    owned: Option<Arc<AtomicBool>>,
 }
 
 fn now_ms() -> i64 {
@@ -142,13 +158,32 @@ impl MonitorStage {
 
     /// [`Self::open`], publishing what the operations API sees into `view` (its checkpoints of the
     /// open state, and the producer's librdkafka statistics included).
+    ///
+    /// Without `monitor.changelog` this is the whole closing stage (one partition, nobody to fence);
+    /// with it, use [`run`], which shares the closing partitions out among the processes.
     pub fn open_with_view(cfg: PipelineConfig, brokers: String, view: view::ViewHandle) -> Result<Self, MonitorError> {
-        std::fs::create_dir_all(&cfg.monitor.state_dir).map_err(|e| StateError::Rocks { path: cfg.monitor.state_dir.display().to_string(), message: e.to_string() })?;
-        let store = RocksStateStore::open(&cfg.monitor.state_dir)?;
+        Self::open_inner(cfg, brokers, 0, view, None)
+    }
+
+    /// The stage of closing partition `partition`, owned by this process while `owned` holds.
+    pub fn open_partition(cfg: PipelineConfig, brokers: String, partition: u32, view: view::ViewHandle, owned: Arc<AtomicBool>) -> Result<Self, MonitorError> {
+        Self::open_inner(cfg, brokers, partition, view, Some(owned))
+    }
+
+    fn open_inner(cfg: PipelineConfig, brokers: String, partition: u32, view: view::ViewHandle, owned: Option<Arc<AtomicBool>>) -> Result<Self, MonitorError> {
+        view.set_role(view::Role::Starting);
+        let dir = shard::state_dir(&cfg, partition);
+        std::fs::create_dir_all(&dir).map_err(|e| StateError::Rocks { path: dir.display().to_string(), message: e.to_string() })?;
+        let store = RocksStateStore::open(&dir)?;
         view.set_checkpointer(store.checkpointer());
         let producer = kafka::stats::producer_with_stats(kafka::producer_config_with(&brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms), view.producer_stats(), "the monitor producer")?;
-        let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::new(&cfg, &brokers, view.changelog_cell())?) } else { None };
-        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view })
+        let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::writer(&cfg, &brokers, partition as i32, view.changelog_cell())?) } else { None };
+        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view, partition, owned })
+    }
+
+    /// Whether this partition closes `model`'s windows, announces its updates and runs its rollouts.
+    fn mine(&self, model: &str) -> bool {
+        shard::shard_of(model, self.cfg.monitor.closing_partitions) == self.partition
     }
 
     fn load(&mut self) -> Result<(), MonitorError> {
@@ -200,7 +235,9 @@ impl MonitorStage {
             Some(c) => state.rollout = c,
             None => {
                 // no rollout state here: the decisions topic is the truth (soak clocks included)
-                let decisions = crate::rollout::routing::read_decisions(&self.cfg, &self.brokers)?;
+                let mut decisions = crate::rollout::routing::read_decisions(&self.cfg, &self.brokers)?;
+                // this closing partition's rollouts only
+                decisions.retain(|d| self.mine(&d.model));
                 // commands those decisions answered are not applied again (their ids are remembered);
                 // reading commands starts a minute before the last answered one, not at the beginning
                 let answered = decisions.iter().filter(|d| d.command_id.is_some()).map(|d| d.decided_at).max();
@@ -212,6 +249,7 @@ impl MonitorStage {
                 self.commands_from = answered.map(|t| t.saturating_sub(60_000).max(0));
             }
         }
+        state.pipeline_copy = shard::pipeline_partition(self.cfg.monitor.closing_partitions) != self.partition;
         // after a restart no partition counts as idle until it has had time to deliver
         state.watermark.touch_all(now_ms());
         self.state = state;
@@ -268,43 +306,37 @@ impl MonitorStage {
             .collect())
     }
 
-    /// Runs until `stop` is set. Blocking: call from a blocking thread.
+    /// Runs until `stop` is set, or until the group takes the partition away
+    /// ([`MonitorError::LostLeadership`]). Blocking: call from a blocking thread.
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<MonitorSummary, MonitorError> {
-        let mut initialised = false;
-        loop {
-            match self.lead(&stop, &mut initialised) {
-                Ok(()) => break,
-                // the group took the partition away (a broker outage longer than the session
-                // timeout, a rebalance): wait to lead again. If another process leads meanwhile, its
-                // transactions fence this one, whose next write then fails for good.
-                Err(MonitorError::LostLeadership) => {
-                    tracing::warn!("monitor lost the leadership (broker outage or rebalance): waiting to lead again");
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.lead(&stop)?;
         let c = self.state.counters.clone();
-        tracing::info!(summary = ?c, "monitor stage stopped");
+        if self.owned.is_none() {
+            tracing::info!(summary = ?c, "monitor stage stopped");
+        } else {
+            tracing::info!(partition = self.partition, summary = ?c, "monitor closing partition stopped");
+        }
         Ok(c)
     }
 
-    /// Leads until `stop` (Ok) or until leadership is lost (an error).
-    fn lead(&mut self, stop: &AtomicBool, initialised: &mut bool) -> Result<(), MonitorError> {
+    /// Whether the group still lets this process run the partition.
+    fn still_owned(&self) -> bool {
+        self.owned.as_ref().is_none_or(|o| o.load(Ordering::Relaxed))
+    }
+
+    /// Leads until `stop` (Ok) or until the partition is taken away (an error).
+    fn lead(&mut self, stop: &AtomicBool) -> Result<(), MonitorError> {
         self.commands_from = None;
-        self.view.set_role(view::Role::Standby);
         let mut takeover: Option<(std::time::Instant, u64)> = None;
         if let Some(c) = &self.changelog {
-            if !c.wait_for_leadership(stop, &self.cfg, &self.brokers, &self.store)? {
-                return Ok(());
-            }
             let won = std::time::Instant::now();
-            if !*initialised {
-                c.init()?;
-                *initialised = true;
-            }
-            let replayed = c.restore(&self.cfg, &self.brokers, &self.store)?;
+            // fences the partition's earlier owner, then replays what this copy lacks
+            c.init()?;
+            let owned = self.owned.clone();
+            let alive = move || owned.as_ref().is_none_or(|o| o.load(Ordering::Relaxed)) && !stop.load(Ordering::Relaxed);
+            let replayed = c.restore(&self.cfg, &self.brokers, &self.store, &alive)?;
             takeover = Some((won, replayed));
-            tracing::info!(replayed, "monitor leads: state restored, resuming");
+            tracing::info!(partition = self.partition, replayed, "monitor leads: state restored, resuming");
         }
         self.load()?;
         self.recover_outbox()?;
@@ -322,7 +354,8 @@ impl MonitorStage {
         let mut tpl = TopicPartitionList::new();
         for t in &topics {
             let parts = kafka::partitions_of(&consumer, t, Duration::from_secs(30))?;
-            for p in parts {
+            // of the partials, this closing partition's own
+            for p in parts.into_iter().filter(|p| *t != self.cfg.topics.monitor_partials || *p == self.partition as i32) {
                 let key = format!("{t}/{p}");
                 let off = match (stored.get(&key), self.commands_from) {
                     (Some(o), _) => Offset::Offset(*o),
@@ -342,11 +375,11 @@ impl MonitorStage {
         if scale_out {
             self.register_scaled_inputs(&consumer)?;
         }
-        tracing::info!(state_dir = %self.store.path(), open_windows = self.state.windows.len(), resumed_partitions = stored.len(), "monitor stage started");
+        tracing::info!(partition = self.partition, state_dir = %self.store.path(), open_windows = self.state.windows.len(), resumed_partitions = stored.len(), "monitor stage started");
         if let (Some(c), Some((won, replayed))) = (&self.changelog, takeover) {
             let took = won.elapsed();
             c.note_takeover(took, replayed);
-            tracing::info!(takeover_ms = took.as_millis() as u64, replayed, warm = c.progress().warm, "monitor takeover complete: from being handed the partition to reading the inputs");
+            tracing::info!(partition = self.partition, takeover_ms = took.as_millis() as u64, replayed, warm = c.progress().warm, "monitor takeover complete: from being handed the partition to reading the inputs");
         }
         self.view.set_role(view::Role::Leader);
         let mut view_published = std::time::Instant::now() - view::PUBLISH_EVERY;
@@ -370,11 +403,17 @@ impl MonitorStage {
             self.publish(outbox)?;
         }
         let mut assigned: BTreeSet<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        // the other closing partitions' partials count as known (they are not read here)
+        if scale_out {
+            for p in kafka::partitions_of(&consumer, &self.cfg.topics.monitor_partials, Duration::from_secs(30))? {
+                assigned.insert((self.cfg.topics.monitor_partials.clone(), p));
+            }
+        }
         // scaled out: when each input partition's owner last reported it had read what there was
         let mut reported: BTreeMap<String, i64> = BTreeMap::new();
         let mut partitions_checked = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            if self.changelog.as_ref().is_some_and(|c| !c.still_leader()) {
+            if !self.still_owned() {
                 return Err(MonitorError::LostLeadership);
             }
             if partitions_checked.elapsed() >= PARTITION_CHECK {
@@ -432,6 +471,8 @@ impl MonitorStage {
                     }
                 } else if m.topic() == self.cfg.topics.commands {
                     match codec::decode::<crate::rollout::RolloutCommand>(payload, ct.as_deref()) {
+                        // a command routed to another closing partition is that one's to answer
+                        Ok(cmd) if shard::command_partition(&self.cfg, &cmd) != self.partition => None,
                         Ok(cmd) => match limits.check_event_time("issued_at", cmd.issued_at, wall) {
                             Ok(()) => {
                                 tracing::info!(rollout = %cmd.rollout_id, action = %cmd.action, operator = %cmd.operator, "rollout command");
@@ -440,6 +481,8 @@ impl MonitorStage {
                             }
                             Err(why) => Some(("bad_timestamp", why.to_string())),
                         },
+                        // an unreadable command is dead-lettered once, by the pipeline's partition
+                        Err(_) if shard::pipeline_partition(self.cfg.monitor.closing_partitions) != self.partition => None,
                         Err(e) => Some((e.class(), e.to_string())),
                     }
                 } else if m.topic() == self.cfg.topics.inference {
@@ -518,7 +561,7 @@ impl MonitorStage {
         for t in topics {
             let Ok(md) = consumer.fetch_metadata(Some(t), Duration::from_secs(2)) else { continue };
             for p in md.topics().iter().flat_map(|t| t.partitions()) {
-                if assigned.insert((t.clone(), p.id())) {
+                if assigned.insert((t.clone(), p.id())) && (*t != self.cfg.topics.monitor_partials || p.id() == self.partition as i32) {
                     tpl.add_partition_offset(t, p.id(), Offset::Beginning).map_err(KafkaError::broker(format!("position {t}/{}", p.id())))?;
                 }
             }
@@ -552,7 +595,7 @@ impl MonitorStage {
     /// START for the configured candidate when `rollout.auto_start` is set and it has no rollout yet.
     fn auto_start_command(&self) -> Option<crate::rollout::RolloutCommand> {
         let r = &self.cfg.rollout;
-        let c = r.candidate.as_ref().filter(|_| r.auto_start)?;
+        let c = r.candidate.as_ref().filter(|c| r.auto_start && self.mine(&c.model))?;
         let id = c.rollout_id();
         if self.state.rollout.rollouts.contains_key(&id) {
             return None;
@@ -578,6 +621,7 @@ impl MonitorStage {
     fn updates_in(&self, announced: &[ModelAnnouncement]) -> Vec<(String, String, String)> {
         announced
             .iter()
+            .filter(|a| self.mine(&a.name))
             .filter_map(|a| self.cfg.models.serve.get(&a.name).filter(|served| a.role == "candidate" && version_newer(&a.version, served)).map(|served| (a.name.clone(), served.clone(), a.version.clone())))
             .collect()
     }
@@ -586,7 +630,7 @@ impl MonitorStage {
     fn available_updates(&self) -> Vec<(String, String, String)> {
         let Ok(meta) = crate::inference::metadata::ModelMetadata::load(&self.cfg.models.metadata) else { return vec![] };
         let mut out = Vec::new();
-        for (model, served) in &self.cfg.models.serve {
+        for (model, served) in self.cfg.models.serve.iter().filter(|(m, _)| self.mine(m)) {
             for m in meta.models.iter().filter(|m| &m.name == model && m.role == "candidate" && &m.version != served) {
                 if version_newer(&m.version, served) {
                     out.push((model.clone(), served.clone(), m.version.clone()));
@@ -685,6 +729,17 @@ impl MonitorStage {
 
 }
 
+
+/// Runs this process's part of the monitor's closing stage until `stop`: with `monitor.changelog`,
+/// the closing partitions the group gives it, and warm copies of the others ([`shard::run`]);
+/// without, the one stage over everything. Blocking: call from a blocking thread.
+pub fn run(cfg: PipelineConfig, brokers: String, view: view::ViewHandle, stop: Arc<AtomicBool>) -> Result<MonitorSummary, MonitorError> {
+    if cfg.monitor.changelog {
+        shard::run(cfg, brokers, view, stop)
+    } else {
+        MonitorStage::open_with_view(cfg, brokers, view)?.run(stop)
+    }
+}
 
 /// `event time (16 hex digits, order-preserving) | document id`.
 pub(crate) fn expiry_key(event_ms: i64, document_id: &str) -> Vec<u8> {

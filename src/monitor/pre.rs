@@ -2,10 +2,11 @@
 //! results and feedback topics, in front of the closing stage ([`super::MonitorStage`]).
 //!
 //! ```text
-//! payslip.inference.v1 ─┐  group <infer_group>-monitor-pre       litert.monitor.partials.v1      the leader (one,
-//! payslip.feedback.v1 ──┴► member per process: its partitions ──► partial windows + clocks ──► warm standbys):
-//!                          predictions (RocksDB), feedback join     one transaction per batch     merge, close,
-//!                                                                   with the input offsets        alerts, rollout
+//! payslip.inference.v1 ─┐  group <infer_group>-monitor-pre       litert.monitor.partials.v1      closing partition p
+//! payslip.feedback.v1 ──┴► member per process: its partitions ──► partial windows + clocks ──► (its owner, warm
+//!                          predictions (RocksDB), feedback join     keyed by model, one trans-    copies): merge,
+//!                                                                   action per batch with the     close, alerts,
+//!                                                                   input offsets                 rollout
 //! ```
 //!
 //! Every monitor process runs one member. The group uses the range assignor, so partition `p` of
@@ -32,12 +33,11 @@
 //! A rebalance in the middle of a batch discards the batch (nothing of it was sent) and rewinds
 //! the partitions to the group's committed offsets; an aborted transaction does the same.
 //!
-//! Why the closing stage is one leader and not a group of its own: the rollout controller compares
-//! a candidate with its baseline and with the pipeline's memory in the same window range, and the
-//! alert and rollout state is small; what the leader reads is one partial per input partition and
-//! batch instead of one record per result, so the per-result work (decoding, histograms, the
-//! feedback join, the predictions' state) scales with the group while the leader's does not grow
-//! with the result rate. Its failover is the warm standby of [`super::changelog`].
+//! Each input partition's partial is split over the closing partitions ([`super::shard::split`]):
+//! partition p of the partials topic gets the subjects of the models that hash to p and a copy of
+//! the pipeline subject, and every closing partition gets every source's clock and `caught_up`
+//! report, so each one's watermark is the same function of the same per-partition clocks. The
+//! counts that are not per subject go to the pipeline's partition only.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -444,7 +444,9 @@ impl PreAggregator {
 
     /// One transaction: the partials, the dead letters and the group's next offsets.
     fn commit(&mut self, producer: &FutureProducer, consumer: &BaseConsumer<KnownProtocol>, b: &mut Batch, offsets: &TopicPartitionList) -> Result<(), Failure> {
-        let partials = std::mem::take(&mut b.parts).finish(&self.member, b.caught_up);
+        // one partial per input partition, split over the closing partitions (keyed by model)
+        let k = self.cfg.monitor.closing_partitions;
+        let partials: Vec<(u32, super::partial::PartialBatch)> = std::mem::take(&mut b.parts).finish(&self.member, b.caught_up).into_iter().flat_map(|p| super::shard::split(p, k)).collect();
         let n = partials.len() as u64;
         let abort = |e: KafkaError| {
             let _ = producer.abort_transaction(CALL_TIMEOUT);
@@ -462,10 +464,10 @@ impl PreAggregator {
         producer.begin_transaction().map_err(|e| classify("begin a pre-aggregation transaction", e))?;
         let mut futures = Vec::new();
         let topic = self.cfg.topics.monitor_partials.clone();
-        for pb in &partials {
+        for (part, pb) in &partials {
             let payload = serde_json::to_vec(pb).expect("partials serialise");
             let hs = HeaderSet::new().with(h::CONTENT_TYPE, "application/json").with("member", &self.member);
-            let rec = FutureRecord::to(&topic).key(pb.source.as_bytes()).payload(&payload).headers(hs.build());
+            let rec = FutureRecord::to(&topic).partition(*part as i32).key(pb.source.as_bytes()).payload(&payload).headers(hs.build());
             futures.push((kafka::enqueue_blocking(producer, rec).map_err(abort)?, topic.clone()));
         }
         for d in &b.dead {

@@ -73,6 +73,25 @@ pub struct MonitorCounters {
     pub alert_events: std::collections::BTreeMap<String, u64>,
 }
 
+impl MonitorCounters {
+    /// Adds another closing partition's counters to these (the process's totals).
+    pub fn add(&mut self, o: &MonitorCounters) {
+        self.results_applied += o.results_applied;
+        self.feedback_applied += o.feedback_applied;
+        self.dropped_late += o.dropped_late;
+        self.feedback_orphans += o.feedback_orphans;
+        self.undecodable += o.undecodable;
+        self.windows_closed += o.windows_closed;
+        self.alerts_emitted += o.alerts_emitted;
+        self.outbox_seq += o.outbox_seq;
+        self.duplicates_ignored += o.duplicates_ignored;
+        self.feedback_overflow += o.feedback_overflow;
+        for (k, v) in &o.alert_events {
+            *self.alert_events.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
 /// Default cap of feedback waiting for its prediction.
 pub const DEFAULT_MAX_PENDING_FEEDBACK: usize = 100_000;
 
@@ -201,6 +220,10 @@ pub struct MonitorState {
     /// The rollout controller (its decisions are evaluated as windows close).
     pub rollout: Controller,
     pub rollout_dirty: bool,
+    /// A closing partition other than the pipeline's ([`super::shard`]): its pipeline windows are
+    /// copies kept for the rollout's pipeline criteria; their metrics and alerts are published by
+    /// the pipeline's partition only.
+    pub pipeline_copy: bool,
 }
 
 impl MonitorState {
@@ -311,6 +334,14 @@ impl MonitorState {
             let Some(w) = self.windows.remove(key) else { continue };
             self.dirty_windows.remove(key);
             self.closed_windows.push(key.clone());
+            if self.pipeline_copy && w.subject.is_pipeline() {
+                let range = w.range;
+                group.push(w);
+                if due.get(n + 1).is_none_or(|next| next.0 != key.0) {
+                    self.close_range(rules, resolve_silent_after, rollout, range, &mut group, &mut group_alerts, &mut out);
+                }
+                continue;
+            }
             self.counters.windows_closed += 1;
             out.push(Emitted::Metrics(WindowMetrics::from_window(&w.subject, w.range, &w.agg, &self.counters)));
             for rule in rules.iter().filter(|r| r.applies_to(&w.subject)) {
@@ -335,22 +366,28 @@ impl MonitorState {
             let range = w.range;
             group.push(w);
             if due.get(n + 1).is_none_or(|next| next.0 != key.0) {
-                let silent = self.resolve_silent_alerts(rules, &group, range, resolve_silent_after);
-                self.counters.alerts_emitted += silent.len() as u64;
-                group_alerts.extend(silent.iter().cloned());
-                out.extend(silent.into_iter().map(Emitted::Alert));
-                let closed: Vec<(&Subject, &WindowAggregate)> = group.iter().map(|w| (&w.subject, &w.agg)).collect();
-                let decisions = self.rollout.on_window(rollout, range, &closed, &group_alerts);
-                if !decisions.is_empty() || self.rollout.rollouts.values().any(|r| r.status.is_active()) {
-                    self.rollout_dirty = true;
-                }
-                out.extend(decisions.into_iter().map(Emitted::Decision));
-                group.clear();
-                group_alerts.clear();
+                self.close_range(rules, resolve_silent_after, rollout, range, &mut group, &mut group_alerts, &mut out);
             }
         }
         self.count_alert_events(&out);
         out
+    }
+
+    /// The end of one window range: silent alerts resolve, and the rollout sees the range's windows.
+    #[allow(clippy::too_many_arguments)]
+    fn close_range(&mut self, rules: &[AlertRule], resolve_silent_after: u32, rollout: &RolloutConfig, range: crate::window::WindowRange, group: &mut Vec<StoredWindow>, group_alerts: &mut Vec<AlertEvent>, out: &mut Vec<Emitted>) {
+        let silent = self.resolve_silent_alerts(rules, group, range, resolve_silent_after);
+        self.counters.alerts_emitted += silent.len() as u64;
+        group_alerts.extend(silent.iter().cloned());
+        out.extend(silent.into_iter().map(Emitted::Alert));
+        let closed: Vec<(&Subject, &WindowAggregate)> = group.iter().map(|w| (&w.subject, &w.agg)).collect();
+        let decisions = self.rollout.on_window(rollout, range, &closed, group_alerts);
+        if !decisions.is_empty() || self.rollout.rollouts.values().any(|r| r.status.is_active()) {
+            self.rollout_dirty = true;
+        }
+        out.extend(decisions.into_iter().map(Emitted::Decision));
+        group.clear();
+        group_alerts.clear();
     }
 
     /// `alert_events` by `CODE|STATUS` (what `/metrics` shows as alerts by code and state).

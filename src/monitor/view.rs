@@ -71,6 +71,60 @@ pub struct MonitorView {
     /// This process's pre-aggregation member (None without `monitor.scale_out`).
     pub pre: Option<super::pre::PreCounters>,
     pub updated_at_ms: i64,
+    /// The closing partition this view is of (None: the process's own, or no partitions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// The closing partitions this process leads ([`super::shard`]); empty while it leads none.
+    pub leads_partitions: Vec<u32>,
+}
+
+/// The process's view from its closing partitions' views: it leads when it leads any; counters,
+/// windows, firing alerts and rollouts are the sum of those it leads; the changelog's progress is
+/// summed over every copy it holds.
+fn merge(parts: Vec<MonitorView>) -> MonitorView {
+    let mut v = MonitorView::default();
+    let leading: Vec<&MonitorView> = parts.iter().filter(|p| p.role == Role::Leader).collect();
+    v.role = if !leading.is_empty() {
+        Role::Leader
+    } else if parts.iter().any(|p| p.role == Role::Starting) {
+        Role::Starting
+    } else {
+        Role::Standby
+    };
+    v.leads_partitions = leading.iter().filter_map(|p| p.partition).collect();
+    for p in &leading {
+        v.counters.add(&p.counters);
+        v.firing.extend(p.firing.iter().cloned());
+        v.open_windows += p.open_windows;
+        v.rollouts.extend(p.rollouts.iter().cloned());
+        v.state_bytes = match (v.state_bytes, p.state_bytes) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        v.last_closed_window_end_ms = v.last_closed_window_end_ms.max(p.last_closed_window_end_ms);
+        // the process's watermark is the least advanced of its partitions'
+        v.watermark_ms = match (v.watermark_ms, p.watermark_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    for c in parts.iter().filter_map(|p| p.changelog) {
+        let m = v.changelog.get_or_insert(super::changelog::Progress { warm: c.warm, ..Default::default() });
+        m.applied_offset += c.applied_offset;
+        m.end_offset = match (m.end_offset, c.end_offset) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        m.lag_records = match (m.lag_records, c.lag_records) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        m.records_applied += c.records_applied;
+        m.last_takeover_ms = m.last_takeover_ms.max(c.last_takeover_ms);
+        m.last_takeover_records = m.last_takeover_records.max(c.last_takeover_records);
+    }
+    v.updated_at_ms = parts.iter().map(|p| p.updated_at_ms).max().unwrap_or_default();
+    v
 }
 
 /// The shared copy, and when it was last refreshed; also the handle that checkpoints the
@@ -85,6 +139,9 @@ pub struct ViewHandle {
     changelog: super::changelog::ProgressCell,
     /// The pre-aggregation member's counters.
     pre: super::pre::PreCell,
+    /// With the closing stage in partitions ([`super::shard`]): one view per closing partition,
+    /// which [`Self::get`] merges into the process's.
+    partitions: Arc<RwLock<Vec<ViewHandle>>>,
 }
 
 impl ViewHandle {
@@ -94,10 +151,31 @@ impl ViewHandle {
     }
 
     pub fn get(&self) -> MonitorView {
-        let mut v = self.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
-        v.changelog = *self.changelog.lock().unwrap_or_else(|p| p.into_inner());
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut v = if parts.is_empty() {
+            let mut v = self.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
+            v.changelog = *self.changelog.lock().unwrap_or_else(|p| p.into_inner());
+            if v.role == Role::Leader {
+                v.leads_partitions = vec![v.partition.unwrap_or(0)];
+            }
+            v
+        } else {
+            merge(parts.iter().map(ViewHandle::get).collect())
+        };
         v.pre = self.pre.lock().unwrap_or_else(|p| p.into_inner()).clone();
         v
+    }
+
+    /// The view of closing partition `p` (created on first use; the process's view merges them).
+    /// It shares the producer statistics and the pre-aggregation counters with this one.
+    pub fn partition(&self, p: u32) -> ViewHandle {
+        let mut parts = self.partitions.write().unwrap_or_else(|p| p.into_inner());
+        while parts.len() <= p as usize {
+            let child = ViewHandle { producer_stats: self.producer_stats.clone(), pre: self.pre.clone(), ..ViewHandle::default() };
+            child.inner.write().unwrap_or_else(|p| p.into_inner()).partition = Some(parts.len() as u32);
+            parts.push(child);
+        }
+        parts[p as usize].clone()
     }
 
     /// Where this process's pre-aggregation member keeps its counters.
@@ -105,9 +183,19 @@ impl ViewHandle {
         self.pre.clone()
     }
 
-    /// Checkpoints of the running monitor's state (None before the stage opened it).
+    /// Checkpoints of the running monitor's state (None before the stage opened it). With the
+    /// closing stage in partitions: the state of the lowest partition this process leads.
     pub fn checkpointer(&self) -> Option<crate::state::Checkpointer> {
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(c) = parts.iter().filter(|v| v.get().role == Role::Leader).find_map(ViewHandle::checkpointer) {
+            return Some(c);
+        }
         self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Lets go of the state a stage that ended held open (so another can open it).
+    pub(super) fn clear_checkpointer(&self) {
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     pub(super) fn set_checkpointer(&self, c: crate::state::Checkpointer) {

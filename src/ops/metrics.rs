@@ -144,6 +144,7 @@ impl Collector for Figures {
                 let mut fam = enc.encode_descriptor("payslip_monitor_leader", "1 when this process leads the monitor group, 0 on standby or while starting.", None, MetricType::Gauge)?;
                 ConstGauge::new((v.role == crate::monitor::view::Role::Leader) as i64).encode(fam.encode_family(&[("role", format!("{:?}", v.role).to_ascii_lowercase().as_str())])?)?;
             }
+            gauge(&mut enc, "payslip_monitor_closing_partitions_led", "Closing partitions of the monitor (monitor.closing_partitions) this process leads.", v.leads_partitions.len() as f64)?;
             if let Some(b) = v.state_bytes {
                 gauge(&mut enc, "payslip_monitor_state_bytes", "RocksDB's estimate of the monitor state's live data.", b as f64)?;
             }

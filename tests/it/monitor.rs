@@ -496,7 +496,12 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     let a_leads = leads(dir_a.path());
     let (leader, standby, standby_dir) = if a_leads { (&mut a, &mut b, dir_b.path()) } else { (&mut b, &mut a, dir_a.path()) };
 
+    // every result also carries a table-detection output, so that each of three closing partitions
+    // has a model's windows to close (table detection: 0, pipeline: 1, classifier: 2)
     let mut results = stream(60, 40);
+    for r in &mut results {
+        r.outputs.push(output("table_detection", "1.0.0", 3.0, None, None));
+    }
     let n = results.len() as i64;
     results.push(stream(1, 1).remove(0));
     results.last_mut().unwrap().submitted_at = *BASE + 200_000;
@@ -785,10 +790,11 @@ async fn produce_by_document<T: payslip_stream::codec::Record>(topic: &str, reco
     }
 }
 
-/// A monitor process of a scaled-out deployment (`monitor.scale_out`), logging to `dir/monitor.log`.
-fn spawn_scaled(dir: &std::path::Path, prefix: &str, member: &str) -> std::process::Child {
+/// A monitor process of a scaled-out deployment (`monitor.scale_out`) with `closing` closing
+/// partitions, logging to `dir/monitor.log` (appending: a restarted member keeps its earlier log).
+fn spawn_scaled(dir: &std::path::Path, prefix: &str, member: &str, closing: u32) -> std::process::Child {
     let yaml = format!(
-        "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 1000\n  allowed_lateness_ms: 0\n  idle_timeout_ms: 3000\n  max_batch: 200\n  scale_out: true\n",
+        "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 1000\n  allowed_lateness_ms: 0\n  idle_timeout_ms: 3000\n  max_batch: 200\n  scale_out: true\n  closing_partitions: {closing}\n",
         repo().join("models/model_metadata.json").display(),
         dir.join("state").display()
     );
@@ -798,7 +804,7 @@ fn spawn_scaled(dir: &std::path::Path, prefix: &str, member: &str) -> std::proce
 
 /// `payslip-stream run --stage monitor` with `yaml` and `args`, logging at info to `dir/monitor.log`.
 fn spawn_logged(dir: &std::path::Path, yaml: &std::path::Path, args: &[&str]) -> std::process::Child {
-    let log = std::fs::File::create(dir.join("monitor.log")).unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("monitor.log")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
         .args(["run", "--stage", "monitor", "--config"])
         .arg(yaml)
@@ -826,24 +832,60 @@ fn log_of(dir: &std::path::Path) -> String {
     std::fs::read_to_string(dir.join("monitor.log")).unwrap_or_default()
 }
 
-/// Results this member aggregated, from the summary it logs when it stops.
+/// Results this member aggregated, from the summary it logs when it stops (its last run's).
 fn member_results(log: &str) -> u64 {
-    let line = log.lines().find(|l| l.contains("monitor pre-aggregation stopped")).unwrap_or_else(|| panic!("no pre-aggregation summary in:\n{log}"));
-    let rest = &line[line.find("results: ").expect("results counted") + 9..];
+    let line = log.lines().rfind(|l| l.contains("monitor pre-aggregation stopped")).unwrap_or_else(|| panic!("no pre-aggregation summary in:\n{log}"));
+    counter(line, "results: ")
+}
+
+/// The number after `name` in a log line.
+fn counter(line: &str, name: &str) -> u64 {
+    let rest = &line[line.find(name).unwrap_or_else(|| panic!("no {name} in {line}")) + name.len()..];
     rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap()].parse().unwrap()
 }
 
-/// `members` monitor processes scaled out over one results topic (3 partitions): results keyed by
-/// document id, feedback for every tenth document, errors that fire and resolve alerts; with
-/// `kill_leader`, the process leading the closing stage is killed -9 while results flow.
-async fn scaled_out_run(members: usize, kill_leader: bool) {
-    let dirs: Vec<tempfile::TempDir> = (0..members).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (cfg, prefix) = monitor_config(&format!("scaled-{members}"), &dirs[0].path().join("state")).await;
-    let mut children: Vec<Option<std::process::Child>> = dirs.iter().enumerate().map(|(i, d)| Some(spawn_scaled(d.path(), &prefix, &format!("m{i}")))).collect();
-    // every member holds partitions (the group has them all) and one leads before the input starts
-    until("every member holds partitions and one leads", || dirs.iter().all(|d| log_of(d.path()).contains("partitions assigned")) && dirs.iter().any(|d| log_of(d.path()).contains("monitor leads"))).await;
+/// The closing partitions a member started to lead, in order (from its log).
+fn led_partitions(log: &str) -> Vec<u64> {
+    log.lines().filter(|l| l.contains("monitor leads")).map(|l| counter(l, "partition=")).collect()
+}
 
+/// Windows each closing partition closed in this member's log (the summary each logs when it stops).
+fn closed_by_partition(log: &str) -> BTreeMap<u64, u64> {
+    log.lines().filter(|l| l.contains("monitor closing partition stopped")).map(|l| (counter(l, "partition="), counter(l, "windows_closed: "))).collect()
+}
+
+/// What happens to one member while the results flow.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Fault {
+    None,
+    /// kill -9 of the process leading the pipeline's closing partition
+    KillLeader,
+    /// kill -9 of a member, restarted at once with the same instance id and state
+    Restart,
+}
+
+/// `members` monitor processes scaled out over one results topic (3 partitions), with `closing`
+/// closing partitions: results keyed by document id, feedback for every tenth document, errors
+/// that fire and resolve alerts; `fault` happens to one member while results flow.
+async fn scaled_out_run(members: usize, closing: u32, fault: Fault) {
+    let dirs: Vec<tempfile::TempDir> = (0..members).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (cfg, prefix) = isolated_config_prepared(&format!("scaled-{members}"), |c| {
+        c.monitor.scale_out = true;
+        c.monitor.closing_partitions = closing;
+    })
+    .await;
+    let mut children: Vec<Option<std::process::Child>> = dirs.iter().enumerate().map(|(i, d)| Some(spawn_scaled(d.path(), &prefix, &format!("m{i}"), closing))).collect();
+    // every member holds input partitions (the group has them all) and every closing partition is
+    // led before the input starts
+    let led = |dirs: &[tempfile::TempDir]| dirs.iter().flat_map(|d| led_partitions(&log_of(d.path()))).collect::<BTreeSet<u64>>();
+    until("every member holds partitions and every closing partition is led", || dirs.iter().all(|d| log_of(d.path()).contains("partitions assigned")) && led(&dirs).len() == closing as usize).await;
+
+    // every result also carries a table-detection output, so that each of three closing partitions
+    // has a model's windows to close (table detection: 0, pipeline: 1, classifier: 2)
     let mut results = stream(60, 40);
+    for r in &mut results {
+        r.outputs.push(output("table_detection", "1.0.0", 3.0, None, None));
+    }
     let n = results.len() as i64;
     let mut tick = stream(1, 1).remove(0);
     tick.document_id = "tick".into();
@@ -865,12 +907,20 @@ async fn scaled_out_run(members: usize, kill_leader: bool) {
             produce_by_document(&feedback_topic, &fb).await;
         }
     });
-    if kill_leader {
+    // the pipeline's closing partition (with 3, partition 1; the classifier's is 2, table detection's 0)
+    let home = payslip_stream::monitor::shard::pipeline_partition(closing) as u64;
+    let mut victim = None;
+    if fault != Fault::None {
         until("ten window snapshots from the scaled-out monitor", || read_all(&cfg.topics.metrics).len() >= 10).await;
-        let leader = dirs.iter().position(|d| log_of(d.path()).contains("monitor leads")).unwrap();
-        let mut child = children[leader].take().unwrap();
+        let i = dirs.iter().position(|d| led_partitions(&log_of(d.path())).contains(&home)).unwrap();
+        let mut child = children[i].take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+        victim = Some((i, led_partitions(&log_of(dirs[i].path()))));
+        if fault == Fault::Restart {
+            // the same instance id and state: static membership gives it its partitions back
+            children[i] = Some(spawn_scaled(dirs[i].path(), &prefix, &format!("m{i}"), closing));
+        }
     }
     producer.await.unwrap();
 
@@ -878,14 +928,16 @@ async fn scaled_out_run(members: usize, kill_leader: bool) {
     // the feedback lands in the windows of its predictions, joined on the member owning its partition
     until("every feedback counted in a window", || metrics_of(&read_all(&cfg.topics.metrics)).iter().map(|m| m.ratings).sum::<i64>() >= n_feedback as i64).await;
     let mut counted = Vec::new();
+    let mut closed = Vec::new();
     for (i, c) in children.iter_mut().enumerate() {
         if let Some(mut child) = c.take() {
             Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
             assert!(child.wait().unwrap().success(), "member {i} stops cleanly:\n{}", log_of(dirs[i].path()));
             counted.push((i, member_results(&log_of(dirs[i].path()))));
+            closed.push((i, closed_by_partition(&log_of(dirs[i].path()))));
         }
     }
-    eprintln!("results aggregated per member still running: {counted:?}");
+    eprintln!("results aggregated per member still running: {counted:?}; windows closed per member and closing partition: {closed:?}");
     let metrics = metrics_of(&read_all(&cfg.topics.metrics));
     let ids: BTreeSet<&String> = metrics.iter().map(|m| &m.metrics_id).collect();
     assert_eq!(ids.len(), metrics.len(), "a window snapshot was published twice");
@@ -902,12 +954,22 @@ async fn scaled_out_run(members: usize, kill_leader: bool) {
     for (i, c) in &counted {
         assert!(*c > 0, "member {i} aggregated no results:\n{}", log_of(dirs[*i].path()));
     }
-    if kill_leader {
+    // the closing stage was split too: more than one member closed windows
+    assert!(closed.iter().filter(|(_, c)| c.values().sum::<u64>() > 0).count() >= 2.min(closed.len()), "the closing partitions' windows were closed by one member only: {closed:?}");
+    if fault == Fault::KillLeader {
+        let (killed, _) = victim.unwrap();
         for (i, _) in &counted {
             let log = log_of(dirs[*i].path());
             assert!(log.matches("partitions assigned").count() >= 2 && log.contains("restore_ms="), "member {i} took over partitions of the killed one and logged how long:\n{log}");
         }
-        assert!(dirs.iter().any(|d| log_of(d.path()).contains("monitor takeover complete")), "a standby took over the closing stage");
+        let took_over = dirs.iter().enumerate().filter(|(i, _)| *i != killed).any(|(_, d)| led_partitions(&log_of(d.path())).contains(&home) && log_of(d.path()).contains("monitor takeover complete"));
+        assert!(took_over, "a survivor took over the pipeline's closing partition and logged the takeover");
+    } else if fault == Fault::Restart {
+        let (i, before) = victim.unwrap();
+        let log = log_of(dirs[i].path());
+        let after = led_partitions(&log);
+        assert!(after.len() > before.len(), "the restarted member leads again:\n{log}");
+        assert!(member_results(&log) > 0, "the restarted member aggregated a share after its restart:\n{log}");
     } else {
         // no member failed: every result was aggregated by exactly one of them (the tick too)
         assert_eq!(counted.iter().map(|(_, c)| c).sum::<u64>(), n as u64 + 1, "{counted:?}");
@@ -932,12 +994,43 @@ async fn scaled_out_run(members: usize, kill_leader: bool) {
     }
 }
 
+/// Closing partitions that the existing topics do not have stop start-up with what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_partitions_the_topics_do_not_have_stop_start_up_saying_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    // the topics exist with one closing partition; the process is configured with two
+    let (_, prefix) = isolated_config_with_prefix("closing-mismatch").await;
+    let mut child = spawn_scaled(dir.path(), &prefix, "m0", 2);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "the monitor did not stop:\n{}", log_of(dir.path()));
+        // the interval between looks at the process
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = log_of(dir.path());
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("monitor.closing_partitions is 2 but") && log.contains("has 1 partitions"), "the reason and the fix are logged:\n{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_scaled_out_monitor_processes_split_the_results_and_count_each_exactly_once() {
-    scaled_out_run(2, false).await;
+    scaled_out_run(2, 2, Fault::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_scaled_out_monitor_processes_share_the_closing_partitions_and_count_each_result_once() {
+    scaled_out_run(3, 3, Fault::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_and_restarted_with_the_same_instance_id_rejoins_without_losing_or_doubling_anything() {
+    scaled_out_run(3, 3, Fault::Restart).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_among_three_scaled_out_monitor_processes_keeps_totals_exact_without_duplicate_events() {
-    scaled_out_run(3, true).await;
+    scaled_out_run(3, 3, Fault::KillLeader).await;
 }

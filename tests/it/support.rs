@@ -54,12 +54,19 @@ pub async fn isolated_config(name: &str) -> PipelineConfig {
 
 /// As [`isolated_config`], also returning the topic prefix (for child processes).
 pub async fn isolated_config_with_prefix(name: &str) -> (PipelineConfig, String) {
+    isolated_config_prepared(name, |_| {}).await
+}
+
+/// [`isolated_config_with_prefix`] with `prepare` applied before the topics are created (what
+/// decides their partition counts: `monitor.closing_partitions`).
+pub async fn isolated_config_prepared(name: &str, prepare: impl FnOnce(&mut PipelineConfig)) -> (PipelineConfig, String) {
     let mut cfg = repo_config();
     let prefix = format!("{}.", unique(name));
     cfg.topics = cfg.topics.clone().with_prefix(&prefix);
     cfg.topics.partitions = 3;
     cfg.kafka.infer_group = format!("{prefix}infer");
     cfg.kafka.brokers = Some(brokers());
+    prepare(&mut cfg);
     kafka::admin::ensure_topics(&brokers(), &cfg).await.expect("topics created");
     (cfg, prefix)
 }
@@ -230,7 +237,7 @@ impl RunningMonitor {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let view = payslip_stream::monitor::view::ViewHandle::default();
         let (cfg, flag, v) = (cfg.clone(), stop.clone(), view.clone());
-        let handle = tokio::task::spawn_blocking(move || payslip_stream::monitor::MonitorStage::open_with_view(cfg, brokers(), v)?.run(flag));
+        let handle = tokio::task::spawn_blocking(move || payslip_stream::monitor::run(cfg, brokers(), v, flag));
         (Self { stop, handle: Some(handle) }, view)
     }
 
