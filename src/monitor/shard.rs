@@ -279,11 +279,11 @@ pub fn run(cfg: PipelineConfig, brokers: String, view: ViewHandle, stop: Arc<Ato
             if owned.contains_key(&p) {
                 continue;
             }
-            // the copy's store is closed before the owner opens it
-            copies.remove(&p);
+            // the warm copy's store goes to the owner as it is (its tail is closed)
+            let store = copies.remove(&p).map(|c| c.store);
             let flag = Arc::new(AtomicBool::new(true));
             let (cfg, brokers, v, f, s) = (cfg.clone(), brokers.clone(), views[p as usize].clone(), flag.clone(), stop.clone());
-            let handle = std::thread::Builder::new().name(format!("monitor-close-{p}")).spawn(move || MonitorStage::open_partition(cfg, brokers, p, v, f)?.run(s));
+            let handle = std::thread::Builder::new().name(format!("monitor-close-{p}")).spawn(move || MonitorStage::open_partition(cfg, brokers, p, v, f, store)?.run(s));
             match handle {
                 Ok(handle) => {
                     owned.insert(p, Owned { owned: flag, handle });

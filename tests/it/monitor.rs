@@ -924,6 +924,26 @@ async fn scaled_out_run(members: usize, closing: u32, fault: Fault) {
     }
     producer.await.unwrap();
 
+    // commands, each answered once by the closing partition of its rollout's model: a START naming
+    // the classifier, then a PAUSE of it that names no model (its rollout id tells it), and a PAUSE
+    // of an unknown rollout (answered by its id's partition)
+    use payslip_stream::rollout::{action, ops, RolloutCommand};
+    let command = |id: &str, act: payslip_stream::rollout::Action, model: Option<&str>| RolloutCommand {
+        command_id: unique(&act.to_string()),
+        rollout_id: id.into(),
+        action: act.to_string(),
+        operator: "test".into(),
+        reason: None,
+        model: model.map(Into::into),
+        version: model.map(|_| "1.1.0".into()),
+        issued_at: chrono::Utc::now().timestamp_millis(),
+    };
+    let commands = [command("document_classifier-1.1.0", action::START, Some("document_classifier")), command("document_classifier-1.1.0", action::PAUSE, None), command("no-such-rollout", action::PAUSE, None)];
+    for c in &commands {
+        ops::send_command(&cfg, &brokers(), c).await.unwrap();
+        assert!(ops::wait_for_decision(&cfg, &brokers(), &c.command_id, Duration::from_secs(90)).await.unwrap().is_some(), "{} answered", c.command_id);
+    }
+
     wait_for_pipeline_total(&cfg.topics.metrics, n).await;
     // the feedback lands in the windows of its predictions, joined on the member owning its partition
     until("every feedback counted in a window", || metrics_of(&read_all(&cfg.topics.metrics)).iter().map(|m| m.ratings).sum::<i64>() >= n_feedback as i64).await;
@@ -953,6 +973,14 @@ async fn scaled_out_run(members: usize, closing: u32, fault: Fault) {
     // the load was split: every member still running aggregated a share
     for (i, c) in &counted {
         assert!(*c > 0, "member {i} aggregated no results:\n{}", log_of(dirs[*i].path()));
+    }
+    let decisions: Vec<payslip_stream::rollout::RolloutDecision> = read_all(&cfg.topics.decisions).iter().map(|m| codec::decode(&m.payload, m.header("content-type")).unwrap()).collect();
+    let decision_ids: BTreeSet<&String> = decisions.iter().map(|d| &d.decision_id).collect();
+    assert_eq!(decision_ids.len(), decisions.len(), "a decision was published twice: {decisions:?}");
+    for (c, expected) in commands.iter().zip([action::START, action::PAUSE, action::REJECTED]) {
+        let answers: Vec<_> = decisions.iter().filter(|d| d.command_id.as_ref() == Some(&c.command_id)).collect();
+        assert_eq!(answers.len(), 1, "{} answered once: {answers:?}", c.command_id);
+        assert_eq!(answers[0].action, expected, "{answers:?}");
     }
     // the closing stage was split too: more than one member closed windows
     assert!(closed.iter().filter(|(_, c)| c.values().sum::<u64>() > 0).count() >= 2.min(closed.len()), "the closing partitions' windows were closed by one member only: {closed:?}");
