@@ -513,7 +513,16 @@ impl InferStage {
 /// consumer.
 struct LagWatch {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    handle: tokio::task::JoinHandle<()>,
+    /// Taken by [`Self::stop`].
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A stage future dropped before it stopped (a caller's timeout, a cancelled task) still ends the
+/// watch: its blocking thread would otherwise keep the runtime from shutting down.
+impl Drop for LagWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl LagWatch {
@@ -538,12 +547,14 @@ impl LagWatch {
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        Self { stop, handle }
+        Self { stop, handle: Some(handle) }
     }
 
-    async fn stop(self) {
+    async fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.handle.await;
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
     }
 }
 

@@ -297,7 +297,8 @@ async fn a_warm_standby_tails_the_changelog_and_takes_over_replaying_nothing_whi
         c
     };
     let (a, view_a) = RunningMonitor::start_with_view(&at(&dir_a, 1));
-    wait_view(&view_a, "the first monitor did not lead", |v| v.role == Role::Leader).await;
+    let v = wait_view(&view_a, "the first monitor did not lead", |v| v.role == Role::Leader).await;
+    assert_eq!(v.leads_partitions, vec![0], "the one closing partition: {v:?}");
     let (b, view_b) = RunningMonitor::start_with_view(&at(&dir_b, 1));
     wait_view(&view_b, "the second monitor did not wait as a standby", |v| v.role == Role::Standby).await;
 
@@ -981,6 +982,10 @@ async fn scaled_out_run(members: usize, closing: u32, fault: Fault) {
         let answers: Vec<_> = decisions.iter().filter(|d| d.command_id.as_ref() == Some(&c.command_id)).collect();
         assert_eq!(answers.len(), 1, "{} answered once: {answers:?}", c.command_id);
         assert_eq!(answers[0].action, expected, "{answers:?}");
+    }
+    // with as many members as closing partitions and no fault, the group gives each member one
+    if fault == Fault::None && members == closing as usize {
+        assert!(closed.iter().all(|(_, c)| c.len() == 1), "each member leads one closing partition at the end: {closed:?}");
     }
     // the closing stage was split too: more than one member closed windows
     assert!(closed.iter().filter(|(_, c)| c.values().sum::<u64>() > 0).count() >= 2.min(closed.len()), "the closing partitions' windows were closed by one member only: {closed:?}");
