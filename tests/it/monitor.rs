@@ -1034,15 +1034,14 @@ async fn closing_partitions_the_topics_do_not_have_stop_start_up_saying_what_to_
     // the topics exist with one closing partition; the process is configured with two
     let (_, prefix) = isolated_config_with_prefix("closing-mismatch").await;
     let mut child = spawn_scaled(dir.path(), &prefix, "m0", 2);
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(90), "the monitor did not stop:\n{}", log_of(dir.path()));
-        // the interval between looks at the process
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let pid = child.id();
+    // waits for the process's exit itself (a blocking wait on its own thread), for 90 s at most
+    let exited = tokio::time::timeout(Duration::from_secs(90), tokio::task::spawn_blocking(move || child.wait())).await;
+    let Ok(status) = exited else {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("the monitor did not stop:\n{}", log_of(dir.path()));
     };
+    let status = status.unwrap().unwrap();
     let log = log_of(dir.path());
     assert!(!status.success(), "{log}");
     assert!(log.contains("monitor.closing_partitions is 2 but") && log.contains("has 1 partitions"), "the reason and the fix are logged:\n{log}");
