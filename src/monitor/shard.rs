@@ -177,20 +177,20 @@ struct Owned {
 }
 
 /// A closing partition this process keeps a warm copy of.
-struct Copy {
+struct WarmCopy {
     changelog: Changelog,
     tail: Tail,
     store: RocksStateStore,
 }
 
 /// Opens the warm copy of partition `p`: its store, tailing its changelog partition.
-fn open_copy(cfg: &PipelineConfig, brokers: &str, p: u32, view: &ViewHandle) -> Result<Copy, MonitorError> {
+fn open_copy(cfg: &PipelineConfig, brokers: &str, p: u32, view: &ViewHandle) -> Result<WarmCopy, MonitorError> {
     let dir = state_dir(cfg, p);
     std::fs::create_dir_all(&dir).map_err(|e| crate::state::StateError::Rocks { path: dir.display().to_string(), message: e.to_string() })?;
     let store = RocksStateStore::open(&dir)?;
     let changelog = Changelog::new(cfg, p as i32, view.changelog_cell());
     let tail = changelog.open_tail(cfg, brokers, &store)?;
-    Ok(Copy { changelog, tail, store })
+    Ok(WarmCopy { changelog, tail, store })
 }
 
 /// Runs this process's share of the closing stage until `stop`: joins the group that shares the
@@ -221,7 +221,7 @@ pub fn run(cfg: PipelineConfig, brokers: String, view: ViewHandle, stop: Arc<Ato
         cell.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(super::changelog::Progress { warm, ..Default::default() });
     }
     let mut owned: BTreeMap<u32, Owned> = BTreeMap::new();
-    let mut copies: BTreeMap<u32, Copy> = BTreeMap::new();
+    let mut copies: BTreeMap<u32, WarmCopy> = BTreeMap::new();
     let mut latest: BTreeMap<u32, MonitorCounters> = BTreeMap::new();
     let mut said: BTreeSet<u32> = BTreeSet::new();
     tracing::info!(topic = %topic, partitions = k, warm, "monitor: joining the group of the closing partitions");
