@@ -24,7 +24,8 @@
 //! `BENCH_LATENCY_S` (seconds of each fixed-load run, default 20), `BENCH_PEERS=0` (skip the
 //! peers), `BENCH_PYTHON` (the peers' interpreter, default the `scripts/setup --bench` one),
 //! `BENCH_MONITOR_COPIES` (the monitor's input: this many copies of the end-to-end results, default 10),
-//! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`). Prints one JSON object, with the
+//! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`), `BENCH_AT_LEAST_ONCE=1` (the stage
+//! at least once instead of exactly once). Prints one JSON object, with the
 //! build it ran in; BENCHMARKS.md records the figures.
 
 use std::{
@@ -85,6 +86,9 @@ fn main() {
     if let Some(ms) = std::env::var("BENCH_COMMIT_INTERVAL_MS").ok().and_then(|v| v.parse().ok()) {
         cfg.kafka.commit_interval_ms = ms;
     }
+    if std::env::var("BENCH_AT_LEAST_ONCE").is_ok_and(|v| v == "1") {
+        cfg.kafka.processing_guarantee = payslip_stream::config::Guarantee::AtLeastOnce;
+    }
     let gen = Generator::new(GeneratorConfig { seed: 606, ..Default::default() });
     let docs: Vec<PayslipDocument> = (0..n as u64).map(|i| gen.document(i).document).collect();
     let avg_bytes = docs.iter().map(|d| codec::encode(d, WireFormat::Avro).map(|b| b.len()).unwrap_or(0)).sum::<usize>() / n.max(1);
@@ -139,11 +143,11 @@ fn main() {
             handle.await.expect("join").expect("stage");
             // (the topic's offsets also hold the transactions' commit markers: count the stage's results)
             assert_eq!(counters.results.load(std::sync::atomic::Ordering::Relaxed), n as u64, "one result per document");
-            (s, cpu, prefix)
+            (s, cpu, prefix, loop_json(&counters))
         })
     };
-    let (e2e_s, e2e_cpu, e2e_prefix) = e2e(None);
-    let (split_s, _, _) = e2e(Some(50.0));
+    let (e2e_s, e2e_cpu, e2e_prefix, e2e_loop) = e2e(None);
+    let (split_s, _, _, _) = e2e(Some(50.0));
     // 5. the peers, on the same broker: a Python worker on the same documents, then the monitor
     //    stage and a Quix Streams window app on the results the plain run wrote
     let e2e_topics = base_topics.clone().with_prefix(&e2e_prefix);
@@ -174,6 +178,7 @@ fn main() {
         "avg_document_bytes_avro": avg_bytes,
         "max_batch": cfg.batching.max_batch,
         "commit_interval_ms": cfg.kafka.commit_interval_ms,
+        "processing_guarantee": format!("{:?}", cfg.kafka.processing_guarantee),
         "provider": provider,
         "build": if cfg!(debug_assertions) { "dev profile (this crate and its per-document dependencies at opt-level 2)" } else { "release" },
         "onnxruntime_alone_docs_per_s": (n as f64 / ort_s).round(),
@@ -181,6 +186,7 @@ fn main() {
         "preprocess_plus_onnxruntime_docs_per_s": (n as f64 / raw_s).round(),
         "preprocess_plus_onnxruntime_cpu_ms_per_doc": (raw_cpu_s / n as f64 * 1e5).round() / 100.0,
         "end_to_end_docs_per_s": max_rate.round(),
+        "end_to_end_loop_seconds": e2e_loop,
         "end_to_end_cpu_ms_per_doc": (e2e_cpu / n as f64 * 1e5).round() / 100.0,
         "end_to_end_over_onnxruntime_alone": ((ort_s / e2e_s) * 1000.0).round() / 1000.0,
         "end_to_end_cpu_over_onnxruntime_cpu": ((e2e_cpu / ort_s) * 100.0).round() / 100.0,
@@ -254,5 +260,14 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
         "p95_ms": percentile(&lat, 0.95),
         "p99_ms": percentile(&lat, 0.99),
         "max_ms": lat.last().copied().unwrap_or(f64::NAN),
+        "loop_seconds": loop_json(&counters),
     })
+}
+
+/// The stage's loop time by phase (`payslip_infer_loop_seconds_total`), and its transactions.
+fn loop_json(counters: &payslip_stream::telemetry::InferCounters) -> serde_json::Value {
+    let mut m: serde_json::Map<String, serde_json::Value> = counters.loop_seconds().into_iter().map(|(k, v)| (k.to_string(), serde_json::json!((v * 1000.0).round() / 1000.0))).collect();
+    m.insert("transactions".into(), serde_json::json!(counters.transactions_committed.load(std::sync::atomic::Ordering::Relaxed)));
+    m.insert("batches".into(), serde_json::json!(counters.batches.load(std::sync::atomic::Ordering::Relaxed)));
+    serde_json::Value::Object(m)
 }

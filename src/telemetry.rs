@@ -58,6 +58,41 @@ pub struct InferCounters {
     /// Set once the stage is ready for documents (served models loaded, the decisions topic read,
     /// transactions initialised, subscribed); cleared when it stops.
     pub ready: std::sync::atomic::AtomicBool,
+    /// payslip_infer_loop_seconds_total{phase}: where the stage's batch loop spent its time,
+    /// microseconds per [`LoopPhase`] (what holds a stage that is neither CPU- nor input-bound).
+    pub loop_us: [AtomicU64; LoopPhase::ALL.len()],
+}
+
+/// A phase of the infer stage's batch loop (one task; the models run beside it on other threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopPhase {
+    /// Waiting for documents and collecting the next batch (also while a batch runs its models).
+    Collect,
+    /// Waiting for the oldest batch's models to finish before it can be published.
+    Models,
+    /// Queueing a batch's results and dead letters in the producer.
+    Send,
+    /// Exactly once: sending the transaction's input offsets (AddOffsetsToTxn, TxnOffsetCommit).
+    CommitOffsets,
+    /// Exactly once: waiting for the transaction's delivery reports.
+    CommitDeliveries,
+    /// Exactly once: EndTxn (`commit_transaction`).
+    CommitEnd,
+}
+
+impl LoopPhase {
+    pub const ALL: [LoopPhase; 6] = [LoopPhase::Collect, LoopPhase::Models, LoopPhase::Send, LoopPhase::CommitOffsets, LoopPhase::CommitDeliveries, LoopPhase::CommitEnd];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            LoopPhase::Collect => "collect",
+            LoopPhase::Models => "models",
+            LoopPhase::Send => "send",
+            LoopPhase::CommitOffsets => "commit_offsets",
+            LoopPhase::CommitDeliveries => "commit_deliveries",
+            LoopPhase::CommitEnd => "commit_end",
+        }
+    }
 }
 
 /// Resident memory and CPU use of this process, from `/proc/self` (None elsewhere).
@@ -143,6 +178,18 @@ mod tests {
 }
 
 impl InferCounters {
+    /// Adds the time since `since` to `phase` and returns now (the next phase's start).
+    pub fn phase(&self, phase: LoopPhase, since: std::time::Instant) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.loop_us[phase as usize].fetch_add(now.duration_since(since).as_micros() as u64, Ordering::Relaxed);
+        now
+    }
+
+    /// Seconds spent in each loop phase so far.
+    pub fn loop_seconds(&self) -> Vec<(&'static str, f64)> {
+        LoopPhase::ALL.iter().map(|&p| (p.label(), self.loop_us[p as usize].load(Ordering::Relaxed) as f64 / 1e6)).collect()
+    }
+
     pub fn dead_letter(&self, class: &'static str) {
         *self.dead_letters.lock().unwrap_or_else(|p| p.into_inner()).entry(class).or_default() += 1;
     }

@@ -63,7 +63,7 @@ use crate::{
     inference::ModelRegistry,
     kafka::{self, KafkaError},
     rollout::routing::Follower,
-    telemetry::{InferCounters, InferSummary},
+    telemetry::{InferCounters, InferSummary, LoopPhase},
 };
 use ack::{ack_loop, Delivery, Pending};
 pub(crate) use batch::process_batch;
@@ -256,6 +256,7 @@ impl InferStage {
             let mut batch: Vec<OwnedMessage> = Vec::new();
             let held: usize = inflight.iter().map(|f| f.bytes).sum();
             let budget = cfg.batching.max_batch_bytes.saturating_sub(held);
+            let collecting = Instant::now();
             if !stopping && inflight.len() < PIPELINE_DEPTH && front_done.is_none() && budget > 0 {
                 let mut deadline: Option<tokio::time::Instant> = None;
                 loop {
@@ -306,6 +307,7 @@ impl InferStage {
                 if *shutdown.borrow() {
                     stopping = true;
                 }
+                self.counters.phase(LoopPhase::Collect, collecting);
             }
             if failure.is_some() {
                 break;
@@ -337,7 +339,12 @@ impl InferStage {
             let Some(oldest) = inflight.pop_front() else { continue };
             let outcome = match front_done.take() {
                 Some(r) => r,
-                None => oldest.handle.await,
+                None => {
+                    let waiting = Instant::now();
+                    let r = oldest.handle.await;
+                    self.counters.phase(LoopPhase::Models, waiting);
+                    r
+                }
             };
             let processed = match outcome {
                 Ok(Ok(p)) => p,
@@ -358,7 +365,9 @@ impl InferStage {
                 for p in processed.iter().filter(|p| p.abort_once) {
                     inject_abort |= aborted_once.insert((p.topic.clone(), p.partition, p.offset));
                 }
+                let sending = Instant::now();
                 let added = txn::add_batch(&producer, &consumer, cfg, &mut open, processed, inject_abort).await;
+                self.counters.phase(LoopPhase::Send, sending);
                 for (k, first) in &oldest.starts {
                     let e = open_starts.entry(k.clone()).or_insert(*first);
                     *e = (*e).min(*first);
@@ -370,7 +379,7 @@ impl InferStage {
                     Err(f) => Err(f),
                     Ok(()) if inflight.is_empty() || stopping || open.as_ref().is_some_and(|t| t.age() >= commit_interval) => {
                         let txn = open.take().expect("a batch was just added");
-                        txn::commit(&producer, &consumer, cfg, txn).await.map(Some)
+                        txn::commit(&producer, &consumer, cfg, txn, &self.counters).await.map(Some)
                     }
                     Ok(()) => Ok(None),
                 };
@@ -414,6 +423,7 @@ impl InferStage {
                 self.log_progress(&mut last_log);
                 continue;
             }
+            let sending = Instant::now();
             let mut pending = Pending { deliveries: Vec::with_capacity(processed.len()), positions: Vec::with_capacity(processed.len()) };
             for p in processed {
                 match send(&producer, cfg, p).await {
@@ -432,6 +442,7 @@ impl InferStage {
                 let _ = ack_tx.send(pending).await;
                 break;
             }
+            self.counters.phase(LoopPhase::Send, sending);
             if ack_tx.capacity() == 0 {
                 tracing::debug!("every ack slot is taken: waiting for delivery reports before consuming more");
             }

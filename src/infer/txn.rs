@@ -38,7 +38,11 @@ use rdkafka::{
 };
 
 use super::{send, Processed};
-use crate::{config::PipelineConfig, kafka::KafkaError};
+use crate::{
+    config::PipelineConfig,
+    kafka::KafkaError,
+    telemetry::{InferCounters, LoopPhase},
+};
 
 /// How long one transactional call may block before it is looked at again.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -146,8 +150,8 @@ pub(super) async fn add_batch(
 /// Moves the group past the open transaction's offsets and commits it. Returns the number of
 /// results, results with an error, and the classes of the dead letters committed. On failure it
 /// is aborted and the consumer rewound to its start.
-pub(super) async fn commit(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, mut txn: OpenTxn) -> Result<(u64, u64, Vec<&'static str>), TxnFailure> {
-    match finish(producer, consumer, cfg, &mut txn).await {
+pub(super) async fn commit(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, mut txn: OpenTxn, counters: &InferCounters) -> Result<(u64, u64, Vec<&'static str>), TxnFailure> {
+    match finish(producer, consumer, cfg, &mut txn, counters).await {
         Ok(counts) => Ok(counts),
         Err(e) => Err(abandon(producer, consumer, txn, e)),
     }
@@ -180,13 +184,15 @@ fn classify(what: &str, e: RdKafkaError) -> TxnFailure {
     }
 }
 
-async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, txn: &mut OpenTxn) -> Result<(u64, u64, Vec<&'static str>), TxnFailure> {
+async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, txn: &mut OpenTxn, counters: &InferCounters) -> Result<(u64, u64, Vec<&'static str>), TxnFailure> {
+    let t = std::time::Instant::now();
     let mut offsets = TopicPartitionList::new();
     for ((topic, partition), (_, next)) in &txn.span {
         offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|e| TxnFailure::Aborted(wrap("offsets", e)))?;
     }
     let group = consumer.group_metadata().ok_or_else(|| TxnFailure::Aborted(KafkaError::Timeout { what: "the infer consumer's group membership (no group metadata yet)".into(), seconds: 0 }))?;
     tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)).map_err(|e| classify("sending the transaction's input offsets", e))?;
+    let t = counters.phase(LoopPhase::CommitOffsets, t);
     if txn.inject_abort {
         // everything is sent, only the commit is missing: the latest point an abort can come
         return Err(TxnFailure::Aborted(KafkaError::Timeout { what: "the batch (fault-txn-abort injected an abort)".into(), seconds: 0 }));
@@ -210,6 +216,7 @@ async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer
     while producer.in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(200) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    let t = counters.phase(LoopPhase::CommitDeliveries, t);
     // a commit that times out (the broker is away) is retried as long as the outage tolerance allows
     let deadline = std::time::Instant::now() + Duration::from_millis(cfg.kafka.outage_tolerance_ms);
     loop {
@@ -219,6 +226,7 @@ async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer
             Err(e) => return Err(classify("committing the transaction", e)),
         }
     }
+    counters.phase(LoopPhase::CommitEnd, t);
     Ok((results, with_error, dead))
 }
 

@@ -107,6 +107,12 @@ impl Collector for Figures {
                 let m = enc.encode_descriptor("payslip_infer_inference_seconds", "Model time of the documents answered (sum over each document's model outputs).", None, MetricType::Counter)?;
                 ConstCounter::new(c.inference_us.load(Ordering::Relaxed) as f64 / 1e6).encode(m)?;
             }
+            {
+                let mut fam = enc.encode_descriptor("payslip_infer_loop_seconds", "Where the infer stage's batch loop spent its time, by phase (collect, models, send, commit_offsets, commit_deliveries, commit_end).", None, MetricType::Counter)?;
+                for (phase, secs) in c.loop_seconds() {
+                    ConstCounter::new(secs).encode(fam.encode_family(&[("phase", phase)])?)?;
+                }
+            }
             counter(&mut enc, "payslip_infer_documents_inferred", "Documents that went through the models (the denominator of payslip_infer_inference_seconds_total).", c.inferred_documents.load(Ordering::Relaxed))?;
             counter(&mut enc, "payslip_infer_offsets_committed", "Batches whose input offsets were committed or stored.", c.offsets_stored.load(Ordering::Relaxed))?;
             {

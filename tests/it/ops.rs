@@ -158,6 +158,13 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     let s = samples(&text);
     assert_eq!(s["payslip_infer_documents_consumed_total"], n as f64 + 1.0);
     assert_eq!(s["payslip_infer_producer_queue_messages"], 0.0, "everything delivered");
+    // where the batch loop spent its time: every phase is exported, and documents were collected,
+    // models waited for and (exactly once) transactions ended
+    let phase = |p: &str| s.get(&format!("payslip_infer_loop_seconds_total{{phase=\"{p}\"}}")).copied();
+    for p in ["collect", "models", "send", "commit_offsets", "commit_deliveries", "commit_end"] {
+        assert!(phase(p).is_some_and(|v| v >= 0.0), "no loop phase {p}:\n{text}");
+    }
+    assert!(phase("collect").unwrap() > 0.0 && phase("commit_end").unwrap() > 0.0, "{text}");
     // the lag per partition (every 5 s) comes down to 0 once every document is consumed
     let started = Instant::now();
     loop {
