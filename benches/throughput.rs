@@ -25,7 +25,8 @@
 //! peers), `BENCH_PYTHON` (the peers' interpreter, default the `scripts/setup --bench` one),
 //! `BENCH_MONITOR_COPIES` (the monitor's input: this many copies of the end-to-end results, default 10),
 //! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`), `BENCH_AT_LEAST_ONCE=1` (the stage
-//! at least once instead of exactly once). Prints one JSON object, with the
+//! at least once instead of exactly once), `BENCH_LOAD_FRACTIONS=0.25,0.1` (latency runs at these
+//! fractions of the maximum too). Prints one JSON object, with the
 //! build it ran in; BENCHMARKS.md records the figures.
 
 use std::{
@@ -59,6 +60,16 @@ fn process_cpu_s() -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Busy and total CPU seconds of the whole machine so far (/proc/stat's first line; busy leaves out
+/// idle and iowait): what the stage, the broker, the load generator and the reader used together.
+fn machine_cpu_s() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: f64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    ((total - idle) / 100.0, total / 100.0)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -171,7 +182,17 @@ fn main() {
     };
     let max_rate = n as f64 / e2e_s;
     let latency_s: f64 = std::env::var("BENCH_LATENCY_S").ok().and_then(|v| v.parse().ok()).unwrap_or(20.0);
+    // half the maximum (the point), then any further fractions asked for
+    let fractions: Vec<f64> = std::env::var("BENCH_LOAD_FRACTIONS").ok().map(|v| v.split(',').filter_map(|f| f.trim().parse().ok()).collect()).unwrap_or_default();
     let half = latency(&rt, &cfg, &brokers, registry.clone(), (max_rate / 2.0).round(), latency_s);
+    let swept: Vec<serde_json::Value> = fractions
+        .iter()
+        .map(|f| {
+            let mut v = latency(&rt, &cfg, &brokers, registry.clone(), (max_rate * f).round(), latency_s);
+            v["fraction_of_max"] = serde_json::json!(f);
+            v
+        })
+        .collect();
     let low = latency(&rt, &cfg, &brokers, registry.clone(), 20.0, latency_s.min(15.0));
     let report = serde_json::json!({
         "documents": n,
@@ -193,6 +214,7 @@ fn main() {
         "end_to_end_over_raw": ((raw_s / e2e_s) * 1000.0).round() / 1000.0,
         "latency_at_half_max": half,
         "latency_at_20_per_s": low,
+        "latency_at_fractions_of_max": swept,
         "end_to_end_canary_50pct_docs_per_s": (n as f64 / split_s).round(),
         "canary_50pct_over_end_to_end": ((e2e_s / split_s) * 1000.0).round() / 1000.0,
         "python_worker": python,
@@ -235,6 +257,7 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
     let passthrough = [("linger.ms".to_string(), "0".to_string())].into();
     let opts = ProduceOptions { brokers: brokers.to_string(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough };
     let producer = rt.spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 17, start: 0, count, golden_fraction: 1.0, pool: Some(256) }).await });
+    let machine0 = machine_cpu_s();
     let mut lat: Vec<f64> = Vec::with_capacity(count as usize);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds + 120.0);
     while (lat.len() as u64) < count && Instant::now() < deadline {
@@ -246,6 +269,8 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
             }
         }
     }
+    let machine = machine_cpu_s();
+    let busy_cores = (machine.0 - machine0.0) / (machine.1 - machine0.1).max(1e-9) * std::thread::available_parallelism().map(|p| p.get() as f64).unwrap_or(1.0);
     let sent = rt.block_on(producer).expect("join").expect("produce");
     let _ = tx.send(true);
     rt.block_on(handle).expect("join").expect("stage");
@@ -261,6 +286,7 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
         "p99_ms": percentile(&lat, 0.99),
         "max_ms": lat.last().copied().unwrap_or(f64::NAN),
         "loop_seconds": loop_json(&counters),
+        "machine_busy_cores": (busy_cores * 100.0).round() / 100.0,
     })
 }
 
