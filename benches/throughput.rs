@@ -25,7 +25,8 @@
 //! peers), `BENCH_PYTHON` (the peers' interpreter, default the `scripts/setup --bench` one),
 //! `BENCH_MONITOR_COPIES` (the monitor's input: this many copies of the end-to-end results, default 10),
 //! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`), `BENCH_AT_LEAST_ONCE=1` (the stage
-//! at least once instead of exactly once), `BENCH_LOAD_FRACTIONS=0.25,0.1` (latency runs at these
+//! at least once instead of exactly once), `BENCH_MAX_IN_FLIGHT` (every producer's requests in
+//! flight per broker; by default 1 without transactions and 5 with them), `BENCH_LOAD_FRACTIONS=0.25,0.1` (latency runs at these
 //! fractions of the maximum too). Prints one JSON object, with the
 //! build it ran in; BENCHMARKS.md records the figures.
 
@@ -99,6 +100,9 @@ fn main() {
     }
     if std::env::var("BENCH_AT_LEAST_ONCE").is_ok_and(|v| v == "1") {
         cfg.kafka.processing_guarantee = payslip_stream::config::Guarantee::AtLeastOnce;
+    }
+    if let Ok(n) = std::env::var("BENCH_MAX_IN_FLIGHT") {
+        cfg.kafka.librdkafka.insert("max.in.flight.requests.per.connection".into(), n);
     }
     let gen = Generator::new(GeneratorConfig { seed: 606, ..Default::default() });
     let docs: Vec<PayslipDocument> = (0..n as u64).map(|i| gen.document(i).document).collect();

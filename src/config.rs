@@ -416,6 +416,8 @@ const GUARDED_KEYS: &[(&str, &[&str], &str)] = &[
     ("enable.idempotence", &["true"], "the producers are idempotent so a retry never duplicates a record"),
     ("acks", &["all", "-1"], "a record counts as delivered only when every in-sync replica has it"),
     ("request.required.acks", &["all", "-1"], "a record counts as delivered only when every in-sync replica has it"),
+    ("max.in.flight.requests.per.connection", &["1"], "with more than one produce request in flight librdkafka can report a record delivered that the broker never wrote"),
+    ("max.in.flight", &["1"], "with more than one produce request in flight librdkafka can report a record delivered that the broker never wrote"),
     ("enable.auto.commit", &[], "each client commits as its delivery semantics require"),
     ("isolation.level", &["read_committed"], "readers must not see aborted transactions"),
     ("group.id", &[], "set kafka.infer_group instead; the other readers choose their own"),
@@ -1080,11 +1082,11 @@ mod tests {
 
     #[test]
     fn the_passthrough_cannot_weaken_delivery() {
-        for (key, value) in [("enable.auto.offset.store", "true"), ("acks", "1"), ("enable.idempotence", "false"), ("isolation.level", "read_uncommitted"), ("message.timeout.ms", "5000")] {
+        for (key, value) in [("enable.auto.offset.store", "true"), ("acks", "1"), ("enable.idempotence", "false"), ("isolation.level", "read_uncommitted"), ("message.timeout.ms", "5000"), ("max.in.flight.requests.per.connection", "5"), ("max.in.flight", "2")] {
             let e = PipelineConfig::from_yaml(&format!("{BASE}kafka: {{librdkafka: {{{key}: '{value}'}}}}\n")).unwrap_err().to_string();
             assert!(e.contains(&format!("kafka.librdkafka.{key}")) && e.contains("weaken"), "{e}");
         }
         // what does not touch the guarantees passes, and so does restating a guaranteed value
-        PipelineConfig::from_yaml(&format!("{BASE}kafka: {{librdkafka: {{security.protocol: SASL_SSL, acks: all, queue.buffering.max.kbytes: '65536'}}}}\n")).unwrap();
+        PipelineConfig::from_yaml(&format!("{BASE}kafka: {{librdkafka: {{security.protocol: SASL_SSL, acks: all, max.in.flight: '1', queue.buffering.max.kbytes: '65536'}}}}\n")).unwrap();
     }
 }

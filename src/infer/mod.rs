@@ -145,6 +145,7 @@ impl InferStage {
         pc.set("message.max.bytes", max_record.to_string());
         if exactly_once {
             pc.set("transactional.id", format!("{}.{instance}", cfg.kafka.infer_group)).set("transaction.timeout.ms", cfg.kafka.transaction_timeout_ms().to_string());
+            kafka::config::transactional_in_flight(&mut pc, &cfg.kafka.librdkafka);
             // A batch's first record to a partition adds the partition to the transaction; while the
             // broker still writes the previous transaction's markers it answers
             // CONCURRENT_TRANSACTIONS and librdkafka retries after `retry.backoff.ms` (default 100 ms):

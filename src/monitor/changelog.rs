@@ -147,6 +147,7 @@ impl Changelog {
         let tolerance = cfg.kafka.outage_tolerance_ms;
         let mut pc = kafka::producer_config_with(brokers, &cfg.kafka.librdkafka, tolerance);
         pc.set("transactional.id", writer_id(topic, partition)).set("transaction.timeout.ms", tolerance.to_string());
+        kafka::config::transactional_in_flight(&mut pc, &cfg.kafka.librdkafka);
         // a transaction's first request may meet CONCURRENT_TRANSACTIONS while the broker finishes
         // the one before; retry it after 5 ms rather than librdkafka's 100 ms (as the infer stage does)
         if !cfg.kafka.librdkafka.contains_key("retry.backoff.ms") {

@@ -173,6 +173,7 @@ impl PreAggregator {
         let timeout = cfg.monitor.pre_transaction_timeout_ms;
         let mut pc = kafka::producer_config_with(&self.brokers, &cfg.kafka.librdkafka, timeout);
         pc.set("transactional.id", format!("{group}.{}", self.member)).set("transaction.timeout.ms", timeout.to_string());
+        kafka::config::transactional_in_flight(&mut pc, &cfg.kafka.librdkafka);
         if !cfg.kafka.librdkafka.contains_key("linger.ms") {
             pc.set("linger.ms", "0");
         }
