@@ -20,17 +20,19 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::support::*;
 
-fn spawn_stage(config: &std::path::Path, prefix: &str, group: &str, instance: &str, log: &std::path::Path) -> Child {
+fn spawn_stage(config: &std::path::Path, prefix: &str, group: &str, instance: &str, log: &std::path::Path) -> Reaped {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
-        .current_dir(repo())
-        .args(["run", "--stage", "infer", "--brokers", &brokers(), "--topic-prefix", prefix, "--group", group, "--instance-id", instance, "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn payslip-stream")
+    Reaped(
+        Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+            .current_dir(repo())
+            .args(["run", "--stage", "infer", "--brokers", &brokers(), "--topic-prefix", prefix, "--group", group, "--instance-id", instance, "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn payslip-stream"),
+    )
 }
 
 fn messages_on(topic: &str) -> i64 {

@@ -388,6 +388,7 @@ async fn kill_9_and_restart_keeps_window_totals_exact_without_duplicate_events()
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(Reaped)
             .unwrap()
     };
     let mut results = stream(80, 40);
@@ -793,7 +794,7 @@ async fn produce_by_document<T: payslip_stream::codec::Record>(topic: &str, reco
 
 /// A monitor process of a scaled-out deployment (`monitor.scale_out`) with `closing` closing
 /// partitions, logging to `dir/monitor.log` (appending: a restarted member keeps its earlier log).
-fn spawn_scaled(dir: &std::path::Path, prefix: &str, member: &str, closing: u32) -> std::process::Child {
+fn spawn_scaled(dir: &std::path::Path, prefix: &str, member: &str, closing: u32) -> Reaped {
     let yaml = format!(
         "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 1000\n  allowed_lateness_ms: 0\n  idle_timeout_ms: 3000\n  max_batch: 200\n  scale_out: true\n  closing_partitions: {closing}\n",
         repo().join("models/model_metadata.json").display(),
@@ -804,7 +805,7 @@ fn spawn_scaled(dir: &std::path::Path, prefix: &str, member: &str, closing: u32)
 }
 
 /// `payslip-stream run --stage monitor` with `yaml` and `args`, logging at info to `dir/monitor.log`.
-fn spawn_logged(dir: &std::path::Path, yaml: &std::path::Path, args: &[&str]) -> std::process::Child {
+fn spawn_logged(dir: &std::path::Path, yaml: &std::path::Path, args: &[&str]) -> Reaped {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("monitor.log")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
         .args(["run", "--stage", "monitor", "--config"])
@@ -816,6 +817,7 @@ fn spawn_logged(dir: &std::path::Path, yaml: &std::path::Path, args: &[&str]) ->
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .map(Reaped)
         .unwrap()
 }
 
@@ -875,7 +877,7 @@ async fn scaled_out_run(members: usize, closing: u32, fault: Fault) {
         c.monitor.closing_partitions = closing;
     })
     .await;
-    let mut children: Vec<Option<std::process::Child>> = dirs.iter().enumerate().map(|(i, d)| Some(spawn_scaled(d.path(), &prefix, &format!("m{i}"), closing))).collect();
+    let mut children: Vec<Option<Reaped>> = dirs.iter().enumerate().map(|(i, d)| Some(spawn_scaled(d.path(), &prefix, &format!("m{i}"), closing))).collect();
     // every member holds input partitions (the group has them all) and every closing partition is
     // led before the input starts
     let led = |dirs: &[tempfile::TempDir]| dirs.iter().flat_map(|d| led_partitions(&log_of(d.path()))).collect::<BTreeSet<u64>>();

@@ -274,6 +274,7 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Reaped)
         .expect("prometheus (scripts/setup installs Debian's prometheus package)");
     let query = |q: &str| {
         let url = format!("http://127.0.0.1:{port}/api/v1/query");
@@ -492,6 +493,7 @@ async fn alert_events_reach_a_real_alertmanager_firing_then_resolved_also_when_i
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Reaped)
         .expect("prometheus-alertmanager (scripts/setup installs Debian's package)");
 
     let wait_for = |want_active: bool| async move {
@@ -588,6 +590,7 @@ async fn no_token_reaches_the_log() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(Reaped)
         .unwrap();
     let call = |method: &'static str, path: &'static str, token: Option<&'static str>| {
         tokio::task::spawn_blocking(move || {

@@ -299,3 +299,29 @@ pub fn copy_models(to: &std::path::Path) {
         }
     }
 }
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a test that fails while
+/// it runs leaves no stage, Prometheus or Alertmanager behind to load the rest of the run.
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
