@@ -70,6 +70,8 @@ pub fn quix_window(brokers: &str, e2e: &TopicsConfig, prefix: &str, n: usize, wi
     ];
     let report = run_python("quix_window.py", &args.map(String::from));
     assert_eq!(report["results"].as_u64(), Some(n as u64), "Quix Streams windowed every result");
+    // like the monitor, the peer must count every result: one refused as late is work it skipped
+    assert_eq!(report["late"].as_u64(), Some(0), "Quix Streams refused results as late despite its grace period: {report}");
     report
 }
 
