@@ -26,9 +26,9 @@
 //! `BENCH_MONITOR_COPIES` (the monitor's input: this many copies of the end-to-end results, default 10),
 //! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`), `BENCH_AT_LEAST_ONCE=1` (the stage
 //! at least once instead of exactly once), `BENCH_MAX_IN_FLIGHT` (every producer's requests in
-//! flight per broker; by default 1 without transactions and 5 with them), `BENCH_LOAD_FRACTIONS=0.25,0.1` (latency runs at these
-//! fractions of the maximum too). Prints one JSON object, with the
-//! build it ran in; BENCHMARKS.md records the figures.
+//! flight per broker; by default 1 without transactions and 5 with them),
+//! `BENCH_LOAD_FRACTIONS=0.25,0.1` (latency runs at these fractions of the maximum too). Prints one
+//! JSON object, with the build it ran in; BENCHMARKS.md records the figures.
 
 use std::{
     sync::Arc,

@@ -409,6 +409,8 @@ impl KafkaConfig {
     }
 }
 
+const IN_FLIGHT_WHY: &str = "with more than one produce request in flight librdkafka can report a record delivered that the broker never wrote (kafka::config::MAX_IN_FLIGHT)";
+
 /// Passthrough keys the project sets itself because the delivery guarantees rest on them, with the
 /// only values that may be passed (empty: none).
 const GUARDED_KEYS: &[(&str, &[&str], &str)] = &[
@@ -416,8 +418,8 @@ const GUARDED_KEYS: &[(&str, &[&str], &str)] = &[
     ("enable.idempotence", &["true"], "the producers are idempotent so a retry never duplicates a record"),
     ("acks", &["all", "-1"], "a record counts as delivered only when every in-sync replica has it"),
     ("request.required.acks", &["all", "-1"], "a record counts as delivered only when every in-sync replica has it"),
-    ("max.in.flight.requests.per.connection", &["1"], "with more than one produce request in flight librdkafka can report a record delivered that the broker never wrote"),
-    ("max.in.flight", &["1"], "with more than one produce request in flight librdkafka can report a record delivered that the broker never wrote"),
+    ("max.in.flight.requests.per.connection", &["1"], IN_FLIGHT_WHY),
+    ("max.in.flight", &["1"], IN_FLIGHT_WHY),
     ("enable.auto.commit", &[], "each client commits as its delivery semantics require"),
     ("isolation.level", &["read_committed"], "readers must not see aborted transactions"),
     ("group.id", &[], "set kafka.infer_group instead; the other readers choose their own"),

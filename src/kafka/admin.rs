@@ -87,15 +87,10 @@ async fn create(brokers: &str, kafka: &KafkaConfig, topics: &TopicsConfig, specs
 ///
 /// CreateTopics answers once the controller has recorded the topic. A KRaft broker then lists
 /// itself as leader in its metadata a moment before its replica manager serves the partition, and
-/// produce requests in between fail with NOT_LEADER_OR_FOLLOWER. That is retriable, but with
-/// several requests in flight it lost records silently: librdkafka's idempotent producer had sent
-/// the partition's next batch already, the broker (knowing no state of a new producer id) accepted
-/// that batch's later sequence number, and librdkafka counted the failed first batch as "implicitly
-/// acked" by it. A CI run lost document 1 of 3,000 that way, acknowledged, sent right after its
-/// topic was created (reproduced with `debug=msg`: "1 message(s) implicitly acked by subsequent
-/// batch success"; about 1 run in 50 of 40 documents sent right after creation on a loaded
-/// machine, none in 195 runs with this wait). [`super::config::MAX_IN_FLIGHT`] closes the loss for
-/// every producer; this wait spares a new topic's first records the refusals. ListOffsets goes
+/// produce requests in between fail with NOT_LEADER_OR_FOLLOWER. Retried, those refusals could
+/// still lose a record silently ([`super::config::MAX_IN_FLIGHT`] says how): a CI run lost document
+/// 1 of 3,000, acknowledged, sent right after its topic was created; about 1 run in 50 of 40
+/// documents lost one on a loaded machine, none in 195 runs with this wait. ListOffsets goes
 /// through the same replica manager as Produce, so once it answers for every partition no produce
 /// is refused as not-leader. Blocking (`ensure_named` runs outside tokio).
 fn wait_until_led(admin: &AdminClient<DefaultClientContext>, created: &[String], specs: &[(String, i32, bool, Option<String>)]) {
