@@ -257,6 +257,10 @@ async fn with_a_commit_interval_aborted_transactions_of_several_batches_are_proc
 async fn a_commit_interval_commits_a_backlog_in_few_transactions_with_one_result_per_document() {
     let mut cfg = isolated_config("txn-interval").await;
     cfg.kafka.commit_interval_ms = 5_000;
+    // the backlog (7 MB) comes in one fetch, so the stage never finds its queue empty between
+    // fetches: with librdkafka's 1 MB per partition and fetch, a loaded CI machine saw the queue run
+    // dry between rounds, the stage commit as idle, and 10 batches go in 4 transactions
+    cfg.kafka.librdkafka.insert("max.partition.fetch.bytes".into(), "16777216".into());
     let registry = load_registry(&cfg);
     let gen = Generator::new(GeneratorConfig { seed: 8, ..Default::default() });
     let n = 320u64;
