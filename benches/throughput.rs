@@ -27,8 +27,11 @@
 //! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`), `BENCH_AT_LEAST_ONCE=1` (the stage
 //! at least once instead of exactly once), `BENCH_MAX_IN_FLIGHT` (every producer's requests in
 //! flight per broker; by default 1 without transactions and 5 with them),
-//! `BENCH_LOAD_FRACTIONS=0.25,0.1` (latency runs at these fractions of the maximum too). Prints one
-//! JSON object, with the build it ran in; BENCHMARKS.md records the figures.
+//! `BENCH_LOAD_FRACTIONS=0.25,0.1` (latency runs at these fractions of the maximum too),
+//! `BENCH_MONITOR_FROM=<prefix>` (only the monitor and, with the peers, Quix Streams, on the results
+//! of an earlier run's end-to-end topics: its prefix, e.g. `bench-28779-1795967313578.`),
+//! `BENCH_MONITOR_PERF=<file>` (`perf record -g` of the monitor process into that file). Prints one JSON object, with the build it ran in; BENCHMARKS.md
+//! records the figures.
 
 use std::{
     sync::Arc,
@@ -104,6 +107,24 @@ fn main() {
     if let Ok(n) = std::env::var("BENCH_MAX_IN_FLIGHT") {
         cfg.kafka.librdkafka.insert("max.in.flight.requests.per.connection".into(), n);
     }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let base_topics = cfg.topics.clone();
+    let peers = std::env::var("BENCH_PEERS").map(|v| v != "0").unwrap_or(true);
+    if let Ok(from) = std::env::var("BENCH_MONITOR_FROM") {
+        let (monitor, quix) = monitor_and_quix(&rt, &cfg, &brokers, &base_topics.clone().with_prefix(&from), peers);
+        let report = serde_json::json!({
+            "results_from": from,
+            "build": if cfg!(debug_assertions) { "dev profile" } else { "release" },
+            "monitor_stage": monitor,
+            "quix_streams_window": quix,
+            "monitor_over_quix_streams": match (monitor["results_per_s"].as_f64(), quix["results_per_s"].as_f64()) {
+                (Some(a), Some(b)) if b > 0.0 => serde_json::json!((a / b * 100.0).round() / 100.0),
+                _ => serde_json::Value::Null,
+            },
+        });
+        println!("{report}");
+        return;
+    }
     let gen = Generator::new(GeneratorConfig { seed: 606, ..Default::default() });
     let docs: Vec<PayslipDocument> = (0..n as u64).map(|i| gen.document(i).document).collect();
     let avg_bytes = docs.iter().map(|d| codec::encode(d, WireFormat::Avro).map(|b| b.len()).unwrap_or(0)).sum::<usize>() / n.max(1);
@@ -124,8 +145,6 @@ fn main() {
 
     // 2. end to end: documents already on the topic, stage consumes, infers, produces, stores offsets
     // 3. the same with a rollout at 50 %: one decision on the decisions topic before the stage starts
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let base_topics = cfg.topics.clone();
     let e2e = |split: Option<f64>| {
         let mut cfg = cfg.clone();
         let (registry, docs, brokers, base_topics) = (registry.clone(), docs.clone(), brokers.clone(), base_topics.clone());
@@ -166,17 +185,10 @@ fn main() {
     // 5. the peers, on the same broker: a Python worker on the same documents, then the monitor
     //    stage and a Quix Streams window app on the results the plain run wrote
     let e2e_topics = base_topics.clone().with_prefix(&e2e_prefix);
-    let peers = std::env::var("BENCH_PEERS").map(|v| v != "0").unwrap_or(true);
     let (python, monitor, quix) = if peers {
         let python = peers::python_worker(&rt, &cfg, &brokers, &e2e_topics, n);
-        let copies: usize = std::env::var("BENCH_MONITOR_COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-        let (mon_prefix, results) = peers::monitor_input(&rt, &cfg, &brokers, &e2e_topics, copies);
-        let mon_topics = base_topics.clone().with_prefix(&mon_prefix);
-        (
-            python,
-            peers::monitor_stage(&brokers, &mon_prefix, results),
-            peers::quix_window(&brokers, &mon_topics, &mon_prefix, results, cfg.monitor.window_size_ms),
-        )
+        let (monitor, quix) = monitor_and_quix(&rt, &cfg, &brokers, &e2e_topics, true);
+        (python, monitor, quix)
     } else {
         (serde_json::Value::Null, serde_json::Value::Null, serde_json::Value::Null)
     };
@@ -230,6 +242,16 @@ fn main() {
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{report}");
+}
+
+/// The monitor stage, and with `quix` the Quix Streams peer, on `BENCH_MONITOR_COPIES` (default 10)
+/// copies of the results on `e2e`'s results topic.
+fn monitor_and_quix(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, e2e: &payslip_stream::config::TopicsConfig, quix: bool) -> (serde_json::Value, serde_json::Value) {
+    let copies: usize = std::env::var("BENCH_MONITOR_COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let (mon_prefix, results) = peers::monitor_input(rt, cfg, brokers, e2e, copies);
+    let monitor = peers::monitor_stage(brokers, &mon_prefix, results);
+    let quix = if quix { peers::quix_window(brokers, &cfg.topics.clone().with_prefix(&mon_prefix), &mon_prefix, results, cfg.monitor.window_size_ms) } else { serde_json::Value::Null };
+    (monitor, quix)
 }
 
 /// Runs the stage on fresh topics while documents are produced at `rate`/s for `seconds`; a

@@ -144,7 +144,7 @@ pub fn spawn_monitor(cfg: PipelineConfig, brokers: String, mut shutdown: watch::
                     }
                     r
                 })
-                .map_err(|e| MonitorError::Thread { what: "monitor-pre", message: e.to_string() })?;
+                .map_err(|e| MonitorError::Thread { what: "monitor-pre", message: format!("cannot start it: {e}") })?;
             Some(handle)
         } else {
             None

@@ -152,15 +152,18 @@ pub fn monitor_input(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers
 
 /// The monitor stage (`payslip-stream run --stage monitor`, the binary next to this example's
 /// directory) on the topics of `prefix`, with a fresh state directory. Timed from its own
-/// per-batch log lines (`monitor batch`, debug level), read as they come: from the end of its
-/// first batch to the end of the batch that applied the last result; the first batch (group
-/// start, first fetch) is left out of both the time and the count.
+/// per-batch log lines (`monitor batch`, debug level, logged once a batch is written and its
+/// outputs published), read as they come: from the end of its first batch to the end of the batch
+/// that applied the last result; the first batch (group start, first fetch) is left out of both
+/// the time and the count.
 pub fn monitor_stage(brokers: &str, prefix: &str, n: usize) -> serde_json::Value {
     use std::io::BufRead;
     let dir = tempfile::tempdir().expect("state dir");
     let base = std::fs::read_to_string(format!("{ROOT}/pipelines/payslip.yaml")).expect("config");
     let config = dir.path().join("monitor.yaml");
-    std::fs::write(&config, format!("{base}\nmonitor:\n  state_dir: {}\n", dir.path().join("state").display())).expect("config copy");
+    // BENCH_MONITOR_BATCH overrides monitor.max_batch
+    let batch = std::env::var("BENCH_MONITOR_BATCH").map(|b| format!("  max_batch: {b}\n")).unwrap_or_default();
+    std::fs::write(&config, format!("{base}\nmonitor:\n  state_dir: {}\n{batch}", dir.path().join("state").display())).expect("config copy");
     let exe = std::env::current_exe().expect("exe").parent().and_then(|d| d.parent()).expect("target dir").join("payslip-stream");
     let mut child = Command::new(&exe)
         .current_dir(ROOT)
@@ -174,21 +177,41 @@ pub fn monitor_stage(brokers: &str, prefix: &str, n: usize) -> serde_json::Value
         .spawn()
         .unwrap_or_else(|e| panic!("{} (build the binary first): {e}", exe.display()));
     let pid = child.id();
+    // profiled when asked (BENCH_MONITOR_PERF=<output file>): perf attaches after the first batch,
+    // once the monitor's threads run (it follows the threads that exist when it attaches)
+    let mut perf = None;
     let stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
     // (time, CPU, inputs so far) at the end of the first batch, and at the end of the last
     let mut first: Option<(Instant, f64, u64)> = None;
     let mut last: Option<(Instant, f64)> = None;
     let mut inputs = 0u64;
+    // the timed batches: their time in writing (changelog and state) and publishing, on the
+    // monitor's write-behind thread, and how long applying waited for them
+    let (mut batches, mut write_ms, mut publish_ms, mut waited_ms) = (0u64, 0.0, 0.0, 0.0);
     for line in stderr.lines() {
         let line = strip_ansi(&line.expect("monitor log"));
         if !line.contains("monitor batch") {
             continue;
         }
         let k = line.split_whitespace().find_map(|w| w.strip_prefix("inputs=")).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        if k == 0 && first.is_none() {
+            // start-up writes (announcements) come before the first batch of input
+            continue;
+        }
         inputs += k;
+        let ms = |field: &str| line.split_whitespace().find_map(|w| w.strip_prefix(field)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let (now, cpu) = (Instant::now(), cpu_seconds(pid));
+        if first.is_some() {
+            batches += 1;
+            write_ms += ms("write_ms=");
+            publish_ms += ms("publish_ms=");
+            waited_ms += ms("waited_ms=");
+        }
         if first.is_none() {
             first = Some((now, cpu, inputs));
+            perf = std::env::var("BENCH_MONITOR_PERF").ok().map(|out| {
+                Command::new("perf").args(["record", "-F", "999", "-g", "-o", &out, "-p", &pid.to_string()]).stderr(Stdio::null()).spawn().expect("perf record")
+            });
         }
         if inputs >= n as u64 {
             last = Some((now, cpu));
@@ -196,6 +219,11 @@ pub fn monitor_stage(brokers: &str, prefix: &str, n: usize) -> serde_json::Value
         }
     }
     let peak_kb = proc_field(pid, "status", "VmHWM:").unwrap_or(0.0);
+    if let Some(mut perf) = perf {
+        // perf writes its profile on an interrupt
+        let _ = Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
+        let _ = perf.wait();
+    }
     let _ = child.kill();
     let _ = child.wait();
     let ((t0, c0, a0), (t1, c1)) = (first.expect("the monitor logged its batches"), last.unwrap_or_else(|| panic!("the monitor applied {inputs} of {n} inputs")));
@@ -207,5 +235,9 @@ pub fn monitor_stage(brokers: &str, prefix: &str, n: usize) -> serde_json::Value
         "results_per_s": (timed / seconds).round(),
         "cpu_ms_per_result": ((c1 - c0) * 1000.0 / timed * 1000.0).round() / 1000.0,
         "peak_rss_mb": (peak_kb / 1024.0).round(),
+        "batches": batches,
+        "write_s": write_ms.round() / 1000.0,
+        "publish_s": publish_ms.round() / 1000.0,
+        "waited_for_write_s": waited_ms.round() / 1000.0,
     })
 }

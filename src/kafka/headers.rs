@@ -25,6 +25,12 @@ pub fn get<H: Headers>(headers: Option<&H>, key: &str) -> Option<String> {
     h.iter().find(|h| h.key.eq_ignore_ascii_case(key)).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// [`get`] without a copy when the value is valid UTF-8 (for the per-message paths).
+pub fn get_str<'a, H: Headers>(headers: Option<&'a H>, key: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let h = headers?;
+    h.iter().find(|h| h.key.eq_ignore_ascii_case(key)).and_then(|h| h.value).map(String::from_utf8_lossy)
+}
+
 /// Builder over `OwnedHeaders` for text values.
 #[derive(Debug, Clone, Default)]
 pub struct HeaderSet(Vec<(String, Vec<u8>)>);

@@ -10,7 +10,9 @@
 //! Delivery semantics: effectively once for state. Input partitions are assigned directly (no
 //! consumer-group commits) at the offsets stored in RocksDB; each poll batch is applied in memory and
 //! written with its offsets and the messages it caused (the outbox) in one `WriteBatch`. Only then are
-//! outbox messages published; confirmed ones are deleted. After a crash the stage reloads the state,
+//! outbox messages published; confirmed ones are deleted. The write and the publishing run on a
+//! write-behind thread while the next batch is applied, one batch at a time and in order
+//! ([`writer`]). After a crash the stage reloads the state,
 //! reads back the output topics past the last confirmed positions to recognise messages that were
 //! published but not yet confirmed, publishes the rest, and resumes at the stored offsets. So window
 //! totals equal the input exactly and no alert or metrics message is published twice.
@@ -35,6 +37,7 @@ pub mod records;
 pub mod shard;
 pub mod state;
 pub mod view;
+mod writer;
 
 use crate::inference::announce::ModelAnnouncement;
 use std::{
@@ -82,14 +85,14 @@ pub enum MonitorError {
     /// Another monitor process took over; this one stops (restart it to become a standby).
     #[error("lost leadership of the monitor group to another process")]
     LostLeadership,
-    /// `monitor.scale_out` joins feedback with results per partition: both topics need the same
-    /// number of partitions.
-    /// A thread of the stage could not be started.
-    #[error("cannot start the {what} thread: {message}")]
+    /// A thread of the stage could not be started, or ended without reporting.
+    #[error("the {what} thread: {message}")]
     Thread { what: &'static str, message: String },
     /// The changelog or partials topic does not have `monitor.closing_partitions` partitions.
     #[error("monitor.closing_partitions is {configured} but {topic} has {partitions} partitions; they must match (create the topic with {configured} partitions, or set monitor.closing_partitions: {partitions})")]
     ClosingPartitions { topic: String, partitions: usize, configured: usize },
+    /// `monitor.scale_out` joins feedback with results per partition: both topics need the same
+    /// number of partitions.
     #[error("monitor.scale_out: {results} has {results_partitions} partitions and {feedback} has {feedback_partitions}; the feedback join needs both keyed by document id with the same partition count (add partitions to the smaller one, or set monitor.scale_out: false)")]
     NotCoPartitioned { results: String, results_partitions: usize, feedback: String, feedback_partitions: usize },
 }
@@ -129,7 +132,11 @@ pub struct MonitorStage {
     store: RocksStateStore,
     state: MonitorState,
     producer: kafka::stats::StatsProducer,
-    changelog: Option<changelog::Changelog>,
+    changelog: Option<Arc<changelog::Changelog>>,
+    /// The batch being written while the next one is applied ([`writer`]).
+    behind: writer::WriteBehind,
+    /// Input messages in the batch being applied (for the write-behind's log line).
+    inputs_in_batch: usize,
     /// Set when the rollout state was rebuilt from the decisions topic: reading the commands topic
     /// starts here (a minute before the last answered command) instead of at its beginning; commands
     /// answered already are recognised by id and skipped.
@@ -185,8 +192,8 @@ impl MonitorStage {
         };
         view.set_checkpointer(store.checkpointer());
         let producer = kafka::stats::producer_with_stats(kafka::producer_config_with(&brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms), view.producer_stats(), "the monitor producer")?;
-        let changelog = if cfg.monitor.changelog { Some(changelog::Changelog::writer(&cfg, &brokers, partition as i32, view.changelog_cell())?) } else { None };
-        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view, partition, owned })
+        let changelog = if cfg.monitor.changelog { Some(Arc::new(changelog::Changelog::writer(&cfg, &brokers, partition as i32, view.changelog_cell())?)) } else { None };
+        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, behind: writer::WriteBehind::default(), inputs_in_batch: 0, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view, partition, owned })
     }
 
     /// Whether this partition closes `model`'s windows, announces its updates and runs its rollouts.
@@ -264,31 +271,14 @@ impl MonitorStage {
         Ok(())
     }
 
-    /// Writes a batch: first to the changelog (one transaction), then to RocksDB with the changelog
-    /// position, so a standby replaying the changelog reaches exactly this state.
-    ///
-    /// A changelog transaction that fails for a passing reason (the broker is away) is aborted and
-    /// tried again for up to `kafka.outage_tolerance_ms`; nothing reaches RocksDB before it commits.
-    fn write(&self, mut batch: StateBatch) -> Result<(), MonitorError> {
-        if let Some(c) = &self.changelog {
-            let deadline = std::time::Instant::now() + Duration::from_millis(self.cfg.kafka.outage_tolerance_ms);
-            let mut backoff = Duration::from_millis(200);
-            let next = loop {
-                match c.append(&batch) {
-                    Ok(next) => break next,
-                    Err(e) if e.retryable() && std::time::Instant::now() + backoff < deadline => {
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "changelog write failed; retrying");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            if let Some(next) = next {
-                batch.put_json(&self.store, CF_META, changelog::META_CHANGELOG_NEXT, &next);
-            }
-        }
-        Ok(self.store.write(batch)?)
+    /// Writes a batch at once (see [`writer::Sink::write`]); no batch may be in the write-behind.
+    fn write(&self, batch: StateBatch) -> Result<(), MonitorError> {
+        self.sink().write(batch)
+    }
+
+    /// Where this stage's batches and outbox go, for the calling thread or the write-behind.
+    fn sink(&self) -> writer::Sink {
+        writer::Sink { store: self.store.clone(), changelog: self.changelog.clone(), producer: self.producer.clone(), tolerance: Duration::from_millis(self.cfg.kafka.outage_tolerance_ms) }
     }
 
     pub fn counters(&self) -> &MonitorCounters {
@@ -407,8 +397,7 @@ impl MonitorStage {
             announced.extend(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
         }
         if !announced.is_empty() || self.state.rollout_dirty {
-            let outbox = self.commit(BTreeMap::new(), announced, Vec::new())?;
-            self.publish(outbox)?;
+            self.commit(BTreeMap::new(), announced, Vec::new())?;
         }
         let mut assigned: BTreeSet<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         // the other closing partitions' partials count as known (they are not read here)
@@ -436,14 +425,14 @@ impl MonitorStage {
                 }
                 let events = self.state.announce_updates(&self.updates_in(&fresh), now_ms());
                 if !events.is_empty() {
-                    let outbox = self.commit(BTreeMap::new(), events, Vec::new())?;
-                    self.publish(outbox)?;
+                    self.commit(BTreeMap::new(), events, Vec::new())?;
                 }
             }
             let mut consumed: BTreeMap<String, i64> = BTreeMap::new();
             let mut commanded: Vec<Emitted> = Vec::new();
             let mut dead: Vec<OutboxMessage> = Vec::new();
             let mut n = 0;
+            let mut part_name: Option<(String, i32, String)> = None;
             let mut timeout = Duration::from_millis(200);
             while n < max_batch {
                 let Some(m) = consumer.poll(timeout) else { break };
@@ -457,9 +446,19 @@ impl MonitorStage {
                     }
                 };
                 n += 1;
-                let part = format!("{}/{}", m.topic(), m.partition());
-                consumed.insert(part.clone(), m.offset() + 1);
-                let ct = h::get(m.headers(), h::CONTENT_TYPE);
+                // the source's name, built again only when the partition changes (runs of one
+                // partition's messages come together)
+                if part_name.as_ref().is_none_or(|(t, p, _)| t != m.topic() || *p != m.partition()) {
+                    part_name = Some((m.topic().to_string(), m.partition(), format!("{}/{}", m.topic(), m.partition())));
+                }
+                let part = &part_name.as_ref().expect("just named").2;
+                match consumed.get_mut(part) {
+                    Some(next) => *next = m.offset() + 1,
+                    None => {
+                        consumed.insert(part.clone(), m.offset() + 1);
+                    }
+                }
+                let ct = h::get_str(m.headers(), h::CONTENT_TYPE);
                 let payload = m.payload().unwrap_or_default();
                 let wall = now_ms();
                 // what cannot be used goes to the monitor's dead-letter topic with the reason
@@ -501,7 +500,7 @@ impl MonitorStage {
                                 if self.lookup_prediction(&r.document_id, r.submitted_at)?.is_some_and(|p| p.is_from(&r)) {
                                     self.state.counters.duplicates_ignored += 1;
                                 } else {
-                                    self.state.apply_result(&r, &part, wall, &wcfg);
+                                    self.state.apply_result(&r, part, wall, &wcfg);
                                 }
                                 None
                             }
@@ -514,7 +513,7 @@ impl MonitorStage {
                         Ok(f) => match limits.check_event_time("given_at", f.given_at, wall) {
                             Ok(()) => {
                                 let pred = self.lookup_prediction(&f.document_id, f.given_at)?;
-                                self.state.receive_feedback(f, pred, &part, wall, &wcfg);
+                                self.state.receive_feedback(f, pred, part, wall, &wcfg);
                                 None
                             }
                             Err(why) => Some(("bad_timestamp", why.to_string())),
@@ -551,14 +550,12 @@ impl MonitorStage {
                 self.view.refresh(&mut view_published, &self.state, frontier);
                 continue;
             }
-            let (inputs, started) = (n, std::time::Instant::now());
-            let outbox = self.commit(consumed, emitted, dead)?;
-            let (outputs, committed) = (outbox.len(), started.elapsed());
-            self.publish(outbox)?;
-            tracing::debug!(inputs, outputs, commit_ms = committed.as_secs_f64() * 1e3, publish_ms = (started.elapsed() - committed).as_secs_f64() * 1e3, "monitor batch");
+            self.inputs_in_batch = n;
+            self.commit(consumed, emitted, dead)?;
             self.view.refresh(&mut view_published, &self.state, frontier);
         }
-        Ok(())
+        // the last batch is written before the stage reports that it stopped
+        self.behind.wait()
     }
 
     /// Starts reading partitions added to the inputs since they were assigned (from their
@@ -649,15 +646,23 @@ impl MonitorStage {
     }
 
     fn lookup_prediction(&self, document_id: &str, at_ms: i64) -> Result<Option<Prediction>, MonitorError> {
-        let p = match self.state.new_predictions.get(document_id) {
+        // this batch's, the batch being written's, then the store's
+        let p = match self.state.new_predictions.get(document_id).or_else(|| self.behind.prediction(document_id)) {
             Some(p) => Some(p.clone()),
             None => self.store.get_json::<Prediction>(CF_PREDICTIONS, document_id.as_bytes())?,
         };
         Ok(p.filter(|p| at_ms.saturating_sub(p.event_ms) <= self.cfg.monitor.prediction_retention_ms))
     }
 
-    /// Writes the batch's state changes, offsets and outbox atomically.
-    fn commit(&mut self, consumed: BTreeMap<String, i64>, emitted: Vec<Emitted>, dead: Vec<OutboxMessage>) -> Result<Vec<(Vec<u8>, OutboxMessage)>, MonitorError> {
+    /// Builds the batch's state changes, offsets and outbox (one `WriteBatch`) once the batch before
+    /// it is written, and hands it to the write-behind, which writes it and then publishes its
+    /// outbox while the next batch is applied ([`writer`]).
+    fn commit(&mut self, consumed: BTreeMap<String, i64>, emitted: Vec<Emitted>, dead: Vec<OutboxMessage>) -> Result<(), MonitorError> {
+        let waiting = std::time::Instant::now();
+        self.behind.wait()?;
+        let waited = waiting.elapsed();
+        let sink = self.sink();
+        let inputs = std::mem::take(&mut self.inputs_in_batch);
         let st = &mut self.state;
         let store = &self.store;
         let mut b = StateBatch::default();
@@ -731,8 +736,7 @@ impl MonitorStage {
             }
         }
         b.put_json(store, CF_META, META_COUNTERS, &st.counters);
-        self.write(b)?;
-        Ok(outbox)
+        self.behind.submit(move || sink, writer::Job { batch: b, outbox, inputs, waited }, predicted)
     }
 
 }

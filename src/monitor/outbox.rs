@@ -6,14 +6,14 @@
 
 use std::{collections::{BTreeMap, BTreeSet}, time::Duration};
 
-use rdkafka::{consumer::BaseConsumer, message::Message, producer::FutureRecord};
+use rdkafka::{consumer::BaseConsumer, message::Message};
 use serde::{Deserialize, Serialize};
 
 use super::{records::WindowMetrics, state::Emitted, MonitorError, MonitorStage, EVENT_ID, META_PUBLISHED_PREFIX};
 use crate::{
     codec::{self, Record, WireFormat},
     config::PipelineConfig,
-    kafka::{self, headers as h, headers::HeaderSet, KafkaError, RangeCursor},
+    kafka::{self, headers as h, KafkaError, RangeCursor},
     state::{StateBatch, CF_META, CF_OUTBOX},
 };
 
@@ -28,34 +28,10 @@ pub(crate) struct OutboxMessage {
 }
 
 impl MonitorStage {
-    /// Publishes outbox messages in order, then deletes them and records the confirmed positions.
+    /// Publishes outbox messages at once (see [`super::writer::Sink::publish`]); no batch may be in
+    /// the write-behind.
     pub(super) fn publish(&mut self, outbox: Vec<(Vec<u8>, OutboxMessage)>) -> Result<(), MonitorError> {
-        if outbox.is_empty() {
-            return Ok(());
-        }
-        let mut futures = Vec::with_capacity(outbox.len());
-        for (_, m) in &outbox {
-            let payload = hex::decode(&m.payload_hex).map_err(|e| MonitorError::CorruptOutbox { event_id: m.event_id.clone(), message: e.to_string() })?;
-            let mut hs = HeaderSet::new();
-            for (k, v) in &m.headers {
-                hs = hs.with(k, v);
-            }
-            let rec = FutureRecord::to(&m.topic).key(&m.key).payload(&payload).headers(hs.build());
-            futures.push((kafka::enqueue_blocking(&self.producer, rec).map_err(MonitorError::Delivery)?, m.topic.as_str()));
-        }
-        let delivered = kafka::wait_deliveries(futures).map_err(MonitorError::Delivery)?;
-        let mut b = StateBatch::default();
-        let mut positions: BTreeMap<String, i64> = BTreeMap::new();
-        for ((key, m), d) in outbox.iter().zip(delivered) {
-            let p = positions.entry(format!("{META_PUBLISHED_PREFIX}{}/{}", m.topic, d.partition)).or_insert(d.offset);
-            *p = (*p).max(d.offset);
-            b.delete(&self.store, CF_OUTBOX, key);
-        }
-        for (k, off) in positions {
-            b.put_json(&self.store, CF_META, k.as_bytes(), &off);
-        }
-        self.write(b)?;
-        Ok(())
+        self.sink().publish(outbox)
     }
 
     /// After a restart: publish what the outbox holds, except messages already on their topic.

@@ -66,8 +66,8 @@ pub struct PartialWindow {
 struct Subjects(BTreeMap<Subject, WindowAggregate>);
 
 impl WindowSink for Subjects {
-    fn window(&mut self, subject: &Subject, _range: WindowRange) -> &mut WindowAggregate {
-        self.0.entry(subject.clone()).or_default()
+    fn window(&mut self, subject: Subject, _range: WindowRange) -> &mut WindowAggregate {
+        self.0.entry(subject).or_default()
     }
 }
 
@@ -183,7 +183,7 @@ impl MonitorState {
             self.counters.feedback_applied += w.feedback;
             let range = assign(w.start_ms, cfg.size_ms);
             for (subject, agg) in &w.subjects {
-                self.window(subject, range).merge(agg);
+                self.window(subject.clone(), range).merge(agg);
             }
         }
         if let Some(ts) = p.max_event_ms {

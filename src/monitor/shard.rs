@@ -289,7 +289,7 @@ pub fn run(cfg: PipelineConfig, brokers: String, view: ViewHandle, stop: Arc<Ato
                     owned.insert(p, Owned { owned: flag, handle });
                 }
                 Err(e) => {
-                    failed = Some(MonitorError::Thread { what: "closing partition", message: e.to_string() });
+                    failed = Some(MonitorError::Thread { what: "closing partition", message: format!("cannot start it: {e}") });
                     break;
                 }
             }

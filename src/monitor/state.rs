@@ -128,11 +128,13 @@ pub fn window_key(subject: &Subject, start_ms: i64) -> Vec<u8> {
 /// aggregates ([`super::partial`]). Both count through [`add_result`] and [`add_feedback`], so a
 /// window merged from partials equals the window counted directly.
 pub(crate) trait WindowSink {
-    fn window(&mut self, subject: &Subject, range: WindowRange) -> &mut WindowAggregate;
+    /// The aggregate of `subject` in `range`, created empty when new. Takes the subject by value:
+    /// this runs for every model of every result, and a key built once is not cloned again.
+    fn window(&mut self, subject: Subject, range: WindowRange) -> &mut WindowAggregate;
 }
 
 impl WindowSink for MonitorState {
-    fn window(&mut self, subject: &Subject, range: WindowRange) -> &mut WindowAggregate {
+    fn window(&mut self, subject: Subject, range: WindowRange) -> &mut WindowAggregate {
         self.window_mut(subject, range)
     }
 }
@@ -148,7 +150,7 @@ pub(crate) fn prediction_of(r: &InferenceResult) -> Option<Prediction> {
 pub(crate) fn add_result(sink: &mut impl WindowSink, r: &InferenceResult, range: WindowRange) {
     for o in &r.outputs {
         let subject = Subject { model: o.model.clone(), version: o.version.clone(), cohort: r.cohort.clone() };
-        let a = sink.window(&subject, range);
+        let a = sink.window(subject, range);
         a.count += 1;
         match o.error_code.as_deref() {
             Some(code) => {
@@ -169,7 +171,7 @@ pub(crate) fn add_result(sink: &mut impl WindowSink, r: &InferenceResult, range:
             }
         }
     }
-    let p = sink.window(&Subject::pipeline(), range);
+    let p = sink.window(Subject::pipeline(), range);
     p.count += 1;
     p.errors += r.error_code.is_some() as u64;
     p.gpu_results += crate::inference::runtime::is_gpu_provider(&r.provider) as u64;
@@ -185,7 +187,7 @@ pub(crate) fn add_result(sink: &mut impl WindowSink, r: &InferenceResult, range:
 
 /// Counts one admitted feedback into its prediction's window.
 pub(crate) fn add_feedback(sink: &mut impl WindowSink, f: &DocumentFeedback, pred: &Prediction, range: WindowRange) {
-    let a = sink.window(&pred.subject, range);
+    let a = sink.window(pred.subject.clone(), range);
     if let Some(r) = f.rating {
         a.ratings += 1;
         a.ratings_positive += (r >= 4) as u64;
@@ -227,13 +229,15 @@ pub struct MonitorState {
 }
 
 impl MonitorState {
-    fn window_mut(&mut self, subject: &Subject, range: WindowRange) -> &mut WindowAggregate {
-        let key = (range.start_ms, subject.clone());
-        self.dirty_windows.insert(key.clone());
+    fn window_mut(&mut self, subject: Subject, range: WindowRange) -> &mut WindowAggregate {
+        let key = (range.start_ms, subject);
+        if !self.dirty_windows.contains(&key) {
+            self.dirty_windows.insert(key.clone());
+        }
         &mut self
             .windows
             .entry(key)
-            .or_insert_with(|| StoredWindow { subject: subject.clone(), range, agg: WindowAggregate::default() })
+            .or_insert_with_key(|(_, subject)| StoredWindow { subject: subject.clone(), range, agg: WindowAggregate::default() })
             .agg
     }
 

@@ -81,9 +81,16 @@ impl WatermarkTracker {
 
     /// Records an event of partition `key` (e.g. `topic/3`) at event time `ts_ms`, seen at `wall_ms`.
     pub fn observe(&mut self, key: &str, ts_ms: i64, wall_ms: i64) {
-        let c = self.partitions.entry(key.to_string()).or_insert(PartitionClock { max_event_ms: ts_ms, last_input_wall_ms: wall_ms });
-        c.max_event_ms = c.max_event_ms.max(ts_ms);
-        c.last_input_wall_ms = c.last_input_wall_ms.max(wall_ms);
+        // (looked up before inserting: this runs for every input, and the key is new only once)
+        match self.partitions.get_mut(key) {
+            Some(c) => {
+                c.max_event_ms = c.max_event_ms.max(ts_ms);
+                c.last_input_wall_ms = c.last_input_wall_ms.max(wall_ms);
+            }
+            None => {
+                self.partitions.insert(key.to_string(), PartitionClock { max_event_ms: ts_ms, last_input_wall_ms: wall_ms });
+            }
+        }
     }
 
     /// Treats every known partition as having had input at `wall_ms` (after a restart nothing is idle yet).
