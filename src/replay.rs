@@ -363,7 +363,7 @@ pub fn monitor_replay(cfg: &PipelineConfig, opts: &ReplayOptions, m: &MonitorRep
             let payload = msg.payload().unwrap_or_default();
             let pos = |ts: i64, rank: u8| (ts, rank, msg.partition(), msg.offset());
             let ev = if msg.topic() == t.inference {
-                codec::decode::<InferenceResult>(payload, ct.as_deref()).ok().map(|r| (pos(r.submitted_at, 0), Event::Result(r)))
+                codec::decode_result_counted(payload, ct.as_deref()).ok().map(|r| (pos(r.submitted_at, 0), Event::Result(r)))
             } else if msg.topic() == t.feedback {
                 codec::decode::<DocumentFeedback>(payload, ct.as_deref()).ok().map(|f| (pos(f.given_at, 1), Event::Feedback(f)))
             } else {

@@ -102,6 +102,26 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(b).map(str::to_owned).map_err(|e| ReadError(format!("string is not UTF-8: {e}")))
     }
 
+    /// A string checked (length, UTF-8) and passed over without a copy.
+    pub fn skip_string(&mut self) -> R<()> {
+        let n = self.len("string")?;
+        let b = self.take(n, "string")?;
+        std::str::from_utf8(b).map(|_| ()).map_err(|e| ReadError(format!("string is not UTF-8: {e}")))
+    }
+
+    /// An array read item by item and kept nowhere.
+    pub fn skip_array(&mut self, mut item: impl FnMut(&mut Self) -> R<()>) -> R<()> {
+        loop {
+            let n = self.block()?;
+            if n == 0 {
+                return Ok(());
+            }
+            for _ in 0..n {
+                item(self)?;
+            }
+        }
+    }
+
     /// A union's branch index, checked against the number of branches.
     pub fn branch(&mut self, branches: usize) -> R<usize> {
         let i = self.long()?;
@@ -361,6 +381,79 @@ fn read_output(r: &mut Reader<'_>) -> R<ModelOutput> {
     })
 }
 
+/// An `InferenceResult` as the monitor counts it: every field is read and checked as by
+/// [`Binary::read`] (a datum decodes here exactly when it decodes there), but what no window
+/// uses is left empty instead of copied: `user_id`, `tenant`, `model_versions`, `source`, and each
+/// output's `regions` and `lines` (the recognised text, most of a result's strings). Measured with
+/// `perf` on `benches/throughput.rs`: allocating and freeing those was most of the monitor's
+/// decoding.
+pub fn read_result_counted(bytes: &[u8]) -> R<InferenceResult> {
+    let mut r = Reader::new(bytes);
+    let result_id = r.string()?;
+    let document_id = r.string()?;
+    r.skip_string()?;
+    r.skip_string()?;
+    let cohort = r.string()?;
+    let submitted_at = r.long()?;
+    let processed_at = r.long()?;
+    let provider = r.string()?;
+    r.skip_array(|r| {
+        r.skip_string()?;
+        r.skip_string()
+    })?;
+    let outputs = r.array(|r| {
+        Ok(ModelOutput {
+            model: r.string()?,
+            version: r.string()?,
+            provider: r.string()?,
+            latency_ms: r.double()?,
+            batch_size: r.int()?,
+            error_code: r.optional(Reader::string)?,
+            label: r.optional(Reader::string)?,
+            confidence: r.optional(Reader::float)?,
+            regions: {
+                r.skip_array(|r| {
+                    r.int()?;
+                    for _ in 0..5 {
+                        r.float()?;
+                    }
+                    Ok(())
+                })?;
+                Vec::new()
+            },
+            lines: {
+                r.skip_array(Reader::skip_string)?;
+                Vec::new()
+            },
+            load_ms: r.optional(Reader::double)?,
+        })
+    })?;
+    let result = InferenceResult {
+        result_id,
+        document_id,
+        user_id: String::new(),
+        tenant: String::new(),
+        cohort,
+        submitted_at,
+        processed_at,
+        provider,
+        model_versions: HashMap::new(),
+        outputs,
+        inference_ms: r.double()?,
+        end_to_end_ms: r.double()?,
+        error_code: r.optional(Reader::string)?,
+        true_format: r.optional(Reader::string)?,
+        source: {
+            r.skip_string()?;
+            String::new()
+        },
+        process_rss_bytes: r.optional(Reader::long)?,
+        process_cpu_percent: r.optional(Reader::double)?,
+    };
+    r.finish("payslip.v1.InferenceResult")?;
+    Ok(result)
+}
+
 fn write_output(w: &mut Writer<'_>, o: &ModelOutput) {
     w.string(&o.model);
     w.string(&o.version);
@@ -535,6 +628,46 @@ mod tests {
         assert_eq!(from_datum::<DocumentFeedback>(&to_datum(&f), "f").unwrap(), f);
     }
 
+    /// What the monitor counts with: the full result less the fields it leaves empty.
+    fn counted(mut r: InferenceResult) -> InferenceResult {
+        r.user_id.clear();
+        r.tenant.clear();
+        r.model_versions.clear();
+        r.source.clear();
+        for o in &mut r.outputs {
+            o.regions.clear();
+            o.lines.clear();
+        }
+        r
+    }
+
+    #[test]
+    fn a_result_read_for_counting_keeps_every_counted_field_and_fails_where_the_full_read_fails() {
+        for seed in 0..40 {
+            let r = result(seed, 3);
+            let bytes = to_datum(&r);
+            let lean = read_result_counted(&bytes).unwrap();
+            assert_eq!(lean, counted(r.clone()), "seed {seed}");
+            assert!(lean.outputs.iter().all(|o| o.lines.is_empty() && o.regions.is_empty()));
+            // every truncation, and trailing bytes, fail both reads alike
+            for cut in 0..bytes.len() {
+                assert!(read_result_counted(&bytes[..cut]).is_err(), "seed {seed}, cut at {cut}");
+                assert!(from_datum::<InferenceResult>(&bytes[..cut], "r").is_err());
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(read_result_counted(&longer).is_err() && from_datum::<InferenceResult>(&longer, "r").is_err());
+        }
+        // a skipped line that is not UTF-8 is refused as the full read refuses it
+        let mut r = result(4, 1);
+        r.outputs[0].lines = vec!["POISON line".into()];
+        let mut bytes = to_datum(&r);
+        let at = bytes.windows(6).position(|w| w == b"POISON").expect("the marker");
+        bytes[at] = 0xff;
+        assert!(from_datum::<InferenceResult>(&bytes, "r").is_err());
+        assert!(read_result_counted(&bytes).is_err());
+    }
+
     #[test]
     fn negative_block_counts_with_sizes_are_read() {
         // an array written as one block of -2 items with its byte size, as some writers do
@@ -600,6 +733,13 @@ mod tests {
             let _ = from_datum::<PayslipDocument>(&bytes, "doc");
             let _ = from_datum::<InferenceResult>(&bytes, "r");
             let _ = from_datum::<DocumentFeedback>(&bytes, "f");
+            // the read for counting accepts exactly what the full read accepts
+            let full = from_datum::<InferenceResult>(&bytes, "r");
+            let lean = read_result_counted(&bytes);
+            prop_assert_eq!(full.is_ok(), lean.is_ok());
+            if let (Ok(full), Ok(lean)) = (full, lean) {
+                prop_assert_eq!(counted(full), lean);
+            }
         }
 
         #[test]

@@ -148,16 +148,29 @@ pub fn encode<T: Record>(value: &T, format: WireFormat) -> Result<Vec<u8>, Encod
 
 /// Decodes a value whose `content-type` header is `content_type` (None: sniff).
 pub fn decode<T: Record>(bytes: &[u8], content_type: Option<&str>) -> Result<T, DecodeError> {
-    let format = match content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
+    match wire_format(bytes, content_type)? {
+        WireFormat::Json => decode_json(bytes),
+        WireFormat::Avro => T::from_avro(bytes),
+    }
+}
+
+/// [`decode`] of an inference result for counting it: in Avro, the fields no window uses are
+/// checked but left empty ([`binary::read_result_counted`]); JSON decodes in full.
+pub fn decode_result_counted(bytes: &[u8], content_type: Option<&str>) -> Result<crate::document::InferenceResult, DecodeError> {
+    match wire_format(bytes, content_type)? {
+        WireFormat::Json => decode_json(bytes),
+        WireFormat::Avro => binary::read_result_counted(bytes).map_err(|e| DecodeError::Undecodable { format: "avro", message: e.0 }),
+    }
+}
+
+/// The format named by the content type, or sniffed from the bytes without one.
+fn wire_format(bytes: &[u8], content_type: Option<&str>) -> Result<WireFormat, DecodeError> {
+    Ok(match content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
         Some(c) if c == CONTENT_TYPE_AVRO || c == "avro/binary" => WireFormat::Avro,
         Some(c) if c == CONTENT_TYPE_JSON || c == "json" => WireFormat::Json,
         Some(c) => return Err(DecodeError::UnsupportedContentType(c)),
         None => sniff(bytes),
-    };
-    match format {
-        WireFormat::Json => decode_json(bytes),
-        WireFormat::Avro => T::from_avro(bytes),
-    }
+    })
 }
 
 fn sniff(bytes: &[u8]) -> WireFormat {

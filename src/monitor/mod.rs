@@ -58,7 +58,7 @@ use rdkafka::{
 use crate::{
     codec,
     config::PipelineConfig,
-    document::{DocumentFeedback, InferenceResult},
+    document::DocumentFeedback,
     kafka::{self, headers as h, KafkaError},
     state::{RocksStateStore, StateBatch, StateError, CF_ALERTS, CF_META, CF_OFFSETS, CF_OUTBOX, CF_PENDING_FEEDBACK, CF_PREDICTIONS, CF_PREDICTION_EXPIRY, CF_ROLLOUTS, CF_WINDOWS},
     window::WindowConfig,
@@ -493,7 +493,7 @@ impl MonitorStage {
                         Err(e) => Some((e.class(), e.to_string())),
                     }
                 } else if m.topic() == self.cfg.topics.inference {
-                    match codec::decode::<InferenceResult>(payload, ct.as_deref()) {
+                    match codec::decode_result_counted(payload, ct.as_deref()) {
                         Ok(r) => match limits.check_event_time("submitted_at", r.submitted_at, wall) {
                             Ok(()) => {
                                 // a result applied before (redelivered by an at-least-once writer) counts once

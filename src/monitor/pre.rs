@@ -66,7 +66,7 @@ use super::{
 use crate::{
     codec,
     config::PipelineConfig,
-    document::{DocumentFeedback, InferenceResult},
+    document::DocumentFeedback,
     kafka::{self, headers as h, headers::HeaderSet, range::PartitionRange, rebalance::KnownProtocol, KafkaError, RangeCursor},
     state::{RocksStateStore, StateBatch, StateError, CF_OFFSETS, CF_PREDICTIONS, CF_PREDICTION_EXPIRY},
 };
@@ -348,7 +348,7 @@ impl PreAggregator {
         b.results_next.insert(m.partition(), m.offset() + 1);
         let wall = now_ms();
         let ct = h::get(m.headers(), h::CONTENT_TYPE);
-        let decoded = codec::decode::<InferenceResult>(m.payload().unwrap_or_default(), ct.as_deref()).map_err(|e| (e.class(), e.to_string())).and_then(|r| match self.cfg.limits.check_event_time("submitted_at", r.submitted_at, wall) {
+        let decoded = codec::decode_result_counted(m.payload().unwrap_or_default(), ct.as_deref()).map_err(|e| (e.class(), e.to_string())).and_then(|r| match self.cfg.limits.check_event_time("submitted_at", r.submitted_at, wall) {
             Ok(()) => Ok(r),
             Err(why) => Err(("bad_timestamp", why.to_string())),
         });
@@ -604,7 +604,7 @@ impl PreAggregator {
         let mut pending = 0usize;
         cursor.for_each(Duration::from_secs(60), |m| -> Result<(), MonitorError> {
             let ct = h::get(m.headers(), h::CONTENT_TYPE);
-            if let Ok(r) = codec::decode::<InferenceResult>(m.payload().unwrap_or_default(), ct.as_deref()) {
+            if let Ok(r) = codec::decode_result_counted(m.payload().unwrap_or_default(), ct.as_deref()) {
                 if let Some(pred) = prediction_of(&r) {
                     w.put_json(&self.store, CF_PREDICTIONS, r.document_id.as_bytes(), &pred);
                     w.put_json(&self.store, CF_PREDICTION_EXPIRY, &expiry_key(pred.event_ms, &r.document_id), &serde_json::Value::Null);
