@@ -365,7 +365,26 @@ impl Binary for PayslipDocument {
     }
 }
 
-fn read_output(r: &mut Reader<'_>) -> R<ModelOutput> {
+/// A string kept, or checked and passed over (left empty) when `keep` is false.
+fn string_if(r: &mut Reader<'_>, keep: bool) -> R<String> {
+    if keep {
+        r.string()
+    } else {
+        r.skip_string().map(|()| String::new())
+    }
+}
+
+/// An array kept, or read item by item and left empty when `keep` is false.
+fn array_if<T>(r: &mut Reader<'_>, keep: bool, item: impl FnMut(&mut Reader<'_>) -> R<T>) -> R<Vec<T>> {
+    if keep {
+        r.array(item)
+    } else {
+        let mut item = item;
+        r.skip_array(|r| item(r).map(drop)).map(|()| Vec::new())
+    }
+}
+
+fn read_output(r: &mut Reader<'_>, keep: bool) -> R<ModelOutput> {
     Ok(ModelOutput {
         model: r.string()?,
         version: r.string()?,
@@ -375,83 +394,51 @@ fn read_output(r: &mut Reader<'_>) -> R<ModelOutput> {
         error_code: r.optional(Reader::string)?,
         label: r.optional(Reader::string)?,
         confidence: r.optional(Reader::float)?,
-        regions: r.array(|r| Ok(Region { page: r.int()?, x: r.float()?, y: r.float()?, w: r.float()?, h: r.float()?, score: r.float()? }))?,
-        lines: r.array(Reader::string)?,
+        regions: array_if(r, keep, |r| Ok(Region { page: r.int()?, x: r.float()?, y: r.float()?, w: r.float()?, h: r.float()?, score: r.float()? }))?,
+        lines: array_if(r, keep, |r| string_if(r, keep))?,
         load_ms: r.optional(Reader::double)?,
     })
 }
 
-/// An `InferenceResult` as the monitor counts it: every field is read and checked as by
-/// [`Binary::read`] (a datum decodes here exactly when it decodes there), but what no window
-/// uses is left empty instead of copied: `user_id`, `tenant`, `model_versions`, `source`, and each
+/// An `InferenceResult`, whole (`keep`), or as the monitor counts it: then every field is still
+/// read and checked (a datum decodes exactly when it decodes whole), but what no window uses is
+/// left empty instead of copied: `user_id`, `tenant`, `model_versions`, `source`, and each
 /// output's `regions` and `lines` (the recognised text, most of a result's strings). Measured with
 /// `perf` on `benches/throughput.rs`: allocating and freeing those was most of the monitor's
 /// decoding.
-pub fn read_result_counted(bytes: &[u8]) -> R<InferenceResult> {
-    let mut r = Reader::new(bytes);
-    let result_id = r.string()?;
-    let document_id = r.string()?;
-    r.skip_string()?;
-    r.skip_string()?;
-    let cohort = r.string()?;
-    let submitted_at = r.long()?;
-    let processed_at = r.long()?;
-    let provider = r.string()?;
-    r.skip_array(|r| {
-        r.skip_string()?;
-        r.skip_string()
-    })?;
-    let outputs = r.array(|r| {
-        Ok(ModelOutput {
-            model: r.string()?,
-            version: r.string()?,
-            provider: r.string()?,
-            latency_ms: r.double()?,
-            batch_size: r.int()?,
-            error_code: r.optional(Reader::string)?,
-            label: r.optional(Reader::string)?,
-            confidence: r.optional(Reader::float)?,
-            regions: {
-                r.skip_array(|r| {
-                    r.int()?;
-                    for _ in 0..5 {
-                        r.float()?;
-                    }
-                    Ok(())
-                })?;
-                Vec::new()
-            },
-            lines: {
-                r.skip_array(Reader::skip_string)?;
-                Vec::new()
-            },
-            load_ms: r.optional(Reader::double)?,
-        })
-    })?;
-    let result = InferenceResult {
-        result_id,
-        document_id,
-        user_id: String::new(),
-        tenant: String::new(),
-        cohort,
-        submitted_at,
-        processed_at,
-        provider,
-        model_versions: HashMap::new(),
-        outputs,
+fn read_result(r: &mut Reader<'_>, keep: bool) -> R<InferenceResult> {
+    Ok(InferenceResult {
+        result_id: r.string()?,
+        document_id: r.string()?,
+        user_id: string_if(r, keep)?,
+        tenant: string_if(r, keep)?,
+        cohort: r.string()?,
+        submitted_at: r.long()?,
+        processed_at: r.long()?,
+        provider: r.string()?,
+        model_versions: if keep {
+            r.string_map()?
+        } else {
+            r.skip_array(|r| r.skip_string().and_then(|()| r.skip_string()))?;
+            HashMap::new()
+        },
+        outputs: r.array(|r| read_output(r, keep))?,
         inference_ms: r.double()?,
         end_to_end_ms: r.double()?,
         error_code: r.optional(Reader::string)?,
         true_format: r.optional(Reader::string)?,
-        source: {
-            r.skip_string()?;
-            String::new()
-        },
+        source: string_if(r, keep)?,
         process_rss_bytes: r.optional(Reader::long)?,
         process_cpu_percent: r.optional(Reader::double)?,
-    };
+    })
+}
+
+/// A whole datum read as the monitor counts it ([`read_result`] without keeping the text).
+pub fn read_result_counted(bytes: &[u8]) -> R<InferenceResult> {
+    let mut r = Reader::new(bytes);
+    let v = read_result(&mut r, false)?;
     r.finish("payslip.v1.InferenceResult")?;
-    Ok(result)
+    Ok(v)
 }
 
 fn write_output(w: &mut Writer<'_>, o: &ModelOutput) {
@@ -477,25 +464,7 @@ fn write_output(w: &mut Writer<'_>, o: &ModelOutput) {
 
 impl Binary for InferenceResult {
     fn read(r: &mut Reader<'_>) -> R<Self> {
-        Ok(InferenceResult {
-            result_id: r.string()?,
-            document_id: r.string()?,
-            user_id: r.string()?,
-            tenant: r.string()?,
-            cohort: r.string()?,
-            submitted_at: r.long()?,
-            processed_at: r.long()?,
-            provider: r.string()?,
-            model_versions: r.string_map()?,
-            outputs: r.array(read_output)?,
-            inference_ms: r.double()?,
-            end_to_end_ms: r.double()?,
-            error_code: r.optional(Reader::string)?,
-            true_format: r.optional(Reader::string)?,
-            source: r.string()?,
-            process_rss_bytes: r.optional(Reader::long)?,
-            process_cpu_percent: r.optional(Reader::double)?,
-        })
+        read_result(r, true)
     }
 
     fn write(&self, w: &mut Writer<'_>) {
