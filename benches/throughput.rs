@@ -30,8 +30,9 @@
 //! `BENCH_LOAD_FRACTIONS=0.25,0.1` (latency runs at these fractions of the maximum too),
 //! `BENCH_MONITOR_FROM=<prefix>` (only the monitor and, with the peers, Quix Streams, on the results
 //! of an earlier run's end-to-end topics: its prefix, e.g. `bench-28779-1795967313578.`),
-//! `BENCH_MONITOR_PERF=<file>` (`perf record -g` of the monitor process into that file). Prints one JSON object, with the build it ran in; BENCHMARKS.md
-//! records the figures.
+//! `BENCH_MONITOR_PERF=<file>` (`perf record -g` of the monitor process into that file),
+//! `BENCH_MONITOR_BATCH` (overrides `monitor.max_batch`). Prints one JSON object, with the build
+//! it ran in; BENCHMARKS.md records the figures.
 
 use std::{
     sync::Arc,
