@@ -375,11 +375,10 @@ fn string_if(r: &mut Reader<'_>, keep: bool) -> R<String> {
 }
 
 /// An array kept, or read item by item and left empty when `keep` is false.
-fn array_if<T>(r: &mut Reader<'_>, keep: bool, item: impl FnMut(&mut Reader<'_>) -> R<T>) -> R<Vec<T>> {
+fn array_if<T>(r: &mut Reader<'_>, keep: bool, mut item: impl FnMut(&mut Reader<'_>) -> R<T>) -> R<Vec<T>> {
     if keep {
         r.array(item)
     } else {
-        let mut item = item;
         r.skip_array(|r| item(r).map(drop)).map(|()| Vec::new())
     }
 }

@@ -135,8 +135,6 @@ pub struct MonitorStage {
     changelog: Option<Arc<changelog::Changelog>>,
     /// The batch being written while the next one is applied ([`writer`]).
     behind: writer::WriteBehind,
-    /// Input messages in the batch being applied (for the write-behind's log line).
-    inputs_in_batch: usize,
     /// Set when the rollout state was rebuilt from the decisions topic: reading the commands topic
     /// starts here (a minute before the last answered command) instead of at its beginning; commands
     /// answered already are recognised by id and skipped.
@@ -193,7 +191,7 @@ impl MonitorStage {
         view.set_checkpointer(store.checkpointer());
         let producer = kafka::stats::producer_with_stats(kafka::producer_config_with(&brokers, &cfg.kafka.librdkafka, cfg.kafka.outage_tolerance_ms), view.producer_stats(), "the monitor producer")?;
         let changelog = if cfg.monitor.changelog { Some(Arc::new(changelog::Changelog::writer(&cfg, &brokers, partition as i32, view.changelog_cell())?)) } else { None };
-        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, behind: writer::WriteBehind::default(), inputs_in_batch: 0, commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view, partition, owned })
+        Ok(Self { cfg, brokers, store, state: MonitorState::default(), producer, changelog, behind: writer::WriteBehind::default(), commands_from: None, written_rollouts: BTreeMap::new(), legacy_keys: Vec::new(), view, partition, owned })
     }
 
     /// Whether this partition closes `model`'s windows, announces its updates and runs its rollouts.
@@ -397,7 +395,7 @@ impl MonitorStage {
             announced.extend(self.state.apply_command(&self.cfg.rollout, &self.cfg.models.serve, &cmd));
         }
         if !announced.is_empty() || self.state.rollout_dirty {
-            self.commit(BTreeMap::new(), announced, Vec::new())?;
+            self.commit(BTreeMap::new(), announced, Vec::new(), 0)?;
         }
         let mut assigned: BTreeSet<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         // the other closing partitions' partials count as known (they are not read here)
@@ -425,7 +423,7 @@ impl MonitorStage {
                 }
                 let events = self.state.announce_updates(&self.updates_in(&fresh), now_ms());
                 if !events.is_empty() {
-                    self.commit(BTreeMap::new(), events, Vec::new())?;
+                    self.commit(BTreeMap::new(), events, Vec::new(), 0)?;
                 }
             }
             let mut consumed: BTreeMap<String, i64> = BTreeMap::new();
@@ -550,8 +548,7 @@ impl MonitorStage {
                 self.view.refresh(&mut view_published, &self.state, frontier);
                 continue;
             }
-            self.inputs_in_batch = n;
-            self.commit(consumed, emitted, dead)?;
+            self.commit(consumed, emitted, dead, n)?;
             self.view.refresh(&mut view_published, &self.state, frontier);
         }
         // the last batch is written before the stage reports that it stopped
@@ -656,13 +653,12 @@ impl MonitorStage {
 
     /// Builds the batch's state changes, offsets and outbox (one `WriteBatch`) once the batch before
     /// it is written, and hands it to the write-behind, which writes it and then publishes its
-    /// outbox while the next batch is applied ([`writer`]).
-    fn commit(&mut self, consumed: BTreeMap<String, i64>, emitted: Vec<Emitted>, dead: Vec<OutboxMessage>) -> Result<(), MonitorError> {
+    /// outbox while the next batch is applied ([`writer`]). `inputs`: the messages applied in it.
+    fn commit(&mut self, consumed: BTreeMap<String, i64>, emitted: Vec<Emitted>, dead: Vec<OutboxMessage>, inputs: usize) -> Result<(), MonitorError> {
         let waiting = std::time::Instant::now();
         self.behind.wait()?;
         let waited = waiting.elapsed();
         let sink = self.sink();
-        let inputs = std::mem::take(&mut self.inputs_in_batch);
         let st = &mut self.state;
         let store = &self.store;
         let mut b = StateBatch::default();
@@ -736,7 +732,7 @@ impl MonitorStage {
             }
         }
         b.put_json(store, CF_META, META_COUNTERS, &st.counters);
-        self.behind.submit(move || sink, writer::Job { batch: b, outbox, inputs, waited }, predicted)
+        self.behind.submit(sink, writer::Job { batch: b, outbox, inputs, waited }, predicted)
     }
 
 }

@@ -87,7 +87,7 @@ impl Sink {
         }
         let delivered = kafka::wait_deliveries(futures).map_err(MonitorError::Delivery)?;
         let mut b = StateBatch::default();
-        let mut positions: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+        let mut positions: BTreeMap<String, i64> = BTreeMap::new();
         for ((key, m), d) in outbox.iter().zip(delivered) {
             let p = positions.entry(format!("{META_PUBLISHED_PREFIX}{}/{}", m.topic, d.partition)).or_insert(d.offset);
             *p = (*p).max(d.offset);
@@ -132,20 +132,19 @@ impl WriteBehind {
         if !std::mem::take(&mut self.busy) {
             return Ok(());
         }
-        self.predictions.clear();
         let worker = self.worker.as_ref().expect("a busy write-behind has its thread");
-        match worker.done.recv() {
-            Ok(r) => r,
-            Err(_) => Err(MonitorError::Thread { what: "monitor write-behind", message: "it ended without reporting its batch".into() }),
-        }
+        let outcome = worker.done.recv();
+        // written (or failed, which stops the stage): the store answers from now on
+        self.predictions.clear();
+        outcome.unwrap_or_else(|_| Err(MonitorError::Thread { what: "monitor write-behind", message: "it ended without reporting its batch".into() }))
     }
 
-    /// Hands a built batch over (after the one before it is written): it is written and its
-    /// outbox published while the caller goes on.
-    pub fn submit(&mut self, sink: impl FnOnce() -> Sink, job: Job, predictions: BTreeMap<String, Prediction>) -> Result<(), MonitorError> {
+    /// Hands a built batch over (after the one before it is written): it is written to `sink`
+    /// (the one the thread was started with) and its outbox published while the caller goes on.
+    pub fn submit(&mut self, sink: Sink, job: Job, predictions: BTreeMap<String, Prediction>) -> Result<(), MonitorError> {
         self.wait()?;
         if self.worker.is_none() {
-            self.worker = Some(spawn(sink())?);
+            self.worker = Some(spawn(sink)?);
         }
         let worker = self.worker.as_ref().expect("just started");
         let sent = worker.jobs.as_ref().expect("open until dropped").send(job);
@@ -237,7 +236,7 @@ mod tests {
         let mut behind = WriteBehind::default();
         let (first, predicted) = job(&sink, &["doc-1", "doc-2"]);
         let s = sink.clone();
-        behind.submit(move || s, first, predicted).expect("submit");
+        behind.submit(s, first, predicted).expect("submit");
         // whether or not the thread has written it yet, the predictions are found
         assert_eq!(behind.prediction("doc-1").map(|p| p.event_ms), Some(0));
         assert_eq!(behind.prediction("doc-2").map(|p| p.event_ms), Some(1));
@@ -262,7 +261,7 @@ mod tests {
             batch.put_json(&sink.store, CF_PREDICTIONS, id.as_bytes(), &prediction(round));
             let predicted: BTreeMap<String, Prediction> = [(id.to_string(), prediction(round))].into();
             let s = sink.clone();
-            behind.submit(move || s, Job { batch, outbox: Vec::new(), inputs: 1, waited: Duration::ZERO }, predicted).expect("submit");
+            behind.submit(s, Job { batch, outbox: Vec::new(), inputs: 1, waited: Duration::ZERO }, predicted).expect("submit");
             if round > 0 {
                 // handing batch `round` over waited for batch `round - 1`
                 assert!(stored(&sink, id).is_some_and(|p| p.event_ms >= round - 1), "round {round}");
@@ -282,7 +281,7 @@ mod tests {
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         let (j, predicted) = job(&sink, &refs);
         let s = sink.clone();
-        behind.submit(move || s, j, predicted).expect("submit");
+        behind.submit(s, j, predicted).expect("submit");
         drop(behind);
         assert_eq!(stored(&sink, "doc-1999").map(|p| p.event_ms), Some(1999), "the batch was written before the drop returned");
     }

@@ -105,19 +105,19 @@ pub struct StateBatch {
 
 impl StateBatch {
     pub fn put_json<T: Serialize>(&mut self, store: &RocksStateStore, cf: &'static str, key: &[u8], value: &T) {
-        let bytes = serde_json::to_vec(value).expect("state values serialise");
-        let h = store.db.cf_handle(cf).expect("column families exist after open");
-        self.batch.put_cf(h, key, &bytes);
-        self.puts += 1;
         // the serialised value itself is kept for the changelog, not a copy of it
-        self.ops.push((cf, key.to_vec(), Some(bytes)));
+        self.put_owned(store, cf, key, serde_json::to_vec(value).expect("state values serialise"));
     }
 
     pub fn put_raw(&mut self, store: &RocksStateStore, cf: &'static str, key: &[u8], value: &[u8]) {
+        self.put_owned(store, cf, key, value.to_vec());
+    }
+
+    fn put_owned(&mut self, store: &RocksStateStore, cf: &'static str, key: &[u8], value: Vec<u8>) {
         let h = store.db.cf_handle(cf).expect("column families exist after open");
-        self.batch.put_cf(h, key, value);
+        self.batch.put_cf(h, key, &value);
         self.puts += 1;
-        self.ops.push((cf, key.to_vec(), Some(value.to_vec())));
+        self.ops.push((cf, key.to_vec(), Some(value)));
     }
 
     pub fn delete(&mut self, store: &RocksStateStore, cf: &'static str, key: &[u8]) {
