@@ -39,7 +39,7 @@ use ort::{session::Session, value::TensorRef};
 use crate::{
     codec::text_enum::text_enum,
     config::{InferenceConfig, ModelsConfig},
-    document::{ModelOutput, PayslipDocument},
+    document::{ModelOutput, PayslipDocument, Raster},
 };
 use metadata::{ModelEntry, ModelMetadata};
 use preprocess::*;
@@ -713,8 +713,53 @@ const KEEP_INPUT_BUFFERS: usize = 2;
 
 static INPUT_BUFFERS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
+/// The text model's inputs, kept apart: each line slot remembers how many of its glyph cells may
+/// be non-zero, so a line rewrites its cells and clears only the ones the slot's last line wrote
+/// beyond them. Clearing every line's padding (most of its 48 cells) was more of the text model's
+/// preprocessing than sampling the line itself.
+static TEXT_INPUTS: Mutex<Vec<TextInput>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct TextInput {
+    cells: Vec<f32>,
+    /// Per line slot: the glyph cells that may be non-zero (the rest of the slot is zero).
+    written: Vec<u8>,
+}
+
+/// A buffer the pools keep, by its size in floats.
+trait Pooled: Default {
+    fn floats(&self) -> usize;
+}
+
+impl Pooled for Vec<f32> {
+    fn floats(&self) -> usize {
+        self.capacity()
+    }
+}
+
+impl Pooled for TextInput {
+    fn floats(&self) -> usize {
+        self.cells.capacity()
+    }
+}
+
+/// Runs `f` on a buffer taken from `pool` (a new one when it is empty) and keeps the buffer
+/// afterwards within [`KEEP_INPUT_BUFFERS`] and [`KEEP_INPUT_FLOATS`].
+fn with_pooled<B: Pooled, T>(pool: &Mutex<Vec<B>>, f: impl FnOnce(&mut B) -> T) -> T {
+    let mut buf = pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+    let out = f(&mut buf);
+    if buf.floats() <= KEEP_INPUT_FLOATS {
+        let mut kept = pool.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < KEEP_INPUT_BUFFERS {
+            kept.push(buf);
+        }
+    }
+    out
+}
+
 thread_local! {
     static SESSION_RUN_NANOS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static SESSION_RUN_CPU_NANOS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Time this thread spent inside ONNX Runtime's `Session::run` since it started, seconds: what the
@@ -723,21 +768,48 @@ pub fn session_run_seconds() -> f64 {
     SESSION_RUN_NANOS.with(|c| c.get()) as f64 / 1e9
 }
 
+/// CPU time of this thread inside `Session::run` since it started, seconds: [`session_run_seconds`]
+/// without the time other processes had the core (with `inference.intra_threads: 1` ONNX Runtime
+/// runs on the calling thread, so this is all of its CPU).
+pub fn session_run_cpu_seconds() -> f64 {
+    SESSION_RUN_CPU_NANOS.with(|c| c.get()) as f64 / 1e9
+}
+
+/// This thread's CPU time, nanoseconds.
+fn thread_cpu_nanos() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given and nothing else.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Runs `f` on an input buffer of `len` floats (contents unspecified: `f` writes every element),
 /// taken from the kept buffers when one is there.
 fn with_input<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
-    let mut buf = INPUT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    let out = f(&mut buf[..len]);
-    if buf.capacity() <= KEEP_INPUT_FLOATS {
-        let mut kept = INPUT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() < KEEP_INPUT_BUFFERS {
-            kept.push(buf);
+    with_pooled(&INPUT_BUFFERS, |buf: &mut Vec<f32>| {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
         }
-    }
-    out
+        f(&mut buf[..len])
+    })
+}
+
+/// The text model's input for `rasters` (one slot of `LINE_CELLS_LEN` per line), built in a kept
+/// buffer that clears only what earlier lines left; `f` gets it once every line is in.
+fn with_text_input<'r, T>(rasters: impl Iterator<Item = &'r Raster>, lines: usize, f: impl FnOnce(&[f32]) -> Result<T, (&'static str, String)>) -> Result<T, (&'static str, String)> {
+    with_pooled(&TEXT_INPUTS, |buf: &mut TextInput| {
+        if buf.written.len() < lines {
+            buf.cells.resize(lines * LINE_CELLS_LEN, 0.0);
+            buf.written.resize(lines, 0);
+        }
+        for ((r, out), written) in rasters.zip(buf.cells.chunks_exact_mut(LINE_CELLS_LEN)).zip(buf.written.iter_mut()) {
+            let before = std::mem::replace(written, MAX_LINE_CHARS as u8);
+            *written = line_cells_over(r, out, before as usize).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))? as u8;
+        }
+        f(&buf.cells[..lines * LINE_CELLS_LEN])
+    })
 }
 
 /// Runs one model on a stacked input (a view of `data`, not a copy) and hands the output's shape and
@@ -745,15 +817,45 @@ fn with_input<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
 fn run_model<T>(model: &LoadedModel, shape: &[i64], data: &[f32], read: impl FnOnce(&[i64], &[f32]) -> Result<T, (&'static str, String)>) -> Result<T, (&'static str, String)> {
     let input = TensorRef::from_array_view((shape.to_vec(), data)).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
     let mut session = model.session.lock().unwrap_or_else(|p| p.into_inner());
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), thread_cpu_nanos());
     let outputs = session.run(ort::inputs![input]).map_err(|e| (RUNTIME_FAILED, e.to_string()))?;
     SESSION_RUN_NANOS.with(|c| c.set(c.get() + started.elapsed().as_nanos() as u64));
+    SESSION_RUN_CPU_NANOS.with(|c| c.set(c.get() + thread_cpu_nanos().saturating_sub(cpu)));
     let (shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(|e| (codes::BAD_OUTPUT, e.to_string()))?;
     read(shape, values)
 }
 
+/// The first position of the largest value above `f32::MIN` (NaN never wins), with the value;
+/// `(0, f32::MIN)` when there is none. Both passes work eight values at a time, in the vector
+/// registers the compiler keeps them in: the largest value, then the first chunk holding it (a
+/// mask of the equal lanes) and its first lane there. The greedy text decoding calls this for
+/// every glyph cell of every line, padding included.
 fn argmax(row: &[f32]) -> (usize, f32) {
-    row.iter().enumerate().fold((0, f32::MIN), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc })
+    const LANES: usize = 8;
+    let mut lanes = [f32::MIN; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks.clone() {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let max = lanes.iter().chain(rest).fold(f32::MIN, |m, &v| if v > m { v } else { m });
+    if max <= f32::MIN {
+        return (0, f32::MIN);
+    }
+    for (c, chunk) in chunks.enumerate() {
+        let mut equal = 0u32;
+        for (j, &v) in chunk.iter().enumerate() {
+            equal |= ((v == max) as u32) << j;
+        }
+        if equal != 0 {
+            let i = c * LANES + equal.trailing_zeros() as usize;
+            return (i, row[i]);
+        }
+    }
+    let i = row.len() - rest.len() + rest.iter().position(|&v| v == max).expect("the largest value is in the row");
+    (i, row[i])
 }
 
 fn run_classifier(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
@@ -814,10 +916,7 @@ fn run_text(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
     let mut lines: Vec<Vec<String>> = docs.iter().map(|d| Vec::with_capacity(d.pages.iter().map(|p| p.lines.len()).sum())).collect();
     if !owner.is_empty() {
         let rasters = docs.iter().flat_map(|d| d.pages.iter().flat_map(|p| p.lines.iter().filter_map(|l| l.raster.as_ref())));
-        with_input(owner.len() * LINE_CELLS_LEN, |data| {
-            for (r, out) in rasters.zip(data.chunks_exact_mut(LINE_CELLS_LEN)) {
-                line_cells_into(r, out).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
-            }
+        with_text_input(rasters, owner.len(), |data| {
             run_model(model, &[owner.len() as i64, MAX_LINE_CHARS as i64, (GLYPH_H * GLYPH_W) as i64], data, |shape, probs| {
                 let k = model.entry.labels.len();
                 if shape != [owner.len() as i64, MAX_LINE_CHARS as i64, k as i64] {
@@ -834,4 +933,43 @@ fn run_text(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
         })?;
     }
     Ok(lines.into_iter().map(|l| Box::new(move |o: &mut ModelOutput| o.lines = l) as Fill).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    /// The argmax as first written: one fold, strictly greater replaces.
+    fn reference_argmax(row: &[f32]) -> (usize, f32) {
+        row.iter().enumerate().fold((0, f32::MIN), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc })
+    }
+
+    fn value() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            4 => 0f32..1.0,
+            1 => prop::sample::select(vec![0.0, -0.0, 1.0, 0.5, f32::MIN, f32::MAX, f32::NEG_INFINITY, f32::INFINITY, f32::NAN]),
+            1 => any::<f32>(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn text_inputs_from_kept_buffers_are_built_afresh(runs in prop::collection::vec(prop::collection::vec(1i32..420, 0..12), 1..6)) {
+            use crate::document::{Raster, RasterEncoding};
+            for (i, widths) in runs.iter().enumerate() {
+                let rasters: Vec<Raster> = widths.iter().map(|&w| Raster { width: w, height: 8, encoding: RasterEncoding::GRAY8, pixels: vec![(i * 40 + 1) as u8; w as usize * 8] }).collect();
+                let fresh: Vec<f32> = rasters.iter().flat_map(|r| super::line_cells(r).unwrap()).collect();
+                let built = super::with_text_input(rasters.iter(), rasters.len(), |data| Ok(data.to_vec())).unwrap();
+                prop_assert_eq!(built, fresh);
+            }
+        }
+
+        #[test]
+        fn argmax_matches_the_first_implementation(row in prop::collection::vec(value(), 0..40)) {
+            let (i, v) = super::argmax(&row);
+            let (ri, rv) = reference_argmax(&row);
+            prop_assert_eq!(i, ri);
+            prop_assert_eq!(v.to_bits(), rv.to_bits());
+        }
+    }
 }

@@ -68,6 +68,19 @@ pub fn classifier_features_into<'a>(pieces: impl IntoIterator<Item = &'a str>, o
     }
 }
 
+/// The intensity of each GRAY8 value, `v / 255` (the same floats as dividing each time: the table
+/// is computed with the same IEEE division, at compile time). A lookup costs a load where the
+/// division cost most of the text model's preprocessing.
+const GRAY8_INTENSITY: [f32; 256] = {
+    let mut t = [0f32; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = i as f32 / 255.0;
+        i += 1;
+    }
+    t
+};
+
 /// Nearest-neighbour sample of `raster` onto an `out_w x out_h` grid, for the first `cols` output
 /// columns only; `put(x, y, value)` receives each sample. Pixels are read where they are sampled,
 /// so a large raster costs its sampled pixels, not its size: nothing the size of the input (or of
@@ -91,7 +104,7 @@ fn sample(raster: &Raster, out_w: usize, out_h: usize, cols: usize, mut put: imp
             crate::document::RasterEncoding::GRAY8 => {
                 let pixels = &raster.pixels[row..row + w];
                 for (x, &s) in source.iter().enumerate() {
-                    put(x, y, pixels[s] as f32 / 255.0);
+                    put(x, y, GRAY8_INTENSITY[pixels[s] as usize]);
                 }
             }
             crate::document::RasterEncoding::GRAYF32LE => {
@@ -138,13 +151,53 @@ pub fn line_cells(raster: &Raster) -> Result<Vec<f32>, RasterError> {
 /// [`line_cells`] written into `out` (`LINE_CELLS_LEN` long): each sample goes straight to its
 /// place in its glyph cell; the cells past the line's end are zeroed.
 pub fn line_cells_into(raster: &Raster, out: &mut [f32]) -> Result<(), RasterError> {
+    line_cells_over(raster, out, MAX_LINE_CHARS).map(|_| ())
+}
+
+/// [`line_cells_into`] over a slot whose glyph cells past the first `written` are known to be zero
+/// already: only the cells between the line's end and `written` are cleared. Returns the line's
+/// cells (what may be non-zero now). On an error `out` is left partly written.
+pub fn line_cells_over(raster: &Raster, out: &mut [f32], written: usize) -> Result<usize, RasterError> {
     raster.check_size()?;
     let out = &mut out[..LINE_CELLS_LEN];
     let (w, h) = (raster.width as usize, raster.height as usize);
     let out_w = if h == GLYPH_H { w } else { ((w * GLYPH_H) as f64 / h as f64).round().max(1.0) as usize };
-    let cols = (out_w.min(MAX_LINE_CHARS * GLYPH_W) / GLYPH_W) * GLYPH_W;
-    out[cols * GLYPH_H..].fill(0.0);
-    sample(raster, out_w, GLYPH_H, cols, |x, y, v| out[(x / GLYPH_W) * GLYPH_H * GLYPH_W + y * GLYPH_W + x % GLYPH_W] = v)
+    let cells = out_w.min(MAX_LINE_CHARS * GLYPH_W) / GLYPH_W;
+    let cols = cells * GLYPH_W;
+    let (used, padding) = out.split_at_mut(cols * GLYPH_H);
+    padding[..written.min(MAX_LINE_CHARS).saturating_sub(cells) * GLYPH_H * GLYPH_W].fill(0.0);
+    if raster.encoding != crate::document::RasterEncoding::GRAY8 {
+        return sample(raster, out_w, GLYPH_H, cols, |x, y, v| used[(x / GLYPH_W) * GLYPH_H * GLYPH_W + y * GLYPH_W + x % GLYPH_W] = v).map(|()| cells);
+    }
+    // GRAY8, the common case, a glyph cell's row at a time: eight contiguous outputs from eight
+    // source pixels, which are contiguous too when the line is already glyph-high (no resampling)
+    let rows: [usize; GLYPH_H] = std::array::from_fn(|y| (y * h / GLYPH_H).min(h - 1) * w);
+    if out_w == w {
+        for (c, cell) in used.chunks_exact_mut(GLYPH_H * GLYPH_W).enumerate() {
+            for (y, &row) in rows.iter().enumerate() {
+                let src: &[u8; GLYPH_W] = raster.pixels[row + c * GLYPH_W..][..GLYPH_W].try_into().expect("GLYPH_W pixels");
+                let dst: &mut [f32; GLYPH_W] = (&mut cell[y * GLYPH_W..][..GLYPH_W]).try_into().expect("GLYPH_W cells");
+                for j in 0..GLYPH_W {
+                    dst[j] = GRAY8_INTENSITY[src[j] as usize];
+                }
+            }
+        }
+        return Ok(cells);
+    }
+    let mut source = [0usize; MAX_SAMPLED_COLS];
+    for (x, s) in source[..cols].iter_mut().enumerate() {
+        *s = (x * w / out_w).min(w - 1);
+    }
+    for (c, cell) in used.chunks_exact_mut(GLYPH_H * GLYPH_W).enumerate() {
+        let source = &source[c * GLYPH_W..][..GLYPH_W];
+        for (y, &row) in rows.iter().enumerate() {
+            let pixels = &raster.pixels[row..row + w];
+            for (d, &s) in cell[y * GLYPH_W..][..GLYPH_W].iter_mut().zip(source) {
+                *d = GRAY8_INTENSITY[pixels[s] as usize];
+            }
+        }
+    }
+    Ok(cells)
 }
 
 /// Target of the table model: 1 for each grid cell whose centre lies in a table.
@@ -302,11 +355,41 @@ mod tests {
         }
 
         #[test]
+        fn glyph_high_lines_are_copied_cell_by_cell(w in 1i32..500, seed in any::<u64>()) {
+            let n = w as usize * GLYPH_H;
+            let pixels: Vec<u8> = (0..n).map(|i| (seed.wrapping_mul(i as u64 + 1) >> 17) as u8).collect();
+            let r = Raster { width: w, height: GLYPH_H as i32, encoding: RasterEncoding::GRAY8, pixels };
+            let mut dirty = vec![f32::NAN; LINE_CELLS_LEN];
+            line_cells_into(&r, &mut dirty).unwrap();
+            prop_assert_eq!(dirty, reference_line_cells(&r));
+        }
+
+        #[test]
+        fn a_reused_slot_clears_only_what_its_last_line_wrote(widths in prop::collection::vec(1i32..500, 1..8), h in 1i32..20) {
+            let mut slot = vec![0f32; LINE_CELLS_LEN];
+            let mut written = 0;
+            for (i, w) in widths.into_iter().enumerate() {
+                let pixels: Vec<u8> = (0..(w * h) as usize).map(|p| (p * 7 + i * 13) as u8 | 1).collect();
+                let r = Raster { width: w, height: h, encoding: RasterEncoding::GRAY8, pixels };
+                written = line_cells_over(&r, &mut slot, written).unwrap();
+                prop_assert_eq!(&slot, &reference_line_cells(&r));
+                prop_assert!(slot[written * GLYPH_H * GLYPH_W..].iter().all(|&v| v == 0.0));
+            }
+        }
+
+        #[test]
         fn cropping_before_resampling_gives_the_same_cells(w in 1i32..1200, h in 1i32..40, seed in any::<u64>()) {
             let n = (w * h) as usize;
             let pixels: Vec<u8> = (0..n).map(|i| (seed.wrapping_mul(i as u64 + 1) >> 17) as u8).collect();
             let r = Raster { width: w, height: h, encoding: RasterEncoding::GRAY8, pixels };
             prop_assert_eq!(line_cells(&r).unwrap(), reference_line_cells(&r));
+        }
+    }
+
+    #[test]
+    fn the_gray8_table_is_the_division() {
+        for v in 0..=255u8 {
+            assert_eq!(GRAY8_INTENSITY[v as usize].to_bits(), (v as f32 / 255.0).to_bits());
         }
     }
 
