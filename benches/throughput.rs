@@ -37,7 +37,8 @@
 //! of an earlier run's end-to-end topics: its prefix, e.g. `bench-28779-1795967313578.`),
 //! `BENCH_MONITOR_PERF=<file>` (`perf record -g` of the monitor process into that file),
 //! `BENCH_MONITOR_BATCH` (overrides `monitor.max_batch`), `BENCH_LIBRDKAFKA=key=value,...` (added to
-//! `kafka.librdkafka`, the stage's client settings, past the configuration's checks). Prints one JSON object, with the build
+//! `kafka.librdkafka`, the stage's client settings, past the configuration's checks), `BENCH_MAX_RATE`
+//! (the latency runs' loads are fractions of this instead of the measured maximum). Prints one JSON object, with the build
 //! it ran in; BENCHMARKS.md records the figures.
 
 use std::{
@@ -261,14 +262,16 @@ fn main() {
         _ => serde_json::Value::Null,
     };
     let max_rate = n as f64 / e2e_s;
+    // the latency runs' reference (comparisons at the same offered load): the measured maximum unless set
+    let latency_max: f64 = std::env::var("BENCH_MAX_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(max_rate);
     let latency_s: f64 = std::env::var("BENCH_LATENCY_S").ok().and_then(|v| v.parse().ok()).unwrap_or(20.0);
     // half the maximum (the point), then any further fractions asked for
     let fractions: Vec<f64> = std::env::var("BENCH_LOAD_FRACTIONS").ok().map(|v| v.split(',').filter_map(|f| f.trim().parse().ok()).collect()).unwrap_or_default();
-    let half = latency(&rt, &cfg, &brokers, registry.clone(), (max_rate / 2.0).round(), latency_s);
+    let half = latency(&rt, &cfg, &brokers, registry.clone(), (latency_max / 2.0).round(), latency_s);
     let swept: Vec<serde_json::Value> = fractions
         .iter()
         .map(|f| {
-            let mut v = latency(&rt, &cfg, &brokers, registry.clone(), (max_rate * f).round(), latency_s);
+            let mut v = latency(&rt, &cfg, &brokers, registry.clone(), (latency_max * f).round(), latency_s);
             v["fraction_of_max"] = serde_json::json!(f);
             v
         })
