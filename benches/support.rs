@@ -90,3 +90,37 @@ pub fn spawn_monitor(yaml: &std::path::Path, brokers: &str, args: &[&str], log: 
         .spawn()
         .unwrap_or_else(|e| panic!("{} (build it first: see the harness's doc): {e}", exe.display()))
 }
+
+/// Deletes the topics this harness process created (their names hold `bench-` and `-<pid>-`: its
+/// own runs' prefixes, and the Quix Streams peer's internal topics named after them), except those
+/// starting with `keep` (a prefix a later `BENCH_MONITOR_FROM` run may read). A broker that keeps
+/// every run's topics grows by thousands of partition directories a day, which slows the runs after.
+/// Returns how many it deleted.
+#[allow(dead_code)]
+pub fn delete_bench_topics(brokers: &str, keep: Option<&str>) -> usize {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions},
+        client::DefaultClientContext,
+    };
+    let own = format!("-{}-", std::process::id());
+    let admin: AdminClient<DefaultClientContext> = kafka::client_config(brokers, &Default::default()).create().expect("admin client");
+    let names: Vec<String> = match admin.inner().fetch_metadata(None, Duration::from_secs(10)) {
+        Ok(m) => m.topics().iter().map(|t| t.name().to_string()).filter(|n| n.contains("bench-") && n.contains(&own) && !keep.is_some_and(|k| n.starts_with(k))).collect(),
+        Err(e) => {
+            eprintln!("cannot list the topics to delete: {e}");
+            return 0;
+        }
+    };
+    if names.is_empty() {
+        return 0;
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    match rt.block_on(admin.delete_topics(&refs, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))) {
+        Ok(results) => results.iter().filter(|r| r.is_ok()).count(),
+        Err(e) => {
+            eprintln!("cannot delete the harness's topics: {e}");
+            0
+        }
+    }
+}

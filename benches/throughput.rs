@@ -38,7 +38,9 @@
 //! `BENCH_MONITOR_PERF=<file>` (`perf record -g` of the monitor process into that file),
 //! `BENCH_MONITOR_BATCH` (overrides `monitor.max_batch`), `BENCH_LIBRDKAFKA=key=value,...` (added to
 //! `kafka.librdkafka`, the stage's client settings, past the configuration's checks), `BENCH_MAX_RATE`
-//! (the latency runs' loads are fractions of this instead of the measured maximum). Prints one JSON object, with the build
+//! (the latency runs' loads are fractions of this instead of the measured maximum). At the end it
+//! deletes the topics it created, except the plain end-to-end run's (its prefix is printed, for
+//! `BENCH_MONITOR_FROM`). Prints one JSON object, with the build
 //! it ran in; BENCHMARKS.md records the figures.
 
 use std::{
@@ -62,7 +64,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 mod support;
 #[path = "peers/mod.rs"]
 mod peers;
-use support::publish_split;
+use support::{delete_bench_topics, publish_split};
 
 /// One pass of ONNX Runtime alone over the documents: wall and CPU seconds of the whole loop
 /// (preprocessing included) and of `Session::run` alone.
@@ -157,6 +159,7 @@ fn main() {
             },
         });
         println!("{report}");
+        eprintln!("deleted {} of this run's topics (kept {from}*)", delete_bench_topics(&brokers, Some(&from)));
         return;
     }
     let gen = Generator::new(GeneratorConfig { seed: 606, ..Default::default() });
@@ -311,6 +314,8 @@ fn main() {
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{report}");
+    // the plain run's topics stay for BENCH_MONITOR_FROM; everything else this run made goes
+    eprintln!("deleted {} of this run's topics (kept {e2e_prefix}*)", delete_bench_topics(&brokers, Some(&e2e_prefix)));
 }
 
 /// The monitor stage, and with `quix` the Quix Streams peer, on `BENCH_MONITOR_COPIES` (default 10)
