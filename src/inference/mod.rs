@@ -704,7 +704,8 @@ fn unavailable(name: &str, version: &str) -> ModelOutput {
 type Fill = Box<dyn FnOnce(&mut ModelOutput) + Send>;
 type RunResult = Result<Vec<Fill>, (&'static str, String)>;
 
-/// Input buffers kept for reuse: at most [`KEEP_INPUT_BUFFERS`] (one per batch in flight), each of
+/// Input buffers kept for reuse, per pool (the text model's, the other models'): at most
+/// [`KEEP_INPUT_BUFFERS`] (one per batch in flight), each of
 /// at most [`KEEP_INPUT_FLOATS`] (a full text run of `batching.max_lines_per_run` = 1,024 lines is
 /// 3.1 M floats); a larger one is freed after its run. What is kept is what the last batches needed
 /// anyway, so the peak does not grow, and a busy stage stops paying page faults for fresh buffers.

@@ -166,34 +166,18 @@ pub fn line_cells_over(raster: &Raster, out: &mut [f32], written: usize) -> Resu
     let cols = cells * GLYPH_W;
     let (used, padding) = out.split_at_mut(cols * GLYPH_H);
     padding[..written.min(MAX_LINE_CHARS).saturating_sub(cells) * GLYPH_H * GLYPH_W].fill(0.0);
-    if raster.encoding != crate::document::RasterEncoding::GRAY8 {
-        return sample(raster, out_w, GLYPH_H, cols, |x, y, v| used[(x / GLYPH_W) * GLYPH_H * GLYPH_W + y * GLYPH_W + x % GLYPH_W] = v).map(|()| cells);
+    let cell_of = |x: usize, y: usize| (x / GLYPH_W) * GLYPH_H * GLYPH_W + y * GLYPH_W + x % GLYPH_W;
+    if raster.encoding != crate::document::RasterEncoding::GRAY8 || h != GLYPH_H {
+        return sample(raster, out_w, GLYPH_H, cols, |x, y, v| used[cell_of(x, y)] = v).map(|()| cells);
     }
-    // GRAY8, the common case, a glyph cell's row at a time: eight contiguous outputs from eight
-    // source pixels, which are contiguous too when the line is already glyph-high (no resampling)
-    let rows: [usize; GLYPH_H] = std::array::from_fn(|y| (y * h / GLYPH_H).min(h - 1) * w);
-    if out_w == w {
-        for (c, cell) in used.chunks_exact_mut(GLYPH_H * GLYPH_W).enumerate() {
-            for (y, &row) in rows.iter().enumerate() {
-                let src: &[u8; GLYPH_W] = raster.pixels[row + c * GLYPH_W..][..GLYPH_W].try_into().expect("GLYPH_W pixels");
-                let dst: &mut [f32; GLYPH_W] = (&mut cell[y * GLYPH_W..][..GLYPH_W]).try_into().expect("GLYPH_W cells");
-                for j in 0..GLYPH_W {
-                    dst[j] = GRAY8_INTENSITY[src[j] as usize];
-                }
-            }
-        }
-        return Ok(cells);
-    }
-    let mut source = [0usize; MAX_SAMPLED_COLS];
-    for (x, s) in source[..cols].iter_mut().enumerate() {
-        *s = (x * w / out_w).min(w - 1);
-    }
+    // a glyph-high GRAY8 line (the common case: nothing to resample) a glyph cell's row at a time,
+    // eight contiguous pixels to eight contiguous floats
     for (c, cell) in used.chunks_exact_mut(GLYPH_H * GLYPH_W).enumerate() {
-        let source = &source[c * GLYPH_W..][..GLYPH_W];
-        for (y, &row) in rows.iter().enumerate() {
-            let pixels = &raster.pixels[row..row + w];
-            for (d, &s) in cell[y * GLYPH_W..][..GLYPH_W].iter_mut().zip(source) {
-                *d = GRAY8_INTENSITY[pixels[s] as usize];
+        for y in 0..GLYPH_H {
+            let src: &[u8; GLYPH_W] = raster.pixels[y * w + c * GLYPH_W..][..GLYPH_W].try_into().expect("GLYPH_W pixels");
+            let dst: &mut [f32; GLYPH_W] = (&mut cell[y * GLYPH_W..][..GLYPH_W]).try_into().expect("GLYPH_W cells");
+            for j in 0..GLYPH_W {
+                dst[j] = GRAY8_INTENSITY[src[j] as usize];
             }
         }
     }
