@@ -97,7 +97,7 @@ fn run_source(cfg: &PipelineConfig, brokers: &str, name: &str, source: Source, n
         if canary {
             publish_split(&cfg, brokers, 50.0).await;
         }
-        let opts = ProduceOptions { brokers: brokers.into(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+        let opts = ProduceOptions { brokers: brokers.into(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
         produce::produce(&opts, source).await.expect("produce");
     });
     // the binary next to this example's directory (target/<profile>/payslip-stream)

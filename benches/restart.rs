@@ -74,7 +74,7 @@ fn round(brokers: &str, static_membership: bool, rt: &tokio::runtime::Runtime) -
     )
     .expect("yaml");
     rt.block_on(kafka::admin::ensure_topics(brokers, &cfg)).expect("topics");
-    let opts = ProduceOptions { brokers: brokers.into(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(100.0), progress: None, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers.into(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(100.0), progress: None, passthrough: Default::default(), producers: 1 };
     let feed = rt.spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 5, start: 0, count: 6_000, golden_fraction: 1.0, pool: None }).await });
     let mut child = spawn(&yaml, brokers, &prefix);
     let started = Instant::now();

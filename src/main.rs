@@ -141,10 +141,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
-        Command::Produce { common, files, count, seed, start, golden_fraction, rate, pool, format, topic } => {
+        Command::Produce { common, files, count, seed, start, golden_fraction, rate, pool, producers, format, topic } => {
             let cfg = load_config(&common)?;
             let brokers = brokers_of(&common, &cfg).context("no brokers: pass --brokers, set PAYSLIP_BROKERS or kafka.brokers")?;
-            let opts = ProduceOptions { brokers, topic: topic.unwrap_or(cfg.topics.documents.clone()), format, rate, progress: cli::progress::bar(), passthrough: cfg.kafka.librdkafka.clone() };
+            let opts = ProduceOptions { brokers, topic: topic.unwrap_or(cfg.topics.documents.clone()), format, rate, progress: cli::progress::bar(), passthrough: cfg.kafka.librdkafka.clone(), producers: 1 };
+            let opts = ProduceOptions { producers: produce::clients(producers, pool, !files.is_empty()), ..opts };
             let source = if files.is_empty() { Source::Synthetic { seed, start, count, golden_fraction, pool } } else { Source::Files(files) };
             let s = produce::produce(&opts, source).await.map_err(|e| anyhow!(e))?;
             println!("{}", serde_json::to_string(&s)?);

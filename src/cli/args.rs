@@ -90,6 +90,10 @@ pub enum Command {
         /// id, user and time (a load generator: rendering costs ~14 ms a document, sending far less).
         #[arg(long)]
         pool: Option<u64>,
+        /// Producer clients to spread the documents over, by key (each compresses and sends on its own
+        /// thread). Default: one per core with --pool (a load generator), else one.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+        producers: Option<u16>,
         /// Wire format of the values.
         #[arg(long, default_value = "avro")]
         format: WireFormat,

@@ -28,7 +28,7 @@ async fn classifier_accuracy_through_pipeline_matches_metadata() {
 
     let stage = RunningStage::start(&cfg, load_registry(&cfg));
     let n = 800;
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
     // seed 5150: neither the training (1001) nor the held-out (2002) documents
     produce::produce(&opts, Source::Synthetic { seed: 5150, start: 0, count: n, golden_fraction: 1.0, pool: None }).await.unwrap();
     let reads = tokio::task::spawn_blocking({

@@ -23,7 +23,7 @@ async fn thousand_documents_give_exactly_thousand_results() {
     let ids: BTreeSet<String> = docs.iter().map(|d| d.document_id.clone()).collect();
     assert_eq!(ids.len(), 1000);
     for (half, format) in [(&docs[..500], WireFormat::Avro), (&docs[500..], WireFormat::Json)] {
-        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format, rate: None, progress: None, passthrough: Default::default() };
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
         let s = produce::produce(&opts, Source::Documents(half.to_vec())).await.expect("produce");
         assert_eq!((s.sent, s.failed), (500, 0));
     }
@@ -62,7 +62,7 @@ async fn thousand_documents_give_exactly_thousand_results() {
 async fn produce_says_when_it_misses_the_requested_rate() {
     let cfg = isolated_config("produce-rate").await;
     let run = |rate: f64, count: u64| {
-        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough: Default::default() };
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough: Default::default(), producers: 1 };
         async move { produce::produce(&opts, Source::Synthetic { seed: 5, start: 0, count, golden_fraction: 1.0, pool: None }).await.expect("produce") }
     };
     let fast = run(1e7, 300).await;
@@ -76,12 +76,13 @@ async fn produce_says_when_it_misses_the_requested_rate() {
 }
 
 /// `produce --pool N`: N documents rendered, every one of `count` sent once under its own id, the
-/// content of document i that of rendered document i mod N.
+/// content of document i that of rendered document i mod N; spread over three producer clients
+/// (as the CLI does with a pool), still each exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_from_a_pool_sends_every_document_once_under_its_own_id() {
     use payslip_stream::{codec, document::PayslipDocument};
     let cfg = isolated_config("produce-pool").await;
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 3 };
     let s = produce::produce(&opts, Source::Synthetic { seed: 7, start: 100, count: 500, golden_fraction: 1.0, pool: Some(16) }).await.expect("produce");
     assert_eq!((s.sent, s.failed), (500, 0));
     let reads = tokio::task::spawn_blocking(move || read_all(&cfg.topics.documents)).await.unwrap();

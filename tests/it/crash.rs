@@ -143,7 +143,7 @@ impl Run {
         .unwrap();
         let log = std::env::temp_dir().join(format!("{}.log", unique("crash-stage")));
         let monitor = RunningMonitor::start(&cfg);
-        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(300.0), progress: None, passthrough: Default::default() };
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(300.0), progress: None, passthrough: Default::default(), producers: 1 };
         let producer = tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 99, start: 0, count: n, golden_fraction: 1.0, pool: None }).await });
         Run { _dir: dir, cfg, prefix, group, yaml, log, n, monitor: Some(monitor), producer: Some(producer) }
     }
@@ -172,7 +172,7 @@ impl Run {
         flush.document_id = "flush".into();
         flush.submitted_at = chrono::Utc::now().timestamp_millis() + 60_000;
         ids.insert(flush.document_id.clone());
-        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
         produce::produce(&opts, Source::Documents(vec![flush])).await.unwrap();
 
         // every document has a result (read_committed, as every reader of the project)

@@ -38,7 +38,7 @@ async fn tampered_model_is_refused_and_the_rest_keep_serving() {
     // carries the error code
     cfg.models.allow_degraded = vec!["table_detection".into()];
     let stage = RunningStage::start(&cfg, registry);
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
     produce::produce(&opts, Source::Synthetic { seed: 8, start: 0, count: 20, golden_fraction: 1.0, pool: None }).await.unwrap();
     let t = cfg.topics.inference.clone();
     let reads = tokio::task::spawn_blocking(move || read_topic(&t, 20, Duration::from_secs(90), Duration::from_secs(1))).await.unwrap();
@@ -391,7 +391,7 @@ async fn a_version_published_while_the_stage_runs_is_rolled_out_without_a_restar
         assert!(started.elapsed() < Duration::from_secs(30), "the stage never loaded the published version");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    produce::produce(&ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() }, Source::Documents(docs)).await.unwrap();
+    produce::produce(&ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 }, Source::Documents(docs)).await.unwrap();
     let t = cfg.topics.inference.clone();
     let results: Vec<_> = tokio::task::spawn_blocking(move || read_topic(&t, 60, Duration::from_secs(60), Duration::from_secs(1))).await.unwrap().iter().map(|r| r.result()).collect();
     assert_eq!(results.len(), 60);
@@ -425,7 +425,7 @@ async fn a_version_published_while_the_stage_runs_is_rolled_out_without_a_restar
     assert_eq!(refused.state, "refused");
     assert!(refused.reason.as_deref().unwrap_or_default().contains("sha256 mismatch"), "{refused:?}");
     let more: Vec<_> = (60..120).map(|i| gen.document(i).document).collect();
-    produce::produce(&ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() }, Source::Documents(more)).await.unwrap();
+    produce::produce(&ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 }, Source::Documents(more)).await.unwrap();
     let t = cfg.topics.inference.clone();
     let results: Vec<_> = tokio::task::spawn_blocking(move || read_topic(&t, 120, Duration::from_secs(60), Duration::from_secs(1))).await.unwrap().iter().map(|r| r.result()).collect();
     let later: Vec<_> = results.iter().filter(|r| r.model_versions.get("document_classifier").map(String::as_str) == Some("1.3.0")).collect();
@@ -435,7 +435,7 @@ async fn a_version_published_while_the_stage_runs_is_rolled_out_without_a_restar
     // one document stamped past the window's end moves the watermark on, so the window closes
     let mut closer = gen.document(500).document;
     closer.submitted_at = chrono::Utc::now().timestamp_millis() + cfg.monitor.window_size_ms + 2_000;
-    produce::produce(&ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() }, Source::Documents(vec![closer])).await.unwrap();
+    produce::produce(&ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 }, Source::Documents(vec![closer])).await.unwrap();
     wait_for_alert(&cfg, "MODEL_CRITICAL for the tampered version", |e| e.code == "MODEL_CRITICAL" && e.version == "1.3.0" && e.status == "FIRING").await;
     stage.stop().await;
     monitor.stop().await;
@@ -507,7 +507,7 @@ async fn a_stage_that_cannot_run_its_models_refuses_to_start_and_consumes_nothin
 
     // documents are waiting: a stage that started would consume them
     let (cfg, prefix) = isolated_config_with_prefix("refuse").await;
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
     produce::produce(&opts, Source::Synthetic { seed: 3, start: 0, count: 5, golden_fraction: 1.0, pool: None }).await.unwrap();
 
     let group = format!("{prefix}refusing");

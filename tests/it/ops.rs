@@ -114,7 +114,7 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
 }
 
 async fn produce_documents(cfg: &PipelineConfig, n: u64) {
-    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
     let s = produce::produce(&opts, Source::Synthetic { seed: 11, start: 0, count: n, golden_fraction: 1.0, pool: None }).await.unwrap();
     assert_eq!(s.sent, n);
 }
@@ -328,7 +328,7 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
     // a live checkpoint of the running monitor while documents flow, verified, restored elsewhere
     let more = 40u64;
     let feed = {
-        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(40.0), progress: None, passthrough: Default::default() };
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(40.0), progress: None, passthrough: Default::default(), producers: 1 };
         tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 12, start: 0, count: more, golden_fraction: 1.0, pool: None }).await })
     };
     // checkpoint once the monitor is counting the new documents (while they flow)

@@ -110,7 +110,7 @@ async fn a_broker_stopped_for_30_s_is_waited_out_by_both_stages() {
     };
 
     let n = 300u64;
-    let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(20.0), progress: None, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(20.0), progress: None, passthrough: Default::default(), producers: 1 };
     let producer = tokio::spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 404, start: 0, count: n, golden_fraction: 1.0, pool: None }).await });
     // both stages are at work before the outage: results are flowing and the monitor leads and has
     // closed a window
@@ -156,7 +156,7 @@ async fn a_broker_stopped_for_30_s_is_waited_out_by_both_stages() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     // a document well after the others closes their windows
-    let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+    let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
     let gen = payslip_stream::synth::Generator::new(Default::default());
     let mut flush = gen.document(9_999).document;
     flush.document_id = "flush".into();

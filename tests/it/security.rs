@@ -109,7 +109,7 @@ async fn the_pipeline_runs_with_sasl_scram_and_acls_and_an_unauthorised_principa
         .spawn()
         .unwrap();
     let props = client_props("pipeline", &pipeline_pw);
-    let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: props.clone() };
+    let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: props.clone(), producers: 1 };
     let sent = produce::produce(&opts, Source::Synthetic { seed: 3, start: 0, count: 20, golden_fraction: 1.0, pool: None }).await.expect("produce as the pipeline's principal");
     assert_eq!(sent.sent, 20);
     let started = Instant::now();
