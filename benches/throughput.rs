@@ -8,7 +8,9 @@
 //! 3. the same with a rollout sending 50 % of users to the candidate classifier;
 //! 4. **latency**: a fixed offered load of half the measured end-to-end maximum, then a low load of
 //!    20 documents/s, each document timed from its `submitted_at` (set when it is produced) until a
-//!    `read_committed` reader sees its result: p50/p95/p99.
+//!    `read_committed` reader sees its result: p50/p95/p99, and split at the result record's
+//!    timestamp (set when the stage sent it): `submitted_to_result_sent` (queued, batched,
+//!    processed) and `result_sent_to_visible` (its transaction's commit, the reader's fetch).
 //!
 //! 5. **peers** (benches/peers/): a plain Python worker (confluent-kafka, fastavro, numpy,
 //!    onnxruntime) on the same documents; then the monitor stage (the real binary, as a child
@@ -37,7 +39,9 @@
 //! of an earlier run's end-to-end topics: its prefix, e.g. `bench-28779-1795967313578.`),
 //! `BENCH_MONITOR_PERF=<file>` (`perf record -g` of the monitor process into that file),
 //! `BENCH_MONITOR_BATCH` (overrides `monitor.max_batch`), `BENCH_LIBRDKAFKA=key=value,...` (added to
-//! `kafka.librdkafka`, the stage's client settings, past the configuration's checks), `BENCH_MAX_RATE`
+//! `kafka.librdkafka`, the stage's client settings, past the configuration's checks),
+//! `BENCH_DOCS_LIBRDKAFKA=key=value,...` (the documents' producer's settings, for the backlog and
+//! the load generator alike: what an upstream producer chooses, e.g. `compression.type=none`), `BENCH_MAX_RATE`
 //! (the latency runs' loads are fractions of this instead of the measured maximum). At the end it
 //! deletes the topics it created, except the plain end-to-end run's (its prefix is printed, for
 //! `BENCH_MONITOR_FROM`). Prints one JSON object, with the build
@@ -199,7 +203,7 @@ fn main() {
             if let Some(pct) = split {
                 publish_split(&cfg, &brokers, pct).await;
             }
-            let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default() };
+            let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: docs_producer_settings(), producers: 1 };
             produce::produce(&opts, Source::Documents(docs)).await.expect("produce");
             let (tx, rx) = tokio::sync::watch::channel(false);
             let stage = InferStage::new(cfg.clone(), brokers.clone(), registry);
@@ -354,11 +358,16 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
     }
     // the load generator sends each document as it is due (no linger): its own batching delay is
     // not the stage's latency
-    let passthrough = [("linger.ms".to_string(), "0".to_string())].into();
-    let opts = ProduceOptions { brokers: brokers.to_string(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough };
+    let mut passthrough = docs_producer_settings();
+    passthrough.insert("linger.ms".to_string(), "0".to_string());
+    let opts = ProduceOptions { brokers: brokers.to_string(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough, producers: 1 };
     let producer = rt.spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 17, start: 0, count, golden_fraction: 1.0, pool: Some(256) }).await });
     let machine0 = machine_cpu_s();
     let mut lat: Vec<f64> = Vec::with_capacity(count as usize);
+    // each latency split at the result record's timestamp (set by the stage's producer when it
+    // sent the result): before it the document was queued, batched and processed; after it the
+    // result waited for its transaction's commit and the reader's fetch
+    let (mut in_stage, mut to_visible): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs_f64(seconds + 120.0);
     while (lat.len() as u64) < count && Instant::now() < deadline {
         if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
@@ -366,6 +375,10 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
             let ct = kafka::headers::get(m.headers(), kafka::headers::CONTENT_TYPE);
             if let Ok(r) = codec::decode::<payslip_stream::document::InferenceResult>(m.payload().unwrap_or_default(), ct.as_deref()) {
                 lat.push(arrived - r.submitted_at as f64);
+                if let Some(sent) = m.timestamp().to_millis() {
+                    in_stage.push((sent - r.submitted_at) as f64);
+                    to_visible.push(arrived - sent as f64);
+                }
             }
         }
     }
@@ -375,6 +388,9 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
     let _ = tx.send(true);
     rt.block_on(handle).expect("join").expect("stage");
     lat.sort_by(f64::total_cmp);
+    in_stage.sort_by(f64::total_cmp);
+    to_visible.sort_by(f64::total_cmp);
+    let split = |v: &[f64]| serde_json::json!({ "p50_ms": percentile(v, 0.5), "p95_ms": percentile(v, 0.95), "p99_ms": percentile(v, 0.99) });
     serde_json::json!({
         "offered_docs_per_s": rate,
         "achieved_offered_docs_per_s": (sent.achieved_rate * 10.0).round() / 10.0,
@@ -385,9 +401,25 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
         "p95_ms": percentile(&lat, 0.95),
         "p99_ms": percentile(&lat, 0.99),
         "max_ms": lat.last().copied().unwrap_or(f64::NAN),
+        "submitted_to_result_sent": split(&in_stage),
+        "result_sent_to_visible": split(&to_visible),
         "loop_seconds": loop_json(&counters),
         "machine_busy_cores": (busy_cores * 100.0).round() / 100.0,
     })
+}
+
+/// Client settings of the documents' producer (the backlog and the load generator), from
+/// `BENCH_DOCS_LIBRDKAFKA=key=value,...`: what an upstream producer chooses, e.g. its compression.
+fn docs_producer_settings() -> std::collections::BTreeMap<String, String> {
+    std::env::var("BENCH_DOCS_LIBRDKAFKA")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').expect("BENCH_DOCS_LIBRDKAFKA: key=value,key=value");
+            (k.to_string(), v.to_string())
+        })
+        .collect()
 }
 
 /// The stage's loop time by phase (`payslip_infer_loop_seconds_total`), and its transactions.
