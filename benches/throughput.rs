@@ -16,6 +16,9 @@
 //!    onnxruntime) on the same documents; then the monitor stage (the real binary, as a child
 //!    process) and a Quix Streams tumbling-window app, each on the results the plain run wrote:
 //!    docs or results per second, CPU per document, peak RSS, and the ratios.
+//! 6. **the load generator**: `produce` as `produce --pool 256` runs it (one producer client per
+//!    core) into a fresh topic, `BENCH_GEN_DOCS` documents (default 20,000): documents/s, and its
+//!    ratio to the stage's end-to-end maximum (the issue asks for at least 2).
 //!
 //!   scripts/setup --bench          # the peers' virtual environment (Quix Streams, fastavro)
 //!   scripts/kafka start
@@ -269,6 +272,25 @@ fn main() {
         _ => serde_json::Value::Null,
     };
     let max_rate = n as f64 / e2e_s;
+    // 6. the load generator, alone on the broker
+    let load_generator = {
+        let mut cfg = cfg.clone();
+        let prefix = format!("bench-gen-{}-{}.", std::process::id(), chrono::Utc::now().timestamp_millis());
+        cfg.topics = base_topics.clone().with_prefix(&prefix);
+        let count: u64 = std::env::var("BENCH_GEN_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+        rt.block_on(kafka::admin::ensure_topics(&brokers, &cfg)).expect("topics");
+        let producers = produce::clients(None, Some(256), false);
+        let opts = ProduceOptions { brokers: brokers.clone(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: docs_producer_settings(), producers };
+        let t = Instant::now();
+        let sent = rt.block_on(produce::produce(&opts, Source::Synthetic { seed: 23, start: 0, count, golden_fraction: 1.0, pool: Some(256) })).expect("produce");
+        assert_eq!(sent.sent, count, "every document acknowledged");
+        eprintln!("load generator: {count} documents at {:.0}/s with {producers} clients ({:.1} s with the pool's rendering)", sent.achieved_rate, t.elapsed().as_secs_f64());
+        serde_json::json!({
+            "documents": count,
+            "producers": producers,
+            "docs_per_s": sent.achieved_rate.round(),
+        })
+    };
     // the latency runs' reference (comparisons at the same offered load): the measured maximum unless set
     let latency_max: f64 = std::env::var("BENCH_MAX_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(max_rate);
     let latency_s: f64 = std::env::var("BENCH_LATENCY_S").ok().and_then(|v| v.parse().ok()).unwrap_or(20.0);
@@ -310,6 +332,8 @@ fn main() {
         "end_to_end_canary_50pct_docs_per_s": (n as f64 / split_s).round(),
         "canary_50pct_over_end_to_end": ((e2e_s / split_s) * 1000.0).round() / 1000.0,
         "python_worker": python,
+        "load_generator": load_generator,
+        "load_generator_over_end_to_end": ratio(load_generator["docs_per_s"].as_f64(), Some(max_rate)),
         "end_to_end_over_python_worker": ratio(Some(n as f64 / e2e_s), python["docs_per_s"].as_f64()),
         "monitor_stage": monitor,
         "quix_streams_window": quix,
