@@ -151,11 +151,13 @@ impl PartialBuilder {
         self.sources.is_empty()
     }
 
-    /// The batch's partials, one per input partition that contributed.
-    pub fn finish(self, member: &str, caught_up: bool) -> Vec<PartialBatch> {
+    /// The batch's partials, one per input partition that contributed; `caught_up(source)` is the
+    /// member's report for each.
+    pub fn finish(self, member: &str, caught_up: impl Fn(&str) -> bool) -> Vec<PartialBatch> {
         self.sources
             .into_iter()
             .map(|(source, s)| PartialBatch {
+                caught_up: caught_up(&source),
                 source,
                 max_event_ms: s.max_event_ms,
                 windows: s.windows.into_iter().map(|(start_ms, (results, feedback, subj))| PartialWindow { start_ms, results, feedback, subjects: subj.0.into_iter().collect() }).collect(),
@@ -164,7 +166,6 @@ impl PartialBuilder {
                 overflow: s.overflow,
                 dead_lettered: s.dead_lettered,
                 member: member.to_string(),
-                caught_up,
             })
             .collect()
     }
@@ -273,7 +274,7 @@ mod tests {
                 for r in chunk {
                     b.result(&format!("inference/{}", n % 3), r);
                 }
-                for p in b.finish("m", true) {
+                for p in b.finish("m", |_| true) {
                     merged.apply_partial(&p, 0, &CFG);
                 }
             }
@@ -296,7 +297,7 @@ mod tests {
         b.result("inference/0", &result(55));
         let pred = super::super::state::prediction_of(&result(5)).unwrap();
         b.feedback("inference/0", &DocumentFeedback { document_id: "d5".into(), user_id: "u".into(), given_at: 6_000, corrected_format: None, corrected_net_pay: None, rating: Some(5) }, &pred);
-        for p in b.finish("m", true) {
+        for p in b.finish("m", |_| true) {
             st.apply_partial(&p, 0, &CFG);
         }
         assert_eq!((st.counters.dropped_late, st.counters.results_applied, st.counters.feedback_applied), (2, 1, 0));

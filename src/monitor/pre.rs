@@ -29,6 +29,9 @@
 //! is held in memory, uncommitted, until the results partition's clock passes its time (or the
 //! partition has been idle for `monitor.idle_timeout_ms` and the feedback is that old): then it is
 //! joined or counted as orphan. Held feedback is simply read again after a crash or rebalance.
+//! While a partition's feedback is held, the member does not report that partition (results or
+//! feedback) caught up, so the closing stage keeps the watermark at its clock and the windows the
+//! feedback will count in stay open until it is sent.
 //!
 //! A rebalance in the middle of a batch discards the batch (nothing of it was sent) and rewinds
 //! the partitions to the group's committed offsets; an aborted transaction does the same.
@@ -127,6 +130,9 @@ struct Batch {
     counts: PreCounters,
     /// The batch ended because nothing more was fetched (not because it was full).
     caught_up: bool,
+    /// Partitions whose feedback partition has feedback held back (read, not yet joined or
+    /// resolved): neither of the pair is reported caught up.
+    holding: BTreeSet<i32>,
 }
 
 pub struct PreAggregator {
@@ -216,7 +222,7 @@ impl PreAggregator {
             if stop.load(Ordering::Relaxed) {
                 break Ok(());
             }
-            let mut b = Batch { parts: PartialBuilder::new(wcfg.size_ms), staged: HashMap::new(), dead: Vec::new(), results_next: BTreeMap::new(), feedback_touched: BTreeSet::new(), read: 0, counts: PreCounters::default(), caught_up: false };
+            let mut b = Batch { parts: PartialBuilder::new(wcfg.size_ms), staged: HashMap::new(), dead: Vec::new(), results_next: BTreeMap::new(), feedback_touched: BTreeSet::new(), read: 0, counts: PreCounters::default(), caught_up: false, holding: BTreeSet::new() };
             let mut discard = false;
             let mut fatal: Option<MonitorError> = None;
             let mut wait = Duration::from_millis(200);
@@ -302,6 +308,12 @@ impl PreAggregator {
                 continue;
             }
             self.release(&mut b, &mut held, &clocks, &feedback_topic, &wcfg)?;
+            // A partition pair whose feedback is still held is not reported caught up, so the
+            // closing stage holds the watermark at its clock: a window that held feedback will
+            // count cannot close before the feedback is released (by its prediction's arrival or
+            // the idle rule) and sent. Both of the pair report caught up again from the batch
+            // that releases it, or the next heartbeat.
+            b.holding = held.iter().filter(|(_, q)| !q.is_empty()).map(|(p, _)| *p).collect();
             // every owned partition reports in regularly, so that the leader knows which ones may go
             // idle and which have lost their owner
             if last_heartbeat.elapsed() >= heartbeat_every {
@@ -447,7 +459,9 @@ impl PreAggregator {
     fn commit(&mut self, producer: &FutureProducer, consumer: &BaseConsumer<KnownProtocol>, b: &mut Batch, offsets: &TopicPartitionList) -> Result<(), Failure> {
         // one partial per input partition, split over the closing partitions (keyed by model)
         let k = self.cfg.monitor.closing_partitions;
-        let partials: Vec<(u32, super::partial::PartialBatch)> = std::mem::take(&mut b.parts).finish(&self.member, b.caught_up).into_iter().flat_map(|p| super::shard::split(p, k)).collect();
+        let (caught_up, holding) = (b.caught_up, &b.holding);
+        let report = |source: &str| caught_up && !source.rsplit_once('/').and_then(|(_, p)| p.parse::<i32>().ok()).is_some_and(|p| holding.contains(&p));
+        let partials: Vec<(u32, super::partial::PartialBatch)> = std::mem::take(&mut b.parts).finish(&self.member, report).into_iter().flat_map(|p| super::shard::split(p, k)).collect();
         let n = partials.len() as u64;
         let abort = |e: KafkaError| {
             let _ = producer.abort_transaction(CALL_TIMEOUT);
