@@ -823,9 +823,16 @@ fn spawn_logged(dir: &std::path::Path, yaml: &std::path::Path, args: &[&str]) ->
 
 /// Waits until `ready` holds, looking again every 100 ms, and fails naming `what` after 90 s.
 async fn until(what: &str, ready: impl Fn() -> bool) {
+    until_explained(what, ready, String::new).await
+}
+
+/// [`until`], failing with what `explain` says about the state it stopped in.
+async fn until_explained(what: &str, ready: impl Fn() -> bool, explain: impl Fn() -> String) {
     let started = Instant::now();
     while !ready() {
-        assert!(started.elapsed() < Duration::from_secs(90), "not within 90 s: {what}");
+        if started.elapsed() >= Duration::from_secs(90) {
+            panic!("not within 90 s: {what}\n{}", explain());
+        }
         // the interval between looks, not a wait for the outcome
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -950,28 +957,24 @@ async fn scaled_out_run(members: usize, closing: u32, fault: Fault) {
     wait_for_pipeline_total(&cfg.topics.metrics, n).await;
     // the feedback lands in the windows of its predictions, joined on the member owning its partition
     let counted_feedback = || metrics_of(&read_all(&cfg.topics.metrics)).iter().map(|m| m.ratings).sum::<i64>();
-    let started = Instant::now();
-    while counted_feedback() < n_feedback as i64 {
-        if started.elapsed() >= Duration::from_secs(90) {
-            // what the next engineer needs to find out why: the windows' feedback figures and the
-            // members' pre-aggregation and takeover log lines
-            let metrics = metrics_of(&read_all(&cfg.topics.metrics));
-            let figures = |m: &WindowMetrics| format!("{}@{}: ratings {} orphans {} late {}", m.model, m.window_start, m.ratings, m.feedback_orphan_total, m.dropped_late_total);
-            let windows: Vec<String> = metrics.iter().filter(|m| m.ratings > 0 || m.feedback_orphan_total > 0 || m.dropped_late_total > 0).map(figures).collect();
-            let logs: Vec<String> = dirs
-                .iter()
-                .enumerate()
-                .map(|(i, d)| {
-                    let log = log_of(d.path());
-                    let lines: Vec<&str> = log.lines().filter(|l| l.contains("pre-aggregation") || l.contains("takeover") || l.contains("assigned") || l.contains("WARN") || l.contains("ERROR")).collect();
-                    format!("member {i}:\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
-                })
-                .collect();
-            panic!("not within 90 s: every feedback counted in a window ({} of {n_feedback}; killed: {victim:?})\n{}\n{}", counted_feedback(), windows.join("\n"), logs.join("\n"));
-        }
-        // the interval between looks, not a wait for the outcome
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // on failure, what the next engineer needs to find out why: the windows' feedback figures and
+    // the members' pre-aggregation and takeover log lines
+    let explain = || {
+        let metrics = metrics_of(&read_all(&cfg.topics.metrics));
+        let figures = |m: &WindowMetrics| format!("{}@{}: ratings {} orphans {} late {}", m.model, m.window_start, m.ratings, m.feedback_orphan_total, m.dropped_late_total);
+        let windows: Vec<String> = metrics.iter().filter(|m| m.ratings > 0 || m.feedback_orphan_total > 0 || m.dropped_late_total > 0).map(figures).collect();
+        let logs: Vec<String> = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let log = log_of(d.path());
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains("pre-aggregation") || l.contains("takeover") || l.contains("assigned") || l.contains("WARN") || l.contains("ERROR")).collect();
+                format!("member {i}:\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
+            })
+            .collect();
+        format!("{} of {n_feedback} counted; killed: {victim:?}\n{}\n{}", counted_feedback(), windows.join("\n"), logs.join("\n"))
+    };
+    until_explained("every feedback counted in a window", || counted_feedback() >= n_feedback as i64, explain).await;
     let mut counted = Vec::new();
     let mut closed = Vec::new();
     for (i, c) in children.iter_mut().enumerate() {
