@@ -18,7 +18,9 @@
 //! Delivery semantics: exactly once by default (`kafka.processing_guarantee`): each batch's records
 //! and input offsets are committed in one Kafka transaction ([`txn`]); the ack task below is then
 //! idle. The consumer joins as a static member (`kafka.instance_id`), so a restarted process gets
-//! its partitions back without a rebalance.
+//! its partitions back without a rebalance. It takes only partitions of the documents topic: a
+//! static member restarted on another topic is handed its old assignment unchanged (KAFKA-12759),
+//! and the lag watch then makes it join again ([`crate::kafka::rebalance::KnownProtocol::expecting`]).
 //!
 //! With `at_least_once`: a message's offset is stored only after everything it caused
 //! (its result or its dead letter) has a successful delivery report; the ack task handles batches in
@@ -213,7 +215,7 @@ impl InferStage {
             // offsets move only inside the batches' transactions
             cc.set("enable.auto.commit", "false");
         }
-        let protocol = crate::kafka::rebalance::KnownProtocol::of(&cc);
+        let protocol = crate::kafka::rebalance::KnownProtocol::of(&cc).expecting(&[&cfg.topics.documents]);
         let consumer: InferConsumer = cc.create_with_context(protocol).map_err(KafkaError::client("the infer consumer"))?;
         consumer.subscribe(&[&cfg.topics.documents]).map_err(KafkaError::broker(format!("subscribe to {}", cfg.topics.documents)))?;
         let consumer = Arc::new(consumer);
@@ -555,6 +557,14 @@ impl LagWatch {
                         }
                     }
                     *counters.consumer_lag.lock().unwrap_or_else(|p| p.into_inner()) = lag;
+                }
+                // a stale assignment of another topic (see `KnownProtocol::expecting`): leave and
+                // join again, so the group assigns this subscription
+                if !consumer.context().take_foreign().is_empty() {
+                    consumer.unsubscribe();
+                    if let Err(e) = consumer.subscribe(&[&topic]) {
+                        tracing::error!(%topic, error = %e, "cannot subscribe again after a stale assignment");
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }

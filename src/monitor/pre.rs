@@ -205,7 +205,7 @@ impl PreAggregator {
             cc.set("group.instance.id", format!("{}-monitor", self.member));
         }
         let changes = Arc::new(AtomicU64::new(0));
-        let consumer: BaseConsumer<KnownProtocol> = cc.create_with_context(KnownProtocol::of(&cc).counting(changes.clone())).map_err(KafkaError::client("the pre-aggregation consumer"))?;
+        let consumer: BaseConsumer<KnownProtocol> = cc.create_with_context(KnownProtocol::of(&cc).counting(changes.clone()).expecting(&[&results_topic, &feedback_topic])).map_err(KafkaError::client("the pre-aggregation consumer"))?;
         consumer.subscribe(&[&results_topic, &feedback_topic]).map_err(KafkaError::broker("subscribe the pre-aggregation consumer"))?;
         tracing::info!(group = %group, member = %self.member, partitions = rp.len(), "monitor pre-aggregation started");
 
@@ -228,6 +228,13 @@ impl PreAggregator {
             let mut wait = Duration::from_millis(200);
             while b.read < cfg.monitor.max_batch {
                 let polled = consumer.poll(wait);
+                // a stale assignment of other topics (see `KnownProtocol::expecting`): join again
+                if !consumer.context().take_foreign().is_empty() {
+                    consumer.unsubscribe();
+                    if let Err(e) = consumer.subscribe(&[&results_topic, &feedback_topic]) {
+                        tracing::error!(error = %e, "pre-aggregation: cannot subscribe again after a stale assignment");
+                    }
+                }
                 let c = changes.load(Ordering::SeqCst);
                 if c != seen_changes {
                     seen_changes = c;

@@ -102,3 +102,46 @@ async fn produce_from_a_pool_sends_every_document_once_under_its_own_id() {
     }
     assert_eq!(ids, (100..600).collect::<BTreeSet<u64>>());
 }
+
+/// A stage restarted with the same group and instance id but another documents topic (a new
+/// `--topic-prefix`, a renamed topic) reads the new topic, every document once, and nothing of the
+/// old one. Kafka's classic protocol hands a rejoining static member its previous assignment
+/// without a rebalance even when its subscription changed (KAFKA-12759); before the stage checked
+/// its assignment, it sat on the old topic's partitions and never read the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_restarted_on_another_topic_with_the_same_static_identity_reads_the_new_topic() {
+    let mut old = isolated_config("stale-old").await;
+    let mut new = isolated_config("stale-new").await;
+    old.kafka.instance_id = Some(unique("instance"));
+    new.kafka.instance_id = old.kafka.instance_id.clone();
+    new.kafka.infer_group = old.kafka.infer_group.clone();
+    assert!(old.kafka.static_membership && new.kafka.static_membership, "the default joins as a static member");
+    let gen = Generator::new(GeneratorConfig { seed: 41, ..Default::default() });
+    let send = |topic: String, from: u64, n: u64| {
+        let docs: Vec<_> = (from..from + n).map(|i| gen.document(i).document).collect();
+        async move {
+            let opts = ProduceOptions { brokers: brokers(), topic, format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
+            let s = produce::produce(&opts, Source::Documents(docs)).await.expect("produce");
+            assert_eq!((s.sent, s.failed), (n, 0));
+        }
+    };
+    let results = |topic: String, n: usize| tokio::task::spawn_blocking(move || read_topic(&topic, n, Duration::from_secs(90), Duration::from_secs(2)));
+
+    send(old.topics.documents.clone(), 0, 40).await;
+    let stage = RunningStage::start(&old, load_registry(&old));
+    assert_eq!(results(old.topics.inference.clone(), 40).await.unwrap().len(), 40);
+    assert_eq!(stage.stop().await.results, 40);
+
+    // the old topic gets more documents too: a stage holding its stale partitions would read them
+    send(old.topics.documents.clone(), 40, 20).await;
+    send(new.topics.documents.clone(), 100, 60).await;
+    let stage = RunningStage::start(&new, load_registry(&new));
+    let reads = results(new.topics.inference.clone(), 60).await.unwrap();
+    let summary = stage.stop().await;
+    let ids: BTreeSet<String> = reads.iter().map(|r| r.result().document_id).collect();
+    assert_eq!((reads.len(), ids.len()), (60, 60), "every document of the new topic answered once");
+    assert_eq!(ids, (100..160).map(|i| gen.document(i).document.document_id).collect::<BTreeSet<_>>());
+    assert_eq!((summary.consumed, summary.results), (60, 60), "nothing of the old topic read: {summary:?}");
+    let old_results = tokio::task::spawn_blocking(move || read_all(&old.topics.inference)).await.unwrap();
+    assert_eq!(old_results.len(), 40, "no result for the old topic's later documents");
+}
