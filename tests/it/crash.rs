@@ -252,11 +252,14 @@ async fn with_a_commit_interval_aborted_transactions_of_several_batches_are_proc
 
 /// With `kafka.commit_interval_ms`, a backlog (fetched ahead, so the stage stays busy) is committed
 /// in a few transactions of several batches each, with exactly one result per document. The
-/// interval is long so that this holds however slowly the machine runs the batches.
+/// interval is long so that this holds however slowly the machine runs the batches: with 5 s, a run
+/// beside the kill -9 tests took longer than that for three batches, and all 10 of its batches were
+/// full (so the queue never ran dry) yet went in 4 transactions. The test does not wait for the
+/// interval: the stage commits the last transaction as soon as it is idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_interval_commits_a_backlog_in_few_transactions_with_one_result_per_document() {
     let mut cfg = isolated_config("txn-interval").await;
-    cfg.kafka.commit_interval_ms = 5_000;
+    cfg.kafka.commit_interval_ms = 60_000;
     // the backlog (7 MB) comes in one fetch, so the stage never finds its queue empty between
     // fetches: with librdkafka's 1 MB per partition and fetch, a loaded CI machine saw the queue run
     // dry between rounds, the stage commit as idle, and 10 batches go in 4 transactions
