@@ -6,7 +6,9 @@
 //! subscribed) the wait never ends: the process hangs in the consumer's drop (seen with gdb in a
 //! test that stops the infer stage during start-up). This context knows the protocol from the
 //! configuration (`partition.assignment.strategy`: cooperative-sticky is incremental, everything
-//! else eager) and assigns or unassigns directly; it does nothing else.
+//! else eager) and assigns or unassigns directly. The one other thing it may do, when its owner
+//! names its subscription ([`KnownProtocol::expecting`]), is leave out partitions of other topics
+//! (a static member's stale assignment) and keep them for the owner, which then joins again.
 //!
 //! That is not the whole story: closing a consumer whose group join is still under way can also
 //! block in the assign or unassign call made from the revoke event that the close delivers (seen
