@@ -560,12 +560,7 @@ impl LagWatch {
                 }
                 // a stale assignment of another topic (see `KnownProtocol::expecting`): leave and
                 // join again, so the group assigns this subscription
-                if !consumer.context().take_foreign().is_empty() {
-                    consumer.unsubscribe();
-                    if let Err(e) = consumer.subscribe(&[&topic]) {
-                        tracing::error!(%topic, error = %e, "cannot subscribe again after a stale assignment");
-                    }
-                }
+                crate::kafka::rebalance::KnownProtocol::rejoin_if_stale(&*consumer);
                 std::thread::sleep(Duration::from_millis(100));
             }
         });

@@ -61,6 +61,23 @@ impl KnownProtocol {
         std::mem::take(&mut *self.foreign.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Joins the group again when an assignment since the last call offered partitions of other
+    /// topics (see [`Self::expecting`]): unsubscribes and subscribes to the expected topics, which
+    /// makes the coordinator assign afresh. Owners call it between polls; returns whether it did.
+    pub fn rejoin_if_stale<C: Consumer<KnownProtocol>>(consumer: &C) -> bool {
+        let context = consumer.context();
+        let Some(expected) = context.expected.clone() else { return false };
+        if context.take_foreign().is_empty() {
+            return false;
+        }
+        consumer.unsubscribe();
+        let topics: Vec<&str> = expected.iter().map(String::as_str).collect();
+        if let Err(e) = consumer.subscribe(&topics) {
+            tracing::error!(?topics, error = %e, "cannot subscribe again after a stale assignment");
+        }
+        true
+    }
+
     /// `tpl` without partitions of topics outside the subscription; those are recorded when `record`.
     fn ours(&self, tpl: &TopicPartitionList, record: bool) -> Option<TopicPartitionList> {
         let expected = self.expected.as_ref()?;

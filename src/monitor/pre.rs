@@ -229,12 +229,7 @@ impl PreAggregator {
             while b.read < cfg.monitor.max_batch {
                 let polled = consumer.poll(wait);
                 // a stale assignment of other topics (see `KnownProtocol::expecting`): join again
-                if !consumer.context().take_foreign().is_empty() {
-                    consumer.unsubscribe();
-                    if let Err(e) = consumer.subscribe(&[&results_topic, &feedback_topic]) {
-                        tracing::error!(error = %e, "pre-aggregation: cannot subscribe again after a stale assignment");
-                    }
-                }
+                crate::kafka::rebalance::KnownProtocol::rejoin_if_stale(&consumer);
                 let c = changes.load(Ordering::SeqCst);
                 if c != seen_changes {
                     seen_changes = c;
