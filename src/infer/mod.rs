@@ -266,25 +266,27 @@ impl InferStage {
                     if batch.len() >= cfg.batching.max_batch || bytes(&batch) >= budget {
                         break;
                     }
-                    // what librdkafka already holds, without waiting
-                    if !batch.is_empty() {
-                        match futures::FutureExt::now_or_never(consumer.recv()) {
-                            Some(Ok(m)) => {
-                                batch.push(m.detach());
-                                continue;
-                            }
-                            Some(Err(e)) if kafka::error::is_fatal_consumer_error(&e) => {
-                                failure = Some(fatal(e));
-                                stopping = true;
-                                break;
-                            }
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "consumer error");
-                                continue;
-                            }
-                            None if inflight.is_empty() => break,
-                            None => {}
+                    // what librdkafka already holds, without waiting: also before the first
+                    // document, so a batch that finished meanwhile (the select below prefers it)
+                    // does not end the collection with documents waiting, which published it with
+                    // nothing behind it and committed as if idle, the models idle meanwhile
+                    match futures::FutureExt::now_or_never(consumer.recv()) {
+                        Some(Ok(m)) => {
+                            batch.push(m.detach());
+                            deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_wait);
+                            continue;
                         }
+                        Some(Err(e)) if kafka::error::is_fatal_consumer_error(&e) => {
+                            failure = Some(fatal(e));
+                            stopping = true;
+                            break;
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            continue;
+                        }
+                        None if inflight.is_empty() && !batch.is_empty() => break,
+                        None => {}
                     }
                     let busy = !inflight.is_empty();
                     let sleep = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)));
