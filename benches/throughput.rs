@@ -173,6 +173,11 @@ fn main() {
     let docs: Vec<PayslipDocument> = (0..n as u64).map(|i| gen.document(i).document).collect();
     let avg_bytes = docs.iter().map(|d| codec::encode(d, WireFormat::Avro).map(|b| b.len()).unwrap_or(0)).sum::<usize>() / n.max(1);
     let registry = Arc::new(ModelRegistry::load(&cfg.models, &cfg.inference, &[]).expect("models"));
+    // a version that did not load is answered with MODEL_UNAVAILABLE without running anything, which
+    // would make the limit below meaningless (ORT_DYLIB_PATH unset: run `eval "$(scripts/env)"`)
+    for (name, version) in registry.served_versions() {
+        assert!(registry.is_loaded(name, version), "{name} {version} did not load: {:?}", registry.status());
+    }
     let provider = registry.provider();
 
     // 1. raw ONNX Runtime: the same batching, no Kafka, no decode/encode; Session::run timed alone
@@ -214,12 +219,19 @@ fn main() {
             let handle = tokio::spawn(stage.run(rx));
             // clock starts at the first consumed document (excludes group join), ends when every
             // result is committed (the stage's own count: no reader competes for the CPU)
-            while counters.consumed.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            // a stage that stopped (an error at start-up, say) ends the run with its error instead
+            // of leaving these loops waiting for counts that will never come
+            let mut handle = handle;
+            while counters.consumed.load(std::sync::atomic::Ordering::Relaxed) == 0 && !handle.is_finished() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let (t, cpu0) = (Instant::now(), process_cpu_s());
-            while counters.results.load(std::sync::atomic::Ordering::Relaxed) < n as u64 {
+            while counters.results.load(std::sync::atomic::Ordering::Relaxed) < n as u64 && !handle.is_finished() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if handle.is_finished() {
+                let outcome = (&mut handle).await;
+                panic!("the infer stage stopped after {} of {n} results: {outcome:?}", counters.results.load(std::sync::atomic::Ordering::Relaxed));
             }
             let (s, cpu) = (t.elapsed().as_secs_f64(), process_cpu_s() - cpu0);
             eprintln!("end to end: {n} documents in {} batches, {s:.2} s", counters.batches.load(std::sync::atomic::Ordering::Relaxed));
@@ -380,10 +392,10 @@ fn latency(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, re
     while !counters.ready.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    // the load generator sends each document as it is due (no linger): its own batching delay is
-    // not the stage's latency
+    // the load generator sends each document as it is due (no linger) unless BENCH_DOCS_LIBRDKAFKA
+    // sets one: its own batching delay is not the stage's latency
     let mut passthrough = docs_producer_settings();
-    passthrough.insert("linger.ms".to_string(), "0".to_string());
+    passthrough.entry("linger.ms".to_string()).or_insert_with(|| "0".to_string());
     let opts = ProduceOptions { brokers: brokers.to_string(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: Some(rate), progress: None, passthrough, producers: 1 };
     let producer = rt.spawn(async move { produce::produce(&opts, Source::Synthetic { seed: 17, start: 0, count, golden_fraction: 1.0, pool: Some(256) }).await });
     let machine0 = machine_cpu_s();
