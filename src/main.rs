@@ -32,9 +32,23 @@ fn print_model_status(registry: &ModelRegistry, consequence: &str) -> Result<()>
 }
 
 fn load_config(common: &Common) -> Result<PipelineConfig> {
-    let cfg = PipelineConfig::load(&common.config).map_err(|e| anyhow!("{e}"))?;
-    let topics = cfg.topics.clone().with_prefix(&common.topic_prefix);
-    Ok(PipelineConfig { topics, ..cfg })
+    let mut cfg = PipelineConfig::load(&common.config).map_err(|e| anyhow!("{e}"))?;
+    cfg.topics = cfg.topics.clone().with_prefix(&common.topic_prefix);
+    cfg.kafka.infer_group = prefixed_group(&common.topic_prefix, &cfg.kafka.infer_group);
+    Ok(cfg)
+}
+
+/// The infer group under `--topic-prefix`: the prefix namespaces the group too (and so the groups
+/// and transactional ids derived from it), as an application id does in Kafka Streams. Without it,
+/// two pipelines with different prefixes on one host shared the group, the static member id and the
+/// transactional id (`<group>.<host name>`) and fenced each other's transactions. A group already
+/// in the prefix is kept; `run --group` sets the group verbatim after this.
+fn prefixed_group(prefix: &str, group: &str) -> String {
+    if group.starts_with(prefix) {
+        group.to_string()
+    } else {
+        format!("{prefix}{group}")
+    }
 }
 
 fn brokers_of(common: &Common, cfg: &PipelineConfig) -> Option<String> {

@@ -23,7 +23,7 @@ pub struct Common {
     /// Kafka bootstrap servers; overrides `kafka.brokers` in the config.
     #[arg(long, short, env = "PAYSLIP_BROKERS")]
     pub brokers: Option<String>,
-    /// Prefix for every topic name (isolated test or demo runs).
+    /// Prefix for every topic name and for the infer group (isolated test or demo runs).
     #[arg(long, env = "PAYSLIP_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
 }
@@ -42,7 +42,8 @@ pub enum Command {
         /// Which stage to run: infer, monitor, or all (both in this process).
         #[arg(long, value_enum, default_value = "all")]
         stage: Stage,
-        /// Consumer group of the infer stage; overrides `kafka.infer_group`.
+        /// Consumer group of the infer stage, as given (not prefixed by --topic-prefix); overrides
+        /// `kafka.infer_group`.
         #[arg(long)]
         group: Option<String>,
         /// This process's identity in the infer group (static membership) and transactional id;

@@ -145,3 +145,50 @@ async fn a_stage_restarted_on_another_topic_with_the_same_static_identity_reads_
     let old_results = tokio::task::spawn_blocking(move || read_all(&old.topics.inference)).await.unwrap();
     assert_eq!(old_results.len(), 40, "no result for the old topic's later documents");
 }
+
+/// Two pipelines on one host, each under its own `--topic-prefix`, with the configured group and
+/// the same instance id (the default is the host name): each answers its own documents, each once,
+/// and both keep running. The prefix namespaces the infer group too; before it did, both processes
+/// joined `payslip-infer` as the same static member with the same transactional id, and the second
+/// fenced the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pipelines_under_different_topic_prefixes_on_one_host_answer_their_own_documents() {
+    use std::process::{Command, Stdio};
+    let instance = unique("host");
+    let gen = Generator::new(GeneratorConfig { seed: 43, ..Default::default() });
+    let mut runs = Vec::new();
+    for name in ["ns-a", "ns-b"] {
+        let prefix = format!("{}.", unique(name));
+        let mut cfg = repo_config();
+        cfg.topics = cfg.topics.clone().with_prefix(&prefix);
+        payslip_stream::kafka::admin::ensure_topics(&brokers(), &cfg).await.expect("topics created");
+        let log = std::env::temp_dir().join(format!("{}.log", unique(name)));
+        let child = Reaped(
+            Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+                .current_dir(repo())
+                .args(["run", "--stage", "infer", "--brokers", &brokers(), "--topic-prefix", &prefix, "--instance-id", &instance])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("spawn payslip-stream"),
+        );
+        runs.push((cfg, child, log));
+    }
+    let n = 30u64;
+    for (i, (cfg, _, _)) in runs.iter().enumerate() {
+        let docs: Vec<_> = (0..n).map(|k| gen.document(i as u64 * 1000 + k).document).collect();
+        let opts = ProduceOptions { brokers: brokers(), topic: cfg.topics.documents.clone(), format: WireFormat::Avro, rate: None, progress: None, passthrough: Default::default(), producers: 1 };
+        let s = produce::produce(&opts, Source::Documents(docs)).await.expect("produce");
+        assert_eq!((s.sent, s.failed), (n, 0));
+    }
+    for (i, (cfg, child, log)) in runs.iter_mut().enumerate() {
+        let topic = cfg.topics.inference.clone();
+        let reads = tokio::task::spawn_blocking(move || read_topic(&topic, n as usize, Duration::from_secs(90), Duration::from_secs(2))).await.unwrap();
+        let tail = || std::fs::read_to_string(&*log).unwrap_or_default().lines().rev().take(15).collect::<Vec<_>>().join("\n");
+        assert!(child.try_wait().unwrap().is_none(), "pipeline {i} exited: {}", tail());
+        let ids: BTreeSet<String> = reads.iter().map(|r| r.result().document_id).collect();
+        assert_eq!((reads.len(), ids.len()), (n as usize, n as usize), "pipeline {i}: every document answered once: {}", tail());
+        assert_eq!(ids, (0..n).map(|k| gen.document(i as u64 * 1000 + k).document.document_id).collect::<BTreeSet<_>>());
+    }
+}
