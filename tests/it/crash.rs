@@ -285,6 +285,46 @@ async fn a_commit_interval_commits_a_backlog_in_few_transactions_with_one_result
     assert!(summary.transactions_committed >= 1 && summary.transactions_committed * 3 <= summary.batches, "at least three batches per transaction on average: {summary:?}");
 }
 
+/// A batch that finishes while the one before it is still being published does not end the
+/// collection of the next batch early: the stage takes the documents already fetched and keeps its
+/// transaction open. Three batches of a one-partition backlog take 300 ms each (`fault-delay-ms`),
+/// so the batch after each is done before the slow one is published. Before the fix, collection then
+/// ended with nothing and the stage committed "as if idle" after each slow batch: four transactions
+/// or more for this backlog instead of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_done_during_the_previous_publish_does_not_commit_as_if_idle() {
+    let (mut cfg, _) = isolated_config_prepared("txn-not-idle", |c| c.topics.partitions = 1).await;
+    cfg.kafka.commit_interval_ms = 60_000;
+    cfg.kafka.librdkafka.insert("max.partition.fetch.bytes".into(), "16777216".into());
+    cfg.faults.enabled = true;
+    let registry = load_registry(&cfg);
+    let gen = Generator::new(GeneratorConfig { seed: 9, ..Default::default() });
+    let n = 320u64;
+    // one partition: batches of 32 in offset order, the marked documents in batches 2, 4 and 7
+    let slow = [40u64, 120, 200];
+    produce_raw(
+        &cfg.topics.documents,
+        (0..n)
+            .map(|i| {
+                let mut headers = vec![("content-type", "application/avro")];
+                if slow.contains(&i) {
+                    headers.push(("fault-delay-ms", "300"));
+                }
+                (format!("k{i}"), payslip_stream::codec::encode(&gen.document(i).document, WireFormat::Avro).unwrap(), headers)
+            })
+            .collect(),
+    )
+    .await;
+    let stage = RunningStage::start(&cfg, registry);
+    let t = cfg.topics.inference.clone();
+    let results = tokio::task::spawn_blocking(move || read_topic(&t, n as usize, Duration::from_secs(120), Duration::from_secs(2))).await.unwrap();
+    let summary = stage.stop().await;
+    let ids: BTreeSet<String> = results.iter().map(|r| r.result().document_id).collect();
+    assert_eq!((results.len(), ids.len(), summary.results), (n as usize, n as usize, n), "one result per document: {summary:?}");
+    assert!(summary.batches >= n / cfg.batching.max_batch as u64, "{summary:?}");
+    assert!(summary.transactions_committed <= 2, "a backlog fetched at once goes in one transaction (two if the queue ran dry once), not one per slow batch: {summary:?}");
+}
+
 async fn aborted_transactions(name: &str, commit_interval_ms: u64) {
     let mut cfg = isolated_config(name).await;
     cfg.kafka.commit_interval_ms = commit_interval_ms;
