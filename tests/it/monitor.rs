@@ -795,13 +795,18 @@ async fn produce_by_document<T: payslip_stream::codec::Record>(topic: &str, reco
 /// A monitor process of a scaled-out deployment (`monitor.scale_out`) with `closing` closing
 /// partitions, logging to `dir/monitor.log` (appending: a restarted member keeps its earlier log).
 fn spawn_scaled(dir: &std::path::Path, prefix: &str, member: &str, closing: u32) -> Reaped {
+    spawn_scaled_in(dir, prefix, &format!("{prefix}infer"), member, closing)
+}
+
+/// [`spawn_scaled`] with the infer group `group` (the pre-aggregation group is derived from it).
+fn spawn_scaled_in(dir: &std::path::Path, prefix: &str, group: &str, member: &str, closing: u32) -> Reaped {
     let yaml = format!(
         "models:\n  metadata: {}\n  serve: {{document_classifier: '1.0.0'}}\nmonitor:\n  state_dir: {}\n  window_size_ms: 1000\n  allowed_lateness_ms: 0\n  idle_timeout_ms: 3000\n  max_batch: 200\n  scale_out: true\n  closing_partitions: {closing}\n",
         repo().join("models/model_metadata.json").display(),
         dir.join("state").display()
     );
     std::fs::write(dir.join("pipeline.yaml"), yaml).unwrap();
-    spawn_logged(dir, &dir.join("pipeline.yaml"), &["--topic-prefix", prefix, "--group", &format!("{prefix}infer"), "--instance-id", member])
+    spawn_logged(dir, &dir.join("pipeline.yaml"), &["--topic-prefix", prefix, "--group", group, "--instance-id", member])
 }
 
 /// `payslip-stream run --stage monitor` with `yaml` and `args`, logging at info to `dir/monitor.log`.
@@ -1092,4 +1097,59 @@ async fn a_member_killed_and_restarted_with_the_same_instance_id_rejoins_without
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_among_three_scaled_out_monitor_processes_keeps_totals_exact_without_duplicate_events() {
     scaled_out_run(3, 3, Fault::KillLeader).await;
+}
+
+/// A scaled-out monitor member restarted with the same group and instance id on another results
+/// topic (a new `--topic-prefix` with the same `--group`) counts the new topic's results, each once,
+/// and nothing of the old topic. Kafka's classic protocol hands the rejoining static member its old
+/// partitions without a rebalance (KAFKA-12759); the pre-aggregation consumer leaves them out, logs
+/// them and joins again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaled_out_member_restarted_on_another_results_topic_with_the_same_static_identity_counts_the_new_topic() {
+    let scaled = |c: &mut payslip_stream::config::PipelineConfig| {
+        c.monitor.scale_out = true;
+        c.monitor.closing_partitions = 1;
+    };
+    let (old, old_prefix) = isolated_config_prepared("pre-stale-old", scaled).await;
+    let (new, new_prefix) = isolated_config_prepared("pre-stale-new", scaled).await;
+    let group = format!("{old_prefix}infer");
+    let (dir_old, dir_new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with_tick = |mut v: Vec<InferenceResult>| {
+        let mut tick = stream(1, 1).remove(0);
+        tick.document_id = "tick".into();
+        tick.submitted_at = *BASE + 200_000; // closes every window of the stream; its own stays open
+        v.push(tick);
+        v
+    };
+    let listening = |dir: &std::path::Path| {
+        let log = log_of(dir);
+        log.contains("partitions assigned") && led_partitions(&log).len() == 1
+    };
+
+    let mut first = spawn_scaled_in(dir_old.path(), &old_prefix, &group, "m0", 1);
+    until("the first member holds its partitions and leads", || listening(dir_old.path())).await;
+    produce_records(&old.topics.inference, "k", &with_tick(stream(3, 10))).await;
+    wait_for_pipeline_total(&old.topics.metrics, 30).await;
+
+    // the same static identity on the new prefix; the first member is killed only once the second
+    // has subscribed, so the second's join replaces a member the group still has (not one it
+    // dropped after the session timeout, which a slow start could let pass)
+    let _second = spawn_scaled_in(dir_new.path(), &new_prefix, &group, "m0", 1);
+    until("the second member subscribed", || log_of(dir_new.path()).contains("monitor pre-aggregation started")).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // the old topic gets more results too, which a member on its stale partitions would count
+    let later: Vec<InferenceResult> = stream(2, 10).into_iter().map(|mut r| {
+        r.document_id = format!("later-{}", r.document_id);
+        r
+    }).collect();
+    produce_records(&old.topics.inference, "k", &later).await;
+    produce_records(&new.topics.inference, "k", &with_tick(stream(4, 10))).await;
+    until_explained("the restarted member's windows count the new topic's 40 results", || {
+        metrics_of(&read_all(&new.topics.metrics)).iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum::<i64>() >= 40
+    }, || log_of(dir_new.path())).await;
+    let total: i64 = metrics_of(&read_all(&new.topics.metrics)).iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+    assert_eq!(total, 40, "the new topic's results, each once, and none of the old topic's");
+    let log = log_of(dir_new.path());
+    assert!(log.contains("the group assigned partitions of a topic this consumer does not subscribe to"), "the stale assignment was offered and refused (else the test did not reach the case):\n{log}");
 }
