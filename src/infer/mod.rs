@@ -9,7 +9,9 @@
 //!
 //! Batching: an idle stage runs a batch at once with what librdkafka already fetched; while a batch
 //! runs, the next one collects documents until it is full, the running one finishes, or
-//! `max_wait_ms` passed. Two batches are in flight at most (one running its models while the next
+//! `max_wait_ms` passed. Every batch first takes what is already fetched, so a batch that finished
+//! meanwhile never ends the collection empty while documents wait (that committed the transaction
+//! as if the stage were idle). Two batches are in flight at most (one running its models while the next
 //! is decoded and preprocessed on another thread), and they are published strictly in order, so
 //! offsets, transactions and the ack task see batches in consumption order as before. When a
 //! batch's transaction aborts, the batch after it is dropped unpublished and the consumer goes back
