@@ -216,12 +216,11 @@ fn main() {
             let (tx, rx) = tokio::sync::watch::channel(false);
             let stage = InferStage::new(cfg.clone(), brokers.clone(), registry);
             let counters = stage.counters();
-            let handle = tokio::spawn(stage.run(rx));
+            let mut handle = tokio::spawn(stage.run(rx));
             // clock starts at the first consumed document (excludes group join), ends when every
             // result is committed (the stage's own count: no reader competes for the CPU)
             // a stage that stopped (an error at start-up, say) ends the run with its error instead
             // of leaving these loops waiting for counts that will never come
-            let mut handle = handle;
             while counters.consumed.load(std::sync::atomic::Ordering::Relaxed) == 0 && !handle.is_finished() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }

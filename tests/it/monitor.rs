@@ -233,10 +233,15 @@ fn write_monitor_yaml(dir: &std::path::Path, state: &std::path::Path) -> std::pa
 
 /// Waits until the pipeline snapshots on `topic` count at least `n` results. Snapshots of one
 /// batch land on several partitions, so a late window can be visible before an earlier one.
+/// Results counted in the pipeline's windows on the metrics topic `topic`.
+fn pipeline_total(topic: &str) -> i64 {
+    metrics_of(&read_all(topic)).iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum()
+}
+
 async fn wait_for_pipeline_total(topic: &str, n: i64) {
     let started = Instant::now();
     loop {
-        let total: i64 = metrics_of(&read_all(topic)).iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
+        let total = pipeline_total(topic);
         if total >= n {
             return;
         }
@@ -251,6 +256,15 @@ async fn trickle(topic: String, results: Vec<InferenceResult>) {
         produce_records(&topic, "k", chunk).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A result 200 s after the streams' base time: it closes every window of [`stream`] (up to 200
+/// windows of a second) while its own stays open.
+fn tick() -> InferenceResult {
+    let mut tick = stream(1, 1).remove(0);
+    tick.document_id = "tick".into();
+    tick.submitted_at = *BASE + 200_000;
+    tick
 }
 
 /// Results over 80 one-second windows; every fifth window has 20 % errors (alerts fire and resolve).
@@ -902,10 +916,7 @@ async fn scaled_out_run(members: usize, closing: u32, fault: Fault) {
         r.outputs.push(output("table_detection", "1.0.0", 3.0, None, None));
     }
     let n = results.len() as i64;
-    let mut tick = stream(1, 1).remove(0);
-    tick.document_id = "tick".into();
-    tick.submitted_at = *BASE + 200_000; // closes window 59; its own stays open
-    results.push(tick);
+    results.push(tick()); // closes window 59
     // feedback for every tenth document, given 10 s (ten windows, two chunks) after its result, so
     // that its window is still open when it arrives right after its result's chunk
     let feedback_of = |r: &InferenceResult| (r.document_id.clone(), feedback(&r.document_id, r.submitted_at + 10_000, 5));
@@ -1115,10 +1126,7 @@ async fn a_scaled_out_member_restarted_on_another_results_topic_with_the_same_st
     let group = format!("{old_prefix}infer");
     let (dir_old, dir_new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let with_tick = |mut v: Vec<InferenceResult>| {
-        let mut tick = stream(1, 1).remove(0);
-        tick.document_id = "tick".into();
-        tick.submitted_at = *BASE + 200_000; // closes every window of the stream; its own stays open
-        v.push(tick);
+        v.push(tick());
         v
     };
     let listening = |dir: &std::path::Path| {
@@ -1145,11 +1153,8 @@ async fn a_scaled_out_member_restarted_on_another_results_topic_with_the_same_st
     }).collect();
     produce_records(&old.topics.inference, "k", &later).await;
     produce_records(&new.topics.inference, "k", &with_tick(stream(4, 10))).await;
-    until_explained("the restarted member's windows count the new topic's 40 results", || {
-        metrics_of(&read_all(&new.topics.metrics)).iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum::<i64>() >= 40
-    }, || log_of(dir_new.path())).await;
-    let total: i64 = metrics_of(&read_all(&new.topics.metrics)).iter().filter(|m| m.model == "pipeline").map(|m| m.count).sum();
-    assert_eq!(total, 40, "the new topic's results, each once, and none of the old topic's");
+    until_explained("the restarted member's windows count the new topic's 40 results", || pipeline_total(&new.topics.metrics) >= 40, || log_of(dir_new.path())).await;
+    assert_eq!(pipeline_total(&new.topics.metrics), 40, "the new topic's results, each once, and none of the old topic's");
     let log = log_of(dir_new.path());
     assert!(log.contains("the group assigned partitions of a topic this consumer does not subscribe to"), "the stale assignment was offered and refused (else the test did not reach the case):\n{log}");
 }
