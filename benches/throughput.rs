@@ -131,6 +131,8 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn main() {
+    // the binary's allocator settings, before any thread: the stage runs in this process
+    payslip_stream::malloc::tune();
     let brokers = std::env::var("PAYSLIP_BENCH_BROKERS").expect("set PAYSLIP_BENCH_BROKERS to a running broker (scripts/kafka start)");
     let n: usize = std::env::var("BENCH_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
     let mut cfg = PipelineConfig::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/payslip.yaml"))).expect("config");

@@ -15,7 +15,8 @@
 //!
 //! Module map:
 //! - wiring: [`pipeline`] (what `run` starts: brokers, topics, models, stages, shutdown), [`config`]
-//!   (pipeline YAML, validated once), [`telemetry`] (logs and counters), [`progress`] (progress events
+//!   (pipeline YAML, validated once), [`telemetry`] (logs and counters), [`malloc`] (glibc's
+//!   settings, set before any thread), [`progress`] (progress events
 //!   for long operations);
 //! - stages: [`infer`] (the infer stage: batching, delivery/acks, dead letters), [`monitor`] (the
 //!   monitor stage: windows, alerts, outbox, changelog), [`rollout`] (config, records, controller,
@@ -45,6 +46,7 @@ pub mod infer;
 pub mod inference;
 pub mod inspect;
 pub mod kafka;
+pub mod malloc;
 pub mod monitor;
 pub mod ops;
 pub mod pipeline;

@@ -311,7 +311,7 @@ fn dispatch(cfg: &InferenceConfig, p: Provider, spec: &SessionSpec) -> Execution
         }
         // The CPU arena keeps a run's intermediate values for the next run. Without it each run
         // took its ~4.6 MB buffers from glibc, which (with the binary's fixed mmap threshold,
-        // src/main.rs) maps them and gives them back: a quarter of the stage's CPU went to page
+        // src/malloc.rs) maps them and gives them back: a quarter of the stage's CPU went to page
         // faults (BENCHMARKS.md, "Allocator").
         Provider::Cpu => CPU::default().with_arena_allocator(true).build().error_on_failure(),
     }
