@@ -40,7 +40,8 @@ pub struct InferCounters {
     /// payslip_infer_transactions_committed_total (exactly once: one per batch, or one per commit
     /// interval while the stage is busy)
     pub transactions_committed: AtomicU64,
-    /// Memory and CPU of this process, sampled once per batch.
+    /// Memory and CPU of this process, read once per batch, from `/proc` at most every
+    /// [`SAMPLE_INTERVAL`].
     pub process: ProcessSampler,
     /// Model time of answered documents, microseconds (sum over each document's model outputs).
     pub inference_us: AtomicU64,
@@ -98,17 +99,45 @@ impl LoopPhase {
 /// Resident memory and CPU use of this process, from `/proc/self` (None elsewhere).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessSample {
-    /// The highest resident memory since the previous sample (the kernel's high-water mark, reset
-    /// at each sample), so a batch that peaked between two samples is reported at its peak; where
-    /// the mark cannot be reset, the resident memory now.
+    /// The highest resident memory since the previous sample taken from `/proc` (the kernel's
+    /// high-water mark, reset at each such sample), so a batch that peaked between two samples is
+    /// reported at its peak; where the mark cannot be reset, the resident memory then. Within
+    /// [`SAMPLE_INTERVAL`] of that sample, the same figure again.
     pub rss_bytes: Option<u64>,
+    /// The share of one core used since the previous CPU reading, at most one per
+    /// [`SAMPLE_INTERVAL`]; None for the samples in between.
     pub cpu_percent: Option<f64>,
 }
 
-/// Samples `/proc/self`; CPU is the share of one core used since the previous sample.
-#[derive(Debug, Default)]
+/// How often [`ProcessSampler`] reads `/proc`. One reading costs about 0.2 ms in the infer stage:
+/// the kernel sums the times of every thread (ONNX Runtime's, librdkafka's, tokio's) for
+/// `/proc/self/stat`, and resetting the memory high-water mark walks the page tables. Once per
+/// batch that was 1.3 % of the stage's CPU draining a backlog and more at moderate load, where
+/// batches are small (BENCHMARKS.md, "Who is busy at half load"). Batches closer together than
+/// this share a reading. The CPU figure needs at least 50 ms between readings anyway (the clock
+/// ticks are 10 ms).
+pub const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Samples `/proc/self` at most every `min_interval` ([`SAMPLE_INTERVAL`] by default); CPU is the
+/// share of one core used since the previous CPU reading.
+#[derive(Debug)]
 pub struct ProcessSampler {
-    last: Mutex<Option<(std::time::Instant, u64)>>,
+    min_interval: std::time::Duration,
+    state: Mutex<SamplerState>,
+}
+
+#[derive(Debug, Default)]
+struct SamplerState {
+    /// When `/proc` was last read, and the memory figure it gave.
+    taken: Option<(std::time::Instant, Option<u64>)>,
+    /// The CPU baseline: when and at how many clock ticks CPU was last measured from.
+    cpu_base: Option<(std::time::Instant, u64)>,
+}
+
+impl Default for ProcessSampler {
+    fn default() -> Self {
+        Self::with_interval(SAMPLE_INTERVAL)
+    }
 }
 
 pub(crate) fn clock_ticks_of_self() -> Option<u64> {
@@ -135,11 +164,21 @@ fn peak_rss_bytes_since_last() -> Option<u64> {
 }
 
 impl ProcessSampler {
+    /// A sampler that reads `/proc` at most every `min_interval` (zero: at every sample).
+    pub fn with_interval(min_interval: std::time::Duration) -> Self {
+        Self { min_interval, state: Mutex::new(SamplerState::default()) }
+    }
+
     pub fn sample(&self) -> ProcessSample {
         let now = std::time::Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, rss_bytes)) = st.taken {
+            if now.duration_since(at) < self.min_interval {
+                return ProcessSample { rss_bytes, cpu_percent: None };
+            }
+        }
         let ticks = clock_ticks_of_self();
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let cpu_percent = match (*last, ticks) {
+        let cpu_percent = match (st.cpu_base, ticks) {
             (Some((t0, k0)), Some(k1)) if now.duration_since(t0).as_secs_f64() > 0.05 => {
                 // Linux reports 100 ticks per second (USER_HZ) on every architecture we run on
                 Some((k1.saturating_sub(k0)) as f64 / 100.0 / now.duration_since(t0).as_secs_f64() * 100.0)
@@ -147,11 +186,13 @@ impl ProcessSampler {
             _ => None,
         };
         if let Some(k) = ticks {
-            if last.is_none() || cpu_percent.is_some() {
-                *last = Some((now, k));
+            if st.cpu_base.is_none() || cpu_percent.is_some() {
+                st.cpu_base = Some((now, k));
             }
         }
-        ProcessSample { rss_bytes: peak_rss_bytes_since_last().or_else(rss_bytes_of_self), cpu_percent }
+        let rss_bytes = peak_rss_bytes_since_last().or_else(rss_bytes_of_self);
+        st.taken = Some((now, rss_bytes));
+        ProcessSample { rss_bytes, cpu_percent }
     }
 }
 
@@ -161,7 +202,7 @@ mod tests {
 
     #[test]
     fn the_memory_sample_is_the_peak_since_the_previous_one() {
-        let sampler = ProcessSampler::default();
+        let sampler = ProcessSampler::with_interval(std::time::Duration::ZERO);
         let before = sampler.sample().rss_bytes;
         if peak_rss_bytes_since_last().is_none() {
             return; // no /proc or no clear_refs here: the current RSS is reported instead
@@ -174,6 +215,38 @@ mod tests {
         assert!(peak >= before.unwrap_or(0) + (60 << 20) || peak >= 64 << 20, "peak {peak} after a 64 MiB buffer");
         let after = sampler.sample().rss_bytes.unwrap();
         assert!(after < peak, "the mark was reset: {after} < {peak}");
+    }
+
+    #[test]
+    fn samples_within_the_interval_repeat_the_last_reading() {
+        let sampler = ProcessSampler::with_interval(std::time::Duration::from_secs(3600));
+        let first = sampler.sample();
+        if first.rss_bytes.is_none() {
+            return; // no /proc here
+        }
+        // 64 MiB touched and freed: not read again within the hour, so not reported yet
+        let big = vec![1u8; 64 << 20];
+        std::hint::black_box(&big);
+        drop(big);
+        let second = sampler.sample();
+        assert_eq!(second.rss_bytes, first.rss_bytes);
+        assert_eq!(second.cpu_percent, None);
+    }
+
+    #[test]
+    fn a_reading_after_the_interval_measures_cpu_since_the_previous_one() {
+        let sampler = ProcessSampler::with_interval(std::time::Duration::from_millis(60));
+        if sampler.sample().rss_bytes.is_none() {
+            return; // no /proc here
+        }
+        // work until a reading is due again and the process's clock ticks have moved on
+        let (started, ticks) = (std::time::Instant::now(), clock_ticks_of_self().expect("ticks"));
+        let mut x = 0u64;
+        while started.elapsed() < std::time::Duration::from_millis(70) || clock_ticks_of_self().expect("ticks") <= ticks {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let cpu = sampler.sample().cpu_percent.expect("a CPU reading after the interval");
+        assert!(cpu > 0.0, "spinning used CPU: {cpu}");
     }
 }
 
