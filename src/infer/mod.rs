@@ -330,6 +330,17 @@ impl InferStage {
                     let e = starts.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
                     *e = (*e).min(m.offset());
                 }
+                // exactly once, an idle stage: the batch's transaction begins now and its input
+                // offsets are sent while the models run (txn::begin_early)
+                if exactly_once && inflight.is_empty() && open.is_none() {
+                    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+                    for m in &batch {
+                        use rdkafka::message::Message;
+                        let e = next.entry((m.topic().to_string(), m.partition())).or_insert(m.offset() + 1);
+                        *e = (*e).max(m.offset() + 1);
+                    }
+                    txn::begin_early(&producer, &consumer, &mut open, next);
+                }
                 let (registry, cfg2, counters, routing2) = (self.registry.clone(), self.cfg.clone(), self.counters.clone(), routing.clone());
                 let bytes = bytes(&batch);
                 let handle = tokio::task::spawn_blocking(move || process_batch(&cfg2, &registry, &routing2, &counters, batch, true));

@@ -14,6 +14,14 @@
 //! short: rust-rdkafka's commit flushes first and, with records still in flight, waits in 100 ms
 //! rounds (BENCHMARKS.md, "Transactions").
 //!
+//! An idle stage's batch begins its transaction when it starts ([`begin_early`]) and sends the
+//! batch's input offsets on a blocking thread while its models run: at low load the offsets'
+//! round trips to the coordinators no longer follow the models. Inside a transaction the order of
+//! records and offsets does not matter; both become visible at the commit or not at all. The
+//! commit waits for that call; when more batches joined the transaction meanwhile, it sends the
+//! offsets of all of them (later offsets replace earlier ones). An abort waits for it too, since
+//! librdkafka refuses a second transactional call while one is running.
+//!
 //! A transaction that must be aborted (a rebalance took a partition, the broker was away longer
 //! than `kafka.transaction_timeout_ms`) is aborted and the consumer rewinds to the first offsets of
 //! every batch in it, so they are processed again by whoever owns its partitions; a fatal error
@@ -100,13 +108,66 @@ pub(super) struct OpenTxn {
     batches: usize,
     /// A batch in it holds a `fault-txn-abort` message not aborted before.
     inject_abort: bool,
+    /// Offsets sent when it began ([`begin_early`]).
+    early: Option<EarlyOffsets>,
+}
+
+/// The next input offset per partition.
+type NextOffsets = BTreeMap<(String, i32), i64>;
+
+/// Offsets sent as a transaction began: what they moved the group to, and the call, running on a
+/// blocking thread.
+struct EarlyOffsets {
+    next: NextOffsets,
+    call: tokio::task::JoinHandle<Result<(), RdKafkaError>>,
 }
 
 impl OpenTxn {
+    fn new() -> Self {
+        OpenTxn { span: BTreeMap::new(), deliveries: Vec::new(), began: std::time::Instant::now(), batches: 0, inject_abort: false, early: None }
+    }
+
+    /// Waits for the offsets sent when it began, if they were: what they moved the group to, and
+    /// whether the call succeeded.
+    async fn early_offsets(&mut self) -> Option<(NextOffsets, Result<(), TxnFailure>)> {
+        let EarlyOffsets { next: sent, call } = self.early.take()?;
+        let outcome = match call.await {
+            Ok(r) => r.map_err(|e| classify("sending the transaction's input offsets", e)),
+            Err(e) => Err(TxnFailure::Aborted(KafkaError::Timeout { what: format!("sending the transaction's input offsets (its thread failed: {e})"), seconds: 0 })),
+        };
+        Some((sent, outcome))
+    }
+
     /// How long ago it began.
     pub(super) fn age(&self) -> Duration {
         self.began.elapsed()
     }
+}
+
+/// An idle stage's batch starts: begins its transaction and sends the batch's input offsets
+/// (`next`: the offset after the last one it read, per partition) on a blocking thread while its
+/// models run. Best effort: when the transaction cannot begin now, nothing is open and the batch
+/// begins one when it is published, as any other.
+pub(super) fn begin_early(producer: &super::InferProducer, consumer: &super::InferConsumer, open: &mut Option<OpenTxn>, next: NextOffsets) {
+    if open.is_some() || next.is_empty() {
+        return;
+    }
+    let Some(group) = consumer.group_metadata() else { return };
+    let mut offsets = TopicPartitionList::new();
+    for ((topic, partition), n) in &next {
+        if offsets.add_partition_offset(topic, *partition, Offset::Offset(*n)).is_err() {
+            return;
+        }
+    }
+    if let Err(e) = tokio::task::block_in_place(|| producer.begin_transaction()) {
+        tracing::debug!(error = %e, "cannot begin a transaction before the batch's models run; it begins when the batch is published");
+        return;
+    }
+    let p = producer.clone();
+    let call = tokio::task::spawn_blocking(move || p.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT));
+    let mut txn = OpenTxn::new();
+    txn.early = Some(EarlyOffsets { next, call });
+    *open = Some(txn);
 }
 
 /// Sends a batch's records in the open transaction, beginning one when none is open. On failure
@@ -120,7 +181,7 @@ pub(super) async fn add_batch(
     inject_abort: bool,
 ) -> Result<(), TxnFailure> {
     let fresh = open.is_none();
-    let txn = open.get_or_insert_with(|| OpenTxn { span: BTreeMap::new(), deliveries: Vec::new(), began: std::time::Instant::now(), batches: 0, inject_abort: false });
+    let txn = open.get_or_insert_with(OpenTxn::new);
     for p in &processed {
         let e = txn.span.entry((p.topic.clone(), p.partition)).or_insert((p.offset, p.offset + 1));
         e.0 = e.0.min(p.offset);
@@ -163,7 +224,11 @@ pub(super) fn abort(producer: &super::InferProducer, consumer: &super::InferCons
 }
 
 /// Aborts `txn` and rewinds the consumer to its start (an aborted failure), or passes a fatal one on.
-fn abandon(producer: &super::InferProducer, consumer: &super::InferConsumer, txn: OpenTxn, failure: TxnFailure) -> TxnFailure {
+fn abandon(producer: &super::InferProducer, consumer: &super::InferConsumer, mut txn: OpenTxn, failure: TxnFailure) -> TxnFailure {
+    // librdkafka refuses an abort while the early offsets' call still runs
+    if let Some(EarlyOffsets { call, .. }) = txn.early.take() {
+        let _ = tokio::task::block_in_place(|| futures::executor::block_on(call));
+    }
     let TxnFailure::Aborted(e) = failure else { return failure };
     tracing::warn!(error = %e, batches = txn.batches, "aborting the transaction; its documents are read again");
     if let Err(a) = tokio::task::block_in_place(|| producer.abort_transaction(CALL_TIMEOUT)) {
@@ -190,8 +255,20 @@ async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer
     for ((topic, partition), (_, next)) in &txn.span {
         offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|e| TxnFailure::Aborted(wrap("offsets", e)))?;
     }
-    let group = consumer.group_metadata().ok_or_else(|| TxnFailure::Aborted(KafkaError::Timeout { what: "the infer consumer's group membership (no group metadata yet)".into(), seconds: 0 }))?;
-    tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)).map_err(|e| classify("sending the transaction's input offsets", e))?;
+    // offsets sent when the transaction began: waited for, and sent again only when more batches
+    // joined it since
+    let sent = match txn.early_offsets().await {
+        Some((sent, outcome)) => {
+            outcome?;
+            Some(sent)
+        }
+        None => None,
+    };
+    let next: NextOffsets = txn.span.iter().map(|(k, (_, n))| (k.clone(), *n)).collect();
+    if sent.as_ref() != Some(&next) {
+        let group = consumer.group_metadata().ok_or_else(|| TxnFailure::Aborted(KafkaError::Timeout { what: "the infer consumer's group membership (no group metadata yet)".into(), seconds: 0 }))?;
+        tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)).map_err(|e| classify("sending the transaction's input offsets", e))?;
+    }
     let t = counters.phase(LoopPhase::CommitOffsets, t);
     if txn.inject_abort {
         // everything is sent, only the commit is missing: the latest point an abort can come
