@@ -678,7 +678,7 @@ impl MonitorStage {
         let predicted = std::mem::take(&mut st.new_predictions);
         for (id, p) in &predicted {
             b.put_json(store, CF_PREDICTIONS, id.as_bytes(), p);
-            b.put_json(store, CF_PREDICTION_EXPIRY, &expiry_key(p.event_ms, id), &serde_json::Value::Null);
+            b.put_raw(store, CF_PREDICTION_EXPIRY, &expiry_key(p.event_ms, id), b"null");
         }
         // predictions past retention (event time), a bounded number per batch
         if let Some(wm) = st.watermark.current() {
@@ -751,7 +751,7 @@ pub fn run(cfg: PipelineConfig, brokers: String, view: view::ViewHandle, stop: A
 
 /// `event time (16 hex digits, order-preserving) | document id`.
 pub(crate) fn expiry_key(event_ms: i64, document_id: &str) -> Vec<u8> {
-    format!("{:016x}|{document_id}", (event_ms as u64) ^ 0x8000_0000_0000_0000).into_bytes()
+    state::time_key(event_ms, document_id.as_bytes())
 }
 
 /// Whether dotted version `a` is newer than `b` (numeric parts compared, suffixes ignored).

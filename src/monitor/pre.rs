@@ -532,7 +532,7 @@ impl PreAggregator {
         let mut w = StateBatch::default();
         for (id, p) in &b.staged {
             w.put_json(store, CF_PREDICTIONS, id.as_bytes(), p);
-            w.put_json(store, CF_PREDICTION_EXPIRY, &expiry_key(p.event_ms, id), &serde_json::Value::Null);
+            w.put_raw(store, CF_PREDICTION_EXPIRY, &expiry_key(p.event_ms, id), b"null");
         }
         for (p, next) in &b.results_next {
             w.put_raw(store, CF_OFFSETS, format!("{}/{p}", self.cfg.topics.inference).as_bytes(), &next.to_be_bytes());
@@ -623,7 +623,7 @@ impl PreAggregator {
             if let Ok(r) = codec::decode_result_counted(m.payload().unwrap_or_default(), ct.as_deref()) {
                 if let Some(pred) = prediction_of(&r) {
                     w.put_json(&self.store, CF_PREDICTIONS, r.document_id.as_bytes(), &pred);
-                    w.put_json(&self.store, CF_PREDICTION_EXPIRY, &expiry_key(pred.event_ms, &r.document_id), &serde_json::Value::Null);
+                    w.put_raw(&self.store, CF_PREDICTION_EXPIRY, &expiry_key(pred.event_ms, &r.document_id), b"null");
                     n += 1;
                     pending += 1;
                 }

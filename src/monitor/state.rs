@@ -98,7 +98,21 @@ pub const DEFAULT_MAX_PENDING_FEEDBACK: usize = 100_000;
 /// RocksDB key of a pending feedback: `given_at (16 hex digits, order-preserving) | document id`,
 /// so the due ones are a prefix of the column family.
 pub fn pending_key(given_at: i64, document_id: &str) -> Vec<u8> {
-    format!("{:016x}|{document_id}", (given_at as u64) ^ 0x8000_0000_0000_0000).into_bytes()
+    time_key(given_at, document_id.as_bytes())
+}
+
+/// `time (16 lowercase hex digits, order-preserving: the sign bit flipped) | rest`: byte order is
+/// time order over the whole `i64` range. Written digit by digit, without `format!`: the
+/// predictions' expiry index builds one per result (`format!` was 1.8 % of the monitor's applying
+/// thread in `perf`).
+pub fn time_key(ms: i64, rest: &[u8]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let v = (ms as u64) ^ 0x8000_0000_0000_0000;
+    let mut k = Vec::with_capacity(17 + rest.len());
+    k.extend((0..16).rev().map(|i| HEX[((v >> (i * 4)) & 0xf) as usize]));
+    k.push(b'|');
+    k.extend_from_slice(rest);
+    k
 }
 
 /// What closing windows produced, in publication order.
@@ -121,7 +135,7 @@ impl Emitted {
 }
 
 pub fn window_key(subject: &Subject, start_ms: i64) -> Vec<u8> {
-    format!("{:016x}|{}", (start_ms as u64) ^ 0x8000_0000_0000_0000, subject.key()).into_bytes()
+    time_key(start_ms, subject.key().as_bytes())
 }
 
 /// Where result and feedback counts go: the monitor's open windows, or one batch's partial
@@ -467,6 +481,24 @@ mod tests {
         assert_eq!(st.dirty_pending.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>(), vec!["a", "b"], "both deleted with the next write");
         assert!(st.due_feedback(None).is_empty());
         assert_eq!(st.pending_feedback.len(), 1);
+    }
+
+    #[test]
+    fn time_keys_are_the_formatted_keys_they_replace() {
+        // the keys are stored (and in the changelog): the same bytes as the `format!` before
+        let mut times = vec![i64::MIN, i64::MIN + 1, -1_700_000_000_000, -1, 0, 1, 15, 16, 1_700_000_000_000, i64::MAX - 1, i64::MAX];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            times.push(x as i64);
+        }
+        for t in times {
+            for rest in ["", "doc-1", "pipeline/-/all"] {
+                assert_eq!(time_key(t, rest.as_bytes()), format!("{:016x}|{rest}", (t as u64) ^ 0x8000_0000_0000_0000).into_bytes(), "{t} {rest}");
+            }
+        }
     }
 
     #[test]
