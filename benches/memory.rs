@@ -6,8 +6,11 @@
 //!   PAYSLIP_BENCH_BROKERS=127.0.0.1:19092 cargo run --example memory
 //!
 //! For each stream it produces the documents to fresh topics, starts `payslip-stream run --stage
-//! infer` (the real binary, pipelines/payslip.yaml) as a child process, waits until every document
-//! has a result or a dead letter, and stops it. Two figures per stream:
+//! infer` (the real binary, pipelines/payslip.yaml) as a child process, waits until the stage's
+//! group has committed past every document (exactly once, offsets move with the document's result
+//! or dead letter in one transaction), and stops it. `results` and `dead_letters` are records read
+//! back, not offsets: a transactional topic's offsets include its commit markers. Two figures per
+//! stream:
 //! - `peak_rss_mb`: the highest `process_rss_bytes` in the results, which the stage takes from the
 //!   kernel's high-water mark (VmHWM) and resets after each batch, so no peak between samples is missed;
 //! - `sampled_rss_mb`: the highest VmRSS this harness saw polling the child every 20 ms (a cross-check).
@@ -43,9 +46,28 @@ use support::publish_split;
 
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/payslip.yaml");
 
-fn count(brokers: &str, topic: &str) -> i64 {
-    let c: BaseConsumer = kafka::client_config(brokers, &Default::default()).create().expect("consumer");
-    kafka::read::watermarks(&c, topic, Duration::from_secs(10)).expect("watermarks").values().map(|(lo, hi)| hi - lo).sum()
+/// The input offsets a group has committed on a topic, summed over its partitions: the documents
+/// it is done with. Asked with a client of that group that never joins it.
+struct Committed {
+    client: BaseConsumer,
+    partitions: rdkafka::TopicPartitionList,
+}
+
+impl Committed {
+    fn new(brokers: &str, group: &str, topic: &str) -> Self {
+        let client: BaseConsumer = kafka::reader_config(brokers, group, &Default::default()).create().expect("consumer");
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        for p in kafka::partitions_of(&client, topic, Duration::from_secs(10)).expect("partitions") {
+            partitions.add_partition(topic, p);
+        }
+        Committed { client, partitions }
+    }
+
+    fn sum(&self) -> i64 {
+        use rdkafka::consumer::Consumer;
+        let done = self.client.committed_offsets(self.partitions.clone(), Duration::from_secs(10)).expect("committed offsets");
+        done.elements().iter().filter_map(|e| e.offset().to_raw()).filter(|o| *o > 0).sum()
+    }
 }
 
 /// User plus system CPU seconds the process has used (/proc/PID/stat, clock ticks of 1/100 s).
@@ -63,13 +85,15 @@ fn rss_kb(pid: u32) -> Option<u64> {
     status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The highest memory figure the stage reported in its results, MB.
-fn reported_peak_mb(brokers: &str, topic: &str) -> f64 {
+/// The records on `topic` (committed ones: the reader is `read_committed`), and the highest memory
+/// figure the stage reported in them, MB.
+fn read_back(brokers: &str, topic: &str) -> (u64, f64) {
     let c: BaseConsumer = kafka::reader_config(brokers, &format!("bench-memory-{}", std::process::id()), &Default::default()).create().expect("reader");
     let cursor = kafka::RangeCursor::to_end(c, topic, |_, lo, _| lo, "results").expect("cursor");
-    let mut peak = 0i64;
+    let (mut records, mut peak) = (0u64, 0i64);
     cursor
         .for_each(Duration::from_secs(30), |m| {
+            records += 1;
             let ct = kafka::headers::get(m.headers(), kafka::headers::CONTENT_TYPE);
             if let Ok(r) = codec::decode::<InferenceResult>(m.payload().unwrap_or_default(), ct.as_deref()) {
                 peak = peak.max(r.process_rss_bytes.unwrap_or(0));
@@ -77,7 +101,7 @@ fn reported_peak_mb(brokers: &str, topic: &str) -> f64 {
             Ok::<(), kafka::KafkaError>(())
         })
         .expect("results read");
-    (peak as f64 / 1_048_576.0).round()
+    (records, (peak as f64 / 1_048_576.0).round())
 }
 
 fn run_stream(cfg: &PipelineConfig, brokers: &str, name: &str, docs: Vec<PayslipDocument>, rt: &tokio::runtime::Runtime) -> serde_json::Value {
@@ -102,21 +126,23 @@ fn run_source(cfg: &PipelineConfig, brokers: &str, name: &str, source: Source, n
     });
     // the binary next to this example's directory (target/<profile>/payslip-stream)
     let exe = std::env::current_exe().expect("exe").parent().and_then(|d| d.parent()).expect("target dir").join("payslip-stream");
+    let group = format!("{prefix}infer");
     let mut child = Command::new(&exe)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--stage", "infer", "--config", CONFIG, "--brokers", brokers, "--topic-prefix", &prefix, "--group", &format!("{prefix}infer")])
+        .args(["run", "--stage", "infer", "--config", CONFIG, "--brokers", brokers, "--topic-prefix", &prefix, "--group", &group])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{} (run `cargo build` first): {e}", exe.display()));
     let started = Instant::now();
+    let done = Committed::new(brokers, &group, &cfg.topics.documents);
     let mut sampled = 0u64;
     loop {
         sampled = sampled.max(rss_kb(child.id()).unwrap_or(0));
         if let Some(status) = child.try_wait().expect("child") {
             panic!("the infer stage exited ({status}) before answering every document");
         }
-        if count(brokers, &cfg.topics.inference) + count(brokers, &cfg.topics.documents_dlq) >= n {
+        if done.sum() >= n {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(600), "not every document answered in 10 minutes");
@@ -126,15 +152,17 @@ fn run_source(cfg: &PipelineConfig, brokers: &str, name: &str, source: Source, n
     let cpu = cpu_seconds(child.id()).unwrap_or(0.0);
     let _ = child.kill();
     let _ = child.wait();
+    let (results, peak_rss_mb) = read_back(brokers, &cfg.topics.inference);
+    let (dead_letters, _) = read_back(brokers, &cfg.topics.documents_dlq);
     serde_json::json!({
         "documents": n,
         "avg_document_bytes_avro": avg_bytes,
-        "results": count(brokers, &cfg.topics.inference),
-        "dead_letters": count(brokers, &cfg.topics.documents_dlq),
+        "results": results,
+        "dead_letters": dead_letters,
         "seconds": (seconds * 10.0).round() / 10.0,
         "docs_per_s": (n as f64 / seconds).round(),
         "cpu_ms_per_doc": (cpu * 1000.0 / n.max(1) as f64 * 100.0).round() / 100.0,
-        "peak_rss_mb": reported_peak_mb(brokers, &cfg.topics.inference),
+        "peak_rss_mb": peak_rss_mb,
         "sampled_rss_mb": (sampled as f64 / 1024.0).round(),
     })
 }
