@@ -324,21 +324,19 @@ impl InferStage {
             if !batch.is_empty() {
                 self.counters.consumed.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                // the first offset the batch read in each partition, and the one after its last
                 let mut starts: BTreeMap<(String, i32), i64> = BTreeMap::new();
+                let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
                 for m in &batch {
                     use rdkafka::message::Message;
                     let e = starts.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
                     *e = (*e).min(m.offset());
+                    let e = next.entry((m.topic().to_string(), m.partition())).or_insert(m.offset() + 1);
+                    *e = (*e).max(m.offset() + 1);
                 }
                 // exactly once, an idle stage: the batch's transaction begins now and its input
                 // offsets are sent while the models run (txn::begin_early)
                 if exactly_once && inflight.is_empty() && open.is_none() {
-                    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-                    for m in &batch {
-                        use rdkafka::message::Message;
-                        let e = next.entry((m.topic().to_string(), m.partition())).or_insert(m.offset() + 1);
-                        *e = (*e).max(m.offset() + 1);
-                    }
                     txn::begin_early(&producer, &consumer, &mut open, next);
                 }
                 let (registry, cfg2, counters, routing2) = (self.registry.clone(), self.cfg.clone(), self.counters.clone(), routing.clone());

@@ -153,12 +153,7 @@ pub(super) fn begin_early(producer: &super::InferProducer, consumer: &super::Inf
         return;
     }
     let Some(group) = consumer.group_metadata() else { return };
-    let mut offsets = TopicPartitionList::new();
-    for ((topic, partition), n) in &next {
-        if offsets.add_partition_offset(topic, *partition, Offset::Offset(*n)).is_err() {
-            return;
-        }
-    }
+    let Ok(offsets) = offset_list(&next) else { return };
     if let Err(e) = tokio::task::block_in_place(|| producer.begin_transaction()) {
         tracing::debug!(error = %e, "cannot begin a transaction before the batch's models run; it begins when the batch is published");
         return;
@@ -168,6 +163,15 @@ pub(super) fn begin_early(producer: &super::InferProducer, consumer: &super::Inf
     let mut txn = OpenTxn::new();
     txn.early = Some(EarlyOffsets { next, call });
     *open = Some(txn);
+}
+
+/// `next` as the list the transactional calls take.
+fn offset_list(next: &NextOffsets) -> Result<TopicPartitionList, RdKafkaError> {
+    let mut offsets = TopicPartitionList::new();
+    for ((topic, partition), n) in next {
+        offsets.add_partition_offset(topic, *partition, Offset::Offset(*n))?;
+    }
+    Ok(offsets)
 }
 
 /// Sends a batch's records in the open transaction, beginning one when none is open. On failure
@@ -251,10 +255,6 @@ fn classify(what: &str, e: RdKafkaError) -> TxnFailure {
 
 async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer, cfg: &PipelineConfig, txn: &mut OpenTxn, counters: &InferCounters) -> Result<(u64, u64, Vec<&'static str>), TxnFailure> {
     let t = std::time::Instant::now();
-    let mut offsets = TopicPartitionList::new();
-    for ((topic, partition), (_, next)) in &txn.span {
-        offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|e| TxnFailure::Aborted(wrap("offsets", e)))?;
-    }
     // offsets sent when the transaction began: waited for, and sent again only when more batches
     // joined it since
     let sent = match txn.early_offsets().await {
@@ -266,6 +266,7 @@ async fn finish(producer: &super::InferProducer, consumer: &super::InferConsumer
     };
     let next: NextOffsets = txn.span.iter().map(|(k, (_, n))| (k.clone(), *n)).collect();
     if sent.as_ref() != Some(&next) {
+        let offsets = offset_list(&next).map_err(|e| TxnFailure::Aborted(wrap("offsets", e)))?;
         let group = consumer.group_metadata().ok_or_else(|| TxnFailure::Aborted(KafkaError::Timeout { what: "the infer consumer's group membership (no group metadata yet)".into(), seconds: 0 }))?;
         tokio::task::block_in_place(|| producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)).map_err(|e| classify("sending the transaction's input offsets", e))?;
     }
