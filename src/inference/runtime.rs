@@ -395,21 +395,50 @@ fn build_session(env: &ort::environment::Environment, cfg: &InferenceConfig, spe
 
 /// Runs the warm-up shapes on zero inputs with profiling on, ends profiling and reads where the
 /// nodes ran.
+/// The profile's file is removed whether or not the warm-up ran.
 fn warm_up(session: &mut Session, spec: &SessionSpec, gpu: bool) -> Result<Vec<Placement>, WarmUpError> {
     let per_row: usize = spec.dims.iter().map(|&d| d.max(1) as usize).product();
-    for rows in warm_up_rows(spec.max_rows, spec.typical_rows, gpu) {
+    let ran = warm_up_rows(spec.max_rows, spec.typical_rows, gpu).into_iter().try_for_each(|rows| {
         let shape: Vec<i64> = std::iter::once(rows as i64).chain(spec.dims.iter().copied()).collect();
         let input = Tensor::from_array((shape, vec![0f32; rows * per_row].into_boxed_slice())).map_err(|e| WarmUpError(e.to_string()))?;
-        session.run(ort::inputs![input]).map_err(|e| WarmUpError(format!("run at batch axis {rows}: {e}")))?;
+        session.run(ort::inputs![input]).map(drop).map_err(|e| WarmUpError(format!("run at batch axis {rows}: {e}")))
+    });
+    let ended = session.end_profiling().map_err(|e| WarmUpError(format!("ending the profile: {e}")));
+    let text = ended.as_ref().map_err(Clone::clone).and_then(|file| std::fs::read_to_string(file).map_err(|e| WarmUpError(format!("reading the profile {file}: {e}"))));
+    if let Ok(file) = &ended {
+        let _ = std::fs::remove_file(file);
     }
-    let file = session.end_profiling().map_err(|e| WarmUpError(format!("ending the profile: {e}")))?;
-    let text = std::fs::read_to_string(&file).map_err(|e| WarmUpError(format!("reading the profile {file}: {e}")));
-    let _ = std::fs::remove_file(&file);
+    ran?;
     placement_from_profile(&text?)
 }
 
 /// Builds, warms up and observes the session of `spec.model` from verified bytes.
 pub fn session_for(cfg: &InferenceConfig, spec: &SessionSpec, bytes: &[u8]) -> Result<ProvidedSession, RuntimeError> {
+    // ONNX Runtime names the file prefix + a timestamp in seconds: sessions of the same model built
+    // at the same time (a health check beside a rebuild, tests) need prefixes of their own
+    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let profile = std::env::temp_dir().join(format!("payslip-ort-profile-{}-{n}-{}", std::process::id(), spec.model));
+    let built = build_and_observe(cfg, spec, bytes, &profile);
+    if built.is_err() {
+        // a session that failed to build or to warm up may have left its profile behind
+        remove_profiles(&profile);
+    }
+    built
+}
+
+/// The files ONNX Runtime wrote for the profile prefix `prefix` (it appends `_<time>.json`).
+fn remove_profiles(prefix: &Path) {
+    let (Some(dir), Some(name)) = (prefix.parent(), prefix.file_name().and_then(|n| n.to_str())) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_str().is_some_and(|f| f.strip_prefix(name).is_some_and(|rest| rest.starts_with('_'))) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn build_and_observe(cfg: &InferenceConfig, spec: &SessionSpec, bytes: &[u8], profile: &Path) -> Result<ProvidedSession, RuntimeError> {
     let env = environment(cfg)?;
     let model = spec.model;
     let mut skipped = Vec::new();
@@ -434,17 +463,12 @@ pub fn session_for(cfg: &InferenceConfig, spec: &SessionSpec, bytes: &[u8]) -> R
     if policy.is_some() && !order.iter().any(|p| p.is_gpu()) {
         return Err(no_gpu(&skipped));
     }
-    // ONNX Runtime names the file prefix + a timestamp in seconds: sessions of the same model built
-    // at the same time (a health check beside a rebuild, tests) need prefixes of their own
-    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let profile = std::env::temp_dir().join(format!("payslip-ort-profile-{}-{n}-{model}", std::process::id()));
     let (built, dropped) = build_on_providers(order, |ps| {
         // under a GPU policy a session on the CPU alone is not built at all
         if policy.is_some() && !ps.iter().any(|p| p.is_gpu()) {
             return Err(BuildError::NoGpuLeft);
         }
-        build_session(&env, cfg, spec, ps, bytes, &profile)
+        build_session(&env, cfg, spec, ps, bytes, profile)
     });
     for d in &dropped {
         tracing::warn!(model, reason = %d, "execution provider dropped");
@@ -561,5 +585,28 @@ mod tests {
         let dirs = wheel_library_dirs(&sp.join("onnxruntime/capi/libonnxruntime.so.1.31.0"));
         assert_eq!(dirs, vec![sp.join("nvidia/cublas/lib"), sp.join("nvidia/cudnn/lib")]);
         assert!(wheel_library_dirs(Path::new("/usr/lib/libonnxruntime.so")).is_empty());
+    }
+
+    /// Profiles of this process's sessions for `model` still in the temporary directory.
+    fn profiles_left(model: &str) -> usize {
+        let (start, end) = (format!("payslip-ort-profile-{}-", std::process::id()), format!("-{model}_"));
+        std::fs::read_dir(std::env::temp_dir()).unwrap().flatten().filter(|e| e.file_name().to_str().is_some_and(|f| f.starts_with(&start) && f.contains(&end))).count()
+    }
+
+    #[test]
+    fn a_session_that_fails_to_build_or_to_warm_up_leaves_no_profile_behind() {
+        let cfg = InferenceConfig::default();
+        let spec = SessionSpec { model: "profile_probe_build", input: "input", dims: &[4], max_rows: 2, typical_rows: 1 };
+        assert!(session_for(&cfg, &spec, b"not an ONNX model").is_err());
+        assert_eq!(profiles_left("profile_probe_build"), 0);
+        // a real model warmed up at input dimensions it does not take: built, then the run fails
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/models/document_classifier/1.0.0.onnx")).unwrap();
+        let spec = SessionSpec { model: "profile_probe_warm_up", input: "input", dims: &[5], max_rows: 2, typical_rows: 1 };
+        assert!(matches!(session_for(&cfg, &spec, &bytes), Err(RuntimeError::WarmUp { .. })));
+        assert_eq!(profiles_left("profile_probe_warm_up"), 0);
+        // and a session that warms up leaves none either
+        let spec = SessionSpec { model: "profile_probe_ok", input: "input", dims: &[crate::inference::preprocess::CLASSIFIER_DIM as i64], max_rows: 2, typical_rows: 1 };
+        assert!(session_for(&cfg, &spec, &bytes).is_ok());
+        assert_eq!(profiles_left("profile_probe_ok"), 0);
     }
 }
