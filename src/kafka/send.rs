@@ -4,7 +4,9 @@
 //! librdkafka. Only a full local queue is waited out (librdkafka drains it as the broker acknowledges
 //! earlier records); every other refusal, such as a record over `message.max.bytes`, is returned at
 //! once as [`KafkaError::Rejected`], because sending the same record again fails the same way.
-//! [`delivered`] and [`wait_deliveries`] turn delivery reports into positions or typed errors.
+//! [`delivered`] and [`wait_deliveries`] turn delivery reports into positions or typed errors;
+//! [`released`] and [`wait_released`] wait for librdkafka to let go of the reported records before
+//! a transaction's commit.
 
 use std::time::Duration;
 
@@ -92,6 +94,44 @@ pub async fn delivered(future: DeliveryFuture, topic: &str) -> Result<Delivered,
         Ok(Err((e, _))) => Err(KafkaError::Delivery { topic: topic.to_string(), source: e }),
         Err(_) => Err(KafkaError::Dropped { topic: topic.to_string() }),
     }
+}
+
+/// How long [`released`] yields the thread, looking again each time, before it gives up.
+const RELEASE_SPIN: Duration = Duration::from_millis(1);
+
+/// Whether librdkafka counts none of a producer's records in flight (`in_flight`: its
+/// `in_flight_count`) within a millisecond, yielding the thread between looks. A delivery
+/// report's future resolves inside the report's callback, on the producer's polling thread, and
+/// that thread releases the record a few microseconds later; a commit's flush that still counts it
+/// waits a whole poll round (rust-rdkafka's commit flushes first). Every transactional sender waits
+/// for this between its last delivery report and its commit.
+pub fn released(in_flight: impl Fn() -> i32) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if in_flight() <= 0 {
+            return true;
+        }
+        if start.elapsed() >= RELEASE_SPIN {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// [`released`], then a look every millisecond until `limit` has passed: for stages on blocking
+/// threads. Returns whether nothing is in flight.
+pub fn wait_released(in_flight: impl Fn() -> i32, limit: Duration) -> bool {
+    let start = std::time::Instant::now();
+    if released(&in_flight) {
+        return true;
+    }
+    while start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(1));
+        if in_flight() <= 0 {
+            return true;
+        }
+    }
+    false
 }
 
 /// Waits, on a blocking thread, for every delivery report in order; the first failure is returned.

@@ -344,10 +344,7 @@ impl Changelog {
             }
         };
         // the producer's thread releases the last report a moment after its future resolved
-        let settle = std::time::Instant::now();
-        while self.producer().in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(200) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        kafka::wait_released(|| self.producer().in_flight_count(), Duration::from_millis(200));
         if let Err(e) = self.producer().commit_transaction(Duration::from_secs(60)) {
             let _ = self.producer().abort_transaction(Duration::from_secs(30));
             return Err(err(e));

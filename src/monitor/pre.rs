@@ -507,10 +507,7 @@ impl PreAggregator {
         }
         kafka::wait_deliveries(futures).map_err(abort)?;
         // the producer's thread releases the last report a moment after its future resolved
-        let settle = Instant::now();
-        while producer.in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(200) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        kafka::wait_released(|| producer.in_flight_count(), Duration::from_millis(200));
         if let Err(e) = producer.commit_transaction(CALL_TIMEOUT) {
             let _ = producer.abort_transaction(CALL_TIMEOUT);
             return Err(classify("committing a pre-aggregation transaction", e));
