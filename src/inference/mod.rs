@@ -706,8 +706,9 @@ type RunResult = Result<Vec<Fill>, (&'static str, String)>;
 
 /// Input buffers kept for reuse, per pool (the text model's, the other models'): at most
 /// [`KEEP_INPUT_BUFFERS`] (one per batch in flight), each of
-/// at most [`KEEP_INPUT_FLOATS`] (a full text run of `batching.max_lines_per_run` = 1,024 lines is
-/// 3.1 M floats); a larger one is freed after its run. What is kept is what the last batches needed
+/// at most [`KEEP_INPUT_FLOATS`] (a text run on a GPU of `batching.max_lines_per_run` = 1,024 lines
+/// is 3.1 M floats; on the CPU a text run is [`CPU_TEXT_RUN_LINES`]); a larger one is freed after
+/// its run. What is kept is what the last batches needed
 /// anyway, so the peak does not grow, and a busy stage stops paying page faults for fresh buffers.
 const KEEP_INPUT_FLOATS: usize = 4 << 20;
 const KEEP_INPUT_BUFFERS: usize = 2;
@@ -911,13 +912,32 @@ fn run_tables(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
     Ok(regions.into_iter().map(|r| Box::new(move |o: &mut ModelOutput| o.regions = r) as Fill).collect())
 }
 
+/// Lines of the text model's input per ONNX Runtime run on the CPU. A batch of 32 synthetic
+/// payslips holds about 500 lines: 6.3 MB of input and 4.5 MB of output in one run, and a batch
+/// of the heaviest documents within limits far more, all of it kept (the input buffer in its pool,
+/// ONNX Runtime's arena). In runs of 64 lines (786 KB in, 565 KB out) the stage drained a backlog
+/// at 73 MB of peak RSS instead of 95, at the same CPU per document, and `models bench` ran a
+/// quarter faster (BENCHMARKS.md "The text model in runs of 64 lines"). Each line's answer is its
+/// own: a document gets the same answers alone as in any batch (tested).
+pub const CPU_TEXT_RUN_LINES: usize = 64;
+
+/// Lines per text-model run for a session on `provider`: on a GPU one run takes the whole batch,
+/// where larger runs are what keeps the device busy.
+fn text_run_lines_on(provider: &str) -> usize {
+    if runtime::is_gpu_provider(provider) {
+        usize::MAX
+    } else {
+        CPU_TEXT_RUN_LINES
+    }
+}
+
 fn run_text(model: &LoadedModel, docs: &[&PayslipDocument]) -> RunResult {
     // the document each stacked line raster belongs to
     let owner: Vec<usize> = docs.iter().enumerate().flat_map(|(i, d)| d.pages.iter().flat_map(|p| p.lines.iter()).filter(|l| l.raster.is_some()).map(move |_| i)).collect();
     let mut lines: Vec<Vec<String>> = docs.iter().map(|d| Vec::with_capacity(d.pages.iter().map(|p| p.lines.len()).sum())).collect();
-    if !owner.is_empty() {
-        let rasters = docs.iter().flat_map(|d| d.pages.iter().flat_map(|p| p.lines.iter().filter_map(|l| l.raster.as_ref())));
-        with_text_input(rasters, owner.len(), |data| {
+    let mut rasters = docs.iter().flat_map(|d| d.pages.iter().flat_map(|p| p.lines.iter().filter_map(|l| l.raster.as_ref())));
+    for owner in owner.chunks(text_run_lines_on(&model.provider)) {
+        with_text_input(rasters.by_ref().take(owner.len()), owner.len(), |data| {
             run_model(model, &[owner.len() as i64, MAX_LINE_CHARS as i64, (GLYPH_H * GLYPH_W) as i64], data, |shape, probs| {
                 let k = model.entry.labels.len();
                 if shape != [owner.len() as i64, MAX_LINE_CHARS as i64, k as i64] {

@@ -587,3 +587,29 @@ async fn an_onnx_runtime_failure_is_retried_on_a_rebuilt_session_and_never_publi
     assert_eq!(poison.len(), 1, "answered once, after the restart");
     assert!(poison[0].error_code.is_none());
 }
+
+/// A document's answers do not depend on the batch it runs in: the text model runs a large batch's
+/// lines in several runs on the CPU (`inference::CPU_TEXT_RUN_LINES` each), and every model must give each
+/// document alone what it gives it among 31 others.
+#[test]
+fn a_documents_answers_are_the_same_alone_and_in_a_batch() {
+    let cfg = repo_config();
+    let registry = ModelRegistry::load(&cfg.models, &cfg.inference, &[]).unwrap();
+    let versions = registry.served_versions().clone();
+    let mut gen = Generator::new(GeneratorConfig { seed: 23, ..Default::default() });
+    let docs: Vec<_> = (0..64u64).map(|i| gen.document(i).document).collect();
+    let lines: usize = docs.iter().flat_map(|d| &d.pages).map(|p| p.lines.iter().filter(|l| l.raster.is_some()).count()).sum();
+    assert!(lines > 2 * payslip_stream::inference::CPU_TEXT_RUN_LINES, "the batches hold more lines than one text run: {lines}");
+    let answers = |out: Vec<payslip_stream::document::ModelOutput>| out.into_iter().map(|o| (o.model, o.error_code, o.label, o.confidence.map(f32::to_bits), o.regions, o.lines)).collect::<Vec<_>>();
+    let mut compared = 0;
+    for batch in docs.chunks(cfg.batching.max_batch) {
+        let refs: Vec<_> = batch.iter().collect();
+        let together = registry.infer(&refs, &versions).unwrap();
+        for (doc, out) in batch.iter().zip(together) {
+            let alone = registry.infer(&[doc], &versions).unwrap().remove(0);
+            assert_eq!(answers(out), answers(alone), "document {}", doc.document_id);
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, docs.len());
+}
