@@ -34,6 +34,7 @@
 //! `BENCH_LATENCY_S` (seconds of each fixed-load run, default 20), `BENCH_PEERS=0` (skip the
 //! peers), `BENCH_PYTHON` (the peers' interpreter, default the `scripts/setup --bench` one),
 //! `BENCH_MONITOR_COPIES` (the monitor's input: this many copies of the end-to-end results, default 10),
+//! `BENCH_MONITOR_ROUNDS` (monitor runs, each on its own copy of that input; the median is reported, default 3),
 //! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`), `BENCH_AT_LEAST_ONCE=1` (the stage
 //! at least once instead of exactly once), `BENCH_MAX_IN_FLIGHT` (every producer's requests in
 //! flight per broker; by default 1 without transactions and 5 with them),
@@ -359,12 +360,28 @@ fn main() {
     eprintln!("deleted {} of this run's topics (kept {e2e_prefix}*)", delete_bench_topics(&brokers, Some(&e2e_prefix)));
 }
 
-/// The monitor stage, and with `quix` the Quix Streams peer, on `BENCH_MONITOR_COPIES` (default 10)
+/// The monitor stage (the median of `BENCH_MONITOR_ROUNDS` runs), and with `quix` the Quix Streams
+/// peer, each on `BENCH_MONITOR_COPIES` (default 10)
 /// copies of the results on `e2e`'s results topic.
 fn monitor_and_quix(rt: &tokio::runtime::Runtime, cfg: &PipelineConfig, brokers: &str, e2e: &payslip_stream::config::TopicsConfig, quix: bool) -> (serde_json::Value, serde_json::Value) {
     let copies: usize = std::env::var("BENCH_MONITOR_COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let (mon_prefix, results) = peers::monitor_input(rt, cfg, brokers, e2e, copies);
-    let monitor = peers::monitor_stage(brokers, &mon_prefix, results);
+    let rounds: usize = std::env::var("BENCH_MONITOR_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    // each round on its own copy of the input (a monitor that read it before would restore its
+    // state from the changelog and skip every result as already applied); the round with the
+    // median results/s is reported, with every round's figure
+    let mut runs = Vec::with_capacity(rounds);
+    let mut first_input = None;
+    for _ in 0..rounds {
+        let (prefix, results) = peers::monitor_input(rt, cfg, brokers, e2e, copies);
+        runs.push(peers::monitor_stage(brokers, &prefix, results));
+        first_input.get_or_insert((prefix, results));
+    }
+    let rate = |m: &serde_json::Value| m["results_per_s"].as_f64().unwrap_or(0.0);
+    let per_round: Vec<f64> = runs.iter().map(rate).collect();
+    runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    let mut monitor = runs.swap_remove(rounds / 2);
+    monitor["rounds_results_per_s"] = serde_json::json!(per_round);
+    let (mon_prefix, results) = first_input.expect("at least one round");
     let quix = if quix { peers::quix_window(brokers, &cfg.topics.clone().with_prefix(&mon_prefix), &mon_prefix, results, cfg.monitor.window_size_ms) } else { serde_json::Value::Null };
     (monitor, quix)
 }
