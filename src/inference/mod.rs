@@ -705,11 +705,11 @@ type Fill = Box<dyn FnOnce(&mut ModelOutput) + Send>;
 type RunResult = Result<Vec<Fill>, (&'static str, String)>;
 
 /// Input buffers kept for reuse, per pool (the text model's, the other models'): at most
-/// [`KEEP_INPUT_BUFFERS`] (one per batch in flight), each of
-/// at most [`KEEP_INPUT_FLOATS`] (a text run on a GPU of `batching.max_lines_per_run` = 1,024 lines
-/// is 3.1 M floats; on the CPU a text run is [`CPU_TEXT_RUN_LINES`]); a larger one is freed after
-/// its run. What is kept is what the last batches needed
-/// anyway, so the peak does not grow, and a busy stage stops paying page faults for fresh buffers.
+/// [`KEEP_INPUT_BUFFERS`] (one per batch in flight), each of at most [`KEEP_INPUT_FLOATS`] (a text
+/// run on a GPU of `batching.max_lines_per_run` = 1,024 lines is 3.1 M floats; on the CPU a text run
+/// is [`CPU_TEXT_RUN_LINES`] lines); a larger one is freed after its run. What is kept is what the
+/// last batches needed anyway, so the peak does not grow, and a busy stage stops paying page faults
+/// for fresh buffers.
 const KEEP_INPUT_FLOATS: usize = 4 << 20;
 const KEEP_INPUT_BUFFERS: usize = 2;
 

@@ -394,21 +394,18 @@ fn build_session(env: &ort::environment::Environment, cfg: &InferenceConfig, spe
 }
 
 /// Runs the warm-up shapes on zero inputs with profiling on, ends profiling and reads where the
-/// nodes ran.
-/// The profile's file is removed whether or not the warm-up ran.
+/// nodes ran. (A failed run returns early; [`session_for`] removes the profile its dropped session
+/// writes.)
 fn warm_up(session: &mut Session, spec: &SessionSpec, gpu: bool) -> Result<Vec<Placement>, WarmUpError> {
     let per_row: usize = spec.dims.iter().map(|&d| d.max(1) as usize).product();
-    let ran = warm_up_rows(spec.max_rows, spec.typical_rows, gpu).into_iter().try_for_each(|rows| {
+    for rows in warm_up_rows(spec.max_rows, spec.typical_rows, gpu) {
         let shape: Vec<i64> = std::iter::once(rows as i64).chain(spec.dims.iter().copied()).collect();
         let input = Tensor::from_array((shape, vec![0f32; rows * per_row].into_boxed_slice())).map_err(|e| WarmUpError(e.to_string()))?;
-        session.run(ort::inputs![input]).map(drop).map_err(|e| WarmUpError(format!("run at batch axis {rows}: {e}")))
-    });
-    let ended = session.end_profiling().map_err(|e| WarmUpError(format!("ending the profile: {e}")));
-    let text = ended.as_ref().map_err(Clone::clone).and_then(|file| std::fs::read_to_string(file).map_err(|e| WarmUpError(format!("reading the profile {file}: {e}"))));
-    if let Ok(file) = &ended {
-        let _ = std::fs::remove_file(file);
+        session.run(ort::inputs![input]).map_err(|e| WarmUpError(format!("run at batch axis {rows}: {e}")))?;
     }
-    ran?;
+    let file = session.end_profiling().map_err(|e| WarmUpError(format!("ending the profile: {e}")))?;
+    let text = std::fs::read_to_string(&file).map_err(|e| WarmUpError(format!("reading the profile {file}: {e}")));
+    let _ = std::fs::remove_file(&file);
     placement_from_profile(&text?)
 }
 
@@ -421,7 +418,8 @@ pub fn session_for(cfg: &InferenceConfig, spec: &SessionSpec, bytes: &[u8]) -> R
     let profile = std::env::temp_dir().join(format!("payslip-ort-profile-{}-{n}-{}", std::process::id(), spec.model));
     let built = build_and_observe(cfg, spec, bytes, &profile);
     if built.is_err() {
-        // a session that failed to build or to warm up may have left its profile behind
+        // a session that failed to build leaves an empty profile, one that failed to warm up the
+        // profile ONNX Runtime writes when the session is dropped (both gone by now)
         remove_profiles(&profile);
     }
     built
