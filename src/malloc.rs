@@ -7,15 +7,22 @@
 //! allocations on other threads); an operator's own glibc variables always win.
 
 /// glibc, tuned for a process that allocates batch-sized buffers (decoded rasters, input tensors,
-/// ONNX Runtime's intermediate values: 0.1-8 MB each) on several threads. Measured with
-/// benches/memory.rs (BENCHMARKS.md, "Memory while draining a backlog"):
+/// librdkafka's fetch responses and decompressed record batches: 0.1-16 MB each) on several
+/// threads. Measured with benches/memory.rs and a backlog drain (BENCHMARKS.md, "Memory while
+/// draining a backlog" and "The mmap threshold at 32 MB"):
 /// - glibc gives each thread that allocates its own arena (up to 8 per core) and keeps what each one
 ///   freed; two arenas keep contention low on these few threads.
-/// - glibc raises its mmap threshold every time a mapped block is freed (up to 32 MB); after the
-///   first batches, every batch buffer came from the heap and stayed there, fragmented (a 20,000
-///   document backlog peaked at 278 MB, the heaviest documents at 418 MB). A fixed threshold of
-///   128 KiB turns that off: large buffers are mapped and given back when freed (115 and 129 MB,
-///   at the same throughput), and the heap is trimmed once 1 MiB is free at its top.
+/// - glibc raises its mmap threshold every time a mapped block is freed (up to 32 MB). While ONNX
+///   Runtime's arena was off and the text model ran whole batches, that kept every batch-sized
+///   buffer on the heap, fragmented (a 20,000 document backlog peaked at 278 MB), so a fixed
+///   threshold of 128 KiB was set. With those buffers gone (ONNX Runtime's CPU arena, the text
+///   model in runs of 64 lines, pooled input buffers), what a 128 KiB threshold still mapped and
+///   unmapped was mostly librdkafka's: every fetch response (up to `fetch.max.bytes`, 16 MB) and
+///   every decompressed batch, about 12 page faults per document, 9 % of the stage's CPU. A fixed
+///   threshold of 32 MB (glibc's largest) keeps them on the heap: 2.6 faults per document, about
+///   7 % less CPU per ordinary document (median of 13 drains) and 14-20 % less for the heaviest,
+///   at 6-14 MB more peak RSS (101-103 MB for the backlog, 105-111 MB for the heaviest documents).
+/// - The heap is trimmed once 1 MiB is free at its top.
 ///
 /// An operator's `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or
 /// `GLIBC_TUNABLES` wins. Called before any thread exists.
@@ -30,7 +37,7 @@ pub fn tune() {
                 libc::mallopt(libc::M_ARENA_MAX, 2);
             }
             if !set("MALLOC_MMAP_THRESHOLD_") && !tunables.contains("glibc.malloc.mmap_threshold") {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
             }
             if !set("MALLOC_TRIM_THRESHOLD_") && !tunables.contains("glibc.malloc.trim_threshold") {
                 libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024);
@@ -38,3 +45,6 @@ pub fn tune() {
         }
     }
 }
+
+/// glibc's mmap threshold as the binary sets it: 32 MB, the largest glibc takes (see [`tune`]).
+pub const MMAP_THRESHOLD: i32 = 32 * 1024 * 1024;

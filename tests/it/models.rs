@@ -596,7 +596,7 @@ fn a_documents_answers_are_the_same_alone_and_in_a_batch() {
     let cfg = repo_config();
     let registry = ModelRegistry::load(&cfg.models, &cfg.inference, &[]).unwrap();
     let versions = registry.served_versions().clone();
-    let mut gen = Generator::new(GeneratorConfig { seed: 23, ..Default::default() });
+    let gen = Generator::new(GeneratorConfig { seed: 23, ..Default::default() });
     let docs: Vec<_> = (0..64u64).map(|i| gen.document(i).document).collect();
     let lines: usize = docs.iter().flat_map(|d| &d.pages).map(|p| p.lines.iter().filter(|l| l.raster.is_some()).count()).sum();
     assert!(lines > 2 * payslip_stream::inference::CPU_TEXT_RUN_LINES, "the batches hold more lines than one text run: {lines}");
