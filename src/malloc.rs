@@ -6,6 +6,10 @@
 //! Invariant: called before any other thread exists (`mallopt` is not synchronised with
 //! allocations on other threads); an operator's own glibc variables always win.
 
+/// glibc's mmap threshold as the binary sets it: 32 MB, the largest glibc takes (see [`tune`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: i32 = 32 * 1024 * 1024;
+
 /// glibc, tuned for a process that allocates batch-sized buffers (decoded rasters, input tensors,
 /// librdkafka's fetch responses and decompressed record batches: 0.1-16 MB each) on several
 /// threads. Measured with benches/memory.rs and a backlog drain (BENCHMARKS.md, "Memory while
@@ -20,8 +24,9 @@
 ///   unmapped was mostly librdkafka's: every fetch response (up to `fetch.max.bytes`, 16 MB) and
 ///   every decompressed batch, about 12 page faults per document, 9 % of the stage's CPU. A fixed
 ///   threshold of 32 MB (glibc's largest) keeps them on the heap: 2.6 faults per document, about
-///   7 % less CPU per ordinary document (median of 13 drains) and 14-20 % less for the heaviest,
-///   at 6-14 MB more peak RSS (101-103 MB for the backlog, 105-111 MB for the heaviest documents).
+///   7 % less CPU per ordinary document (median of 13 alternating pairs of drains) and 14-20 %
+///   less for the heaviest, at 6-14 MB more peak RSS (101-103 MB for the backlog, 105-111 MB for
+///   the heaviest documents).
 /// - The heap is trimmed once 1 MiB is free at its top.
 ///
 /// An operator's `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or
@@ -45,6 +50,3 @@ pub fn tune() {
         }
     }
 }
-
-/// glibc's mmap threshold as the binary sets it: 32 MB, the largest glibc takes (see [`tune`]).
-pub const MMAP_THRESHOLD: i32 = 32 * 1024 * 1024;
