@@ -27,8 +27,9 @@
 //! (or from `monitor.prediction_retention_ms` ago) up to the group's committed offset before it
 //! processes anything of it, and logs how long that took. Feedback whose prediction is not known yet
 //! is held in memory, uncommitted, until the results partition's clock passes its time (or the
-//! partition has been idle for `monitor.idle_timeout_ms` and the feedback is that old): then it is
-//! joined or counted as orphan. Held feedback is simply read again after a crash or rebalance.
+//! partition has been idle for `monitor.idle_timeout_ms`, the feedback is that old, and the broker
+//! confirms this member has read the partition to its last stable offset): then it is joined or
+//! counted as orphan. Held feedback is simply read again after a crash or rebalance.
 //! While a partition's feedback is held, the member does not report that partition (results or
 //! feedback) caught up, so the closing stage keeps the watermark at its clock and the windows the
 //! feedback will count in stay open until it is sent.
@@ -99,6 +100,9 @@ pub struct PreCounters {
     pub predictions_restored: u64,
     /// The last assignment: partitions taken and how long restoring their predictions took.
     pub last_assignment_ms: Option<u64>,
+    /// Feedback read and held now: its prediction not known yet, its results partition not
+    /// complete up to its time.
+    pub feedback_held: u64,
 }
 
 /// Where a running member keeps its [`PreCounters`] for the operations API.
@@ -251,11 +255,12 @@ impl PreAggregator {
                     }
                     if !new.is_empty() {
                         let t0 = Instant::now();
-                        let wall = now_ms();
                         let mut restored = 0;
                         for (_, p) in new.iter().filter(|(t, _)| *t == results_topic) {
                             restored += self.restore(&consumer, *p)?;
-                            let clock = Clock { max_event_ms: i64::MIN, last_wall_ms: wall };
+                            // idle from when this member can start reading it, not from before a
+                            // restore that may take longer than the idle timeout
+                            let clock = Clock { max_event_ms: i64::MIN, last_wall_ms: now_ms() };
                             clocks.insert(*p, clock);
                             committed_clocks.insert(*p, clock);
                         }
@@ -309,7 +314,8 @@ impl PreAggregator {
                 self.rewind(&consumer, &results_topic, &feedback_topic, &b, &mut held, &mut feedback_next, &mut clocks, &committed_clocks);
                 continue;
             }
-            self.release(&mut b, &mut held, &clocks, &feedback_topic, &wcfg)?;
+            self.release(&consumer, &mut b, &mut held, &clocks, (&results_topic, &feedback_topic), &wcfg)?;
+            self.counters.feedback_held = held.values().map(|q| q.len() as u64).sum();
             // A partition pair whose feedback is still held is not reported caught up, so the
             // closing stage holds the watermark at its clock: a window that held feedback will
             // count cannot close before the feedback is released (by its prediction's arrival or
@@ -408,12 +414,20 @@ impl PreAggregator {
     }
 
     /// Joins or resolves held feedback, in order per partition, as far as it can.
-    fn release(&mut self, b: &mut Batch, held: &mut BTreeMap<i32, VecDeque<(i64, Held)>>, clocks: &BTreeMap<i32, Clock>, feedback_topic: &str, wcfg: &crate::window::WindowConfig) -> Result<(), MonitorError> {
+    ///
+    /// Feedback whose prediction is not known is an orphan once its results partition is complete
+    /// up to its time: its clock has passed the feedback's time, or the partition has been idle
+    /// for the idle timeout, the feedback is that old, and this member has read the partition to
+    /// its end (asked of the broker, once per partition and call, only then). A partition just
+    /// assigned or sought back, or whose leader is out of reach, can be silent without being
+    /// read: the results fetched for it, the prediction among them, are then still to come.
+    fn release(&mut self, consumer: &BaseConsumer<KnownProtocol>, b: &mut Batch, held: &mut BTreeMap<i32, VecDeque<(i64, Held)>>, clocks: &BTreeMap<i32, Clock>, (results_topic, feedback_topic): (&str, &str), wcfg: &crate::window::WindowConfig) -> Result<(), MonitorError> {
         let wall = now_ms();
         let cap = self.cfg.monitor.max_pending_feedback;
         for (p, q) in held.iter_mut() {
             let source = format!("{feedback_topic}/{p}");
             let clock = clocks.get(p);
+            let mut read_to_end: Option<bool> = None;
             let mut released = false;
             while let Some((_, item)) = q.front() {
                 match item {
@@ -428,7 +442,9 @@ impl PreAggregator {
                             b.counts.feedback_joined += 1;
                         } else {
                             // the results partition is complete up to the feedback's time
-                            let complete = clock.is_some_and(|c| c.max_event_ms >= f.given_at || (wall - c.last_wall_ms >= wcfg.idle_timeout_ms && wall - f.given_at >= wcfg.idle_timeout_ms));
+                            let complete = clock.is_some_and(|c| {
+                                c.max_event_ms >= f.given_at || (wall - c.last_wall_ms >= wcfg.idle_timeout_ms && wall - f.given_at >= wcfg.idle_timeout_ms && *read_to_end.get_or_insert_with(|| read_to_the_end(consumer, results_topic, *p)))
+                            });
                             let overflow = q.len() > cap;
                             if !complete && !overflow {
                                 break;
@@ -636,6 +652,33 @@ impl PreAggregator {
         self.store.write(w)?;
         Ok(n)
     }
+}
+
+/// How long asking the broker for a results partition's end may take (the member waits).
+const END_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether `consumer` has read partition `p` of `topic` to its end as `read_committed` sees it
+/// (the last stable offset), asked of the broker: a position at or past the end. A partition
+/// nothing was read from since it was assigned or sought is at the group's committed offset (at
+/// the log start without one). False when the broker cannot be asked.
+fn read_to_the_end(consumer: &BaseConsumer<KnownProtocol>, topic: &str, p: i32) -> bool {
+    let (low, end) = match consumer.fetch_watermarks(topic, p, END_QUERY_TIMEOUT) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!(error = %e, partition = %format!("{topic}/{p}"), "pre-aggregation: the end of a results partition is not known; its held feedback waits");
+            return false;
+        }
+    };
+    let offset_of = |tpl: TopicPartitionList| match tpl.find_partition(topic, p).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => Some(o),
+        _ => None,
+    };
+    let position = consumer.position().ok().and_then(offset_of).or_else(|| {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, p);
+        consumer.committed_offsets(tpl, END_QUERY_TIMEOUT).ok().map(|c| offset_of(c).unwrap_or(low))
+    });
+    position.is_some_and(|pos| pos >= end)
 }
 
 fn fatal_txn(e: &rdkafka::error::KafkaError) -> bool {

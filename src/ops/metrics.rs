@@ -157,6 +157,8 @@ impl Collector for Figures {
             if let Some(p) = &v.pre {
                 counter(&mut enc, "payslip_monitor_pre_results", "Results this process's pre-aggregation member aggregated into partial windows (monitor.scale_out).", p.results)?;
                 counter(&mut enc, "payslip_monitor_pre_feedback_joined", "Feedback this process's pre-aggregation member joined with its prediction.", p.feedback_joined)?;
+                counter(&mut enc, "payslip_monitor_pre_feedback_orphans", "Feedback this process's pre-aggregation member counted as orphan: no prediction in its results partition, read to its end, up to the feedback's time.", p.feedback_orphans)?;
+                gauge(&mut enc, "payslip_monitor_pre_feedback_held", "Feedback this process's pre-aggregation member holds: its prediction not read yet, its results partition not complete up to its time.", p.feedback_held as f64)?;
                 counter(&mut enc, "payslip_monitor_pre_batches", "Pre-aggregation transactions committed by this process.", p.batches)?;
                 counter(&mut enc, "payslip_monitor_pre_batches_discarded", "Pre-aggregation batches discarded by a rebalance or an aborted transaction, then read again.", p.batches_discarded)?;
                 gauge(&mut enc, "payslip_monitor_pre_partitions", "Results and feedback partitions this process's pre-aggregation member owns.", p.partitions as f64)?;

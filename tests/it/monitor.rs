@@ -1110,6 +1110,65 @@ async fn kill_9_of_the_leader_among_three_scaled_out_monitor_processes_keeps_tot
     scaled_out_run(3, 3, Fault::KillLeader).await;
 }
 
+/// Feedback waiting for its prediction is not counted as an orphan while its results partition is
+/// silent only because this member has not read it yet: here 8 MB of an aborted transaction lie
+/// in front of the prediction (a read_committed consumer fetches and skips them, delivering
+/// nothing), as a partition just assigned, sought back or out of reach is silent. With an idle
+/// timeout of 1 ms the feedback (an hour old) would be an orphan at once if silence were enough:
+/// it waits until the broker confirms the partition is read to its end, and joins. Feedback for a
+/// document without a result, on a partition read to its (empty) end, is an orphan as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_waits_for_a_results_partition_the_member_has_not_read_yet_instead_of_becoming_an_orphan() {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let state = tempfile::tempdir().unwrap();
+    let (cfg, _) = isolated_config_prepared("pre-unread", |c| {
+        c.monitor.scale_out = true;
+        c.monitor.idle_timeout_ms = 1;
+        c.monitor.state_dir = state.path().join("monitor");
+    })
+    .await;
+    let (results, feedback_topic) = (cfg.topics.inference.clone(), cfg.topics.feedback.clone());
+    // the aborted transaction in front of the prediction: uncompressed, over several fetches
+    let txn: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).set("compression.type", "none").set("transactional.id", unique("pre-unread-aborted")).set("transaction.timeout.ms", "60000").set("message.timeout.ms", "60000").create().unwrap();
+    txn.init_transactions(Duration::from_secs(30)).unwrap();
+    txn.begin_transaction().unwrap();
+    let filler: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let mut pending = Vec::new();
+    for i in 0..80 {
+        pending.push(payslip_stream::kafka::enqueue(&txn, FutureRecord::to(&results).partition(0).key(&format!("aborted-{i}")).payload(&filler)).await.unwrap());
+    }
+    for f in pending {
+        payslip_stream::kafka::delivered(f, &results).await.unwrap();
+    }
+    txn.abort_transaction(Duration::from_secs(30)).unwrap();
+    // then the prediction on results partition 0, its feedback on feedback partition 0, and
+    // feedback for a document that has no result on feedback partition 1
+    let r = result("d-unread", *BASE, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("ARMY"))]);
+    let p: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).create().unwrap();
+    let hs = payslip_stream::kafka::headers::HeaderSet::new().with("content-type", "application/avro").build();
+    let sends = [
+        (results.as_str(), 0, codec::encode(&r, codec::WireFormat::Avro).unwrap()),
+        (feedback_topic.as_str(), 0, codec::encode(&feedback("d-unread", *BASE + 1_000, 4), codec::WireFormat::Avro).unwrap()),
+        (feedback_topic.as_str(), 1, codec::encode(&feedback("d-no-result", *BASE + 1_000, 2), codec::WireFormat::Avro).unwrap()),
+    ];
+    for (topic, partition, payload) in &sends {
+        p.send(FutureRecord::to(topic).partition(*partition).key("k").payload(payload).headers(hs.clone()), Duration::from_secs(30)).await.expect("delivered");
+    }
+
+    let cell = payslip_stream::monitor::pre::PreCell::default();
+    let member = payslip_stream::monitor::pre::PreAggregator::open(cfg.clone(), brokers(), cell.clone()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = {
+        let stop = stop.clone();
+        std::thread::spawn(move || member.run(stop))
+    };
+    let counters = || cell.lock().unwrap().clone().unwrap_or_default();
+    until_explained("both feedbacks resolved", || counters().feedback_joined + counters().feedback_orphans >= 2, || format!("{:?}", counters())).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let last = running.join().unwrap().expect("the member stops cleanly");
+    assert_eq!((last.results, last.feedback_joined, last.feedback_orphans, last.feedback_held), (1, 1, 1, 0), "the feedback joined its prediction, the one without a result is the only orphan: {last:?}");
+}
+
 /// A scaled-out monitor member restarted with the same group and instance id on another results
 /// topic (a new `--topic-prefix` with the same `--group`) counts the new topic's results, each once,
 /// and nothing of the old topic. Kafka's classic protocol hands the rejoining static member its old
