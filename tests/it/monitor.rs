@@ -1110,15 +1110,17 @@ async fn kill_9_of_the_leader_among_three_scaled_out_monitor_processes_keeps_tot
     scaled_out_run(3, 3, Fault::KillLeader).await;
 }
 
-/// Feedback waiting for its prediction is not counted as an orphan while its results partition is
-/// silent only because this member has not read it yet: here 8 MB of an aborted transaction lie
-/// in front of the prediction (a read_committed consumer fetches and skips them, delivering
-/// nothing), as a partition just assigned, sought back or out of reach is silent. With an idle
-/// timeout of 1 ms the feedback (an hour old) would be an orphan at once if silence were enough:
-/// it waits until the broker confirms the partition is read to its end, and joins. Feedback for a
-/// document without a result, on a partition read to its (empty) end, is an orphan as before.
+/// A results partition that is silent only because its member has not read it yet (here 24 MB of
+/// an aborted transaction lie in front of a prediction: a read_committed consumer fetches and skips
+/// them, delivering nothing, as a partition just assigned, sought back or out of reach is silent)
+/// is neither complete nor caught up. With an idle timeout of 1 ms, the feedback for that
+/// prediction (an hour old) would be an orphan at once, and the member's heartbeats would let the
+/// closing stage close windows the prediction is still to count in, if silence were enough: the
+/// feedback waits until the broker confirms the partition is read to its end, and joins; the
+/// partition is reported caught up only after its result. Feedback for a document without a
+/// result, on a partition read to its (empty) end, is an orphan as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn feedback_waits_for_a_results_partition_the_member_has_not_read_yet_instead_of_becoming_an_orphan() {
+async fn a_results_partition_the_member_has_not_read_yet_holds_its_feedback_and_is_not_reported_caught_up() {
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
     let state = tempfile::tempdir().unwrap();
     let (cfg, _) = isolated_config_prepared("pre-unread", |c| {
@@ -1128,13 +1130,19 @@ async fn feedback_waits_for_a_results_partition_the_member_has_not_read_yet_inst
     })
     .await;
     let (results, feedback_topic) = (cfg.topics.inference.clone(), cfg.topics.feedback.clone());
-    // the aborted transaction in front of the prediction: uncompressed, over several fetches
-    let txn: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).set("compression.type", "none").set("transactional.id", unique("pre-unread-aborted")).set("transaction.timeout.ms", "60000").set("message.timeout.ms", "60000").create().unwrap();
+    // the aborted transaction in front of the prediction: uncompressed, over many fetches
+    let txn: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default())
+        .set("compression.type", "none")
+        .set("transactional.id", unique("pre-unread-aborted"))
+        .set("transaction.timeout.ms", "60000")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .unwrap();
     txn.init_transactions(Duration::from_secs(30)).unwrap();
     txn.begin_transaction().unwrap();
     let filler: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     let mut pending = Vec::new();
-    for i in 0..80 {
+    for i in 0..240 {
         pending.push(payslip_stream::kafka::enqueue(&txn, FutureRecord::to(&results).partition(0).key(&format!("aborted-{i}")).payload(&filler)).await.unwrap());
     }
     for f in pending {
@@ -1162,11 +1170,19 @@ async fn feedback_waits_for_a_results_partition_the_member_has_not_read_yet_inst
         let stop = stop.clone();
         std::thread::spawn(move || member.run(stop))
     };
+    // what the member told the closing stage about results partition 0, in order
+    let source = format!("{results}/0");
+    let reports = || -> Vec<payslip_stream::monitor::partial::PartialBatch> { read_all(&cfg.topics.monitor_partials).iter().map(|m| serde_json::from_slice::<payslip_stream::monitor::partial::PartialBatch>(&m.payload).unwrap()).filter(|p| p.source == source).collect() };
+    let with_result = |v: &[payslip_stream::monitor::partial::PartialBatch]| v.iter().position(|p| p.max_event_ms.is_some());
     let counters = || cell.lock().unwrap().clone().unwrap_or_default();
     until_explained("both feedbacks resolved", || counters().feedback_joined + counters().feedback_orphans >= 2, || format!("{:?}", counters())).await;
+    until_explained("results partition 0 reported caught up after its result", || { let v = reports(); with_result(&v).is_some_and(|i| v[i..].iter().any(|p| p.caught_up)) }, || format!("{:?}", reports())).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let last = running.join().unwrap().expect("the member stops cleanly");
     assert_eq!((last.results, last.feedback_joined, last.feedback_orphans, last.feedback_held), (1, 1, 1, 0), "the feedback joined its prediction, the one without a result is the only orphan: {last:?}");
+    let v = reports();
+    let i = with_result(&v).unwrap();
+    assert!(v[..i].iter().all(|p| !p.caught_up), "no report of caught up before the result was read: {:?}", &v[..=i]);
 }
 
 /// A scaled-out monitor member restarted with the same group and instance id on another results
