@@ -32,9 +32,9 @@
 //! counted as orphan. Held feedback is simply read again after a crash or rebalance.
 //! While a partition's feedback is held, the member does not report that partition (results or
 //! feedback) caught up, so the closing stage keeps the watermark at its clock and the windows the
-//! feedback will count in stay open until it is sent. Nor does it report a partition pair caught
-//! up after it was assigned or sought back before the broker confirms that its positions in both
-//! are at their ends: until its first fetch comes back, a partition is silent without being read.
+//! feedback will count in stay open until it is sent. Nor does it report a partition caught up
+//! after it was assigned or sought back before the broker confirms that its position is at the
+//! partition's end: until its first fetch comes back, a partition is silent without being read.
 //!
 //! A rebalance in the middle of a batch discards the batch (nothing of it was sent) and rewinds
 //! the partitions to the group's committed offsets; an aborted transaction does the same.
@@ -136,10 +136,12 @@ struct Batch {
     counts: PreCounters,
     /// The batch ended because nothing more was fetched (not because it was full).
     caught_up: bool,
-    /// Partition pairs not reported caught up, though the batch may be: feedback held back (read,
-    /// not yet joined or resolved), or not yet confirmed read to the end since they were assigned
-    /// or sought back.
-    not_caught_up: BTreeSet<i32>,
+    /// Partitions whose feedback partition has feedback held back (read, not yet joined or
+    /// resolved): neither of the pair is reported caught up.
+    holding: BTreeSet<i32>,
+    /// Input partitions (`topic/partition`) not yet confirmed read to their end since they were
+    /// assigned or sought back: not reported caught up.
+    unread: BTreeSet<String>,
 }
 
 pub struct PreAggregator {
@@ -225,13 +227,13 @@ impl PreAggregator {
         let mut committed_clocks: BTreeMap<i32, Clock> = BTreeMap::new();
         let mut held: BTreeMap<i32, VecDeque<(i64, Held)>> = BTreeMap::new();
         let mut feedback_next: BTreeMap<i32, i64> = BTreeMap::new();
-        // partition pairs assigned or sought back and not yet confirmed read to their end
-        let mut unread: BTreeSet<i32> = BTreeSet::new();
+        // input partitions assigned or sought back and not yet confirmed read to their end
+        let mut unread: BTreeSet<(String, i32)> = BTreeSet::new();
         let outcome = loop {
             if stop.load(Ordering::Relaxed) {
                 break Ok(());
             }
-            let mut b = Batch { parts: PartialBuilder::new(wcfg.size_ms), staged: HashMap::new(), dead: Vec::new(), results_next: BTreeMap::new(), feedback_touched: BTreeSet::new(), read: 0, counts: PreCounters::default(), caught_up: false, not_caught_up: BTreeSet::new() };
+            let mut b = Batch { parts: PartialBuilder::new(wcfg.size_ms), staged: HashMap::new(), dead: Vec::new(), results_next: BTreeMap::new(), feedback_touched: BTreeSet::new(), read: 0, counts: PreCounters::default(), caught_up: false, holding: BTreeSet::new(), unread: BTreeSet::new() };
             let mut discard = false;
             let mut fatal: Option<MonitorError> = None;
             let mut wait = Duration::from_millis(200);
@@ -248,10 +250,10 @@ impl PreAggregator {
                     if !gone.is_empty() {
                         discard = b.read > 0;
                         for (t, p) in &gone {
+                            unread.remove(&(t.clone(), *p));
                             if *t == results_topic {
                                 clocks.remove(p);
                                 committed_clocks.remove(p);
-                                unread.remove(p);
                             } else {
                                 held.remove(p);
                                 feedback_next.remove(p);
@@ -260,7 +262,7 @@ impl PreAggregator {
                         tracing::info!(member = %self.member, revoked = ?gone, "pre-aggregation: partitions revoked");
                     }
                     if !new.is_empty() {
-                        unread.extend(new.iter().map(|(_, p)| *p));
+                        unread.extend(new.iter().cloned());
                         let t0 = Instant::now();
                         let mut restored = 0;
                         for (_, p) in new.iter().filter(|(t, _)| *t == results_topic) {
@@ -319,7 +321,7 @@ impl PreAggregator {
             }
             if discard {
                 self.rewind(&consumer, &results_topic, &feedback_topic, &b, &mut held, &mut feedback_next, &mut clocks, &committed_clocks);
-                unread.extend(owned.iter().map(|(_, p)| *p));
+                unread.extend(owned.iter().cloned());
                 continue;
             }
             self.release(&consumer, &mut b, &mut held, &clocks, (&results_topic, &feedback_topic), &wcfg)?;
@@ -329,24 +331,24 @@ impl PreAggregator {
             // count cannot close before the feedback is released (by its prediction's arrival or
             // the idle rule) and sent. Both of the pair report caught up again from the batch
             // that releases it, or the next heartbeat.
-            b.not_caught_up = held.iter().filter(|(_, q)| !q.is_empty()).map(|(p, _)| *p).collect();
+            b.holding = held.iter().filter(|(_, q)| !q.is_empty()).map(|(p, _)| *p).collect();
             // every owned partition reports in regularly, so that the leader knows which ones may go
             // idle and which have lost their owner
             if last_heartbeat.elapsed() >= heartbeat_every {
                 last_heartbeat = Instant::now();
-                // A pair just assigned or sought back is silent until its first fetch comes back,
-                // without having been read: it is reported caught up only once the broker confirms
-                // that this member's positions in both partitions are at their ends (asked here,
-                // at most once per heartbeat, until it is), so that the closing stage does not let
-                // it go idle and close windows its results are still to count in.
+                // A partition just assigned or sought back is silent until its first fetch comes
+                // back, without having been read: it is reported caught up only once the broker
+                // confirms that this member's position is at its end (asked here, at most once per
+                // heartbeat, until it is), so that the closing stage does not let it go idle and
+                // close windows its records are still to count in.
                 if b.caught_up && !unread.is_empty() {
-                    unread.retain(|p| !(read_to_the_end(&consumer, &results_topic, *p) && read_to_the_end(&consumer, &feedback_topic, *p)));
+                    unread.retain(|(t, p)| !read_to_the_end(&consumer, t, *p));
                 }
                 for (t, p) in &owned {
                     b.parts.heartbeat(&format!("{t}/{p}"));
                 }
             }
-            b.not_caught_up.extend(&unread);
+            b.unread = unread.iter().map(|(t, p)| format!("{t}/{p}")).collect();
             if b.read == 0 && b.parts.is_empty() && b.dead.is_empty() {
                 continue;
             }
@@ -370,7 +372,7 @@ impl PreAggregator {
                 Err(Failure::Aborted(e)) => {
                     tracing::warn!(member = %self.member, error = %e, "pre-aggregation: transaction aborted; the batch is read again");
                     self.rewind(&consumer, &results_topic, &feedback_topic, &b, &mut held, &mut feedback_next, &mut clocks, &committed_clocks);
-                    unread.extend(owned.iter().map(|(_, p)| *p));
+                    unread.extend(owned.iter().cloned());
                 }
             }
             self.publish_counters();
@@ -495,8 +497,8 @@ impl PreAggregator {
     fn commit(&mut self, producer: &FutureProducer, consumer: &BaseConsumer<KnownProtocol>, b: &mut Batch, offsets: &TopicPartitionList) -> Result<(), Failure> {
         // one partial per input partition, split over the closing partitions (keyed by model)
         let k = self.cfg.monitor.closing_partitions;
-        let (caught_up, not_caught_up) = (b.caught_up, &b.not_caught_up);
-        let report = |source: &str| caught_up && !source.rsplit_once('/').and_then(|(_, p)| p.parse::<i32>().ok()).is_some_and(|p| not_caught_up.contains(&p));
+        let (caught_up, holding, unread) = (b.caught_up, &b.holding, &b.unread);
+        let report = |source: &str| caught_up && !unread.contains(source) && !source.rsplit_once('/').and_then(|(_, p)| p.parse::<i32>().ok()).is_some_and(|p| holding.contains(&p));
         let partials: Vec<(u32, super::partial::PartialBatch)> = std::mem::take(&mut b.parts).finish(&self.member, report).into_iter().flat_map(|p| super::shard::split(p, k)).collect();
         let n = partials.len() as u64;
         let abort = |e: KafkaError| {
