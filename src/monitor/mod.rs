@@ -17,6 +17,11 @@
 //! published but not yet confirmed, publishes the rest, and resumes at the stored offsets. So window
 //! totals equal the input exactly and no alert or metrics message is published twice.
 //!
+//! Idleness: an input partition silent for `monitor.idle_timeout_ms` stops holding the watermark
+//! (and the frontier that resolves waiting feedback) only once the broker has confirmed, after its
+//! assignment, that this process's position is at its end. Before its first fetch comes back a
+//! partition is silent without having been read.
+//!
 //! Operator commands (`litert.rollout.commands.v1`) are consumed the same way, and the rollout
 //! controller ([`crate::rollout`]) runs on each closed window range: its state is part of the batch
 //! and its decisions leave through the outbox like alerts, so they too are published exactly once.
@@ -122,6 +127,9 @@ const META_PUBLISHED_PREFIX: &str = "published:";
 const EVENT_ID: &str = "event-id";
 /// How often the monitor looks for partitions added to its inputs.
 const PARTITION_CHECK: Duration = Duration::from_secs(5);
+/// How often the monitor asks the broker whether input partitions not yet confirmed read to their
+/// end since they were assigned are.
+const UNREAD_CHECK: Duration = Duration::from_secs(1);
 
 /// What the monitor did (also written to its log at shutdown).
 pub type MonitorSummary = MonitorCounters;
@@ -362,6 +370,18 @@ impl MonitorStage {
             }
         }
         consumer.assign(&tpl).map_err(KafkaError::broker("assign the monitor's inputs"))?;
+        // Not scaled out: an input partition is silent until its first fetch comes back, without
+        // having been read. Until the broker confirms that this process's position is at its end,
+        // it counts as having input (holding the watermark and the feedback frontier at its
+        // clock), so that windows and feedback do not pass records still to be read. Each with
+        // the offset reading began at (None: the log start).
+        let mut unread: BTreeMap<(String, i32), Option<i64>> = BTreeMap::new();
+        if !scale_out {
+            for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands) {
+                unread.insert((e.topic().to_string(), e.partition()), if let Offset::Offset(o) = e.offset() { Some(o) } else { None });
+            }
+        }
+        let mut unread_checked = std::time::Instant::now();
         let wall = now_ms();
         // commands are rare and carry processing time: they do not hold the watermark back; nor do
         // the partials, which move the clocks of the input partitions they come from
@@ -413,7 +433,11 @@ impl MonitorStage {
             }
             if partitions_checked.elapsed() >= PARTITION_CHECK {
                 partitions_checked = std::time::Instant::now();
-                self.assign_new_partitions(&consumer, &topics, &mut assigned)?;
+                for added in self.assign_new_partitions(&consumer, &topics, &mut assigned)? {
+                    if !scale_out {
+                        unread.insert(added, None);
+                    }
+                }
                 if scale_out {
                     self.register_scaled_inputs(&consumer)?;
                 }
@@ -534,6 +558,18 @@ impl MonitorStage {
                 let (results, feedback) = (format!("{}/", self.cfg.topics.inference), format!("{}/", self.cfg.topics.feedback));
                 self.state.watermark.touch_where(wall, |k| (k.starts_with(&results) || k.starts_with(&feedback)) && reported.get(k).is_none_or(|t| wall - t > stale));
             }
+            if !unread.is_empty() {
+                // asked when the batch ended with nothing more fetched, at most once a second
+                if n < max_batch && unread_checked.elapsed() >= UNREAD_CHECK {
+                    unread_checked = std::time::Instant::now();
+                    unread.retain(|(t, p), start| !pre::read_to_the_end(&consumer, t, *p, || *start));
+                    if unread.is_empty() {
+                        tracing::info!(partition = self.partition, "monitor: every input partition read to its end once; silence may now mean idle");
+                    }
+                }
+                let silent: BTreeSet<String> = unread.keys().map(|(t, p)| format!("{t}/{p}")).collect();
+                self.state.watermark.touch_where(wall, |k| silent.contains(k));
+            }
             let frontier = self.state.watermark.frontier(&format!("{}/", self.cfg.topics.inference), &wcfg, wall);
             let due = self.state.due_feedback(frontier);
             let resolved_any = !due.is_empty();
@@ -558,7 +594,8 @@ impl MonitorStage {
     /// Starts reading partitions added to the inputs since they were assigned (from their
     /// beginning: a new partition holds only what was written after it was added). A metadata
     /// request that fails is tried again at the next check.
-    fn assign_new_partitions(&mut self, consumer: &BaseConsumer, topics: &[String], assigned: &mut BTreeSet<(String, i32)>) -> Result<(), MonitorError> {
+    /// Returns the input partitions (results, feedback) it added, read from their beginning.
+    fn assign_new_partitions(&mut self, consumer: &BaseConsumer, topics: &[String], assigned: &mut BTreeSet<(String, i32)>) -> Result<Vec<(String, i32)>, MonitorError> {
         let mut tpl = TopicPartitionList::new();
         for t in topics {
             let Ok(md) = consumer.fetch_metadata(Some(t), Duration::from_secs(2)) else { continue };
@@ -569,16 +606,18 @@ impl MonitorStage {
             }
         }
         if tpl.count() == 0 {
-            return Ok(());
+            return Ok(Vec::new());
         }
         consumer.incremental_assign(&tpl).map_err(KafkaError::broker("assign new input partitions"))?;
         let wall = now_ms();
+        let mut inputs = Vec::new();
         for e in tpl.elements().iter().filter(|e| e.topic() != self.cfg.topics.commands && e.topic() != self.cfg.topics.monitor_partials) {
             self.state.watermark.register(&format!("{}/{}", e.topic(), e.partition()), wall);
+            inputs.push((e.topic().to_string(), e.partition()));
         }
         let added: Vec<String> = tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
         tracing::info!(?added, "monitor reads partitions added to its inputs");
-        Ok(())
+        Ok(inputs)
     }
 
     /// Scaled out: the results and feedback partitions hold the watermark back under their own

@@ -10,7 +10,8 @@
 //!   applied even if it is behind the watermark (late, within lateness); an event whose window has
 //!   closed is too late: counted as dropped, never applied.
 //! - A partition with no input for `idle_timeout_ms` of processing time stops holding the watermark
-//!   back; when every partition is idle the highest of them counts, so windows still close.
+//!   back; when every partition is idle the highest of them counts, so windows still close. (The
+//!   monitor keeps a partition it has not yet read to its end from going idle: `touch_where`.)
 
 use std::collections::BTreeMap;
 

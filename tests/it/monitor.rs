@@ -1110,6 +1110,65 @@ async fn kill_9_of_the_leader_among_three_scaled_out_monitor_processes_keeps_tot
     scaled_out_run(3, 3, Fault::KillLeader).await;
 }
 
+/// 24 MB of a transaction aborted on partition `p` of `topic`, uncompressed: a read_committed
+/// consumer fetches them (over many fetches) and skips them, delivering nothing meanwhile.
+async fn abort_in_front(topic: &str, p: i32) {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let txn: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default())
+        .set("compression.type", "none")
+        .set("transactional.id", unique("aborted-in-front"))
+        .set("transaction.timeout.ms", "60000")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .unwrap();
+    txn.init_transactions(Duration::from_secs(30)).unwrap();
+    txn.begin_transaction().unwrap();
+    let filler: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let mut pending = Vec::new();
+    for i in 0..240 {
+        pending.push(payslip_stream::kafka::enqueue(&txn, FutureRecord::to(topic).partition(p).key(&format!("aborted-{i}")).payload(&filler)).await.unwrap());
+    }
+    for f in pending {
+        payslip_stream::kafka::delivered(f, topic).await.unwrap();
+    }
+    txn.abort_transaction(Duration::from_secs(30)).unwrap();
+}
+
+/// One record (Avro) to partition `p` of `topic`.
+async fn send_to<T: payslip_stream::codec::Record>(topic: &str, p: i32, record: &T) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).create().unwrap();
+    let hs = payslip_stream::kafka::headers::HeaderSet::new().with("content-type", "application/avro").build();
+    let payload = codec::encode(record, codec::WireFormat::Avro).unwrap();
+    producer.send(FutureRecord::to(topic).partition(p).key("k").payload(&payload).headers(hs), Duration::from_secs(30)).await.expect("delivered");
+}
+
+/// The monitor (one process) takes an input partition as idle only once the broker has confirmed
+/// it is read to its end: here 24 MB of an aborted transaction lie in front of a result on results
+/// partition 0 while a result far ahead on partition 1 moves the watermark. With an idle timeout
+/// of 1 ms, the silent partition 0 would let window 0 close before its result is read, and the
+/// result would be late: it is counted in window 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_closes_no_window_past_an_input_partition_it_has_not_read_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = monitor_config("unread-single", dir.path()).await;
+    cfg.monitor.idle_timeout_ms = 1;
+    let results = cfg.topics.inference.clone();
+    abort_in_front(&results, 0).await;
+    let mk = |id: &str, ts: i64| result(id, ts, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("ARMY"))]);
+    send_to(&results, 0, &mk("behind-the-aborted", *BASE + 1_000)).await;
+    send_to(&results, 1, &mk("tick", *BASE + 5 * W)).await;
+    let (monitor, view) = RunningMonitor::start_with_view(&cfg);
+    let v = wait_view(&view, "both results applied or dropped", |v| v.counters.results_applied + v.counters.dropped_late >= 2).await;
+    assert_eq!((v.counters.results_applied, v.counters.dropped_late), (2, 0), "the result behind the aborted records is not late: {:?}", v.counters);
+    // window 0 closes once partition 0 is read and idle
+    let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 2, 60).await);
+    let summary = monitor.stop().await;
+    assert_eq!((summary.results_applied, summary.dropped_late), (2, 0));
+    let w0 = metrics.iter().find(|m| m.model == "pipeline" && m.window_start == *BASE).expect("window 0 of the pipeline");
+    assert_eq!(w0.count, 1);
+}
+
 /// A results partition that is silent only because its member has not read it yet (here 24 MB of
 /// an aborted transaction lie in front of a prediction: a read_committed consumer fetches and skips
 /// them, delivering nothing, as a partition just assigned, sought back or out of reach is silent)
@@ -1121,7 +1180,6 @@ async fn kill_9_of_the_leader_among_three_scaled_out_monitor_processes_keeps_tot
 /// result, on a partition read to its (empty) end, is an orphan as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_results_partition_the_member_has_not_read_yet_holds_its_feedback_and_is_not_reported_caught_up() {
-    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
     let state = tempfile::tempdir().unwrap();
     let (cfg, _) = isolated_config_prepared("pre-unread", |c| {
         c.monitor.scale_out = true;
@@ -1130,38 +1188,13 @@ async fn a_results_partition_the_member_has_not_read_yet_holds_its_feedback_and_
     })
     .await;
     let (results, feedback_topic) = (cfg.topics.inference.clone(), cfg.topics.feedback.clone());
-    // the aborted transaction in front of the prediction: uncompressed, over many fetches
-    let txn: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default())
-        .set("compression.type", "none")
-        .set("transactional.id", unique("pre-unread-aborted"))
-        .set("transaction.timeout.ms", "60000")
-        .set("message.timeout.ms", "60000")
-        .create()
-        .unwrap();
-    txn.init_transactions(Duration::from_secs(30)).unwrap();
-    txn.begin_transaction().unwrap();
-    let filler: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    let mut pending = Vec::new();
-    for i in 0..240 {
-        pending.push(payslip_stream::kafka::enqueue(&txn, FutureRecord::to(&results).partition(0).key(&format!("aborted-{i}")).payload(&filler)).await.unwrap());
-    }
-    for f in pending {
-        payslip_stream::kafka::delivered(f, &results).await.unwrap();
-    }
-    txn.abort_transaction(Duration::from_secs(30)).unwrap();
+    abort_in_front(&results, 0).await;
     // then the prediction on results partition 0, its feedback on feedback partition 0, and
     // feedback for a document that has no result on feedback partition 1
     let r = result("d-unread", *BASE, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("ARMY"))]);
-    let p: FutureProducer = payslip_stream::kafka::producer_config(&brokers(), &Default::default()).create().unwrap();
-    let hs = payslip_stream::kafka::headers::HeaderSet::new().with("content-type", "application/avro").build();
-    let sends = [
-        (results.as_str(), 0, codec::encode(&r, codec::WireFormat::Avro).unwrap()),
-        (feedback_topic.as_str(), 0, codec::encode(&feedback("d-unread", *BASE + 1_000, 4), codec::WireFormat::Avro).unwrap()),
-        (feedback_topic.as_str(), 1, codec::encode(&feedback("d-no-result", *BASE + 1_000, 2), codec::WireFormat::Avro).unwrap()),
-    ];
-    for (topic, partition, payload) in &sends {
-        p.send(FutureRecord::to(topic).partition(*partition).key("k").payload(payload).headers(hs.clone()), Duration::from_secs(30)).await.expect("delivered");
-    }
+    send_to(&results, 0, &r).await;
+    send_to(&feedback_topic, 0, &feedback("d-unread", *BASE + 1_000, 4)).await;
+    send_to(&feedback_topic, 1, &feedback("d-no-result", *BASE + 1_000, 2)).await;
 
     let cell = payslip_stream::monitor::pre::PreCell::default();
     let member = payslip_stream::monitor::pre::PreAggregator::open(cfg.clone(), brokers(), cell.clone()).unwrap();
