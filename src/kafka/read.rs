@@ -13,7 +13,7 @@ use std::{
 };
 
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
+    consumer::{BaseConsumer, Consumer, ConsumerContext},
     message::{BorrowedMessage, Message},
     Offset, TopicPartitionList,
 };
@@ -232,6 +232,33 @@ fn finish_passed(consumer: &BaseConsumer, remaining: &mut BTreeMap<(String, i32)
                 remaining.remove(&key);
             }
         }
+    }
+}
+
+/// How long asking the broker for a partition's end may take (the caller waits).
+pub const END_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether `consumer` has read partition `p` of `topic` to its end as `read_committed` sees it
+/// (the last stable offset), asked of the broker: a position at or past the end. A partition
+/// nothing was read from since it was assigned or sought is where reading began, `start()` (at the
+/// log start when that is `None`). False when the broker cannot be asked.
+pub fn read_to_the_end<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p: i32, start: impl FnOnce() -> Option<i64>) -> bool {
+    let (low, end) = match consumer.fetch_watermarks(topic, p, END_QUERY_TIMEOUT) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!(error = %e, partition = %format!("{topic}/{p}"), "the end of an input partition is not known; it is not taken as read");
+            return false;
+        }
+    };
+    let read = consumer.position().ok().and_then(|tpl| offset_in(&tpl, topic, p));
+    read.unwrap_or_else(|| start().unwrap_or(low)) >= end
+}
+
+/// The offset of `topic/p` in `tpl`, when it is one.
+pub fn offset_in(tpl: &TopicPartitionList, topic: &str, p: i32) -> Option<i64> {
+    match tpl.find_partition(topic, p).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => Some(o),
+        _ => None,
     }
 }
 

@@ -562,7 +562,7 @@ impl MonitorStage {
                 // asked when the batch ended with nothing more fetched, at most once a second
                 if n < max_batch && unread_checked.elapsed() >= UNREAD_CHECK {
                     unread_checked = std::time::Instant::now();
-                    unread.retain(|(t, p), start| !pre::read_to_the_end(&consumer, t, *p, || *start));
+                    unread.retain(|(t, p), start| !kafka::read_to_the_end(&consumer, t, *p, || *start));
                     if unread.is_empty() {
                         tracing::info!(partition = self.partition, "monitor: every input partition read to its end once; silence may now mean idle");
                     }

@@ -55,7 +55,7 @@ use std::{
 };
 
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer, ConsumerContext},
+    consumer::{BaseConsumer, Consumer},
     message::{BorrowedMessage, Message},
     producer::{FutureProducer, FutureRecord, Producer},
     Offset, TopicPartitionList,
@@ -342,7 +342,7 @@ impl PreAggregator {
                 // heartbeat, until it is), so that the closing stage does not let it go idle and
                 // close windows its records are still to count in.
                 if b.caught_up && !unread.is_empty() {
-                    unread.retain(|(t, p)| !read_to_the_end(&consumer, t, *p, || committed_start(&consumer, t, *p)));
+                    unread.retain(|(t, p)| !kafka::read_to_the_end(&consumer, t, *p, || committed_start(&consumer, t, *p)));
                 }
                 for (t, p) in &owned {
                     b.parts.heartbeat(&format!("{t}/{p}"));
@@ -463,7 +463,7 @@ impl PreAggregator {
                         } else {
                             // the results partition is complete up to the feedback's time
                             let complete = clock.is_some_and(|c| {
-                                c.max_event_ms >= f.given_at || (wall - c.last_wall_ms >= wcfg.idle_timeout_ms && wall - f.given_at >= wcfg.idle_timeout_ms && *read_to_end.get_or_insert_with(|| read_to_the_end(consumer, results_topic, *p, || committed_start(consumer, results_topic, *p))))
+                                c.max_event_ms >= f.given_at || (wall - c.last_wall_ms >= wcfg.idle_timeout_ms && wall - f.given_at >= wcfg.idle_timeout_ms && *read_to_end.get_or_insert_with(|| kafka::read_to_the_end(consumer, results_topic, *p, || committed_start(consumer, results_topic, *p))))
                             });
                             let overflow = q.len() > cap;
                             if !complete && !overflow {
@@ -674,40 +674,13 @@ impl PreAggregator {
     }
 }
 
-/// How long asking the broker for a partition's end may take (the caller waits).
-const END_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Whether `consumer` has read partition `p` of `topic` to its end as `read_committed` sees it
-/// (the last stable offset), asked of the broker: a position at or past the end. A partition
-/// nothing was read from since it was assigned or sought is where reading began, `start()` (at the
-/// log start when that is `None`). False when the broker cannot be asked.
-pub(super) fn read_to_the_end<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p: i32, start: impl FnOnce() -> Option<i64>) -> bool {
-    let (low, end) = match consumer.fetch_watermarks(topic, p, END_QUERY_TIMEOUT) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::debug!(error = %e, partition = %format!("{topic}/{p}"), "the end of an input partition is not known; it is not taken as read");
-            return false;
-        }
-    };
-    let read = consumer.position().ok().and_then(|tpl| offset_in(&tpl, topic, p));
-    read.unwrap_or_else(|| start().unwrap_or(low)) >= end
-}
-
-/// The offset of `topic/p` in `tpl`, when it is one.
-fn offset_in(tpl: &TopicPartitionList, topic: &str, p: i32) -> Option<i64> {
-    match tpl.find_partition(topic, p).map(|e| e.offset()) {
-        Some(Offset::Offset(o)) => Some(o),
-        _ => None,
-    }
-}
-
 /// Where this member's reading of `topic/p` began when it has read nothing since the assignment or
 /// a seek: the group's committed offset (`None` without one, or when it cannot be read: then the
 /// log start, where `auto.offset.reset` starts).
 fn committed_start(consumer: &BaseConsumer<KnownProtocol>, topic: &str, p: i32) -> Option<i64> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, p);
-    consumer.committed_offsets(tpl, END_QUERY_TIMEOUT).ok().and_then(|c| offset_in(&c, topic, p))
+    consumer.committed_offsets(tpl, kafka::END_QUERY_TIMEOUT).ok().and_then(|c| kafka::offset_in(&c, topic, p))
 }
 
 fn fatal_txn(e: &rdkafka::error::KafkaError) -> bool {
