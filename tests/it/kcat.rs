@@ -148,7 +148,8 @@ async fn the_readme_kcat_recipes_run_as_written() {
     }
     assert_eq!(produced_topics, vec!["payslip.documents.v1", "payslip.feedback.v1", "litert.rollout.commands.v1"]);
     assert!(ops::wait_for_decision(&cfg, &brokers(), "kcat-1", Duration::from_secs(60)).await.unwrap().is_some(), "the PAUSE produced with kcat was answered");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // the recipe's JSON payslip is answered before the stage stops
+    read_topic(&cfg.topics.inference, 21, Duration::from_secs(60), Duration::ZERO);
     stage.stop().await;
     monitor.stop().await;
     // the JSON payslip and the PAUSE command produced by the recipes were processed

@@ -186,7 +186,7 @@ async fn feedback_joins_its_prediction_and_late_or_orphan_feedback_is_counted() 
     let dir = tempfile::tempdir().unwrap();
     let (mut cfg, _) = monitor_config("feedback", dir.path()).await;
     cfg.monitor.prediction_retention_ms = 35_000;
-    let monitor = RunningMonitor::start(&cfg);
+    let (monitor, view) = RunningMonitor::start_with_view(&cfg);
     let mk = |id: &str, ts: i64| result(id, ts, "baseline", None, vec![output("document_classifier", "1.0.0", 5.0, None, Some("PCDA"))]);
     produce_records(&cfg.topics.inference, "k", &[mk("a", *BASE + 1_000), mk("b", *BASE + 2_000), mk("tick", *BASE + 3 * W)]).await;
     let mut fa = feedback("a", *BASE + W + 500, 5);
@@ -199,10 +199,13 @@ async fn feedback_joins_its_prediction_and_late_or_orphan_feedback_is_counted() 
     wait_for(&cfg.topics.metrics, 3, 60).await;
     // late: window 0 has closed
     produce_records(&cfg.topics.feedback, "k", &[feedback("a", *BASE + 900, 1)]).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // the late feedback is counted before the next window closes, so that window's running total shows it
+    wait_view(&view, "the late feedback was not counted", |v| v.counters.dropped_late == 1).await;
     produce_records(&cfg.topics.inference, "k", &[mk("tick2", *BASE + 5 * W)]).await;
     let metrics = metrics_of(&wait_for(&cfg.topics.metrics, 5, 60).await);
     let summary = monitor.stop().await;
+    // the view shares the state store; the store is opened again below
+    drop(view);
 
     let w1 = metrics.iter().find(|m| m.model == "document_classifier" && m.window_start == *BASE + W).expect("feedback opened window 1 of the predicting model");
     assert_eq!((w1.count, w1.ratings, w1.labelled), (0, 2, 2));
