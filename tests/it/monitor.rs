@@ -823,7 +823,16 @@ fn spawn_scaled_in(dir: &std::path::Path, prefix: &str, group: &str, member: &st
         dir.join("state").display()
     );
     std::fs::write(dir.join("pipeline.yaml"), yaml).unwrap();
-    spawn_logged(dir, &dir.join("pipeline.yaml"), &["--topic-prefix", prefix, "--group", group, "--instance-id", member])
+    // the operations API on a port of its own choosing, logged ([`api_address`])
+    spawn_logged(dir, &dir.join("pipeline.yaml"), &["--topic-prefix", prefix, "--group", group, "--instance-id", member, "--api-listen", "127.0.0.1:0"])
+}
+
+/// The address the operations API of the member logging to `dir` listens on (its last start's).
+fn api_address(dir: &std::path::Path) -> String {
+    let log = log_of(dir);
+    let line = log.lines().rfind(|l| l.contains("operations API listening")).unwrap_or_else(|| panic!("no API address in:\n{log}"));
+    let rest = &line[line.find("local=").expect("local=") + "local=".len()..];
+    rest.split_whitespace().next().unwrap().to_string()
 }
 
 /// `payslip-stream run --stage monitor` with `yaml` and `args`, logging at info to `dir/monitor.log`.
@@ -994,6 +1003,9 @@ async fn scaled_out_run(members: usize, closing: u32, fault: Fault) {
         format!("{} of {n_feedback} counted; killed: {victim:?}\n{}\n{}", counted_feedback(), windows.join("\n"), logs.join("\n"))
     };
     until_explained("every feedback counted in a window", || counted_feedback() >= n_feedback as i64, explain).await;
+    if fault == Fault::None {
+        pre_metrics_add_up(&dirs, &cfg, n as u64 + 1, n_feedback as u64).await;
+    }
     let mut counted = Vec::new();
     let mut closed = Vec::new();
     for (i, c) in children.iter_mut().enumerate() {
@@ -1070,6 +1082,34 @@ async fn scaled_out_run(members: usize, closing: u32, fault: Fault) {
         let (a, b) = (rule_alerts(&cfg.topics.alerts), rule_alerts(&format!("{}.replay", cfg.topics.alerts)));
         assert_eq!(a.len(), 24);
         assert!(a == b, "the replay's alert events are byte-identical to the scaled-out run's");
+    }
+}
+
+/// The members' `/metrics`, summed, count what went in exactly: `results` aggregated, `feedback`
+/// joined, none orphaned or held, and each results and feedback partition owned by one member.
+async fn pre_metrics_add_up(dirs: &[tempfile::TempDir], cfg: &payslip_stream::config::PipelineConfig, results: u64, feedback: u64) {
+    let names = ["payslip_monitor_pre_results_total", "payslip_monitor_pre_feedback_joined_total", "payslip_monitor_pre_feedback_orphans_total", "payslip_monitor_pre_feedback_held", "payslip_monitor_pre_partitions"];
+    let consumer = reader();
+    let partitions = [&cfg.topics.inference, &cfg.topics.feedback].iter().map(|t| payslip_stream::kafka::partitions_of(&consumer, t, Duration::from_secs(30)).unwrap().len()).sum::<usize>() as f64;
+    let want = [results as f64, feedback as f64, 0.0, 0.0, partitions];
+    let started = Instant::now();
+    loop {
+        let mut sums = [0.0; 5];
+        let mut batches = Vec::new();
+        for d in dirs {
+            let m = scrape(&api_address(d.path())).await;
+            for (sum, name) in sums.iter_mut().zip(names) {
+                *sum += m.get(name).unwrap_or_else(|| panic!("{name} missing from /metrics: {m:?}"));
+            }
+            batches.push(m["payslip_monitor_pre_batches_total"]);
+        }
+        // a member's counters show a batch once it has committed; the windows may be out first
+        if sums == want {
+            assert!(batches.iter().all(|b| *b > 0.0), "every member committed pre-aggregation batches: {batches:?}");
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "/metrics summed over the members: {sums:?}, want {want:?} for {names:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

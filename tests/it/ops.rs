@@ -3,7 +3,6 @@
 //! Prometheus server (Debian's `prometheus`, installed by scripts/setup) scraping `/metrics`.
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -106,11 +105,6 @@ impl Running {
         let _ = self.stop.send(true);
         tokio::time::timeout(Duration::from_secs(60), self.handle).await.expect("stops within 60 s").unwrap().expect("pipeline ok")
     }
-}
-
-/// `name{labels} value` lines of a scrape → (name with labels, value).
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))).collect()
 }
 
 async fn produce_documents(cfg: &PipelineConfig, n: u64) {

@@ -145,7 +145,7 @@ impl Read {
 }
 
 /// A consumer that assigns partitions itself and commits nothing.
-fn reader() -> BaseConsumer {
+pub fn reader() -> BaseConsumer {
     kafka::client_config(&brokers(), &Default::default()).set("group.id", unique("reader")).set("enable.auto.commit", "false").create().expect("reader")
 }
 
@@ -324,4 +324,16 @@ impl Drop for Reaped {
             let _ = self.0.wait();
         }
     }
+}
+
+/// `name{labels} value` lines of a Prometheus scrape → (name with labels, value).
+pub fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))).collect()
+}
+
+/// The samples of `GET http://addr/metrics` (no token).
+pub async fn scrape(addr: &str) -> BTreeMap<String, f64> {
+    let url = format!("http://{addr}/metrics");
+    let text = tokio::task::spawn_blocking(move || ureq::get(&url).timeout(Duration::from_secs(30)).call().unwrap_or_else(|e| panic!("GET {url}: {e}")).into_string().unwrap()).await.unwrap();
+    samples(&text)
 }
