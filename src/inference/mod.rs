@@ -777,6 +777,19 @@ pub fn session_run_cpu_seconds() -> f64 {
     SESSION_RUN_CPU_NANOS.with(|c| c.get()) as f64 / 1e9
 }
 
+/// Time and CPU time inside `Session::run`, every thread of the process together, nanoseconds:
+/// what `/metrics` shows against the process's own CPU ([`process_session_run_seconds`]).
+static PROCESS_SESSION_RUN_NANOS: AtomicU64 = AtomicU64::new(0);
+static PROCESS_SESSION_RUN_CPU_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Time and CPU time spent inside ONNX Runtime's `Session::run` by every thread of this process
+/// since it started, seconds: the models' own share of the process's CPU (with
+/// `inference.intra_threads: 1` ONNX Runtime runs on the calling thread, so the CPU time is all of
+/// its work; with more, its pool threads' work is not counted here).
+pub fn process_session_run_seconds() -> (f64, f64) {
+    (PROCESS_SESSION_RUN_NANOS.load(Ordering::Relaxed) as f64 / 1e9, PROCESS_SESSION_RUN_CPU_NANOS.load(Ordering::Relaxed) as f64 / 1e9)
+}
+
 /// This thread's CPU time, nanoseconds.
 fn thread_cpu_nanos() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -821,8 +834,11 @@ fn run_model<T>(model: &LoadedModel, shape: &[i64], data: &[f32], read: impl FnO
     let mut session = model.session.lock().unwrap_or_else(|p| p.into_inner());
     let (started, cpu) = (Instant::now(), thread_cpu_nanos());
     let outputs = session.run(ort::inputs![input]).map_err(|e| (RUNTIME_FAILED, e.to_string()))?;
-    SESSION_RUN_NANOS.with(|c| c.set(c.get() + started.elapsed().as_nanos() as u64));
-    SESSION_RUN_CPU_NANOS.with(|c| c.set(c.get() + thread_cpu_nanos().saturating_sub(cpu)));
+    let (wall, cpu) = (started.elapsed().as_nanos() as u64, thread_cpu_nanos().saturating_sub(cpu));
+    SESSION_RUN_NANOS.with(|c| c.set(c.get() + wall));
+    SESSION_RUN_CPU_NANOS.with(|c| c.set(c.get() + cpu));
+    PROCESS_SESSION_RUN_NANOS.fetch_add(wall, Ordering::Relaxed);
+    PROCESS_SESSION_RUN_CPU_NANOS.fetch_add(cpu, Ordering::Relaxed);
     let (shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(|e| (codes::BAD_OUTPUT, e.to_string()))?;
     read(shape, values)
 }

@@ -91,6 +91,13 @@ impl Collector for Figures {
                     ConstGauge::new(m.load_ms / 1000.0).encode(fam.encode_family(&[("model", m.model.as_str()), ("version", m.version.as_str())])?)?;
                 }
             }
+            {
+                let (wall, cpu) = crate::inference::process_session_run_seconds();
+                let m = enc.encode_descriptor("payslip_inference_session_run_seconds", "Time inside ONNX Runtime's Session::run, every run of the process together (the models alone: no preprocessing, no Kafka).", None, MetricType::Counter)?;
+                ConstCounter::new(wall).encode(m)?;
+                let m = enc.encode_descriptor("payslip_inference_session_run_cpu_seconds", "CPU time inside ONNX Runtime's Session::run (all of ONNX Runtime's work with inference.intra_threads 1); against payslip_process_cpu_seconds_total, the models' share of the process.", None, MetricType::Counter)?;
+                ConstCounter::new(cpu).encode(m)?;
+            }
             let runs = registry.run_stats();
             runs.run_seconds.encode(enc.encode_descriptor("payslip_inference_run_seconds", "Wall time of one ONNX Runtime run (one batch of one model version).", None, MetricType::Histogram)?)?;
             runs.batch_sizes.encode(enc.encode_descriptor("payslip_inference_batch_documents", "Documents per ONNX Runtime run.", None, MetricType::Histogram)?)?;

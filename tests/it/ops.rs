@@ -159,6 +159,9 @@ async fn every_endpoint_answers_and_a_real_prometheus_counts_the_documents_sent(
         assert!(phase(p).is_some_and(|v| v >= 0.0), "no loop phase {p}:\n{text}");
     }
     assert!(phase("collect").unwrap() > 0.0 && phase("commit_end").unwrap() > 0.0, "{text}");
+    // the models' own time and CPU: some, and no more than the process's CPU in all
+    let (run, run_cpu, process_cpu) = (s["payslip_inference_session_run_seconds_total"], s["payslip_inference_session_run_cpu_seconds_total"], s["payslip_process_cpu_seconds_total"]);
+    assert!(run > 0.0 && run_cpu > 0.0 && run_cpu < process_cpu, "ONNX Runtime {run} s, {run_cpu} s of CPU, process {process_cpu} s");
     // the lag per partition (every 5 s) comes down to 0 once every document is consumed
     let started = Instant::now();
     loop {
