@@ -1092,25 +1092,23 @@ async fn pre_metrics_add_up(dirs: &[tempfile::TempDir], cfg: &payslip_stream::co
     let consumer = reader();
     let partitions = [&cfg.topics.inference, &cfg.topics.feedback].iter().map(|t| payslip_stream::kafka::partitions_of(&consumer, t, Duration::from_secs(30)).unwrap().len()).sum::<usize>() as f64;
     let want = [results as f64, feedback as f64, 0.0, 0.0, partitions];
-    let started = Instant::now();
-    loop {
+    // each name summed over the members, and each member's committed batches
+    let scraped = || {
         let mut sums = [0.0; 5];
         let mut batches = Vec::new();
         for d in dirs {
-            let m = scrape(&api_address(d.path())).await;
+            let m = scrape(&api_address(d.path()));
             for (sum, name) in sums.iter_mut().zip(names) {
                 *sum += m.get(name).unwrap_or_else(|| panic!("{name} missing from /metrics: {m:?}"));
             }
             batches.push(m["payslip_monitor_pre_batches_total"]);
         }
-        // a member's counters show a batch once it has committed; the windows may be out first
-        if sums == want {
-            assert!(batches.iter().all(|b| *b > 0.0), "every member committed pre-aggregation batches: {batches:?}");
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "/metrics summed over the members: {sums:?}, want {want:?} for {names:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        (sums, batches)
+    };
+    // a member's counters show a batch once it has committed; the windows may be out first
+    until_explained("the members' /metrics add up to the input", || scraped().0 == want, || format!("summed: {:?}, want {want:?} for {names:?}", scraped().0)).await;
+    let batches = scraped().1;
+    assert!(batches.iter().all(|b| *b > 0.0), "every member committed pre-aggregation batches: {batches:?}");
 }
 
 /// Closing partitions that the existing topics do not have stop start-up with what to fix.

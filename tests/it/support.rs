@@ -331,9 +331,8 @@ pub fn samples(text: &str) -> BTreeMap<String, f64> {
     text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))).collect()
 }
 
-/// The samples of `GET http://addr/metrics` (no token).
-pub async fn scrape(addr: &str) -> BTreeMap<String, f64> {
+/// The samples of `GET http://addr/metrics` (no token; a blocking call, as the topic reads here).
+pub fn scrape(addr: &str) -> BTreeMap<String, f64> {
     let url = format!("http://{addr}/metrics");
-    let text = tokio::task::spawn_blocking(move || ureq::get(&url).timeout(Duration::from_secs(30)).call().unwrap_or_else(|e| panic!("GET {url}: {e}")).into_string().unwrap()).await.unwrap();
-    samples(&text)
+    samples(&ureq::get(&url).timeout(Duration::from_secs(30)).call().unwrap_or_else(|e| panic!("GET {url}: {e}")).into_string().unwrap())
 }
