@@ -27,6 +27,6 @@ pub mod topics;
 
 pub use config::{client_config, consumer_config, producer_config, producer_config_with, reader_config};
 pub use error::KafkaError;
-pub use read::{offset_at, offset_in, partitions_of, read_to_the_end, watermarks_of, RangeCursor, END_QUERY_TIMEOUT};
+pub use read::{end_reader, offset_at, offset_in, partitions_of, read_to_the_end, watermarks_of, RangeCursor, END_QUERY_TIMEOUT};
 pub use send::{delivered, enqueue, enqueue_blocking, released, wait_deliveries, wait_released, Delivered};
 pub use topics::{TopicRole, TopicSpec};

@@ -235,6 +235,12 @@ fn finish_passed(consumer: &BaseConsumer, remaining: &mut BTreeMap<(String, i32)
     }
 }
 
+/// A client for [`read_to_the_end`]'s queries: `read_committed` like the readers whose position it
+/// checks, assigned nothing, so nothing it sends waits behind a fetch. `what` names it in errors.
+pub fn end_reader(brokers: &str, group: &str, passthrough: &BTreeMap<String, String>, what: &'static str) -> Result<BaseConsumer, KafkaError> {
+    crate::kafka::reader_config(brokers, group, passthrough).create().map_err(KafkaError::client(what))
+}
+
 /// How long asking the broker for a partition's end may take (the caller waits).
 pub const END_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -242,8 +248,14 @@ pub const END_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// (the last stable offset), asked of the broker: a position at or past the end. A partition
 /// nothing was read from since it was assigned or sought is where reading began, `start()` (at the
 /// log start when that is `None`). False when the broker cannot be asked.
-pub fn read_to_the_end<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p: i32, start: impl FnOnce() -> Option<i64>) -> bool {
-    let (low, end) = match consumer.fetch_watermarks(topic, p, END_QUERY_TIMEOUT) {
+///
+/// The end is asked through `ends`, a `read_committed` client that fetches nothing (see
+/// [`end_reader`]). Asked through `consumer` itself, the query waited on its connection behind the
+/// fetch the broker was holding open (up to `fetch.wait.max.ms`, librdkafka's default 500 ms):
+/// half a second per partition, during which the monitor's loop stood still (a monitor that had
+/// just read twelve input partitions to their end stalled for six seconds).
+pub fn read_to_the_end<C: ConsumerContext, E: ConsumerContext>(ends: &BaseConsumer<E>, consumer: &BaseConsumer<C>, topic: &str, p: i32, start: impl FnOnce() -> Option<i64>) -> bool {
+    let (low, end) = match ends.fetch_watermarks(topic, p, END_QUERY_TIMEOUT) {
         Ok(w) => w,
         Err(e) => {
             tracing::debug!(error = %e, partition = %format!("{topic}/{p}"), "the end of an input partition is not known; it is not taken as read");

@@ -354,6 +354,7 @@ impl MonitorStage {
         let consumer: BaseConsumer = kafka::reader_config(&self.brokers, &format!("{}-monitor-assign", self.cfg.kafka.infer_group), &self.cfg.kafka.librdkafka)
             .create()
             .map_err(KafkaError::client("the monitor consumer"))?;
+        let ends = kafka::end_reader(&self.brokers, &format!("{}-monitor-ends", self.cfg.kafka.infer_group), &self.cfg.kafka.librdkafka, "the monitor's end reader")?;
         let stored = self.stored_offsets()?;
         let mut tpl = TopicPartitionList::new();
         for t in &topics {
@@ -562,7 +563,7 @@ impl MonitorStage {
                 // asked when the batch ended with nothing more fetched, at most once a second
                 if n < max_batch && unread_checked.elapsed() >= UNREAD_CHECK {
                     unread_checked = std::time::Instant::now();
-                    unread.retain(|(t, p), start| !kafka::read_to_the_end(&consumer, t, *p, || *start));
+                    unread.retain(|(t, p), start| !kafka::read_to_the_end(&ends, &consumer, t, *p, || *start));
                     if unread.is_empty() {
                         tracing::info!(partition = self.partition, "monitor: every input partition read to its end once; silence may now mean idle");
                     }

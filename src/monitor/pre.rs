@@ -179,7 +179,8 @@ impl PreAggregator {
         let cfg = self.cfg.clone();
         let (results_topic, feedback_topic) = (cfg.topics.inference.clone(), cfg.topics.feedback.clone());
         let group = self.group();
-        let meta: BaseConsumer = kafka::reader_config(&self.brokers, &format!("{group}-meta"), &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the pre-aggregation metadata reader"))?;
+        // partitions, and the ends of partitions (a client that fetches nothing: `read_to_the_end`)
+        let meta: BaseConsumer = kafka::end_reader(&self.brokers, &format!("{group}-meta"), &cfg.kafka.librdkafka, "the pre-aggregation metadata reader")?;
         let (rp, fp) = (kafka::partitions_of(&meta, &results_topic, Duration::from_secs(30))?, kafka::partitions_of(&meta, &feedback_topic, Duration::from_secs(30))?);
         if rp.len() != fp.len() {
             return Err(MonitorError::NotCoPartitioned { results: results_topic, results_partitions: rp.len(), feedback: feedback_topic, feedback_partitions: fp.len() });
@@ -324,7 +325,7 @@ impl PreAggregator {
                 unread.extend(owned.iter().cloned());
                 continue;
             }
-            self.release(&consumer, &mut b, &mut held, &clocks, (&results_topic, &feedback_topic), &wcfg)?;
+            self.release((&consumer, &meta), &mut b, &mut held, &clocks, (&results_topic, &feedback_topic), &wcfg)?;
             self.counters.feedback_held = held.values().map(|q| q.len() as u64).sum();
             // A partition pair whose feedback is still held is not reported caught up, so the
             // closing stage holds the watermark at its clock: a window that held feedback will
@@ -342,7 +343,7 @@ impl PreAggregator {
                 // heartbeat, until it is), so that the closing stage does not let it go idle and
                 // close windows its records are still to count in.
                 if b.caught_up && !unread.is_empty() {
-                    unread.retain(|(t, p)| !kafka::read_to_the_end(&consumer, t, *p, || committed_start(&consumer, t, *p)));
+                    unread.retain(|(t, p)| !kafka::read_to_the_end(&meta, &consumer, t, *p, || committed_start(&consumer, t, *p)));
                 }
                 for (t, p) in &owned {
                     b.parts.heartbeat(&format!("{t}/{p}"));
@@ -441,7 +442,7 @@ impl PreAggregator {
     /// its end (asked of the broker, once per partition and call, only then). A partition just
     /// assigned or sought back, or whose leader is out of reach, can be silent without being
     /// read: the results fetched for it, the prediction among them, are then still to come.
-    fn release(&mut self, consumer: &BaseConsumer<KnownProtocol>, b: &mut Batch, held: &mut BTreeMap<i32, VecDeque<(i64, Held)>>, clocks: &BTreeMap<i32, Clock>, (results_topic, feedback_topic): (&str, &str), wcfg: &crate::window::WindowConfig) -> Result<(), MonitorError> {
+    fn release(&mut self, (consumer, ends): (&BaseConsumer<KnownProtocol>, &BaseConsumer), b: &mut Batch, held: &mut BTreeMap<i32, VecDeque<(i64, Held)>>, clocks: &BTreeMap<i32, Clock>, (results_topic, feedback_topic): (&str, &str), wcfg: &crate::window::WindowConfig) -> Result<(), MonitorError> {
         let wall = now_ms();
         let cap = self.cfg.monitor.max_pending_feedback;
         for (p, q) in held.iter_mut() {
@@ -463,7 +464,7 @@ impl PreAggregator {
                         } else {
                             // the results partition is complete up to the feedback's time
                             let complete = clock.is_some_and(|c| {
-                                c.max_event_ms >= f.given_at || (wall - c.last_wall_ms >= wcfg.idle_timeout_ms && wall - f.given_at >= wcfg.idle_timeout_ms && *read_to_end.get_or_insert_with(|| kafka::read_to_the_end(consumer, results_topic, *p, || committed_start(consumer, results_topic, *p))))
+                                c.max_event_ms >= f.given_at || (wall - c.last_wall_ms >= wcfg.idle_timeout_ms && wall - f.given_at >= wcfg.idle_timeout_ms && *read_to_end.get_or_insert_with(|| kafka::read_to_the_end(ends, consumer, results_topic, *p, || committed_start(consumer, results_topic, *p))))
                             });
                             let overflow = q.len() > cap;
                             if !complete && !overflow {
