@@ -35,7 +35,8 @@
 //! peers), `BENCH_PYTHON` (the peers' interpreter, default the `scripts/setup --bench` one),
 //! `BENCH_MONITOR_COPIES` (the monitor's input: this many copies of the end-to-end results, default 10),
 //! `BENCH_MONITOR_ROUNDS` (monitor runs, each on its own copy of that input; the median is reported, default 3),
-//! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`), `BENCH_AT_LEAST_ONCE=1` (the stage
+//! `BENCH_COMMIT_INTERVAL_MS` (overrides `kafka.commit_interval_ms`), `BENCH_SESSIONS_PER_MODEL`
+//! (overrides `inference.sessions_per_model`: 1 is the stage before each batch in flight had a session), `BENCH_AT_LEAST_ONCE=1` (the stage
 //! at least once instead of exactly once), `BENCH_MAX_IN_FLIGHT` (every producer's requests in
 //! flight per broker; by default 1 without transactions and 5 with them),
 //! `BENCH_LOAD_FRACTIONS=0.25,0.1` (latency runs at these fractions of the maximum too),
@@ -142,6 +143,9 @@ fn main() {
     }
     if let Some(ms) = std::env::var("BENCH_COMMIT_INTERVAL_MS").ok().and_then(|v| v.parse().ok()) {
         cfg.kafka.commit_interval_ms = ms;
+    }
+    if let Some(n) = std::env::var("BENCH_SESSIONS_PER_MODEL").ok().and_then(|v| v.parse().ok()) {
+        cfg.inference.sessions_per_model = Some(n);
     }
     if std::env::var("BENCH_AT_LEAST_ONCE").is_ok_and(|v| v == "1") {
         cfg.kafka.processing_guarantee = payslip_stream::config::Guarantee::AtLeastOnce;
@@ -328,6 +332,7 @@ fn main() {
         "avg_document_bytes_avro": avg_bytes,
         "max_batch": cfg.batching.max_batch,
         "commit_interval_ms": cfg.kafka.commit_interval_ms,
+        "sessions_per_model": registry.status().first().map(|s| s.sessions),
         "processing_guarantee": format!("{:?}", cfg.kafka.processing_guarantee),
         "provider": provider,
         "build": if cfg!(debug_assertions) { "dev profile (this crate and its per-document dependencies at opt-level 2)" } else { "release" },

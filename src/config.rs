@@ -743,6 +743,14 @@ pub struct InferenceConfig {
     /// Threads ONNX Runtime uses inside one model run (0 = its default).
     #[serde(default = "default_intra_threads")]
     pub intra_threads: usize,
+    /// ONNX Runtime sessions each loaded model version holds. A session runs one batch at a time,
+    /// so with one session the infer stage's two batches in flight queue for each model in turn,
+    /// and one of the two cores idles while the text model runs (BENCHMARKS.md "A session per
+    /// batch in flight"). Left out: 2 on the CPU provider (one per batch in flight, more could
+    /// never run at once), 1 on a GPU provider (a device runs one batch at a time anyway, and each
+    /// session holds its own device memory). 1 to 8.
+    #[serde(default)]
+    pub sessions_per_model: Option<usize>,
     /// Tries of a model run ONNX Runtime fails (the input is valid, so the failure is the
     /// runtime's: a device error, memory): each retry waits (200 ms, then 4 times longer each
     /// time) and runs on a rebuilt session. When every try fails the batch is not answered and
@@ -914,6 +922,9 @@ impl PipelineConfig {
         if self.batching.max_batch == 0 || self.batching.max_batch > 4096 {
             return Err(invalid("batching.max_batch", format!("is {}; use a value from 1 to 4096", self.batching.max_batch)));
         }
+        if let Some(n) = self.inference.sessions_per_model.filter(|n| !(1..=8).contains(n)) {
+            return Err(invalid("inference.sessions_per_model", format!("is {n}; use 1 to 8, or leave it out (2 on the CPU, 1 on a GPU)")));
+        }
         if !(1..=10).contains(&self.inference.run_attempts) {
             return Err(invalid("inference.run_attempts", format!("is {}; use 1 to 10", self.inference.run_attempts)));
         }
@@ -1049,6 +1060,9 @@ mod tests {
         assert!(e.contains("models.serve.ocr"), "{e}");
         let e = PipelineConfig::from_yaml(&format!("{BASE}inference: {{providers: [cuda, cuda]}}\n")).unwrap_err().to_string();
         assert!(e.contains("twice"), "{e}");
+        let e = PipelineConfig::from_yaml(&format!("{BASE}inference: {{sessions_per_model: 0}}\n")).unwrap_err().to_string();
+        assert!(e.contains("inference.sessions_per_model") && e.contains("1 to 8"), "{e}");
+        assert_eq!(PipelineConfig::from_yaml(&format!("{BASE}inference: {{sessions_per_model: 3}}\n")).unwrap().inference.sessions_per_model, Some(3));
         let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{auto_start: true}}\n")).unwrap_err().to_string();
         assert!(e.contains("rollout.auto_start") && e.contains("rollout.candidate"), "{e}");
         let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 0, soak_ms: 1}}]}}\n")).unwrap_err().to_string();

@@ -509,10 +509,11 @@ impl InferStage {
 /// [`crate::kafka::rebalance::close_within`]).
 const CONSUMER_CLOSE_LIMIT: Duration = Duration::from_secs(15);
 
-/// Batches processed at once: one running its models while the next is decoded and preprocessed.
-/// More would only queue behind the models' sessions (one run per session at a time) and hold more
-/// documents in memory.
-const PIPELINE_DEPTH: usize = 2;
+/// Batches processed at once, each on a blocking thread: decoding, preprocessing and model runs of
+/// one overlap those of the other. On the CPU each model version holds as many sessions (a session
+/// runs one batch at a time), so the two can run the same model at once; more batches would hold
+/// more documents in memory for cores this stage is not sized for.
+pub const PIPELINE_DEPTH: usize = 2;
 
 type BatchOutcome = Result<Result<Vec<Processed>, crate::inference::RunFailure>, tokio::task::JoinError>;
 

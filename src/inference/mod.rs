@@ -1,8 +1,10 @@
 //! Model registry and batched execution.
 //!
 //! At start the registry reads `model_metadata.json`, verifies each served file's sha256, checks the
-//! file's declared inputs against what [`preprocess`] produces, and creates one ONNX Runtime session
-//! per (model, version) on the first execution provider that works ([`runtime`]). A version that
+//! file's declared inputs against what [`preprocess`] produces, and creates ONNX Runtime sessions
+//! per (model, version) on the first execution provider that works ([`runtime`]): as many as the
+//! infer stage has batches in flight on the CPU, one on a GPU (`inference.sessions_per_model`), a
+//! run taking a free one, so concurrent batches never queue for the same model. A version that
 //! fails any of these is refused, reported in [`ModelRegistry::status`], and never run; the other
 //! models keep serving, and documents get an `error_code` for the refused one.
 //!
@@ -28,8 +30,8 @@ pub mod stats;
 use std::{
     collections::BTreeMap,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, RwLock, TryLockError,
     },
     time::{Duration, Instant},
 };
@@ -142,18 +144,46 @@ pub struct ModelStatus {
     /// Where the profiled warm-up ran the graph's nodes, per provider.
     pub placement: Vec<runtime::Placement>,
     pub warm_up_ms: Option<f64>,
+    /// ONNX Runtime sessions the version holds (`inference.sessions_per_model`; 0 when refused).
+    pub sessions: usize,
 }
 
 struct LoadedModel {
     entry: ModelEntry,
     /// The first character of each label (what the text model's classes stand for).
     glyphs: Vec<char>,
-    session: Mutex<Session>,
+    /// Sessions of the same model: a run takes a free one, so batches in flight run it at once.
+    sessions: Vec<Mutex<Session>>,
+    /// The session a run waits for when none is free (taken in turn).
+    next: AtomicUsize,
+    /// `Session::run` calls in progress, and the most there have been at once.
+    running: AtomicUsize,
+    running_peak: AtomicUsize,
     provider: String,
     registered: Vec<&'static str>,
     placement: Vec<runtime::Placement>,
     warm_up_ms: f64,
     load_ms: f64,
+}
+
+/// Sessions per loaded version on the CPU provider, unless `inference.sessions_per_model` says:
+/// one per batch the infer stage has in flight ([`crate::infer::PIPELINE_DEPTH`]), so the batch
+/// being decoded never waits for the one running a model. More could never run at once.
+const CPU_SESSIONS: usize = crate::infer::PIPELINE_DEPTH;
+
+impl LoadedModel {
+    /// A free session, or when every one is running, the next in turn once it is done.
+    fn session(&self) -> MutexGuard<'_, Session> {
+        for s in &self.sessions {
+            match s.try_lock() {
+                Ok(g) => return g,
+                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len();
+        self.sessions[turn].lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Sessions of every served model version (and of rollout candidates, loaded when a rollout
@@ -339,6 +369,7 @@ impl ModelRegistry {
                     registered_providers: model.registered.iter().map(|p| p.to_string()).collect(),
                     placement: model.placement.clone(),
                     warm_up_ms: Some(model.warm_up_ms),
+                    sessions: model.sessions.len(),
                 });
                 self.retry.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                 self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::new(model));
@@ -361,6 +392,7 @@ impl ModelRegistry {
                     registered_providers: vec![],
                     placement: vec![],
                     warm_up_ms: None,
+                    sessions: 0,
                 });
                 false
             }
@@ -385,10 +417,19 @@ impl ModelRegistry {
             return Err(ModelError::GraphInputs { model, version: ver, actual, declared: entry.inputs.iter().map(|i| i.name.clone()).collect() });
         }
         let glyphs = entry.labels.iter().map(|l| l.chars().next().unwrap_or(' ')).collect();
+        // more sessions of the same bytes on the same providers, each warmed up like the first
+        let count = inference.sessions_per_model.unwrap_or(if runtime::is_gpu_provider(&ps.provider) { 1 } else { CPU_SESSIONS });
+        let mut sessions = vec![Mutex::new(ps.session)];
+        for _ in 1..count {
+            sessions.push(Mutex::new(runtime::session_for(inference, &spec, &bytes)?.session));
+        }
         let model = LoadedModel {
             entry: entry.clone(),
             glyphs,
-            session: Mutex::new(ps.session),
+            sessions,
+            next: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            running_peak: AtomicUsize::new(0),
             provider: ps.provider,
             registered: ps.registered,
             placement: ps.placement,
@@ -398,9 +439,20 @@ impl ModelRegistry {
         Ok((model, ps.skipped))
     }
 
-    /// Sessions held (one per loaded version).
-    pub fn session_count(&self) -> usize {
+    /// Versions loaded.
+    pub fn loaded_count(&self) -> usize {
         self.loaded.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// ONNX Runtime sessions held, over every loaded version.
+    pub fn session_count(&self) -> usize {
+        self.loaded.read().unwrap_or_else(|p| p.into_inner()).values().map(|m| m.sessions.len()).sum()
+    }
+
+    /// The most `Session::run` calls of `name` `version` there have been at once since it was
+    /// loaded (0 when it is not loaded or never ran).
+    pub fn concurrent_runs_peak(&self, name: &str, version: &str) -> usize {
+        self.loaded.read().unwrap_or_else(|p| p.into_inner()).get(&(name.to_string(), version.to_string())).map_or(0, |m| m.running_peak.load(Ordering::Relaxed))
     }
 
     /// Unloads the loaded versions that `in_use` has not named for `grace`: their sessions and
@@ -831,10 +883,14 @@ fn with_text_input<'r, T>(rasters: impl Iterator<Item = &'r Raster>, lines: usiz
 /// values to `read` while they are still ONNX Runtime's (no copy either).
 fn run_model<T>(model: &LoadedModel, shape: &[i64], data: &[f32], read: impl FnOnce(&[i64], &[f32]) -> Result<T, (&'static str, String)>) -> Result<T, (&'static str, String)> {
     let input = TensorRef::from_array_view((shape.to_vec(), data)).map_err(|e| (codes::INFERENCE_FAILED, e.to_string()))?;
-    let mut session = model.session.lock().unwrap_or_else(|p| p.into_inner());
+    let mut session = model.session();
+    let running = model.running.fetch_add(1, Ordering::Relaxed) + 1;
+    model.running_peak.fetch_max(running, Ordering::Relaxed);
     let (started, cpu) = (Instant::now(), thread_cpu_nanos());
-    let outputs = session.run(ort::inputs![input]).map_err(|e| (RUNTIME_FAILED, e.to_string()))?;
+    let outputs = session.run(ort::inputs![input]);
     let (wall, cpu) = (started.elapsed().as_nanos() as u64, thread_cpu_nanos().saturating_sub(cpu));
+    model.running.fetch_sub(1, Ordering::Relaxed);
+    let outputs = outputs.map_err(|e| (RUNTIME_FAILED, e.to_string()))?;
     SESSION_RUN_NANOS.with(|c| c.set(c.get() + wall));
     SESSION_RUN_CPU_NANOS.with(|c| c.set(c.get() + cpu));
     PROCESS_SESSION_RUN_NANOS.fetch_add(wall, Ordering::Relaxed);

@@ -84,7 +84,8 @@ impl Collector for Figures {
                     }
                 }
             }
-            gauge(&mut enc, "payslip_model_sessions", "ONNX Runtime sessions held (one per loaded model version; versions nothing routes to are unloaded).", registry.session_count() as f64)?;
+            gauge(&mut enc, "payslip_model_versions_loaded", "Model versions loaded (versions nothing routes to are unloaded).", registry.loaded_count() as f64)?;
+            gauge(&mut enc, "payslip_model_sessions", "ONNX Runtime sessions held, over every loaded model version (inference.sessions_per_model each).", registry.session_count() as f64)?;
             {
                 let mut fam = enc.encode_descriptor("payslip_model_load_seconds", "Time it took to load the model version.", None, MetricType::Gauge)?;
                 for m in &status {

@@ -181,7 +181,7 @@ async fn a_candidate_is_warm_before_it_takes_traffic_and_unloaded_once_nothing_r
     let mut cfg = isolated_config("unload").await;
     cfg.models.unload_after_ms = 300;
     let registry = load_registry(&cfg);
-    assert_eq!(registry.session_count(), 3);
+    assert_eq!(registry.loaded_count(), 3);
     let mut controller = Controller::default();
     let cmd = |a: Action| RolloutCommand { command_id: unique("cmd"), rollout_id: "unload".into(), action: a.into(), operator: "test".into(), reason: None, model: Some("document_classifier".into()), version: Some("1.1.0".into()), issued_at: 0 };
     publish_decision(&cfg, &controller.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::START))).await;
@@ -192,7 +192,7 @@ async fn a_candidate_is_warm_before_it_takes_traffic_and_unloaded_once_nothing_r
         let (cfg, registry) = (cfg.clone(), registry.clone());
         tokio::task::spawn_blocking(move || Follower::start(&cfg, &brokers(), registry)).await.unwrap()
     };
-    assert_eq!(registry.session_count(), 4);
+    assert_eq!(registry.loaded_count(), 4);
     let candidate = registry.status().into_iter().find(|s| s.version == "1.1.0").unwrap();
     assert_eq!(candidate.state, "loaded");
     assert!(candidate.warm_up_ms.is_some() && !candidate.placement.is_empty(), "{candidate:?}");
@@ -202,7 +202,7 @@ async fn a_candidate_is_warm_before_it_takes_traffic_and_unloaded_once_nothing_r
     // a rollback: nothing routes to 1.1.0 any more, and after unload_after_ms its session is gone
     publish_decision(&cfg, &controller.apply_command(&cfg.rollout, &cfg.models.serve, &cmd(action::EMERGENCY_ROLLBACK))).await;
     let started = std::time::Instant::now();
-    while registry.session_count() != 3 {
+    while registry.loaded_count() != 3 {
         assert!(started.elapsed() < Duration::from_secs(30), "the rolled-back candidate is still loaded: {:?}", registry.status());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -612,4 +612,48 @@ fn a_documents_answers_are_the_same_alone_and_in_a_batch() {
         }
     }
     assert_eq!(compared, docs.len());
+}
+
+/// On the CPU each version holds a session per batch in flight, so two batches run the same model
+/// at once (before, the second waited for the first: one core idled while the text model ran), and
+/// both get exactly the answers one session gives. `inference.sessions_per_model: 1` keeps one.
+#[test]
+fn two_batches_run_the_same_model_at_once_on_sessions_of_their_own_with_the_same_answers() {
+    let cfg = repo_config();
+    let gen = Generator::new(GeneratorConfig { seed: 31, ..Default::default() });
+    let docs: Vec<_> = (0..64u64).map(|i| gen.document(i).document).collect();
+    let (first, second) = docs.split_at(32);
+    let answers = |out: Vec<Vec<payslip_stream::document::ModelOutput>>| {
+        out.into_iter().flatten().map(|o| (o.model, o.error_code, o.label, o.confidence.map(f32::to_bits), o.regions, o.lines)).collect::<Vec<_>>()
+    };
+    let text = ("text_recognition", "1.0.0");
+    for (sessions, expected) in [(None, 2), (Some(1), 1)] {
+        let inference = InferenceConfig { sessions_per_model: sessions, ..cfg.inference.clone() };
+        let registry = std::sync::Arc::new(ModelRegistry::load(&cfg.models, &inference, &[]).unwrap());
+        let versions = registry.served_versions().clone();
+        assert!(registry.status().iter().all(|s| s.state == "loaded" && s.sessions == expected), "{:?}", registry.status());
+        assert_eq!(registry.session_count(), 3 * expected);
+        assert_eq!(registry.loaded_count(), 3);
+        let reference = [first, second].map(|b| answers(registry.infer(&b.iter().collect::<Vec<_>>(), &versions).unwrap()));
+        // two threads run their batch over and over, started together each time, until their text
+        // runs were seen overlapping (one session: never, however often)
+        let mut rounds = 0;
+        while rounds < 40 && (rounds < 10 || registry.concurrent_runs_peak(text.0, text.1) < expected) {
+            let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let threads: Vec<_> = [first, second]
+                .into_iter()
+                .map(|batch| {
+                    let (registry, versions, start, batch) = (registry.clone(), versions.clone(), start.clone(), batch.to_vec());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        registry.infer(&batch.iter().collect::<Vec<_>>(), &versions).unwrap()
+                    })
+                })
+                .collect();
+            let outs: Vec<_> = threads.into_iter().map(|t| answers(t.join().unwrap())).collect();
+            assert_eq!(outs, reference, "the same answers on either session");
+            rounds += 1;
+        }
+        assert_eq!(registry.concurrent_runs_peak(text.0, text.1), expected, "runs of the text model at once with {expected} session(s), {rounds} rounds");
+    }
 }
