@@ -80,6 +80,9 @@ impl rdkafka::consumer::ConsumerContext for EndIsNews {}
 /// A standby's reader of the committed changelog, positioned after what its store has applied.
 pub struct Tail {
     reader: BaseConsumer<EndIsNews>,
+    /// Asks for the changelog's end: a client that fetches nothing, so the question does not wait
+    /// behind the fetch the broker holds open for `reader` (see [`kafka::read_to_the_end`]).
+    ends: BaseConsumer,
     /// Whether the copy was level with the changelog's end at the last pump (logged on change).
     caught_up: bool,
     /// When the changelog's end was last asked for.
@@ -231,7 +234,8 @@ impl Changelog {
         reader.assign(&tpl).map_err(KafkaError::broker(format!("assign {}", self.topic)))?;
         self.note(|p| p.applied_offset = from);
         tracing::info!(topic = %self.topic, partition = self.partition, from, "monitor standby: keeping a warm copy of the state (tailing the changelog)");
-        Ok(Tail { reader, caught_up: false, end_checked: std::time::Instant::now() - Duration::from_secs(60), at_end: false })
+        let ends = kafka::end_reader(brokers, "payslip-monitor-standby", &cfg.kafka.librdkafka, "the changelog's end reader")?;
+        Ok(Tail { reader, ends, caught_up: false, end_checked: std::time::Instant::now() - Duration::from_secs(60), at_end: false })
     }
 
     /// Applies what the changelog delivers within `wait` (at most [`APPLY_CHUNK`] records) to the
@@ -268,7 +272,7 @@ impl Changelog {
         // the end (last stable offset) is asked for at most once a second
         let end = if tail.end_checked.elapsed() >= Duration::from_secs(1) {
             tail.end_checked = std::time::Instant::now();
-            tail.reader.fetch_watermarks(&self.topic, self.partition, Duration::from_secs(2)).ok().map(|(_, hi)| hi).filter(|hi| *hi >= 0)
+            tail.ends.fetch_watermarks(&self.topic, self.partition, Duration::from_secs(2)).ok().map(|(_, hi)| hi).filter(|hi| *hi >= 0)
         } else {
             None
         };
