@@ -150,7 +150,7 @@ pub fn encode<T: Record>(value: &T, format: WireFormat) -> Result<Vec<u8>, Encod
 pub fn decode<T: Record>(bytes: &[u8], content_type: Option<&str>) -> Result<T, DecodeError> {
     match wire_format(bytes, content_type)? {
         WireFormat::Json => decode_json(bytes),
-        WireFormat::Avro => T::from_avro(bytes),
+        WireFormat::Avro => T::from_avro(bytes).map_err(|e| unlabelled::<T>(bytes, content_type, e)),
     }
 }
 
@@ -159,8 +159,35 @@ pub fn decode<T: Record>(bytes: &[u8], content_type: Option<&str>) -> Result<T, 
 pub fn decode_result_counted(bytes: &[u8], content_type: Option<&str>) -> Result<crate::document::InferenceResult, DecodeError> {
     match wire_format(bytes, content_type)? {
         WireFormat::Json => decode_json(bytes),
-        WireFormat::Avro => binary::read_result_counted(bytes).map_err(|e| DecodeError::Undecodable { format: "avro", message: e.0 }),
+        WireFormat::Avro => binary::read_result_counted(bytes)
+            .map_err(|e| unlabelled::<crate::document::InferenceResult>(bytes, content_type, DecodeError::Undecodable { format: "avro", message: e.0 })),
     }
+}
+
+/// The error for a value that failed as Avro. A value without a `content-type` header that is not
+/// Avro may be JSON that does not start with `{` (`kcat -P` with an array, a number, `null`): its
+/// error then says what it is and that a record in JSON is one object, where Avro's own message
+/// (a negative string length, a truncated varint) would mislead. An empty value says so.
+fn unlabelled<T: Record>(bytes: &[u8], content_type: Option<&str>, avro: DecodeError) -> DecodeError {
+    if content_type.is_some() {
+        return avro;
+    }
+    if bytes.is_empty() {
+        return DecodeError::Undecodable { format: "value", message: "it is empty (0 bytes): expected an Avro datum or a JSON object".into() };
+    }
+    let what = match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(serde_json::Value::Array(_)) => "an array",
+        Ok(serde_json::Value::String(_)) => "a string",
+        Ok(serde_json::Value::Number(_)) => "a number",
+        Ok(serde_json::Value::Bool(_)) => "a boolean",
+        Ok(serde_json::Value::Null) => "null",
+        // `{` after whitespace is sniffed as JSON and never gets here
+        Ok(serde_json::Value::Object(_)) | Err(_) => return avro,
+    };
+    DecodeError::SchemaMismatch(format!(
+        "the value is JSON but {what}, not an object: a {} in JSON is one object (without a content-type header, a value is read as JSON only when it starts with `{{`)",
+        T::SCHEMA_NAME
+    ))
 }
 
 /// The format named by the content type, or sniffed from the bytes without one.
@@ -207,5 +234,25 @@ mod tests {
         assert_eq!(e.class(), "missing_field");
         let e = decode::<PayslipDocument>(b"{}", Some("text/plain")).unwrap_err();
         assert_eq!(e.class(), "unsupported_content_type");
+    }
+
+    #[test]
+    fn unlabelled_json_that_is_not_an_object_is_named_as_such_and_avro_errors_stay_for_the_rest() {
+        for (bytes, what) in [(&b"[1, 2]"[..], "an array"), (b" 12345\n", "a number"), (b"null", "null"), (b"\"payslip\"", "a string"), (b"true", "a boolean")] {
+            let e = decode::<PayslipDocument>(bytes, None).unwrap_err();
+            assert_eq!(e.class(), "schema_mismatch", "{e}");
+            assert!(e.to_string().contains(&format!("JSON but {what}, not an object")), "{e}");
+            let e = decode_result_counted(bytes, None).unwrap_err();
+            assert!(e.to_string().contains(&format!("JSON but {what}")) && e.to_string().contains("InferenceResult"), "{e}");
+        }
+        let e = decode::<PayslipDocument>(b"", None).unwrap_err();
+        assert_eq!((e.class(), e.to_string().as_str()), ("undecodable", "undecodable value: it is empty (0 bytes): expected an Avro datum or a JSON object"));
+        // labelled Avro keeps Avro's own message, and so do bytes that are not JSON either
+        for (bytes, ct) in [(&b"12345"[..], Some("application/avro")), (b"\x02\xff\xff", None), (b"[[[", None)] {
+            let e = decode::<PayslipDocument>(bytes, ct).unwrap_err();
+            assert!(e.to_string().starts_with("undecodable avro:"), "{e}");
+        }
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        assert_eq!(decode::<PayslipDocument>(deep.as_bytes(), None).unwrap_err().class(), "undecodable");
     }
 }

@@ -42,6 +42,9 @@ async fn bad_input_is_dead_lettered_and_valid_neighbours_get_results() {
     garbage.pages[0].lines[0].raster = Some(Raster { width: 64, height: 8, encoding: RasterEncoding::GRAY8, pixels: vec![7; 100] });
     bad.push(("bad-garbage-raster".into(), encode(&garbage, WireFormat::Avro).unwrap(), vec![avro], "invalid_raster"));
     bad.push(("bad-content-type".into(), b"hello".to_vec(), vec![("content-type", "text/plain")], "unsupported_content_type"));
+    // what `kcat -P` sends for a JSON line that is not an object, and for an empty line
+    bad.push(("bad-json-array".into(), br#"[{"document_id": "x"}]"#.to_vec(), vec![], "schema_mismatch"));
+    bad.push(("bad-empty".into(), Vec::new(), vec![], "undecodable"));
 
     // valid, bad, valid, bad, ... valid
     let mut messages = Vec::new();
@@ -79,7 +82,10 @@ async fn bad_input_is_dead_lettered_and_valid_neighbours_get_results() {
         assert!(r.header(h::SOURCE_PARTITION).unwrap().parse::<i32>().is_ok());
         assert!(r.header(h::SOURCE_OFFSET).unwrap().parse::<i64>().is_ok());
         assert_eq!(&r.payload, payload, "{key}: original bytes kept");
-        assert_eq!(r.header("content-type"), Some(headers[0].1), "{key}: original headers kept");
+        assert_eq!(r.header("content-type"), headers.first().map(|h| h.1), "{key}: original headers kept");
+        if key == "bad-json-array" {
+            assert!(r.header(h::ERROR_MESSAGE).unwrap().contains("JSON but an array, not an object"), "{key}: {:?}", r.header(h::ERROR_MESSAGE));
+        }
     }
     assert_eq!(results.len(), valid_ids.len(), "every valid document has exactly one result");
     let mut got: Vec<String> = results.iter().map(|r| r.result().document_id).collect();
