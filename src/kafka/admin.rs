@@ -1,13 +1,20 @@
 //! Topic creation through the Kafka admin API, from the topic registry ([`super::topics`]).
 //! Existing topics are left untouched (their partition count and configs are the operator's);
 //! missing ones are created with the configured partitions and retention, or compacted where the
-//! registry says so.
+//! registry says so. Before anything else it waits for a broker to answer ([`reach`]), saying why
+//! none does, so that a wrong address fails start-up with a reason instead of an admin timeout.
 
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
+    client::{ClientContext, DefaultClientContext},
+    error::KafkaError as RdKafkaError,
+    producer::{BaseProducer, Producer},
     types::RDKafkaErrorCode,
 };
 
@@ -26,10 +33,89 @@ pub fn dead_letter_max_bytes(cfg: &PipelineConfig) -> usize {
     cfg.limits.max_payload_bytes + DEAD_LETTER_HEADROOM_BYTES
 }
 
+/// How long start-up waits for a broker to answer before it gives up ([`reach`]).
+pub const REACH_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How often [`reach`] says that it is still waiting, and why.
+const REACH_WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// The last client-level error librdkafka reported (a name that does not resolve, a refused
+/// connection, a failed authentication): why no broker answers.
+#[derive(Default)]
+struct LastError(Mutex<Option<String>>);
+
+impl ClientContext for LastError {
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // "1/1 brokers are down" follows the error that says why; keep that one
+        if last.is_some() && error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            return;
+        }
+        *last = Some(if reason.is_empty() { error.to_string() } else { format!("{reason} ({error})") });
+    }
+
+    /// A failed connection is logged (`FAIL`: "Connect to ... failed: Connection refused", "Failed
+    /// to resolve ...") before, or instead of, an error event: kept as the reason, and said by
+    /// [`reach`]'s own warnings rather than once per attempt.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if fac == "FAIL" || matches!(level, L::Emerg | L::Alert | L::Critical | L::Error | L::Warning) {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.to_string());
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for LastError {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Waits until a broker of `brokers` answers a metadata request, for at most `patience`. While none
+/// does, it logs every 5 s why, from librdkafka's own connection errors; after `patience` it fails
+/// with that reason and the settings that name the brokers ([`KafkaError::Unreachable`]). Without
+/// it, a mistyped address or a broker that refuses the client's security settings left the process
+/// silent until an admin request timed out with "OperationTimedOut". Blocking.
+pub fn reach(brokers: &str, passthrough: &BTreeMap<String, String>, patience: Duration) -> Result<(), KafkaError> {
+    let client: BaseProducer<LastError> = super::client_config(brokers, passthrough).create_with_context(LastError::default()).map_err(KafkaError::client(format!("a client for {brokers}")))?;
+    let started = Instant::now();
+    let mut warned = started;
+    loop {
+        let asked = Instant::now();
+        let left = patience.saturating_sub(started.elapsed());
+        let failure = match client.client().fetch_metadata(None, left.clamp(Duration::from_millis(100), Duration::from_secs(2))) {
+            Ok(_) => {
+                if warned > started {
+                    tracing::info!(%brokers, waited_ms = started.elapsed().as_millis() as u64, "a broker answers");
+                }
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        // serves librdkafka's error events into `LastError` (one event per call)
+        for _ in 0..32 {
+            client.poll(Duration::ZERO);
+        }
+        let reason = || client.context().0.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| failure.to_string());
+        if started.elapsed() >= patience {
+            return Err(KafkaError::Unreachable { brokers: brokers.to_string(), seconds: patience.as_secs(), reason: reason() });
+        }
+        if warned.elapsed() >= REACH_WARN_EVERY {
+            warned = Instant::now();
+            tracing::warn!(%brokers, reason = %reason(), waited_s = started.elapsed().as_secs(), patience_s = patience.as_secs(), "no broker answers yet; waiting");
+        }
+        // a refusal comes back at once: do not spin on it
+        std::thread::sleep(Duration::from_millis(200).saturating_sub(asked.elapsed()));
+    }
+}
+
 /// Creates the project's topics that do not exist yet. Returns the names created. The dead-letter
 /// topics are created to accept [`dead_letter_max_bytes`].
 pub async fn ensure_topics(brokers: &str, cfg: &PipelineConfig) -> Result<Vec<String>, KafkaError> {
     let (kafka, topics) = (&cfg.kafka, &cfg.topics);
+    {
+        let (b, passthrough) = (brokers.to_string(), kafka.librdkafka.clone());
+        tokio::task::spawn_blocking(move || reach(&b, &passthrough, REACH_PATIENCE)).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    }
     let dlq_bytes = dead_letter_max_bytes(cfg).to_string();
     let specs: Vec<(String, i32, bool, Option<String>)> = REGISTRY
         .iter()

@@ -32,6 +32,11 @@ pub enum KafkaError {
     /// A position (offset or time) that cannot be used.
     #[error("{0}")]
     Position(String),
+    /// No broker of the bootstrap list answered at start-up.
+    #[error(
+        "no broker at {brokers} answered within {seconds} s: {reason}. Check the address (--brokers, PAYSLIP_BROKERS or kafka.brokers), that the brokers run, and that they accept this client (kafka.librdkafka: security.protocol, sasl.*)"
+    )]
+    Unreachable { brokers: String, seconds: u64, reason: String },
 }
 
 impl KafkaError {
@@ -49,7 +54,7 @@ impl KafkaError {
     pub fn retryable(&self) -> bool {
         match self {
             KafkaError::Client { .. } | KafkaError::MissingTopic { .. } | KafkaError::Position(_) | KafkaError::Rejected { .. } => false,
-            KafkaError::Timeout { .. } | KafkaError::Dropped { .. } => true,
+            KafkaError::Timeout { .. } | KafkaError::Dropped { .. } | KafkaError::Unreachable { .. } => true,
             KafkaError::Broker { source, .. } | KafkaError::Delivery { source, .. } => !is_permanent(source),
         }
     }

@@ -183,3 +183,20 @@ async fn a_broker_stopped_for_30_s_is_waited_out_by_both_stages() {
     }
     drop(stages);
 }
+
+/// Start-up against an address where no broker listens fails, after the patience it is given, with
+/// librdkafka's own reason and the settings to fix, instead of waiting silently for an admin request
+/// to time out; where the broker runs it answers at once.
+#[test]
+fn an_address_without_a_broker_fails_start_up_with_the_reason_and_the_settings_to_fix() {
+    // a port nothing listens on
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let e = kafka::admin::reach(&addr, &Default::default(), Duration::from_secs(2)).unwrap_err();
+    let message = e.to_string();
+    assert!(matches!(e, kafka::KafkaError::Unreachable { .. }), "{message}");
+    assert!(message.contains(&format!("no broker at {addr} answered within 2 s")), "{message}");
+    assert!(message.contains("Connection refused"), "the reason is librdkafka's: {message}");
+    assert!(message.contains("--brokers, PAYSLIP_BROKERS or kafka.brokers"), "{message}");
+    kafka::admin::reach(&brokers(), &Default::default(), Duration::from_secs(30)).expect("the test broker answers");
+}
