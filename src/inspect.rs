@@ -91,6 +91,8 @@ fn shorten_rasters(v: &mut serde_json::Value) {
 
 /// Reads the topic and writes JSON lines to `out`. Returns the number of messages printed.
 pub fn inspect(opts: &InspectOptions, out: &mut dyn Write) -> Result<u64, InspectError> {
+    // waits for a broker as start-up does: the reason none answers is logged, and after 30 s it is the error
+    kafka::admin::reach(&opts.brokers, &opts.passthrough, kafka::admin::REACH_PATIENCE, &std::sync::atomic::AtomicBool::new(false))?;
     let mut cfg = kafka::reader_config(&opts.brokers, "payslip-inspect", &opts.passthrough);
     cfg.set("enable.partition.eof", "false");
     let consumer: BaseConsumer = cfg.create().map_err(KafkaError::client("the inspect consumer"))?;

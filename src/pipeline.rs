@@ -1,7 +1,8 @@
 //! Wiring: what `payslip-stream run` starts, as a library function, so the binary only parses
 //! arguments and prints. It connects to the brokers (or starts the embedded broker when asked),
 //! creates the topics, loads the models, and runs the infer stage, the monitor stage or both until
-//! the shutdown signal; then each stage drains (see their module docs for what that guarantees).
+//! the shutdown signal; then each stage drains (see their module docs for what that guarantees). A
+//! shutdown signal while the brokers do not answer yet ends the run before anything starts.
 //!
 //! With both stages in one process the monitor runs on a blocking thread beside the infer stage;
 //! the shutdown signal reaches both.
@@ -100,19 +101,23 @@ pub enum Started<'a> {
     Api(std::net::SocketAddr),
 }
 
-/// A watch channel that turns true on SIGTERM or SIGINT.
+/// A watch channel that turns true on SIGTERM or SIGINT. The handlers are installed before it
+/// returns, so a signal that comes at any later point of start-up is not lost (nor kills the
+/// process the default way).
 pub fn shutdown_signal() -> watch::Receiver<bool> {
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = watch::channel(false);
+    let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    let (mut term, mut int) = match (term, int) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
+            return rx;
+        }
+    };
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install SIGTERM handler");
-                return;
-            }
-        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
+            _ = int.recv() => {},
             _ = term.recv() => {},
         }
         tracing::info!("shutdown requested: draining in-flight work");
@@ -194,7 +199,11 @@ pub async fn load_models(cfg: &PipelineConfig) -> Result<Arc<ModelRegistry>, Pip
 pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts: RunOptions, shutdown: watch::Receiver<bool>, mut show: impl FnMut(Started<'_>)) -> Result<RunSummary, PipelineError> {
     let (brokers, _embedded) = match brokers {
         Brokers::Cluster(b) => {
-            crate::kafka::admin::ensure_topics(&b, &cfg).await?;
+            // SIGTERM while no broker answers yet ends the process here, with nothing started
+            if crate::kafka::admin::ensure_topics_until(&b, &cfg, shutdown.clone()).await?.is_none() {
+                tracing::info!(brokers = %b, "shutdown requested before the brokers answered: nothing was started");
+                return Ok(RunSummary::default());
+            }
             (b, None)
         }
         Brokers::Embedded => {

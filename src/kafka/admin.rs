@@ -2,11 +2,16 @@
 //! Existing topics are left untouched (their partition count and configs are the operator's);
 //! missing ones are created with the configured partitions and retention, or compacted where the
 //! registry says so. Before anything else it waits for a broker to answer ([`reach`]), saying why
-//! none does, so that a wrong address fails start-up with a reason instead of an admin timeout.
+//! none does, so that a wrong address fails start-up with a reason instead of an admin timeout;
+//! a shutdown signal ends that wait ([`ensure_topics_until`]), so SIGTERM stops a process that is
+//! still looking for its brokers.
 
 use std::{
     collections::BTreeMap,
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -36,8 +41,12 @@ pub fn dead_letter_max_bytes(cfg: &PipelineConfig) -> usize {
 /// How long start-up waits for a broker to answer before it gives up ([`reach`]).
 pub const REACH_PATIENCE: Duration = Duration::from_secs(30);
 
-/// How often [`reach`] says that it is still waiting, and why.
+/// How often [`reach`] says that it is still waiting, and why (the first time as soon as librdkafka
+/// has given a reason).
 const REACH_WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// The longest one metadata probe of [`reach`] waits: how late it notices its `stop` flag.
+const REACH_PROBE: Duration = Duration::from_secs(1);
 
 /// The last client-level error librdkafka reported (a name that does not resolve, a refused
 /// connection, a failed authentication): why no broker answers.
@@ -71,23 +80,28 @@ impl rdkafka::producer::ProducerContext for LastError {
 }
 
 /// Waits until a broker of `brokers` answers a metadata request, for at most `patience`. While none
-/// does, it logs every 5 s why, from librdkafka's own connection errors; after `patience` it fails
-/// with that reason and the settings that name the brokers ([`KafkaError::Unreachable`]). Without
-/// it, a mistyped address or a broker that refuses the client's security settings left the process
-/// silent until an admin request timed out with "OperationTimedOut". Blocking.
-pub fn reach(brokers: &str, passthrough: &BTreeMap<String, String>, patience: Duration) -> Result<(), KafkaError> {
+/// does, it logs why (as soon as librdkafka has said, then every 5 s) from librdkafka's own connection errors; after
+/// `patience` it fails with that reason and the settings that name the brokers
+/// ([`KafkaError::Unreachable`]). Without it, a mistyped address or a broker that refuses the
+/// client's security settings left the process silent until an admin request timed out with
+/// "OperationTimedOut". Blocking; it gives up within a second of `stop` turning true, and then
+/// returns `Ok(false)` (`Ok(true)`: a broker answered).
+pub fn reach(brokers: &str, passthrough: &BTreeMap<String, String>, patience: Duration, stop: &AtomicBool) -> Result<bool, KafkaError> {
     let client: BaseProducer<LastError> = super::client_config(brokers, passthrough).create_with_context(LastError::default()).map_err(KafkaError::client(format!("a client for {brokers}")))?;
     let started = Instant::now();
-    let mut warned = started;
+    let mut warned: Option<Instant> = None;
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         let asked = Instant::now();
         let left = patience.saturating_sub(started.elapsed());
-        let failure = match client.client().fetch_metadata(None, left.clamp(Duration::from_millis(100), Duration::from_secs(2))) {
+        let failure = match client.client().fetch_metadata(None, left.clamp(Duration::from_millis(100), REACH_PROBE)) {
             Ok(_) => {
-                if warned > started {
+                if warned.is_some() {
                     tracing::info!(%brokers, waited_ms = started.elapsed().as_millis() as u64, "a broker answers");
                 }
-                return Ok(());
+                return Ok(true);
             }
             Err(e) => e,
         };
@@ -99,8 +113,11 @@ pub fn reach(brokers: &str, passthrough: &BTreeMap<String, String>, patience: Du
         if started.elapsed() >= patience {
             return Err(KafkaError::Unreachable { brokers: brokers.to_string(), seconds: patience.as_secs(), reason: reason() });
         }
-        if warned.elapsed() >= REACH_WARN_EVERY {
-            warned = Instant::now();
+        // at once when librdkafka has said why (a refused connection, a name that does not
+        // resolve); a slow first connection (TLS, SASL) gets the full interval before it is reported
+        let said = client.context().0.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if warned.map_or(said || started.elapsed() >= REACH_WARN_EVERY, |w| w.elapsed() >= REACH_WARN_EVERY) {
+            warned = Some(Instant::now());
             tracing::warn!(%brokers, reason = %reason(), waited_s = started.elapsed().as_secs(), patience_s = patience.as_secs(), "no broker answers yet; waiting");
         }
         // a refusal comes back at once: do not spin on it
@@ -111,11 +128,37 @@ pub fn reach(brokers: &str, passthrough: &BTreeMap<String, String>, patience: Du
 /// Creates the project's topics that do not exist yet. Returns the names created. The dead-letter
 /// topics are created to accept [`dead_letter_max_bytes`].
 pub async fn ensure_topics(brokers: &str, cfg: &PipelineConfig) -> Result<Vec<String>, KafkaError> {
-    let (kafka, topics) = (&cfg.kafka, &cfg.topics);
-    {
-        let (b, passthrough) = (brokers.to_string(), kafka.librdkafka.clone());
-        tokio::task::spawn_blocking(move || reach(&b, &passthrough, REACH_PATIENCE)).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    let (_keep, never) = tokio::sync::watch::channel(false);
+    Ok(ensure_topics_until(brokers, cfg, never).await?.unwrap_or_default())
+}
+
+/// [`ensure_topics`] until `shutdown` turns true: `Ok(None)` when it did before the topics were
+/// ensured (the wait for a broker is given up within a second; a CreateTopics request under way is
+/// abandoned, and the broker completes or drops it on its own).
+pub async fn ensure_topics_until(brokers: &str, cfg: &PipelineConfig, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<Option<Vec<String>>, KafkaError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ensure = async {
+        let (b, passthrough, flag) = (brokers.to_string(), cfg.kafka.librdkafka.clone(), stop.clone());
+        let reached = tokio::task::spawn_blocking(move || reach(&b, &passthrough, REACH_PATIENCE, &flag)).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        if !reached {
+            return Ok(None);
+        }
+        create_registry(brokers, cfg).await.map(Some)
+    };
+    tokio::select! {
+        r = ensure => r,
+        // a sender dropped without a signal is no shutdown
+        Ok(_) = shutdown.wait_for(|s| *s) => {
+            // the probing thread sees this within a second, so the runtime's exit does not wait on it
+            stop.store(true, Ordering::Relaxed);
+            Ok(None)
+        }
     }
+}
+
+/// Creates the topics of the registry (the broker answers).
+async fn create_registry(brokers: &str, cfg: &PipelineConfig) -> Result<Vec<String>, KafkaError> {
+    let (kafka, topics) = (&cfg.kafka, &cfg.topics);
     let dlq_bytes = dead_letter_max_bytes(cfg).to_string();
     let specs: Vec<(String, i32, bool, Option<String>)> = REGISTRY
         .iter()
@@ -132,8 +175,10 @@ pub async fn ensure_topics(brokers: &str, cfg: &PipelineConfig) -> Result<Vec<St
 }
 
 /// Creates the named topics that do not exist yet (replay and backfill outputs), with the configured
-/// partitions and retention; those listed in `compacted` are compacted instead. Blocking.
+/// partitions and retention; those listed in `compacted` are compacted instead. Like
+/// [`ensure_topics`] it first waits for a broker to answer ([`reach`]). Blocking.
 pub fn ensure_named(brokers: &str, kafka: &KafkaConfig, topics: &TopicsConfig, names: &[String], compacted: &[String]) -> Result<Vec<String>, KafkaError> {
+    reach(brokers, &kafka.librdkafka, REACH_PATIENCE, &AtomicBool::new(false))?;
     let specs: Vec<(String, i32, bool, Option<String>)> = names.iter().map(|t| (t.clone(), topics.partitions, compacted.contains(t), None)).collect();
     futures::executor::block_on(create(brokers, kafka, topics, &specs))
 }

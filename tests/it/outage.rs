@@ -5,6 +5,7 @@
 
 use std::{
     collections::BTreeSet,
+    sync::atomic::AtomicBool,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -192,11 +193,49 @@ fn an_address_without_a_broker_fails_start_up_with_the_reason_and_the_settings_t
     // a port nothing listens on
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let e = kafka::admin::reach(&addr, &Default::default(), Duration::from_secs(2)).unwrap_err();
+    let e = kafka::admin::reach(&addr, &Default::default(), Duration::from_secs(2), &AtomicBool::new(false)).unwrap_err();
     let message = e.to_string();
     assert!(matches!(e, kafka::KafkaError::Unreachable { .. }), "{message}");
     assert!(message.contains(&format!("no broker at {addr} answered within 2 s")), "{message}");
     assert!(message.contains("Connection refused"), "the reason is librdkafka's: {message}");
     assert!(message.contains("--brokers, PAYSLIP_BROKERS or kafka.brokers"), "{message}");
-    kafka::admin::reach(&brokers(), &Default::default(), Duration::from_secs(30)).expect("the test broker answers");
+    assert!(kafka::admin::reach(&brokers(), &Default::default(), Duration::from_secs(30), &AtomicBool::new(false)).expect("the test broker answers"));
+}
+
+/// SIGTERM to a process still waiting for its brokers ends it at once, cleanly and with nothing
+/// started, instead of after the 30 s it would otherwise wait before failing. The process is
+/// signalled once it has said that no broker answers (librdkafka's refusal, logged at once), and
+/// must then exit 0 with the shutdown logged: giving up on the brokers instead would exit 1 and say
+/// "answered within 30 s".
+#[test]
+fn sigterm_while_no_broker_answers_ends_start_up_cleanly() {
+    use std::io::{BufRead, BufReader};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
+        .current_dir(repo())
+        .args(["run", "--stage", "infer", "--brokers", &addr])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn payslip-stream");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let waiting = line.contains("no broker answers yet");
+        log.push(line);
+        if waiting {
+            break;
+        }
+    }
+    assert!(log.last().is_some_and(|l| l.contains("no broker answers yet") && l.contains("Connection refused")), "the wait says why: {log:#?}");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    log.extend(lines.map(|l| l.unwrap()));
+    let status = child.wait().unwrap();
+    let text = log.join("\n");
+    assert!(status.success(), "SIGTERM while waiting for the brokers exits 0, got {status}: {text}");
+    assert!(text.contains("shutdown requested before the brokers answered"), "{text}");
+    assert!(!text.contains("answered within"), "it stopped on the signal, not on giving up: {text}");
 }
