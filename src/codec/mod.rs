@@ -176,8 +176,8 @@ fn unlabelled<T: Record>(bytes: &[u8], content_type: Option<&str>, avro: DecodeE
         return DecodeError::Undecodable { format: "value", message: "it is empty (0 bytes): expected an Avro datum or a JSON object".into() };
     }
     // well-formed JSON, checked without building it (a value may be a megabyte of array)
-    if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err() {
-        return avro;
+    if let Err(json) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        return not_json(bytes, avro, &json);
     }
     let what = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => "an array",
@@ -192,6 +192,29 @@ fn unlabelled<T: Record>(bytes: &[u8], content_type: Option<&str>, avro: DecodeE
         "the value is JSON but {what}, not an object: a {} in JSON is one object (without a content-type header, a value is read as JSON only when it starts with `{{`)",
         T::SCHEMA_NAME
     ))
+}
+
+/// An unlabelled value that is neither Avro nor JSON. Text (a line typed into `kcat -P`, CSV, a
+/// truncated JSON array) is named as text, with why it is not JSON and why not Avro, since Avro's
+/// message alone ("negative string length") says nothing to whoever typed it; other bytes keep
+/// Avro's message.
+fn not_json(bytes: &[u8], avro: DecodeError, json: &serde_json::Error) -> DecodeError {
+    let Ok(text) = std::str::from_utf8(bytes) else { return avro };
+    if text.chars().any(|c| c.is_control() && !c.is_whitespace()) {
+        return avro;
+    }
+    let as_avro = match avro {
+        DecodeError::Undecodable { message, .. } => message,
+        other => other.to_string(),
+    };
+    let start: String = text.trim_start().chars().take(24).collect();
+    let more = if text.trim_start().chars().nth(24).is_some() { "..." } else { "" };
+    DecodeError::Undecodable {
+        format: "value",
+        message: format!(
+            "it is text ({start:?}{more}), neither JSON nor Avro: as JSON, {json}; as Avro, {as_avro} (a record in JSON is one object, starting with `{{`)"
+        ),
+    }
 }
 
 /// The format named by the content type, or sniffed from the bytes without one.
@@ -251,15 +274,24 @@ mod tests {
         }
         let e = decode::<PayslipDocument>(b"", None).unwrap_err();
         assert_eq!((e.class(), e.to_string().as_str()), ("undecodable", "undecodable value: it is empty (0 bytes): expected an Avro datum or a JSON object"));
-        // labelled Avro keeps Avro's own message, and so do bytes that are not JSON either
-        for (bytes, ct) in [(&b"12345"[..], Some("application/avro")), (b"\x02\xff\xff", None), (b"[[[", None)] {
+        // labelled Avro keeps Avro's own message, and so do bytes that are neither JSON nor text
+        for (bytes, ct) in [(&b"12345"[..], Some("application/avro")), (b"\x02\xff\xff", None), (b"hello\x01world", None)] {
             let e = decode::<PayslipDocument>(bytes, ct).unwrap_err();
             assert!(e.to_string().starts_with("undecodable avro:"), "{e}");
+        }
+        // text that is not JSON says so, with both reasons
+        for (bytes, start) in [(&b"[[["[..], "\"[[[\""), (b"hello world", "\"hello world\""), (b"  doc-1,2026-01-01,NAVY,extra text past the cut\n", "\"doc-1,2026-01-01,NAVY,ex\"...")] {
+            let e = decode::<PayslipDocument>(bytes, None).unwrap_err();
+            let m = e.to_string();
+            assert_eq!(e.class(), "undecodable", "{m}");
+            assert!(m.starts_with(&format!("undecodable value: it is text ({start}), neither JSON nor Avro: as JSON, ")), "{m}");
+            assert!(m.contains("; as Avro, ") && m.ends_with("(a record in JSON is one object, starting with `{`)"), "{m}");
+            assert!(decode_result_counted(bytes, None).unwrap_err().to_string().contains("it is text"), "the monitor's inputs too");
         }
         // a deeply nested array is checked without recursion, and named like any other array
         let deep = "[".repeat(100_000) + &"]".repeat(100_000);
         assert!(decode::<PayslipDocument>(deep.as_bytes(), None).unwrap_err().to_string().contains("JSON but an array"));
         let unclosed = "[".repeat(100_000);
-        assert!(decode::<PayslipDocument>(unclosed.as_bytes(), None).unwrap_err().to_string().starts_with("undecodable avro:"));
+        assert!(decode::<PayslipDocument>(unclosed.as_bytes(), None).unwrap_err().to_string().starts_with("undecodable value: it is text (\"[[[[[[[[[[[[[[[[[[[[[[[[\"...), neither JSON nor Avro"));
     }
 }

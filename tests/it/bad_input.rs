@@ -45,6 +45,8 @@ async fn bad_input_is_dead_lettered_and_valid_neighbours_get_results() {
     // what `kcat -P` sends for a JSON line that is not an object, and for an empty line
     bad.push(("bad-json-array".into(), br#"[{"document_id": "x"}]"#.to_vec(), vec![], "schema_mismatch"));
     bad.push(("bad-empty".into(), Vec::new(), vec![], "undecodable"));
+    // and for a line of text: named as text, not by Avro's reading of it
+    bad.push(("bad-text".into(), b"doc-7,2026-11-30,NAVY".to_vec(), vec![], "undecodable"));
 
     // valid, bad, valid, bad, ... valid
     let mut messages = Vec::new();
@@ -85,6 +87,9 @@ async fn bad_input_is_dead_lettered_and_valid_neighbours_get_results() {
         assert_eq!(r.header("content-type"), headers.first().map(|h| h.1), "{key}: original headers kept");
         if key == "bad-json-array" {
             assert!(r.header(h::ERROR_MESSAGE).unwrap().contains("JSON but an array, not an object"), "{key}: {:?}", r.header(h::ERROR_MESSAGE));
+        }
+        if key == "bad-text" {
+            assert!(r.header(h::ERROR_MESSAGE).unwrap().contains("it is text (\"doc-7,2026-11-30,NAVY\"), neither JSON nor Avro"), "{key}: {:?}", r.header(h::ERROR_MESSAGE));
         }
     }
     assert_eq!(results.len(), valid_ids.len(), "every valid document has exactly one result");
