@@ -48,6 +48,11 @@ const REACH_WARN_EVERY: Duration = Duration::from_secs(5);
 /// The longest one metadata probe of [`reach`] waits: how late it notices its `stop` flag.
 const REACH_PROBE: Duration = Duration::from_secs(1);
 
+/// The topic [`reach`]'s metadata request names. Any answer will do (it need not exist, and an ACL
+/// may hide it): naming one topic keeps the answer small where a cluster has thousands, which a
+/// request for every topic would have to list within [`REACH_PROBE`].
+const REACH_PROBE_TOPIC: &str = "payslip-stream.reach-probe";
+
 /// The last client-level error librdkafka reported (a name that does not resolve, a refused
 /// connection, a failed authentication): why no broker answers.
 #[derive(Default)]
@@ -87,7 +92,10 @@ impl rdkafka::producer::ProducerContext for LastError {
 /// "OperationTimedOut". Blocking; it gives up within a second of `stop` turning true, and then
 /// returns `Ok(false)` (`Ok(true)`: a broker answered).
 pub fn reach(brokers: &str, passthrough: &BTreeMap<String, String>, patience: Duration, stop: &AtomicBool) -> Result<bool, KafkaError> {
-    let client: BaseProducer<LastError> = super::client_config(brokers, passthrough).create_with_context(LastError::default()).map_err(KafkaError::client(format!("a client for {brokers}")))?;
+    let mut config = super::client_config(brokers, passthrough);
+    // the probe asks for one topic that need not exist, and must never create it
+    config.set("allow.auto.create.topics", "false");
+    let client: BaseProducer<LastError> = config.create_with_context(LastError::default()).map_err(KafkaError::client(format!("a client for {brokers}")))?;
     let started = Instant::now();
     let mut warned: Option<Instant> = None;
     loop {
@@ -96,7 +104,7 @@ pub fn reach(brokers: &str, passthrough: &BTreeMap<String, String>, patience: Du
         }
         let asked = Instant::now();
         let left = patience.saturating_sub(started.elapsed());
-        let failure = match client.client().fetch_metadata(None, left.clamp(Duration::from_millis(100), REACH_PROBE)) {
+        let failure = match client.client().fetch_metadata(Some(REACH_PROBE_TOPIC), left.clamp(Duration::from_millis(100), REACH_PROBE)) {
             Ok(_) => {
                 if warned.is_some() {
                     tracing::info!(%brokers, waited_ms = started.elapsed().as_millis() as u64, "a broker answers");
