@@ -12,11 +12,13 @@ use std::{
 };
 
 /// Installs the global tracing subscriber: `RUST_LOG` filter (default `info`), JSON when
-/// `PAYSLIP_LOG_FORMAT=json`.
+/// `PAYSLIP_LOG_FORMAT=json`. Colours only on a terminal (and not with `NO_COLOR`): a log written
+/// to a file, a pipe or journald stays plain text.
 pub fn init_tracing() {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,ort=warn"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(colour);
     let _ = if std::env::var("PAYSLIP_LOG_FORMAT").as_deref() == Ok("json") { builder.json().try_init() } else { builder.try_init() };
 }
 

@@ -206,36 +206,49 @@ fn an_address_without_a_broker_fails_start_up_with_the_reason_and_the_settings_t
 /// started, instead of after the 30 s it would otherwise wait before failing. The process is
 /// signalled once it has said that no broker answers (librdkafka's refusal, logged at once), and
 /// must then exit 0 with the shutdown logged: giving up on the brokers instead would exit 1 and say
-/// "answered within 30 s".
+/// "answered within 30 s". Run twice: with the plain log (no colour codes, since stderr is not a
+/// terminal) and with `PAYSLIP_LOG_FORMAT=json` (one JSON object per line).
 #[test]
 fn sigterm_while_no_broker_answers_ends_start_up_cleanly() {
     use std::io::{BufRead, BufReader};
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_payslip-stream"))
-        .current_dir(repo())
-        .args(["run", "--stage", "infer", "--brokers", &addr])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn payslip-stream");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let waiting = line.contains("no broker answers yet");
-        log.push(line);
-        if waiting {
-            break;
+    for json in [false, true] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_payslip-stream"));
+        cmd.current_dir(repo()).args(["run", "--stage", "infer", "--brokers", &addr]).env("RUST_LOG", "info").env_remove("NO_COLOR").stdout(Stdio::null()).stderr(Stdio::piped());
+        if json {
+            cmd.env("PAYSLIP_LOG_FORMAT", "json");
+        }
+        let mut child = cmd.spawn().expect("spawn payslip-stream");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let waiting = line.contains("no broker answers yet");
+            log.push(line);
+            if waiting {
+                break;
+            }
+        }
+        assert!(log.last().is_some_and(|l| l.contains("no broker answers yet") && l.contains("Connection refused")), "the wait says why: {log:#?}");
+        assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        log.extend(lines.map(|l| l.unwrap()));
+        let status = child.wait().unwrap();
+        let text = log.join("\n");
+        assert!(status.success(), "SIGTERM while waiting for the brokers exits 0, got {status}: {text}");
+        assert!(text.contains("shutdown requested before the brokers answered"), "{text}");
+        assert!(!text.contains("answered within"), "it stopped on the signal, not on giving up: {text}");
+        assert!(!text.contains('\x1b'), "a log that is not on a terminal has no colour codes: {text:?}");
+        if json {
+            // the lines this test waited for among them: every line is one object with its message
+            let messages: Vec<String> = log
+                .iter()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {l}"));
+                    v["fields"]["message"].as_str().unwrap_or_else(|| panic!("no fields.message: {l}")).to_string()
+                })
+                .collect();
+            assert!(messages.iter().any(|m| m == "no broker answers yet; waiting"), "{messages:?}");
         }
     }
-    assert!(log.last().is_some_and(|l| l.contains("no broker answers yet") && l.contains("Connection refused")), "the wait says why: {log:#?}");
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    log.extend(lines.map(|l| l.unwrap()));
-    let status = child.wait().unwrap();
-    let text = log.join("\n");
-    assert!(status.success(), "SIGTERM while waiting for the brokers exits 0, got {status}: {text}");
-    assert!(text.contains("shutdown requested before the brokers answered"), "{text}");
-    assert!(!text.contains("answered within"), "it stopped on the signal, not on giving up: {text}");
 }
