@@ -289,6 +289,11 @@ pub struct KafkaConfig {
     /// restarted process waits for a rebalance (the session timeout) before it gets partitions.
     #[serde(default = "yes")]
     pub static_membership: bool,
+    /// How long a process or command waits at start for a broker to answer before it exits with
+    /// the reason none does, seconds (1 to 3600). Raise it where the brokers may start after the
+    /// pipeline (a compose file, a cluster restart).
+    #[serde(default = "default_startup_wait_s")]
+    pub startup_wait_s: u64,
     /// SASL authentication of every client. The password is read from a file or an environment
     /// variable when the configuration is loaded, never written in this file, and never printed.
     #[serde(default)]
@@ -301,6 +306,10 @@ pub struct KafkaConfig {
 
 fn default_outage_tolerance_ms() -> u64 {
     600_000
+}
+
+fn default_startup_wait_s() -> u64 {
+    30
 }
 
 
@@ -385,6 +394,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("processing_guarantee", &self.processing_guarantee)
             .field("instance_id", &self.instance_id)
             .field("static_membership", &self.static_membership)
+            .field("startup_wait_s", &self.startup_wait_s)
             .field("sasl", &self.sasl)
             .finish()
     }
@@ -455,6 +465,9 @@ impl KafkaConfig {
         if self.outage_tolerance_ms < 10_000 || self.outage_tolerance_ms > 900_000 {
             return Err(invalid("kafka.outage_tolerance_ms", format!("is {}; use 10000 to 900000 (the broker's default transaction.max.timeout.ms)", self.outage_tolerance_ms)));
         }
+        if !(1..=3_600).contains(&self.startup_wait_s) {
+            return Err(invalid("kafka.startup_wait_s", format!("is {}; use 1 to 3600 (seconds to wait at start for a broker to answer)", self.startup_wait_s)));
+        }
         Ok(())
     }
 }
@@ -478,6 +491,11 @@ impl KafkaConfig {
         self.librdkafka.insert("sasl.username".into(), username);
         self.librdkafka.insert("sasl.password".into(), password.expose().to_string());
         Ok(())
+    }
+
+    /// How long to wait at start for a broker to answer (`startup_wait_s`).
+    pub fn startup_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.startup_wait_s)
     }
 
     /// The infer stage's transaction timeout: `transaction_timeout_ms`, else the outage tolerance.
@@ -1063,6 +1081,10 @@ mod tests {
         let e = PipelineConfig::from_yaml(&format!("{BASE}inference: {{sessions_per_model: 0}}\n")).unwrap_err().to_string();
         assert!(e.contains("inference.sessions_per_model") && e.contains("1 to 8"), "{e}");
         assert_eq!(PipelineConfig::from_yaml(&format!("{BASE}inference: {{sessions_per_model: 3}}\n")).unwrap().inference.sessions_per_model, Some(3));
+        let e = PipelineConfig::from_yaml(&format!("{BASE}kafka: {{startup_wait_s: 0}}\n")).unwrap_err().to_string();
+        assert!(e.contains("kafka.startup_wait_s") && e.contains("1 to 3600"), "{e}");
+        assert_eq!(PipelineConfig::from_yaml(&format!("{BASE}kafka: {{startup_wait_s: 120}}\n")).unwrap().kafka.startup_wait(), std::time::Duration::from_secs(120));
+        assert_eq!(PipelineConfig::from_yaml(BASE).unwrap().kafka.startup_wait_s, 30);
         let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{auto_start: true}}\n")).unwrap_err().to_string();
         assert!(e.contains("rollout.auto_start") && e.contains("rollout.candidate"), "{e}");
         let e = PipelineConfig::from_yaml(&format!("{BASE}rollout: {{phases: [{{name: a, traffic_percent: 0, soak_ms: 1}}]}}\n")).unwrap_err().to_string();

@@ -52,6 +52,8 @@ pub struct InspectOptions {
     /// Print raster pixels in full instead of their size.
     pub full: bool,
     pub passthrough: BTreeMap<String, String>,
+    /// How long to wait for a broker to answer before giving up (`kafka.startup_wait_s`).
+    pub startup_wait: std::time::Duration,
 }
 
 /// Decodes one value to JSON by its `schema` header, else by what the bytes turn out to be.
@@ -91,8 +93,9 @@ fn shorten_rasters(v: &mut serde_json::Value) {
 
 /// Reads the topic and writes JSON lines to `out`. Returns the number of messages printed.
 pub fn inspect(opts: &InspectOptions, out: &mut dyn Write) -> Result<u64, InspectError> {
-    // waits for a broker as start-up does: the reason none answers is logged, and after 30 s it is the error
-    kafka::admin::reach(&opts.brokers, &opts.passthrough, kafka::admin::REACH_PATIENCE, &std::sync::atomic::AtomicBool::new(false))?;
+    // waits for a broker as start-up does: the reason none answers is logged, and after
+    // `startup_wait` it is the error
+    kafka::admin::reach(&opts.brokers, &opts.passthrough, opts.startup_wait, &std::sync::atomic::AtomicBool::new(false))?;
     let mut cfg = kafka::reader_config(&opts.brokers, "payslip-inspect", &opts.passthrough);
     cfg.set("enable.partition.eof", "false");
     let consumer: BaseConsumer = cfg.create().map_err(KafkaError::client("the inspect consumer"))?;

@@ -55,6 +55,15 @@ fn brokers_of(common: &Common, cfg: &PipelineConfig) -> Option<String> {
     common.brokers.clone().or_else(|| cfg.kafka.brokers.clone()).filter(|b| !b.trim().is_empty())
 }
 
+/// `brokers` once one of them answers ([`kafka::admin::reach`]): until then the reason none does is
+/// logged, and after `kafka.startup_wait_s` it is the command's error. Without it a command given a
+/// wrong address hung in its clients' retries, logging each refused connection.
+async fn reached(brokers: String, cfg: &PipelineConfig) -> Result<String> {
+    let (b, passthrough, patience) = (brokers.clone(), cfg.kafka.librdkafka.clone(), cfg.kafka.startup_wait());
+    tokio::task::spawn_blocking(move || kafka::admin::reach(&b, &passthrough, patience, &std::sync::atomic::AtomicBool::new(false))).await?.map_err(|e| anyhow!(e))?;
+    Ok(brokers)
+}
+
 // Other allocators for Rust's allocations, for the comparison in BENCHMARKS.md ("Allocator"); with
 // both features, mimalloc.
 #[cfg(feature = "alloc-mimalloc")]
@@ -125,7 +134,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         },
         Command::Produce { common, files, count, seed, start, golden_fraction, rate, pool, producers, format, topic } => {
             let cfg = load_config(&common)?;
-            let brokers = brokers_of(&common, &cfg).context("no brokers: pass --brokers, set PAYSLIP_BROKERS or kafka.brokers")?;
+            let brokers = reached(brokers_of(&common, &cfg).context("no brokers: pass --brokers, set PAYSLIP_BROKERS or kafka.brokers")?, &cfg).await?;
             let opts = ProduceOptions { brokers, topic: topic.unwrap_or(cfg.topics.documents.clone()), format, rate, progress: cli::progress::bar(), passthrough: cfg.kafka.librdkafka.clone(), producers: 1 };
             let opts = ProduceOptions { producers: produce::clients(producers, pool, !files.is_empty()), ..opts };
             let source = if files.is_empty() { Source::Synthetic { seed, start, count, golden_fraction, pool } } else { Source::Files(files) };
@@ -150,7 +159,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 Bound::Beginning
             };
             let to = to.map(|t| Bound::parse(&t).map_err(|e| anyhow!("--to {e}"))).transpose()?;
-            let opts = InspectOptions { brokers, topic, start, to, count, follow, full, passthrough: cfg.kafka.librdkafka.clone() };
+            let opts = InspectOptions { brokers, topic, start, to, count, follow, full, passthrough: cfg.kafka.librdkafka.clone(), startup_wait: cfg.kafka.startup_wait() };
             tokio::task::spawn_blocking(move || {
                 let stdout = std::io::stdout();
                 let mut lock = stdout.lock();
@@ -256,7 +265,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Report { common, period, at, out, font } => {
             use payslip_stream::report;
             let cfg = load_config(&common)?;
-            let brokers = brokers_of(&common, &cfg).ok_or_else(|| anyhow!("report needs a broker: pass --brokers (or PAYSLIP_BROKERS)"))?;
+            let brokers = reached(brokers_of(&common, &cfg).ok_or_else(|| anyhow!("report needs a broker: pass --brokers (or PAYSLIP_BROKERS)"))?, &cfg).await?;
             let period = report::Period::parse(&period).map_err(|e| anyhow!("--period {e}"))?;
             let at = match at {
                 Some(d) => chrono::NaiveDate::parse_from_str(&d, "%Y-%m-%d").map_err(|_| anyhow!("--at {d:?}: use YYYY-MM-DD"))?,
@@ -352,7 +361,7 @@ async fn rollout_cli(command: RolloutCli) -> Result<()> {
     let (args, act, model, version) = match command {
         RolloutCli::Status { common, id } => {
             let cfg = load_config(&common)?;
-            let brokers = brokers_of(&common, &cfg).ok_or_else(|| anyhow!("rollout status needs a broker: pass --brokers (or PAYSLIP_BROKERS)"))?;
+            let brokers = reached(brokers_of(&common, &cfg).ok_or_else(|| anyhow!("rollout status needs a broker: pass --brokers (or PAYSLIP_BROKERS)"))?, &cfg).await?;
             let decisions = tokio::task::spawn_blocking(move || routing::read_decisions(&cfg, &brokers)).await?.map_err(|e| anyhow!(e))?;
             let status = ops::phase_status(decisions, id.as_deref());
             if status.is_empty() {
@@ -395,7 +404,7 @@ async fn rollout_cli(command: RolloutCli) -> Result<()> {
         RolloutCli::Resume { args } => (args, action::RESUME, None, None),
     };
     let cfg = load_config(&args.common)?;
-    let brokers = brokers_of(&args.common, &cfg).ok_or_else(|| anyhow!("rollout commands need a broker: pass --brokers (or PAYSLIP_BROKERS); the embedded broker of `run` prints its address"))?;
+    let brokers = reached(brokers_of(&args.common, &cfg).ok_or_else(|| anyhow!("rollout commands need a broker: pass --brokers (or PAYSLIP_BROKERS); the embedded broker of `run` prints its address"))?, &cfg).await?;
     let candidate = cfg.rollout.candidate.as_ref();
     let id = match (&args.id, &model, &version) {
         (Some(id), _, _) => id.clone(),

@@ -124,8 +124,9 @@ impl RangeReader {
         if group == cfg.kafka.infer_group {
             return Err(ReplayError::Refused(format!("--group {group} is the production infer group; a replay uses its own")));
         }
-        // waits for a broker as start-up does: the reason none answers is logged, and after 30 s it is the error
-        kafka::admin::reach(&opts.brokers, &cfg.kafka.librdkafka, kafka::admin::REACH_PATIENCE, &std::sync::atomic::AtomicBool::new(false))?;
+        // waits for a broker as start-up does: the reason none answers is logged, and after
+        // kafka.startup_wait_s it is the error
+        kafka::admin::reach(&opts.brokers, &cfg.kafka.librdkafka, cfg.kafka.startup_wait(), &std::sync::atomic::AtomicBool::new(false))?;
         let consumer: BaseConsumer = kafka::reader_config(&opts.brokers, &group, &cfg.kafka.librdkafka).create().map_err(KafkaError::client("the replay reader"))?;
         let mut ranges = Vec::new();
         let mut inputs = Vec::new();

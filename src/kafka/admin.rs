@@ -38,9 +38,6 @@ pub fn dead_letter_max_bytes(cfg: &PipelineConfig) -> usize {
     cfg.limits.max_payload_bytes + DEAD_LETTER_HEADROOM_BYTES
 }
 
-/// How long start-up waits for a broker to answer before it gives up ([`reach`]).
-pub const REACH_PATIENCE: Duration = Duration::from_secs(30);
-
 /// How often [`reach`] says that it is still waiting, and why (the first time as soon as librdkafka
 /// has given a reason).
 const REACH_WARN_EVERY: Duration = Duration::from_secs(5);
@@ -147,7 +144,8 @@ pub async fn ensure_topics_until(brokers: &str, cfg: &PipelineConfig, mut shutdo
     let stop = Arc::new(AtomicBool::new(false));
     let ensure = async {
         let (b, passthrough, flag) = (brokers.to_string(), cfg.kafka.librdkafka.clone(), stop.clone());
-        let reached = tokio::task::spawn_blocking(move || reach(&b, &passthrough, REACH_PATIENCE, &flag)).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        let patience = cfg.kafka.startup_wait();
+        let reached = tokio::task::spawn_blocking(move || reach(&b, &passthrough, patience, &flag)).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
         if !reached {
             return Ok(None);
         }
@@ -186,7 +184,7 @@ async fn create_registry(brokers: &str, cfg: &PipelineConfig) -> Result<Vec<Stri
 /// partitions and retention; those listed in `compacted` are compacted instead. Like
 /// [`ensure_topics`] it first waits for a broker to answer ([`reach`]). Blocking.
 pub fn ensure_named(brokers: &str, kafka: &KafkaConfig, topics: &TopicsConfig, names: &[String], compacted: &[String]) -> Result<Vec<String>, KafkaError> {
-    reach(brokers, &kafka.librdkafka, REACH_PATIENCE, &AtomicBool::new(false))?;
+    reach(brokers, &kafka.librdkafka, kafka.startup_wait(), &AtomicBool::new(false))?;
     let specs: Vec<(String, i32, bool, Option<String>)> = names.iter().map(|t| (t.clone(), topics.partitions, compacted.contains(t), None)).collect();
     futures::executor::block_on(create(brokers, kafka, topics, &specs))
 }

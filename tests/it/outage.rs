@@ -252,3 +252,23 @@ fn sigterm_while_no_broker_answers_ends_start_up_cleanly() {
         }
     }
 }
+
+/// A command given an address where no broker listens (`produce` here; `inspect`, `replay`,
+/// `report` and `rollout` go through the same wait) exits with the reason and the settings to fix
+/// after `kafka.startup_wait_s`, instead of hanging in its producer's retries while librdkafka logs
+/// every refused connection.
+#[test]
+fn produce_to_an_address_without_a_broker_exits_with_the_reason() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("pipelines/payslip.yaml")).unwrap()).unwrap();
+    cfg["kafka"]["startup_wait_s"] = 2.into();
+    let path = dir.path().join("pipeline.yaml");
+    std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_payslip-stream")).current_dir(repo()).args(["produce", "--brokers", &addr, "--count", "5", "--config"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("no broker at {addr} answered within 2 s")) && err.contains("Connection refused") && err.contains("kafka.brokers"), "{err}");
+    assert!(out.stdout.is_empty(), "no summary: nothing was produced");
+}
