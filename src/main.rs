@@ -88,8 +88,27 @@ async fn async_main() {
     payslip_stream::telemetry::init_tracing();
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli).await {
-        eprintln!("error: {e:#}");
+        if json_logs() {
+            tracing::error!(error = format!("{e:#}"), "exiting");
+        } else {
+            eprintln!("error: {e:#}");
+        }
         std::process::exit(1);
+    }
+}
+
+/// Whether the log is JSON lines (`PAYSLIP_LOG_FORMAT=json`, see `telemetry::init_tracing`).
+fn json_logs() -> bool {
+    std::env::var("PAYSLIP_LOG_FORMAT").as_deref() == Ok("json")
+}
+
+/// What `run` tells a person on stderr; with JSON logs it goes through the log instead, so that
+/// stderr stays one JSON object per line for whatever collects it.
+fn say(text: &str) {
+    if json_logs() {
+        tracing::info!("{text}");
+    } else {
+        eprintln!("{text}");
     }
 }
 
@@ -314,7 +333,7 @@ async fn run(common: Common, embedded: bool, stage_sel: Stage, group: Option<Str
     }
     let brokers = match (brokers_of(&common, &cfg), embedded) {
         (Some(b), true) => {
-            eprintln!("--embedded: ignoring the configured brokers {b}");
+            say(&format!("--embedded: ignoring the configured brokers {b}"));
             Brokers::Embedded
         }
         (None, true) => Brokers::Embedded,
@@ -332,26 +351,26 @@ async fn run(common: Common, embedded: bool, stage_sel: Stage, group: Option<Str
     let opts = RunOptions { demo };
     let show = |s: Started<'_>| match s {
         Started::EmbeddedBroker(b) => {
-            eprintln!("no brokers configured: started an embedded in-process Kafka-protocol broker at {b}");
-            eprintln!("  try: kcat -b {b} -L        (in-memory, for trying the program only; NOT for production)");
-            eprintln!("  for a real cluster: --brokers HOST:PORT or PAYSLIP_BROKERS");
+            say(&format!("no brokers configured: started an embedded in-process Kafka-protocol broker at {b}"));
+            say(&format!("  try: kcat -b {b} -L        (in-memory, for trying the program only; NOT for production)"));
+            say("  for a real cluster: --brokers HOST:PORT or PAYSLIP_BROKERS");
         }
-        Started::Model(s) => eprintln!("model {} {}: {}{}", s.model, s.version, s.state, match (&s.provider, &s.reason) {
+        Started::Model(s) => say(&format!("model {} {}: {}{}", s.model, s.version, s.state, match (&s.provider, &s.reason) {
             (Some(p), _) => format!(" on {p} ({:.0} ms)", s.load_ms),
             (_, Some(r)) => format!(": {r}"),
             _ => String::new(),
-        }),
-        Started::Api(addr) => eprintln!("operations API on http://{addr} (try: curl http://{addr}/health/litert)"),
+        })),
+        Started::Api(addr) => say(&format!("operations API on http://{addr} (try: curl http://{addr}/health/litert)")),
     };
     let summary = pipeline::run(cfg, brokers, stages, opts, pipeline::shutdown_signal(), show).await?;
     if let Some(d) = &summary.demo {
         eprintln!("demo done: {}", serde_json::to_string(d)?);
     }
     if let Some(s) = &summary.infer {
-        eprintln!("{}", serde_json::to_string(s)?);
+        say(&serde_json::to_string(s)?);
     }
     if let Some(s) = &summary.monitor {
-        eprintln!("{}", serde_json::to_string(s)?);
+        say(&serde_json::to_string(s)?);
     }
     Ok(())
 }

@@ -197,15 +197,9 @@ pub async fn load_models(cfg: &PipelineConfig) -> Result<Arc<ModelRegistry>, Pip
 
 /// Runs the selected stages until `shutdown` (or, for the demo, until it is done).
 pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts: RunOptions, shutdown: watch::Receiver<bool>, mut show: impl FnMut(Started<'_>)) -> Result<RunSummary, PipelineError> {
-    let (brokers, _embedded) = match brokers {
-        Brokers::Cluster(b) => {
-            // SIGTERM while no broker answers yet ends the process here, with nothing started
-            if crate::kafka::admin::ensure_topics_until(&b, &cfg, shutdown.clone()).await?.is_none() {
-                tracing::info!(brokers = %b, "shutdown requested before the brokers answered: nothing was started");
-                return Ok(RunSummary::default());
-            }
-            (b, None)
-        }
+    let (brokers, embedded) = match brokers {
+        // the brokers are waited for once the operations API serves (below)
+        Brokers::Cluster(b) => (b, None),
         Brokers::Embedded => {
             let e = EmbeddedBroker::start(&cfg.topics)?;
             // the embedded broker forgets everything at exit, so the monitor's offsets must too
@@ -251,6 +245,20 @@ pub async fn run(mut cfg: PipelineConfig, brokers: Brokers, stages: Stages, opts
         }
         _ => None,
     };
+    if embedded.is_none() {
+        // SIGTERM while no broker answers yet ends the process here, with nothing started; the
+        // operations API meanwhile answers /livez, and /readyz says what start-up waits for
+        if let Some(o) = &ops {
+            o.set_waiting(Some(format!("a broker of {brokers} to answer (up to kafka.startup_wait_s = {} s)", cfg.kafka.startup_wait_s)));
+        }
+        if crate::kafka::admin::ensure_topics_until(&brokers, &cfg, stop_rx.clone()).await?.is_none() {
+            tracing::info!(%brokers, "shutdown requested before the brokers answered: nothing was started");
+            return Ok(RunSummary::default());
+        }
+        if let Some(o) = &ops {
+            o.set_waiting(None);
+        }
+    }
     let monitor_view = crate::monitor::view::ViewHandle::default();
     let mut summary = RunSummary::default();
     // alert events go to Alertmanager from the processes that run the monitor stage

@@ -38,6 +38,8 @@ pub struct OpsState {
     registry: RwLock<Option<Arc<ModelRegistry>>>,
     infer: RwLock<Option<Arc<InferCounters>>>,
     monitor: RwLock<Option<ViewHandle>>,
+    /// What start-up waits for before any stage starts (the brokers), while it does.
+    waiting: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for OpsState {
@@ -53,7 +55,17 @@ impl OpsState {
             Some(p) => auth::Tokens::load(p)?,
             None => auth::Tokens::default(),
         };
-        Ok(Self { cfg, brokers, started: Instant::now(), tokens, registry: RwLock::new(None), infer: RwLock::new(None), monitor: RwLock::new(None) })
+        Ok(Self { cfg, brokers, started: Instant::now(), tokens, registry: RwLock::new(None), infer: RwLock::new(None), monitor: RwLock::new(None), waiting: RwLock::new(None) })
+    }
+
+    /// Start-up waits for this (`Some`), or no longer (`None`).
+    pub fn set_waiting(&self, what: Option<String>) {
+        *self.waiting.write().unwrap_or_else(|p| p.into_inner()) = what;
+    }
+
+    /// What start-up waits for, while it does.
+    pub fn waiting(&self) -> Option<String> {
+        self.waiting.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn set_registry(&self, r: Arc<ModelRegistry>) {

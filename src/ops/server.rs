@@ -130,11 +130,15 @@ async fn health_status(app: State<App>, headers: HeaderMap) -> Response {
     health_litert(app, headers).await
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "probes", summary = "Ready once every stage of the process is", responses((status = 200, description = "every stage ready"), (status = 503, description = "a stage is not ready yet; the body says which")))]
+#[utoipa::path(get, path = "/readyz", tag = "probes", summary = "Ready once every stage of the process is", responses((status = 200, description = "every stage ready"), (status = 503, description = "a stage is not ready yet, or start-up still waits for the brokers; the body says which (stages, waiting_for)")))]
 async fn readyz(State(app): State<App>) -> Response {
     let stages = app.ops.readiness();
-    let ready = !stages.is_empty() && stages.iter().all(|(_, r)| *r);
-    let body = json!({ "ready": ready, "stages": stages.iter().map(|(s, r)| (s.to_string(), *r)).collect::<std::collections::BTreeMap<_, _>>() });
+    let waiting = app.ops.waiting();
+    let ready = waiting.is_none() && !stages.is_empty() && stages.iter().all(|(_, r)| *r);
+    let mut body = json!({ "ready": ready, "stages": stages.iter().map(|(s, r)| (s.to_string(), *r)).collect::<std::collections::BTreeMap<_, _>>() });
+    if let Some(w) = waiting {
+        body["waiting_for"] = json!(w);
+    }
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body)).into_response()
 }
 
@@ -152,6 +156,9 @@ fn overall(ops: &OpsState) -> (&'static str, Vec<String>) {
         for m in r.status().iter().filter(|m| m.state == LoadState::Refused && r.served_versions().get(&m.model) == Some(&m.version)) {
             degraded.push(format!("served model {} {} is not loaded: {}", m.model, m.version, m.reason.clone().unwrap_or_default()));
         }
+    }
+    if let Some(w) = ops.waiting() {
+        degraded.push(format!("starting: waiting for {w}; no stage runs yet"));
     }
     for (stage, ready) in ops.readiness() {
         if !ready {

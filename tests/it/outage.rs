@@ -206,8 +206,10 @@ fn an_address_without_a_broker_fails_start_up_with_the_reason_and_the_settings_t
 /// started, instead of after the 30 s it would otherwise wait before failing. The process is
 /// signalled once it has said that no broker answers (librdkafka's refusal, logged at once), and
 /// must then exit 0 with the shutdown logged: giving up on the brokers instead would exit 1 and say
-/// "answered within 30 s". Run twice: with the plain log (no colour codes, since stderr is not a
-/// terminal) and with `PAYSLIP_LOG_FORMAT=json` (one JSON object per line).
+/// "answered within 30 s". Meanwhile the operations API answers: `/livez` 200, `/readyz` 503
+/// saying what start-up waits for, `/health/litert` degraded with the same reason. Run twice: with
+/// the plain log (no colour codes, since stderr is not a terminal) and with `PAYSLIP_LOG_FORMAT=json`
+/// (one JSON object per line).
 #[test]
 fn sigterm_while_no_broker_answers_ends_start_up_cleanly() {
     use std::io::{BufRead, BufReader};
@@ -215,7 +217,7 @@ fn sigterm_while_no_broker_answers_ends_start_up_cleanly() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_payslip-stream"));
-        cmd.current_dir(repo()).args(["run", "--stage", "infer", "--brokers", &addr]).env("RUST_LOG", "info").env_remove("NO_COLOR").stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.current_dir(repo()).args(["run", "--stage", "infer", "--brokers", &addr, "--api-listen", "127.0.0.1:0"]).env("RUST_LOG", "info").env_remove("NO_COLOR").stdout(Stdio::null()).stderr(Stdio::piped());
         if json {
             cmd.env("PAYSLIP_LOG_FORMAT", "json");
         }
@@ -231,6 +233,22 @@ fn sigterm_while_no_broker_answers_ends_start_up_cleanly() {
             }
         }
         assert!(log.last().is_some_and(|l| l.contains("no broker answers yet") && l.contains("Connection refused")), "the wait says why: {log:#?}");
+        // the API printed its address before the wait began
+        let api = log.iter().find_map(|l| l.split("operations API on http://").nth(1)).and_then(|rest| rest.split_whitespace().next()).unwrap_or_else(|| panic!("no API address: {log:#?}")).to_string();
+        let get = |path: &str| match ureq::get(&format!("http://{api}{path}")).timeout(Duration::from_secs(10)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("GET {path}: {e}"),
+        };
+        assert_eq!(get("/livez"), (200, "ok\n".to_string()));
+        let (code, body) = get("/readyz");
+        let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((code, &ready["ready"]), (503, &serde_json::Value::Bool(false)), "{body}");
+        assert!(ready["waiting_for"].as_str().is_some_and(|w| w.contains(&addr) && w.contains("kafka.startup_wait_s")), "{body}");
+        let (code, body) = get("/health/litert");
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((code, health["status"].as_str()), (200, Some("degraded")), "{body}");
+        assert!(health["reasons"].to_string().contains("waiting for a broker"), "{body}");
         assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
         log.extend(lines.map(|l| l.unwrap()));
         let status = child.wait().unwrap();
